@@ -1,0 +1,238 @@
+"""The decoder: one Flax NNX implementation for Llama-3 and Gemma-2.
+
+    logits, cache = model(tokens, positions, mask=None, cache=None)
+
+tokens, positions: int32 [B, T]. mask: bool [B, T], True for real tokens (left or right padding both
+work, since attention is decided by positions, not array slots). cache: a KV-cache dict from
+`init_cache` or None (training / one-shot scoring).
+
+KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. A forward writes each
+real token's keys/values at slot = its position (padding is dropped) and then attends over all S
+slots with `slot <= query position` (and the sliding window). Slots past a query's position are never
+read, so stale entries (e.g. Jacobi tokens that were not committed) need no clean-up: they are
+overwritten when their position is decoded again. Each row advances at its own pace.
+
+Layers are stacked (every parameter under `layers` has a leading layer axis) and run with
+`jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding
+layers) are data: a window-size array scanned with the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffpo_jax.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+_FAR = np.iinfo(np.int32).max // 2  # a key position no query reaches (padding keys)
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple[str, ...], init: str) -> nnx.Param:
+    dtype = jnp.dtype(cfg.param_dtype)
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+    else:
+        value = jnp.full(shape, 1.0 - cfg.norm_offset if init == "norm" else 0.0, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("embed",), "norm")
+        self.eps = cfg.rms_norm_eps
+        self.offset = cfg.norm_offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.offset:  # Gemma-2: scale in fp32, then cast
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)  # Llama: cast, then scale
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [D/2], with Llama-3 scaling when configured (as transformers computes them)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """HF rotate-half RoPE. x: [B, T, heads, D]; positions: [B, T]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, cfg, (e, h, d), ("embed", "q_heads", "head_dim"), "normal")
+        self.k_proj = _param(rngs, cfg, (e, k, d), ("embed", "kv_heads", "head_dim"), "normal")
+        self.v_proj = _param(rngs, cfg, (e, k, d), ("embed", "kv_heads", "head_dim"), "normal")
+        self.o_proj = _param(rngs, cfg, (h, d, e), ("q_heads", "head_dim", "embed"), "normal")
+        self.cfg = cfg
+
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write):
+        """x: [B, T, E]; q_pos: [B, T]; key_pos: [B, S] positions of the keys attended to (padding keys
+        at _FAR); window: scalar int, 0 = unlimited; kv_write(k, v) -> (keys, values) over S slots."""
+        cfg, dt = self.cfg, x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
+        q = apply_rope(q, q_pos, inv_freq)
+        k = apply_rope(k, q_pos, inv_freq)
+        keys, values = kv_write(k, v)  # [B, S, Kv, D]
+
+        b, t, h, d = q.shape
+        groups = h // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys) * jnp.asarray(cfg.query_scale, dt)
+        logits = _softcap(logits, cfg.attn_logit_softcap)
+        delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
+        allowed = (delta >= 0) & ((window == 0) | (delta < window))
+        logits = jnp.where(allowed[:, None, None], logits.astype(jnp.float32), -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, cfg, (e, m), ("embed", "mlp"), "normal")
+        self.up_proj = _param(rngs, cfg, (e, m), ("embed", "mlp"), "normal")
+        self.down_proj = _param(rngs, cfg, (m, e), ("mlp", "embed"), "normal")
+        self.activation = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = x @ self.gate_proj[...].astype(dt)
+        gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block; Gemma-2 adds a norm after attention and after the MLP (sandwich)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        if cfg.sandwich_norms:
+            self.pre_mlp_norm = RMSNorm(cfg, rngs=rngs)
+            self.post_mlp_norm = RMSNorm(cfg, rngs=rngs)
+        self.sandwich = cfg.sandwich_norms
+
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write):
+        h = self.attn(self.input_norm(x), q_pos, key_pos, window, inv_freq, kv_write)
+        if self.sandwich:
+            x = x + self.post_attn_norm(h)
+            return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
+        x = x + h
+        return x + self.mlp(self.post_attn_norm(x))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal")
+
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_layers(r: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=r)
+
+        self.layers = make_layers(rngs.fork(split=cfg.num_layers))
+        self.final_norm = RMSNorm(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array | None = None,
+        cache: Cache | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        if mask is None:
+            mask = jnp.ones(tokens.shape, bool)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.hidden_size**0.5, dt)
+
+        if cache is None:
+            key_pos = jnp.where(mask, positions, _FAR)
+            layer_cache = None
+        else:
+            key_pos = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
+            layer_cache = (cache["k"], cache["v"])
+        # Padding tokens are written to slot S, which the scatter drops.
+        write_slot = jnp.where(mask, positions, jnp.iinfo(jnp.int32).max)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+
+        graphdef, layer_state = nnx.split(self.layers)
+        inv_freq = jnp.asarray(rope_inv_freq(cfg))
+        windows = jnp.asarray(cfg.window_sizes(), jnp.int32)
+
+        def body(x, xs):
+            state, window, kv = xs
+            block = nnx.merge(graphdef, state)
+            written = []
+
+            def kv_write(k, v):
+                if kv is None:
+                    return k, v
+                ck = kv[0].at[rows, write_slot].set(k.astype(kv[0].dtype), mode="drop")
+                cv = kv[1].at[rows, write_slot].set(v.astype(kv[1].dtype), mode="drop")
+                written.append((ck, cv))
+                return ck.astype(k.dtype), cv.astype(v.dtype)
+
+            x = block(x, positions, key_pos, window, inv_freq, kv_write)
+            return x, (written[0] if written else None)
+
+        if cfg.remat:
+            body = jax.checkpoint(body)
+        x, new_kv = jax.lax.scan(body, x, (layer_state, windows, layer_cache))
+
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
+        logits = _softcap(x @ head.astype(dt), cfg.final_logit_softcap)
+        new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+        return logits, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+    """An empty KV cache holding positions 0 .. max_len-1 for each of `batch` rows."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStructs for weights: shapes, dtypes and logical axes, no memory."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

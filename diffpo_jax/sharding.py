@@ -1,0 +1,101 @@
+"""Logical axes -> mesh axes, in one table; mesh construction; sharding of params and batches.
+
+Every parameter declares logical axes (`logical_axes` metadata on its `nnx.Param`). Parameters under
+`layers` are stacked along a leading `layers` axis (see model.py), which is never sharded. The mesh
+has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `tensor`
+(heads / mlp / vocab split). A dimension that a mesh axis does not divide evenly stays replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "layers": (),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),
+    "seq": (),
+}
+
+
+def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices.
+
+    Axis types are Auto (jit propagates shardings from the arguments' NamedShardings); jax 0.10's
+    `make_mesh` would otherwise default to Explicit.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    shape = list(shape)
+    if len(shape) != 3 or shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: need 3 sizes (data, fsdp, tensor), at most one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh shape {shape}: {len(devices)} devices do not divide by {known}")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}")
+    return jax.make_mesh(
+        tuple(shape),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+        devices=devices,
+    )
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array of `shape` whose dimensions carry logical `axes`."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {tuple(axes)} do not match shape {tuple(shape)}")
+    used: dict[str, str] = {}
+    spec: list[Any] = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = tuple(a for a in LOGICAL_RULES[name] if mesh.shape[a] > 1) if name else ()
+        for a in mesh_axes:
+            if a in used:
+                raise ValueError(f"logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}")
+            used[a] = name
+        if mesh_axes and dim % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_logical_axes(path: tuple, var: nnx.Variable) -> tuple[str, ...]:
+    """A parameter's logical axes, with the stacking axis for those under `layers`."""
+    axes = tuple(var.get_metadata()["logical_axes"])
+    return ("layers", *axes) if path and path[0] == "layers" else axes
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedSharding for every parameter in `state` (arrays or ShapeDtypeStructs)."""
+
+    def one(path, var):
+        axes = param_logical_axes(path, var)
+        return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh)))
+
+    return nnx.map_state(one, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-major arrays: the batch split over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+    """Gather a (possibly sharded) array to a host numpy array."""
+    return np.asarray(jax.device_get(x))
