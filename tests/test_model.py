@@ -1,0 +1,121 @@
+"""Logit parity with transformers (fp32) on tiny random Llama-3 and Gemma-2, padding, KV cache, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from diffpo_jax.model import init_cache
+from diffpo_jax.sharding import make_mesh
+from diffpo_jax.sources import load_model
+from tests import tiny
+
+FORWARD = nnx.jit(lambda model, tokens, positions, mask, cache: model(tokens, positions, mask, cache))
+LENGTH = 40  # longer than Gemma-2's sliding window (8)
+
+
+def padded_batch(left: bool):
+    """Three rows of lengths 40, 33, 21, padded on the left or on the right; positions count real tokens."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, tiny.VOCAB, (3, LENGTH)).astype(np.int32)
+    mask = np.ones((3, LENGTH), bool)
+    for row, n in ((1, 33), (2, 21)):
+        if left:
+            mask[row, : LENGTH - n] = False
+        else:
+            mask[row, n:] = False
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    return tokens, positions, mask
+
+
+def reference_logits(folder, tokens, positions, mask):
+    ref = tiny.load_reference(folder)
+    with torch.no_grad():
+        return ref(
+            torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        ).logits.numpy()
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_llama_tied_dir", "tiny_gemma2_dir"])
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_logits_match_transformers(fixture, left, request):
+    folder = request.getfixturevalue(fixture)
+    loaded = load_model(str(folder))
+    tokens, positions, mask = padded_batch(left)
+    ours = np.asarray(FORWARD(loaded.model, tokens, positions, mask, None)[0])
+    ref = reference_logits(folder, tokens, positions, mask)
+    assert np.abs(ref[mask]).max() > 1.0  # the comparison is not between near-zero logits
+    assert np.abs(ours[mask] - ref[mask]).max() <= 1e-4
+
+
+def test_config_switches_are_what_the_traps_need(tiny_gemma2_dir, tiny_llama_dir):
+    gemma = load_model(str(tiny_gemma2_dir)).cfg
+    assert gemma.query_scale == pytest.approx(24**-0.5)  # query_pre_attn_scalar, not head_dim
+    assert gemma.window_sizes() == [8, 0, 8]
+    assert gemma.tie_word_embeddings and gemma.attn_logit_softcap == 3.0 and gemma.final_logit_softcap == 5.0
+    llama = load_model(str(tiny_llama_dir)).cfg
+    assert llama.rope_scaling is not None and llama.rope_scaling.factor == 8.0
+    assert llama.query_scale == pytest.approx(16**-0.5)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gemma2_dir"])
+def test_incremental_decoding_through_cache_equals_full_forward(fixture, request):
+    loaded = load_model(str(request.getfixturevalue(fixture)))
+    tokens, positions, mask = padded_batch(left=False)
+    full = np.asarray(FORWARD(loaded.model, tokens, positions, mask, None)[0])
+    cache = init_cache(loaded.cfg, 3, 64)
+    logits, cache = FORWARD(loaded.model, tokens[:, :12], positions[:, :12], mask[:, :12], cache)
+    steps = [np.asarray(logits)]
+    for start in range(12, LENGTH, 4):  # blocks of 4 tokens
+        sl = slice(start, start + 4)
+        logits, cache = FORWARD(loaded.model, tokens[:, sl], positions[:, sl], mask[:, sl], cache)
+        steps.append(np.asarray(logits))
+    incremental = np.concatenate(steps, axis=1)
+    assert np.abs(incremental[mask] - full[mask]).max() <= 1e-4
+
+
+def test_stale_cache_slots_past_the_query_are_ignored(tiny_llama_dir):
+    """Jacobi writes guesses it may reject; re-decoding those positions must not see the old guesses."""
+    loaded = load_model(str(tiny_llama_dir))
+    tokens, positions, mask = padded_batch(left=False)
+    mask[:] = True
+    positions = np.broadcast_to(np.arange(LENGTH, dtype=np.int32), tokens.shape)
+    cache = init_cache(loaded.cfg, 3, 64)
+    _, cache = FORWARD(loaded.model, tokens[:, :20], positions[:, :20], mask[:, :20], cache)
+    wrong = (tokens[:, 20:30] + 1) % tiny.VOCAB
+    _, dirty = FORWARD(loaded.model, wrong, positions[:, 20:30], mask[:, 20:30], cache)  # guesses at 20..29
+    clean, _ = FORWARD(loaded.model, tokens[:, 20:24], positions[:, 20:24], mask[:, 20:24], cache)
+    redo, _ = FORWARD(loaded.model, tokens[:, 20:24], positions[:, 20:24], mask[:, 20:24], dirty)
+    np.testing.assert_array_equal(np.asarray(clean), np.asarray(redo))
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1), (1, 1, 8)])
+def test_sharded_load_gives_the_same_logits(tiny_llama_dir, shape):
+    assert jax.device_count() == 8
+    single = load_model(str(tiny_llama_dir))
+    mesh = make_mesh(shape)
+    sharded = load_model(str(tiny_llama_dir), mesh=mesh)
+    q = sharded.model.layers.attn.q_proj[...]
+    assert q.sharding.mesh.shape == mesh.shape
+    if shape[1] > 1:  # the embed axis is split over fsdp
+        assert q.sharding.spec[1] == "fsdp" and len(q.addressable_shards) == 8
+    tokens, positions, mask = padded_batch(left=True)
+    ours = np.asarray(FORWARD(single.model, tokens, positions, mask, None)[0])
+    theirs = np.asarray(FORWARD(sharded.model, tokens, positions, mask, None)[0])
+    assert np.abs(ours[mask] - theirs[mask]).max() <= 1e-4  # fsdp splits reductions: fp32 order differs
+    for a, b in zip(jax.tree.leaves(nnx.state(single.model)), jax.tree.leaves(nnx.state(sharded.model))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_model_agrees_with_float32(tiny_gemma2_dir):
+    f32 = load_model(str(tiny_gemma2_dir))
+    bf16 = load_model(str(tiny_gemma2_dir), dtype="bfloat16")
+    assert bf16.model.embed[...].dtype == jnp.bfloat16
+    tokens, positions, mask = padded_batch(left=False)
+    a = np.asarray(FORWARD(f32.model, tokens, positions, mask, None)[0])
+    b = np.asarray(FORWARD(bf16.model, tokens, positions, mask, None)[0].astype(jnp.float32))
+    assert np.mean(a.argmax(-1)[mask] == b.argmax(-1)[mask]) >= 0.9

@@ -1,0 +1,50 @@
+"""Tiny random HF models built in-process (no network), saved with save_pretrained."""
+
+from pathlib import Path
+
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+def llama_config(tie: bool) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=32),
+    )
+
+
+def gemma2_config() -> Gemma2Config:
+    # Traps covered: query_pre_attn_scalar != head_dim, sequences longer than the window, both soft-caps.
+    return Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        final_logit_softcapping=5.0, attn_logit_softcapping=3.0, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def build(config, seed: int = 0):
+    """A random model whose weights are large enough that logits and greedy decodes vary."""
+    torch.manual_seed(seed)
+    cls = Gemma2ForCausalLM if isinstance(config, Gemma2Config) else LlamaForCausalLM
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def save(config, folder: Path, seed: int = 0) -> Path:
+    build(config, seed).save_pretrained(folder)
+    return Path(folder)
+
+
+def load_reference(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
