@@ -52,7 +52,7 @@ class ModelConfig:
     norm_offset: float = 0.0  # 1.0: RMSNorm multiplies by (1 + w)
     scale_embeddings: bool = False  # True: embeddings * sqrt(hidden_size)
     sandwich_norms: bool = False  # True: extra norms after attention and after the MLP
-    query_pre_attn_scalar: float | None = None  # None: head_dim; queries are scaled by its -1/2 power
+    query_pre_attn_scalar: int | None = None  # None: head_dim; queries are scaled by its -1/2 power
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_window: int | None = None
@@ -141,7 +141,7 @@ class ModelConfig:
             norm_offset=1.0,
             scale_embeddings=True,
             sandwich_norms=True,
-            query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             final_logit_softcap=hf.get("final_logit_softcapping"),
             sliding_window=hf.get("sliding_window"),
@@ -206,9 +206,8 @@ def preset_names() -> list[str]:
 
 def load_preset(name_or_path: str) -> tuple[ModelConfig, dict[str, Any]]:
     """A model preset: a YAML file holding an HF config (plus `hf_repo`, where the real weights live)."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIGS_DIR / f"{name_or_path}.yaml"
+    is_file = name_or_path.endswith((".yaml", ".yml"))
+    path = Path(name_or_path) if is_file else CONFIGS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model preset (presets: {', '.join(preset_names())})")
     hf = yaml.safe_load(path.read_text())

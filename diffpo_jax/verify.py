@@ -85,24 +85,29 @@ def jax_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
     return [logits[i, : len(r)] for i, r in enumerate(rows)]
 
 
-def reference_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
+def load_reference(loaded):
+    """transformers' fp32 model over the same weights (eager attention: Gemma-2's soft-cap needs it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32, attn_implementation="eager")
-    ref.eval()
+    return AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def reference_logits(reference, rows: list[list[int]]) -> list[np.ndarray]:
+    """Each sequence alone, unpadded: the plainest possible reference."""
+    import torch
+
     with torch.no_grad():
-        return [ref(torch.tensor([r])).logits[0].float().numpy() for r in rows]
+        return [reference(torch.tensor([r])).logits[0].float().numpy() for r in rows]
 
 
-def verify(model: str | None, prompts: list[tuple[str, str]], dtype: str, atol: float, min_top1: float) -> tuple[list[dict], bool]:
-    from diffpo_jax.sources import load_model
-
-    loaded = load_model(model, dtype=dtype)
+def check(loaded, reference, prompts: list[tuple[str, str]], atol: float, min_top1: float) -> tuple[list[dict], bool]:
     rows = token_rows(loaded.tokenizer, prompts, loaded.cfg.vocab_size)
-    results = [compare(o, r) | {"tokens": len(t)} for o, r, t in zip(jax_logits(loaded, rows), reference_logits(loaded, rows), rows)]
-    ok = all(r["max_abs_diff"] <= atol and r["top1"] >= min_top1 for r in results)
-    return results, ok
+    pairs = zip(jax_logits(loaded, rows), reference_logits(reference, rows), rows)
+    results = [compare(ours, ref) | {"tokens": len(r)} for ours, ref, r in pairs]
+    return results, all(r["max_abs_diff"] <= atol and r["top1"] >= min_top1 for r in results)
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,13 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--atol", type=float, help="max abs logit difference allowed (default: 1e-3 in float32)")
     ap.add_argument("--min-top1", type=float, help="top-1 agreement required (default: 1.0 float32, 0.98 bfloat16)")
     args = ap.parse_args(argv)
-    from diffpo_jax.sources import ModelSourceError
+    from diffpo_jax.sources import ModelSourceError, load_model
 
     atol = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
     min_top1 = DEFAULT_MIN_TOP1[args.dtype] if args.min_top1 is None else args.min_top1
     try:
         prompts = read_prompts(args.prompts) if args.prompts else BUILTIN
-        results, ok = verify(args.model, prompts, args.dtype, atol, min_top1)
+        loaded = load_model(args.model, dtype=args.dtype)
+        results, ok = check(loaded, load_reference(loaded), prompts, atol, min_top1)
     except (ModelSourceError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -184,13 +184,9 @@ def embedded():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers' own reading of the same GGUF file, loaded once for the module."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = embedded_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+def reference(smollm2_reference):
+    """transformers' own reading of the same GGUF file (the session's shared copy)."""
+    return smollm2_reference
 
 
 @pytest.mark.slow
@@ -221,8 +217,8 @@ def test_embedded_config_matches_transformers(embedded, reference):
 
 
 @pytest.mark.slow
-def test_embedded_tokenizer_chat_roundtrip(embedded):
-    tokenizer = load_gguf_tokenizer(embedded.path)
+def test_embedded_tokenizer_chat_roundtrip(embedded, smollm2):
+    tokenizer = smollm2.tokenizer  # load_gguf_tokenizer(embedded path), loaded once per session
     # The template is the file's own (read through the open checkpoint: a fresh GGUFReader costs ~6 s).
     assert tokenizer.chat_template == embedded._meta("tokenizer.chat_template")
     messages = [{"role": "user", "content": "What is 2 + 2? Réponds en français 🙂"}]

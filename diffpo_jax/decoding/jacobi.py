@@ -14,9 +14,11 @@ the greedy decode, and a window of correct guesses is committed in one pass. Row
 `max_iterations` passes (unfinished rows: converged = False, their committed tokens are still exact).
 
 Re-alignment (`realign=True`): when the refinement inserts or deletes tokens, the draft past that point
-is off by a few offsets. After each pass the trailing tokens (up to _NGRAM: the last committed ones and
-next_tok) are looked up in the draft; at the best match (longest, then nearest the expected offset), the
-draft continuation replaces the window's guesses. Only guesses change, so exactness does not.
+is off by a few offsets. After each pass the trailing tokens (next_tok and up to two committed tokens
+before it) are looked up in the draft; at the best match (longest, then nearest the expected offset;
+next_tok alone counts), the draft continuation replaces the window's guesses. Only guesses change, so
+exactness does not. It is on by default: on shifted drafts it cuts the passes several-fold (the guesses
+after a mismatch are otherwise predictions from a wrong context, and the draft tail is misaligned).
 
 `hold_draft_prefix=R`: the first R draft tokens are fixed: prefilled as part of the prompt and returned
 as the first response tokens (a stop token among them ends the row).
@@ -34,8 +36,6 @@ from diffpo_jax.decoding.sampler import is_stop, prefill
 from diffpo_jax.model import Cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
-_MIN_MATCH = 2  # re-align only on a match of at least this many tokens
-_SCOPE = "window"
 
 
 @struct.dataclass
@@ -95,9 +95,9 @@ def _commit(s: _State, tokens: jax.Array, count: jax.Array, stop_tokens: tuple[i
     )
 
 
-def _realign(window, keep, tokens, n, drafts, draft_lens):
-    """window [B, W] for offsets n..: guesses re-seeded from the draft continuation after the best match
-    of the trailing tokens (committed ..., next_tok = window[:, 0]); `keep` [B, W] guesses stay as they are."""
+def _realign(window, tokens, n, drafts, draft_lens):
+    """window [B, W] for offsets n..: the guesses window[:, 1:] re-seeded from the draft continuation
+    after the best match of the trailing tokens (committed ..., next_tok = window[:, 0]), where found."""
     b, w = window.shape
     g = jnp.arange(_NGRAM)
     back = n[:, None] - g
@@ -109,8 +109,9 @@ def _realign(window, keep, tokens, n, drafts, draft_lens):
     m = jnp.sum(jnp.cumprod(eq, axis=-1), axis=-1)  # [B, D]: trailing tokens matched at p
     best = jnp.max(m, axis=1, keepdims=True)
     at = jnp.argmin(jnp.where(m == best, jnp.abs(p - n[:, None]), jnp.iinfo(jnp.int32).max), axis=1)
-    k = at[:, None] + jnp.arange(w)
-    use = (best >= _MIN_MATCH) & (k < draft_lens[:, None]) & ~keep
+    j = jnp.arange(w)
+    k = at[:, None] + j  # draft index for offset n + j
+    use = (j > 0) & (best > 0) & (k < draft_lens[:, None])
     return jnp.where(use, _take(drafts, k, use, -1), window)
 
 
@@ -182,8 +183,7 @@ def jacobi_decode(
         src = accepted[:, None] - 1 + j  # index into y of the prediction for offset new.n + j
         window = jnp.where(src < w, _take(y, src, True, 0), draft_at(new.n[:, None] + j))
         if realign:
-            keep = (j == 0) | ((src < w) if _SCOPE == "tail" else False)
-            window = _realign(window, keep, new.tokens, new.n, drafts, draft_lens)
+            window = _realign(window, new.tokens, new.n, drafts, draft_lens)
         return new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live, it=s.it + 1)
 
     limit = big_n if max_iterations is None else max_iterations
