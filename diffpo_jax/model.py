@@ -165,7 +165,7 @@ class Transformer(nnx.Module):
         def make_layers(r: nnx.Rngs) -> Block:
             return Block(cfg, rngs=r)
 
-        self.layers = make_layers(rngs.fork(split=cfg.num_layers))
+        self.layers = make_layers(rngs.split(cfg.num_layers))
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")

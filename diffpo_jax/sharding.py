@@ -86,7 +86,7 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
 
     def one(path, var):
         axes = param_logical_axes(path, var)
-        return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh)))
+        return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh)))
 
     return nnx.map_state(one, state)
 

@@ -215,7 +215,7 @@ def load_params(cfg: ModelConfig, ckpt: Checkpoint, mesh: jax.sharding.Mesh | No
         var, sharding = _at(state, spec.path), _at(shardings, spec.path)
         if isinstance(sharding, nnx.Variable):
             sharding = sharding.get_value()
-        shape, dtype = var.value.shape, var.value.dtype
+        shape, dtype = var.get_value().shape, var.get_value().dtype
 
         def callback(index, spec=spec, shape=shape, dtype=dtype):
             index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))

@@ -1,0 +1,1 @@
+"""Trajectory data: building the array_record dataset (trajectories.py) and loading batches (loader.py)."""

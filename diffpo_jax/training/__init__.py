@@ -1,0 +1,1 @@
+"""Training: the DiffPO loss (loss.py), the sharded train step (step.py), the loop (trainer.py)."""
