@@ -176,7 +176,11 @@ class Transformer(nnx.Module):
         positions: jax.Array,
         mask: jax.Array | None = None,
         cache: Cache | None = None,
+        *,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
+        """(logits [B, T, V], cache); with return_hidden, the final-normed hidden states [B, T, E] instead
+        of logits (`head` turns them into logits: training computes them in chunks, see training/loss.py)."""
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if mask is None:
@@ -220,10 +224,13 @@ class Transformer(nnx.Module):
         x, new_kv = jax.lax.scan(body, x, (layer_state, windows, layer_cache))
 
         x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_word_embeddings else self.lm_head[...]
-        logits = _softcap(x @ head.astype(dt), cfg.final_logit_softcap)
         new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
-        return logits, new_cache
+        return (x if return_hidden else self.head(x)), new_cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits from final-normed hidden states [..., E]: the lm head (tied: embed^T), then the final soft-cap."""
+        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return _softcap(hidden @ head.astype(hidden.dtype), self.cfg.final_logit_softcap)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
