@@ -1,0 +1,104 @@
+"""Multi-process start-up with JAX's own distributed runtime (`jax.distributed`); nothing home-made.
+
+Every CLI calls `initialize()` first, before touching a device. What it does, in order:
+  - explicit: a coordinator address (flag or `DIFFPO_COORDINATOR`) with the process count and id
+    (`DIFFPO_NUM_PROCESSES`, `DIFFPO_PROCESS_ID`): any machines, e.g. `launch/local_multiprocess.sh`;
+  - auto: `DIFFPO_DISTRIBUTED=auto` lets JAX detect the cluster itself (Cloud TPU VM slices, SLURM,
+    Open MPI): what `launch/tpu_pod.sh` and `launch/gpu_slurm.sbatch` set;
+  - otherwise one process, and nothing to start.
+
+A process that dies must not leave the others hanging: the coordination service notices missing
+heartbeats after `heartbeat_timeout_s` and terminates the survivors with an error naming the dead
+task ("another task died"); start-up itself gives up after `init_timeout_s`.
+On CPU, cross-process collectives use gloo (what the multi-process tests run on).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV_COORDINATOR = "DIFFPO_COORDINATOR"
+ENV_NUM_PROCESSES = "DIFFPO_NUM_PROCESSES"
+ENV_PROCESS_ID = "DIFFPO_PROCESS_ID"
+ENV_MODE = "DIFFPO_DISTRIBUTED"
+ENV_HEARTBEAT = "DIFFPO_HEARTBEAT_TIMEOUT_S"
+
+
+class DistributedError(RuntimeError):
+    """Inconsistent multi-process settings; str() is the message for the user."""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"{name}={value!r}: not an integer") from None
+
+
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    heartbeat_timeout_s: int | None = None,
+    init_timeout_s: int = 300,
+) -> bool:
+    """Start jax.distributed when this is a multi-process run (see the module doc); True if it did.
+
+    Arguments left as None are read from the environment (heartbeat: `DIFFPO_HEARTBEAT_TIMEOUT_S`,
+    default 60 s). Safe to call twice."""
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+    mode = os.environ.get(ENV_MODE, "")
+    if coordinator is None and mode != "auto":
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise DistributedError(
+                f"{num_processes} processes / process id {process_id} given without a coordinator address "
+                f"(set --coordinator or {ENV_COORDINATOR}, or {ENV_MODE}=auto on a TPU slice / SLURM)"
+            )
+        return False
+    if coordinator is not None:
+        if num_processes is None or process_id is None:
+            raise DistributedError(
+                f"coordinator {coordinator} needs the process count and this process's id "
+                f"({ENV_NUM_PROCESSES}, {ENV_PROCESS_ID} or the matching flags)"
+            )
+        if not 0 <= process_id < num_processes:
+            raise DistributedError(f"process id {process_id} is outside 0..{num_processes - 1}")
+    if heartbeat_timeout_s is None:
+        heartbeat_timeout_s = _env_int(ENV_HEARTBEAT) or 60
+    # Cross-process collectives on CPU devices (a no-op for accelerators).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=init_timeout_s,
+        heartbeat_timeout_seconds=heartbeat_timeout_s,
+    )
+    return True
+
+
+def add_arguments(parser) -> None:
+    """The multi-process flags every CLI shares (each defaults to its environment variable)."""
+    group = parser.add_argument_group("multi-process (see launch/)")
+    group.add_argument("--coordinator", help=f"host:port of process 0 (env {ENV_COORDINATOR})")
+    group.add_argument("--num-processes", type=int, help=f"processes in the run (env {ENV_NUM_PROCESSES})")
+    group.add_argument("--process-id", type=int, help=f"this process, 0-based (env {ENV_PROCESS_ID})")
+
+
+def initialize_from_args(args) -> bool:
+    return initialize(args.coordinator, args.num_processes, args.process_id)
+
+
+def is_main_process() -> bool:
+    """Process 0 writes metrics, logs and exports; every process takes part in collectives."""
+    return jax.process_index() == 0

