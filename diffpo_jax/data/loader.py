@@ -12,8 +12,8 @@ token is then lost); a prompt longer than P keeps its last P tokens. Both are co
 
 Order: the dataset (sorted by record id) is split into `shard_count` contiguous shards of
 m = n // shard_count records (the last n % shard_count records belong to no shard); process
-`shard_index` reads only its shard, so processes see disjoint records. Each epoch reshuffles the shard
-(grain's index shuffle, seed + epoch) and serves the first steps_per_epoch * b of the permutation,
+`shard_index` reads only its shard, so processes see disjoint records. Each epoch permutes the shard
+(`epoch_permutation(seed, epoch, m)`) and serves the first steps_per_epoch * b of the permutation,
 steps_per_epoch = m // b; every process runs the same number of steps, and an epoch skips
 `skipped_per_epoch` = n - steps_per_epoch * global_batch_size records (a different subset of each
 shard every epoch). The y(t) of record r in epoch e is `worse_choice(seed, e, r, len(others))`.
@@ -25,6 +25,7 @@ JSON-serialisable dict (with the counts in `stats`), and `set_state` continues t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,12 @@ def end_of_turn_id(tokenizer: Any) -> int:
 def worse_choice(seed: int, epoch: int, record: int, num_others: int) -> int:
     """Which of a record's others is y(t) in `epoch`: uniform, a function of (seed, epoch, record) only."""
     return int(np.random.default_rng([seed, epoch, record]).integers(num_others))
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
+    """The order in which a shard of `size` records is read in `epoch` (a function of seed and epoch only)."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +133,8 @@ class TrajectoryLoader:
             raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
         if global_batch_size < 1 or global_batch_size % shard_count:
             raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of {shard_count} shards")
-        if not 0 <= seed < 2**32:
-            raise ValueError(f"seed {seed} is not in [0, 2**32)")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (got {seed})")
         if num_epochs is not None and num_epochs < 1:
             raise ValueError(f"num_epochs must be >= 1 or None (got {num_epochs})")
         data_dir = Path(data_dir).expanduser()
@@ -145,8 +152,6 @@ class TrajectoryLoader:
             )
         self.skipped_per_epoch = n - self.steps_per_epoch * global_batch_size
         self.num_batches = None if num_epochs is None else num_epochs * self.steps_per_epoch
-        start = shard_index * self.num_records
-        self._order = grain.MapDataset.range(start, start + self.num_records).shuffle(seed)  # reshuffled per epoch
         rows_per_epoch = self.steps_per_epoch * self.batch_size
         dataset = (
             grain.MapDataset.range(rows_per_epoch).repeat(num_epochs)
@@ -159,7 +164,7 @@ class TrajectoryLoader:
 
     def record_index(self, epoch: int, row: int) -> int:
         """The dataset index of the record served as row `row` (0-based, counted across steps) of `epoch`."""
-        return int(self._order[epoch * self.num_records + row])
+        return self.shard_index * self.num_records + int(epoch_permutation(self.seed, epoch, self.num_records)[row])
 
     def _row(self, epoch: int, row: int) -> dict[str, np.ndarray]:
         index = self.record_index(epoch, row)
