@@ -46,8 +46,11 @@ def tok():
     texts = [line for line in EXAMPLE.read_text().splitlines()] + ["user assistant system"]
     model = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     model.pre_tokenizer = pre_tokenizers.Whitespace()
-    model.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<pad>", "[UNK]", "</s>", "<|im_start|>", "<|im_end|>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=model, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>", chat_template=CHATML)
+    specials = ["<pad>", "[UNK]", "</s>", "<|im_start|>", "<|im_end|>"]
+    model.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>", chat_template=CHATML
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +74,13 @@ def test_ranking_ties_and_duplicates(tmp_path):
     manifest = build([src], tmp_path / "out")
     records = read_records(tmp_path / "out")
     by_prompt = {json.dumps(r["prompt"], sort_keys=True): r for r in records}
-    assert by_prompt['"p1"'] == {"id": record_id("p1"), "prompt": "p1", "best": "high", "others": ["also low", "low", "mid"]}
+    assert by_prompt['"p1"'] == {
+        "id": record_id("p1"), "prompt": "p1", "best": "high", "others": ["also low", "low", "mid"]}
     assert (by_prompt['"p2"']["best"], by_prompt['"p2"']["others"]) == ("b", ["c", "a"])
     assert (by_prompt['"p3"']["best"], by_prompt['"p3"']["others"]) == ("x", ["y"])
     messages = [{"role": "user", "content": "p4"}]
-    assert by_prompt[json.dumps(messages, sort_keys=True)] == {"id": record_id(messages), "prompt": messages, "best": "u", "others": ["v"]}
+    assert by_prompt[json.dumps(messages, sort_keys=True)] == {
+        "id": record_id(messages), "prompt": messages, "best": "u", "others": ["v"]}
     assert [r["id"] for r in records] == sorted(r["id"] for r in records)
     assert (manifest["kept"], manifest["merged_duplicate_responses"], manifest["best_score_ties"]) == (4, 1, 1)
     assert manifest["responses_per_prompt"] == {"min": 2, "max": 4, "total": 11}
@@ -83,8 +88,8 @@ def test_ranking_ties_and_duplicates(tmp_path):
 
 def test_parquet_merge_and_determinism(tmp_path):
     jsonl = write_jsonl(tmp_path / "a.jsonl", [row("shared", ["a1", "a2"], [0.2, 0.4]), row("only a", ["q", "r"], [1, 2])])
-    pq.write_table(pa.Table.from_pylist([row("shared", ["b1", "a2"], [0.9, 0.1]), row("only b", ["s", "t"], [3.0, 1.0])]),
-                   tmp_path / "b.parquet")
+    rows_b = [row("shared", ["b1", "a2"], [0.9, 0.1]), row("only b", ["s", "t"], [3.0, 1.0])]
+    pq.write_table(pa.Table.from_pylist(rows_b), tmp_path / "b.parquet")
     parquet = str(tmp_path / "b.parquet")
     manifest = build([jsonl, parquet], tmp_path / "ab")
     records = {r["prompt"]: r for r in read_records(tmp_path / "ab")}
@@ -117,14 +122,15 @@ def test_malformed_rows_counted_with_ids(tmp_path):
     ]
     src = write_jsonl(tmp_path / "bad.jsonl", rows)
     manifest = build([src], tmp_path / "out")
-    expect_rows = {"not_an_object": [2], "missing_field": [3], "bad_prompt": [4], "empty_prompt": [5], "bad_responses": [6],
-                   "bad_scores": [7], "non_numeric_score": [8, 9], "length_mismatch": [10]}
+    expect_rows = {"not_an_object": [2], "missing_field": [3], "bad_prompt": [4], "empty_prompt": [5],
+                   "bad_responses": [6], "bad_scores": [7], "non_numeric_score": [8, 9], "length_mismatch": [10]}
     assert manifest["dropped_rows"] == {"total": 9, "reasons": {
         k: {"count": len(v), "first_ids": [f"{src}:{n}" for n in v]} for k, v in expect_rows.items()}}
     assert manifest["dropped_prompts"] == {"total": 2, "reasons": {
         "fewer_than_2_responses": {"count": 1, "first_ids": [f"{src}:11"]},
         "fewer_than_2_distinct_responses": {"count": 1, "first_ids": [f"{src}:12"]}}}
-    assert manifest["kept"] == 2 and manifest["sources"] == [{"source": src, "kind": "jsonl", "rows": 13, "malformed_rows": 9}]
+    assert manifest["kept"] == 2
+    assert manifest["sources"] == [{"source": src, "kind": "jsonl", "rows": 13, "malformed_rows": 9}]
 
 
 def test_nan_score_is_non_numeric(tmp_path):
@@ -139,15 +145,16 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [row("p", ["a"], [1, 2]), {"prompt": "q"}])
     fields = write_jsonl(tmp_path / "f.jsonl", [{"question": "p", "answers": ["a", "b"], "scores": [1, 2]}])
     dropped = write_jsonl(tmp_path / "one.jsonl", [row("p", ["a"], [1]), row("q", ["a", "a"], [1, 1])])
-    broken = write_jsonl(tmp_path / "broken.jsonl", [row("p", ["a", "b"], [1, 2]), row("q", ["a", "b"], [1, 2]), '{"prompt": "r",'])
+    broken = write_jsonl(tmp_path / "broken.jsonl", [row("p", ["a", "b"], [1, 2]), row("q", ["a", "b"], [1, 2]), '{"p": 1,'])
     cases = {
-        bad: f"{bad}: no usable rows (2 read, 2 malformed: 1 missing_field (first: {bad}:2), 1 length_mismatch (first: {bad}:1))",
+        bad: f"{bad}: no usable rows (2 read, 2 malformed: 1 missing_field (first: {bad}:2),"
+             f" 1 length_mismatch (first: {bad}:1))",
         fields: f"{fields}: no usable rows (1 read, 1 malformed: 1 missing_field (first: {fields}:1))",
         dropped: f"{dropped}: nothing usable (2 prompts, all dropped: 1 fewer_than_2_responses (first: {dropped}:1),"
                  f" 1 fewer_than_2_distinct_responses (first: {dropped}:2); malformed rows: none)",
-        broken: f"{broken}:3: not valid JSON (Expecting property name enclosed in double quotes, column 16)",
+        broken: f"{broken}:3: not valid JSON (Expecting property name enclosed in double quotes, column 9)",
         str(tmp_path / "missing.jsonl"): f"{tmp_path / 'missing.jsonl'}: no such file",
-        str(tmp_path / "notes.txt"): f"{tmp_path / 'notes.txt'}: unsupported file type (expected .jsonl, .json or .parquet)",
+        str(tmp_path / "notes.txt"): f"{tmp_path}/notes.txt: unsupported file type (expected .jsonl, .json or .parquet)",
     }
     (tmp_path / "notes.txt").write_text("{}")
     (tmp_path / "pq.parquet").write_text("not parquet")
@@ -248,7 +255,8 @@ def test_shards_are_disjoint_and_in_step(tok, example_dir):
 
 
 def test_state_round_trip_continues_the_stream(tok, example_dir):
-    kwargs = dict(global_batch_size=8, prompt_len=16, response_len=12, seed=5, num_epochs=3, shard_index=1, shard_count=2)
+    kwargs = dict(global_batch_size=8, prompt_len=16, response_len=12, seed=5, num_epochs=3,
+                  shard_index=1, shard_count=2)
     reference = make_loader(example_dir, tok, **kwargs)
     stream = list(reference)
     assert len(stream) == 15  # 20 records per shard, 4 rows per process: 5 steps an epoch
@@ -272,7 +280,8 @@ def test_smollm2_tokenizer(example_dir):
     tok = load_gguf_tokenizer(embedded_gguf_path())
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_id(tok) == eot
-    loader = make_loader(example_dir, tok, global_batch_size=4, prompt_len=96, response_len=48, shard_index=0, shard_count=1)
+    loader = make_loader(example_dir, tok, global_batch_size=4, prompt_len=96, response_len=48,
+                         shard_index=0, shard_count=1)
     batch = next(loader)
     record = read_records(example_dir)[loader.record_index(0, 0)]
     worse = record["others"][worse_choice(0, 0, loader.record_index(0, 0), len(record["others"]))]
@@ -295,5 +304,6 @@ def test_hub_source_split_and_ids(tmp_path, monkeypatch):
     assert calls == [("org/scored", "test_prefs"), ("org/scored", "train")]
     assert [s["kind"] for s in manifest["sources"]] == ["hub", "hub"]
     # q: one response in each source, the same text: 2 responses, 1 distinct; its id is its first row
-    assert manifest["dropped_prompts"]["reasons"]["fewer_than_2_distinct_responses"]["first_ids"] == ["org/scored:test_prefs:1"]
+    dropped = manifest["dropped_prompts"]["reasons"]["fewer_than_2_distinct_responses"]
+    assert dropped == {"count": 1, "first_ids": ["org/scored:test_prefs:1"]}
     assert manifest["kept"] == 1 and manifest["merged_duplicate_responses"] == 3

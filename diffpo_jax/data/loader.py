@@ -132,7 +132,9 @@ class TrajectoryLoader:
         if not 0 <= shard_index < shard_count:
             raise ValueError(f"shard_index {shard_index} is not in [0, {shard_count})")
         if global_batch_size < 1 or global_batch_size % shard_count:
-            raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of {shard_count} shards")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not a positive multiple of {shard_count} shards"
+            )
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (got {seed})")
         if num_epochs is not None and num_epochs < 1:
