@@ -1,0 +1,281 @@
+"""Refine speed, side by side in one run: diffpo-jax Jacobi refinement against the official DiffPO loop,
+transformers' greedy `generate` and diffpo-jax's own AR greedy decoder, on the same model and prompts.
+
+  python -m bench.refine_speed [--model SPEC] [--prompts 8] [--max-new-tokens 128]
+      [--block-sizes 16,32,64,128,256] [--official-block 256] [--results bench/RESULTS.md]
+
+Methods (all batch 1, one prompt at a time, fp32, the same prompt tokens):
+  jacobi      diffpo-jax `jacobi_decode` (KV cache, window = block size), with and without re-alignment
+  official    a PyTorch re-implementation of the official loop (zjuruizhechen/DiffPO,
+              DiffuPO/eval/mt-bench/gen_DiffuPO_answer.py, `get_jacobian_trajectory`): the draft padded
+              (pad id) / cut to one `--official-block` block after the prompt; every iteration is a full
+              forward over prompt + block with no KV cache, `argmax(softmax(logits))`, the block becomes
+              [greedy next token, argmax of block[:-1]] (shift by one), until the sequence is unchanged;
+              the answer is cut after the first stop token. The script's random `reserve` prefix (0..12
+              draft tokens held fixed) is 0 here, so every method has the same greedy fixed point.
+  hf_generate transformers `generate(do_sample=False)` on LlamaForCausalLM loaded from the same weights
+  jax_ar      diffpo-jax `generate` at temperature 0
+Drafts (for jacobi and official): `sampled` = the model's own answer at temperature 0.7 (our `generate`),
+`greedy` = the greedy answer itself. Every method's answer (cut after the stop token, at most
+max_new_tokens) must equal jax_ar's; mismatches are printed loudly and counted in the table.
+
+Timing: wall time per prompt summed over prompts, after a warm-up call per compiled shape (prompts are
+right-padded to one width, drafts to max_new_tokens + block size). JAX compile time is reported
+separately as (first call - steady call) on the first prompt. Forward passes: jacobi = 1 prefill +
+passes, official = iterations, generate = one per answer token. Torch runs with all cores
+(torch.set_num_threads(os.cpu_count())); XLA's CPU backend uses all cores by default.
+A model without tokenizer files (tests' tiny models) gets random prompt ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from bench import common
+
+PROMPTS = Path(__file__).resolve().parent.parent / "examples" / "prompts.jsonl"
+Answer = tuple[list[int], int]  # (answer tokens, forward passes)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.refine_speed", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument("--prompts", type=int, default=8, help="how many prompts of examples/prompts.jsonl")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--block-sizes", default="16,32,64,128,256")
+    ap.add_argument("--official-block", type=int, default=256, help="the official loop's block (>= max-new-tokens)")
+    ap.add_argument("--draft-temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    args = ap.parse_args(argv)
+    args.block_sizes = [int(b) for b in args.block_sizes.split(",")]
+    if args.official_block < args.max_new_tokens:
+        ap.error("--official-block must be >= --max-new-tokens (the official loop refines one block)")
+    return args
+
+
+def prompt_rows(tokenizer, count: int, vocab: int, seed: int) -> list[list[int]]:
+    """Chat-templated ids of the first `count` example prompts, or random ids without a tokenizer."""
+    if tokenizer is None:
+        rng = np.random.default_rng(seed)
+        return [rng.integers(3, vocab, size=int(rng.integers(4, 12))).tolist() for _ in range(count)]
+    from diffpo_jax.chat import prompt_ids
+
+    records = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    if count > len(records):
+        raise SystemExit(f"{PROMPTS}: has {len(records)} prompts, asked for {count}")
+    return [prompt_ids(tokenizer, r.get("messages") or r["prompt"]) for r in records[:count]]
+
+
+def cut(tokens: Sequence[int], stop: tuple[int, ...], max_new: int) -> list[int]:
+    """The answer: tokens up to and including the first stop token, at most max_new."""
+    out = []
+    for t in list(tokens)[:max_new]:
+        out.append(int(t))
+        if t in stop:
+            break
+    return out
+
+
+def padded(row: Sequence[int], width: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """[1, width] right-padded (cut at width) and its length [1]."""
+    row = list(row)[:width]
+    out = np.full((1, width), pad, np.int32)
+    out[0, : len(row)] = row
+    return out, np.array([len(row)], np.int32)
+
+
+# ---------------------------------------------------------------------- the official loop (PyTorch)
+
+
+def official_loop(model, prompt: list[int], draft: list[int], block: int, pad: int, max_iter: int = 1000) -> tuple[list[int], int]:
+    """(the block at the fixed point, forwards): the official `get_jacobian_trajectory` for batch 1."""
+    import torch
+
+    p = len(prompt)
+    current = torch.tensor([prompt + (list(draft) + [pad] * block)[:block]], dtype=torch.long)
+    mask = torch.ones_like(current)
+    forwards = 0
+    with torch.inference_mode():
+        for _ in range(max_iter + 1):
+            logits = model(current, mask).logits
+            forwards += 1
+            nxt = torch.argmax(torch.nn.functional.softmax(logits, dim=-1), dim=-1)
+            nxt = torch.cat((current[:, :p], nxt[:, p - 1 : -1]), dim=1)
+            if torch.equal(nxt, current):
+                break
+            current = nxt
+    return current[0, p:].tolist(), forwards
+
+
+def hf_generate(model, prompt: list[int], max_new: int, stop: tuple[int, ...], pad: int) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt], dtype=torch.long)
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+            eos_token_id=list(stop), pad_token_id=pad, top_p=None, top_k=None, temperature=None,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+# ---------------------------------------------------------------------- measurement
+
+
+def measure(calls: Sequence[Callable[[], Answer]], warm_up: bool) -> dict:
+    """Run each call once, timed. warm_up: call the first once before (compile), reported as compile_s."""
+    first = None
+    if warm_up:
+        t = time.perf_counter()
+        calls[0]()
+        first = time.perf_counter() - t
+    answers, forwards, times = [], 0, []
+    for call in calls:
+        t = time.perf_counter()
+        tokens, f = call()
+        times.append(time.perf_counter() - t)
+        answers.append(tokens)
+        forwards += f
+    compile_s = max(first - times[0], 0.0) if first is not None else None
+    return {"answers": answers, "forwards": forwards, "wall_s": sum(times), "compile_s": compile_s}
+
+
+def check(name: str, answers: list[list[int]], reference: list[list[int]]) -> int:
+    """Number of prompts whose answer equals the reference; prints every mismatch loudly."""
+    equal = 0
+    for i, (a, r) in enumerate(zip(answers, reference)):
+        if a == r:
+            equal += 1
+            continue
+        k = next((j for j, (x, y) in enumerate(zip(a, r)) if x != y), min(len(a), len(r)))
+        print(f"!!! MISMATCH {name}, prompt {i}: first difference at token {k} "
+              f"(got {a[k:k + 5]}, jax_ar greedy {r[k:k + 5]}; lengths {len(a)} vs {len(r)})", flush=True)  # fmt: skip
+    return equal
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import jax
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from diffpo_jax.decoding import generate, jacobi_decode
+    from diffpo_jax.decoding.batching import bucket, stop_token_ids
+    from diffpo_jax.sources import load_model
+
+    torch.set_num_threads(os.cpu_count())
+    loaded = load_model(args.model)
+    ref_model = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32).eval()
+    machine = common.machine()
+    graphdef, state = nnx.split(loaded.model)
+    stop = stop_token_ids(loaded)
+    tok = loaded.tokenizer
+    pad = int(tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (stop[0] if stop else 0))
+    n_new = args.max_new_tokens
+    prompts = prompt_rows(tok, args.prompts, loaded.cfg.vocab_size, args.seed)
+    width = bucket(max(map(len, prompts)))
+    print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, padded to {width}), "
+          f"max_new_tokens {n_new}, stop tokens {stop}, pad {pad}\n{machine}", flush=True)  # fmt: skip
+
+    def jax_generate(prompt, temperature, key):
+        g = generate(graphdef, state, *padded(prompt, width, pad), key, max_new_tokens=n_new,
+                     temperature=temperature, stop_tokens=stop, pad_id=pad)  # fmt: skip
+        g = jax.device_get(g)
+        n = int(g.lengths[0])
+        return g.tokens[0, :n].tolist(), n
+
+    def jacobi(prompt, draft, block, realign):
+        r = jacobi_decode(graphdef, state, *padded(prompt, width, pad), *padded(draft, n_new + block, pad),
+                          block_size=block, max_new_tokens=n_new, stop_tokens=stop, pad_id=pad, realign=realign)  # fmt: skip
+        r = jax.device_get(r)
+        return r.tokens[0, : int(r.lengths[0])].tolist(), int(r.passes[0]) + 1
+
+    rows, results = [], {}
+
+    def record(name, drafts, block, realign, m):
+        tokens = sum(map(len, m["answers"]))
+        m["equal"] = check(f"{name} drafts={drafts} block={block} realign={realign}", m["answers"], reference)
+        m["tokens"] = tokens
+        results[(name, drafts, block, realign)] = m
+        row = [name, drafts, block, realign, m["wall_s"], m["forwards"], m["forwards"] / tokens,
+               tokens / m["wall_s"], "-" if m["compile_s"] is None else m["compile_s"], f"{m['equal']}/{len(prompts)}"]
+        rows.append(row)
+        print(common.table(HEADERS, [row]).splitlines()[-1], flush=True)
+
+    # (d) diffpo-jax AR greedy: the reference answers; then the sampled drafts.
+    greedy = measure([lambda p=p: jax_generate(p, 0.0, None) for p in prompts], warm_up=True)
+    reference = greedy["answers"]
+    print(common.table(HEADERS, []), flush=True)
+    record("jax_ar", "-", "-", "-", greedy)
+    keys = [jax.random.fold_in(jax.random.key(args.seed), i) for i in range(len(prompts))]
+    drafts = {
+        "sampled": [jax_generate(p, args.draft_temperature, k)[0] for p, k in zip(prompts, keys)],
+        "greedy": reference,
+    }
+    # (c) transformers greedy generate (warm-up: one short generate).
+    hf_generate(ref_model, prompts[0], 2, stop, pad)
+    hf = measure([lambda p=p: (cut(t := hf_generate(ref_model, p, n_new, stop, pad), stop, n_new), len(t)) for p in prompts], False)
+    record("hf_generate", "-", "-", "-", hf)
+    # (a) diffpo-jax Jacobi refinement.
+    for block in args.block_sizes:
+        for realign in (True, False):
+            for kind in ("sampled", "greedy"):
+                calls = [lambda p=p, d=d: jacobi(p, d, block, realign) for p, d in zip(prompts, drafts[kind])]
+                record("jacobi", kind, block, realign, measure(calls, warm_up=kind == "sampled"))
+    # (b) the official loop (warm-up: one forward of its shape).
+    with torch.inference_mode():
+        ref_model(torch.tensor([prompts[0] + [pad] * args.official_block]))
+    for kind in ("sampled", "greedy"):
+        calls = []
+        for p, d in zip(prompts, drafts[kind]):
+
+            def call(p=p, d=d):
+                block, forwards = official_loop(ref_model, p, d, args.official_block, pad)
+                return cut(block, stop, n_new), forwards
+
+            calls.append(call)
+        record("official", kind, args.official_block, "-", measure(calls, False))
+
+    summary = summarize(results, args)
+    body = [common.header("Refine speed (bench/refine_speed.py)", "bench.refine_speed", argv, machine)]
+    body.append(f"- {len(prompts)} prompts, max_new_tokens {n_new}, batch 1, fp32, model {loaded.source}; "
+                f"answer tokens {results[('jax_ar', '-', '-', '-')]['tokens']}\n")  # fmt: skip
+    body += [common.table(HEADERS, rows), "", common.table(["comparison", "ratio (x faster)"], summary), ""]
+    text = "\n".join(body)
+    print("\n" + common.table(["comparison", "ratio (x faster)"], summary), flush=True)
+    if str(args.results) != "-":
+        common.write_section(args.results, "refine_speed", text)
+    mismatches = sum(len(prompts) - m["equal"] for m in results.values())
+    if mismatches:
+        print(f"!!! {mismatches} answers differ from jax_ar's greedy answers (see MISMATCH lines)", flush=True)
+    return {"results": results, "summary": summary, "mismatches": mismatches}
+
+
+HEADERS = ["method", "drafts", "block", "realign", "wall s", "forwards", "fwd/token", "tokens/s", "compile s", "equal"]
+
+
+def summarize(results: dict, args) -> list[list]:
+    """Speed-up ratios of jacobi at its best block size (per draft kind) over the other methods."""
+    out = []
+    for kind in ("sampled", "greedy"):
+        jac = {k: m for k, m in results.items() if k[0] == "jacobi" and k[1] == kind}
+        (_, _, block, realign), best = min(jac.items(), key=lambda kv: kv[1]["wall_s"])
+        label = f"jacobi {kind} drafts (best: block {block}, realign {realign})"
+        off = results[("official", kind, args.official_block, "-")]
+        out.append([f"{label} vs official loop ({args.official_block} block)", off["wall_s"] / best["wall_s"]])
+        for name in ("hf_generate", "jax_ar"):
+            out.append([f"{label} vs {name}", results[(name, "-", "-", "-")]["wall_s"] / best["wall_s"]])
+    return out
+
+
+if __name__ == "__main__":
+    main()
