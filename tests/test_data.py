@@ -1,6 +1,6 @@
 """Trajectory data: building (ranking, merging, determinism, malformed rows, errors) and the grain loader
 (batch format, truncation counts, y(t) draws, sharding, resume). A tiny word-level tokenizer with a
-ChatML-style template is built in-process; one test uses the embedded SmolLM2 tokenizer."""
+ChatML-style template is built in-process; one test (marked slow) uses the embedded SmolLM2's tokenizer."""
 
 import json
 from pathlib import Path
@@ -274,10 +274,9 @@ def test_state_round_trip_continues_the_stream(tok, example_dir):
         make_loader(example_dir, tok, **{**kwargs, "seed": 6}).set_state(state)
 
 
-def test_smollm2_tokenizer(example_dir):
-    from diffpo_jax.weights.gguf import embedded_gguf_path, load_gguf_tokenizer
-
-    tok = load_gguf_tokenizer(embedded_gguf_path())
+@pytest.mark.slow
+def test_smollm2_tokenizer(smollm2, example_dir):
+    tok = smollm2.tokenizer  # the session's SmolLM2 (the suite loads it anyway)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_id(tok) == eot
     loader = make_loader(example_dir, tok, global_batch_size=4, prompt_len=96, response_len=48,
