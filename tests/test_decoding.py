@@ -1,0 +1,192 @@
+"""The decoders on tiny random models (fp32): AR greedy == transformers, Jacobi == AR greedy token for
+token whatever the draft and block size, stop tokens, hold_draft_prefix, the iteration cap, re-alignment,
+sampling and no recompilation. Shapes are shared so each (block size, options) compiles once."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from diffpo_jax.decoding import generate, jacobi_decode, sample
+from diffpo_jax.decoding.jacobi import _realign
+from diffpo_jax.sources import load_model
+from tests import tiny
+
+N = 12  # max_new_tokens
+P = 16  # prompt padding
+D = 24  # draft padding (> N: drafts longer than max_new_tokens fit)
+LENS = np.array([5, 9, 3, 12, 5, 9, 3, 12], np.int32)  # each prompt twice, so 8 draft kinds
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_dir):
+    lm = load_model(str(tiny_llama_dir))
+    graphdef, state = nnx.split(lm.model)
+    rng = np.random.default_rng(0)
+    base = rng.integers(3, tiny.VOCAB, (4, P)).astype(np.int32)
+    prompts = np.concatenate([base, base])
+    for i, n in enumerate(LENS):
+        prompts[i, n:] = 0
+    greedy = generate(graphdef, state, prompts, LENS, max_new_tokens=N)
+    return graphdef, state, prompts, np.asarray(greedy.tokens), rng
+
+
+def _drafts(greedy, rng):
+    """8 draft kinds (one per row): random, empty, == greedy, shifted right (a token inserted), shifted
+    left (first token deleted), longer than max_new_tokens, shorter, greedy with one token changed."""
+    rows = [
+        list(rng.integers(3, tiny.VOCAB, N)),
+        [],
+        list(greedy[2]),
+        [7] + list(greedy[3]),
+        list(greedy[4][1:]),
+        list(greedy[5]) + list(rng.integers(3, tiny.VOCAB, D - N)),
+        list(greedy[6][: N // 2]),
+        list(greedy[7][:5]) + [(greedy[7][5] + 1) % tiny.VOCAB] + list(greedy[7][6:]),
+    ]
+    out = np.zeros((len(rows), D), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out, np.array([len(r) for r in rows], np.int32)
+
+
+def test_ar_greedy_matches_transformers(setup, tiny_llama_dir):
+    _, _, prompts, greedy, _ = setup
+    ref = tiny.load_reference(tiny_llama_dir)
+    ref.generation_config.eos_token_id = None
+    for row in range(4):
+        ids = torch.tensor(prompts[row : row + 1, : LENS[row]], dtype=torch.long)
+        out = ref.generate(ids, do_sample=False, max_new_tokens=N, pad_token_id=0)
+        assert out[0, LENS[row] :].tolist() == greedy[row].tolist()
+
+
+@pytest.mark.parametrize("block_size,realign", [(1, True), (4, True), (4, False), (16, True), (16, False), (N + 3, True)])
+def test_jacobi_equals_greedy(setup, block_size, realign):
+    graphdef, state, prompts, greedy, rng = setup
+    drafts, draft_lens = _drafts(greedy, rng)
+    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=block_size,
+                      max_new_tokens=N, realign=realign)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(r.tokens), greedy)
+    assert np.all(np.asarray(r.lengths) == N) and np.all(r.converged) and not np.any(r.stopped)
+    passes = np.asarray(r.passes)
+    assert np.all(passes <= N) and np.all(np.asarray(r.committed) == N)
+    assert passes[2] == math.ceil(N / block_size)  # draft == greedy: one pass per block
+    if realign:  # shifted drafts re-seeded from the draft: at most two passes per block
+        assert passes[3] <= 2 * math.ceil(N / block_size) and passes[4] <= 2 * math.ceil(N / block_size)
+
+
+def test_gemma2_sliding_window(tiny_gemma2_dir):
+    """Gemma-2 (window 8 < prompt + response) with a shifted draft: Jacobi == AR greedy."""
+    lm = load_model(str(tiny_gemma2_dir))
+    graphdef, state = nnx.split(lm.model)
+    prompts = np.random.default_rng(1).integers(3, tiny.VOCAB, (2, P)).astype(np.int32)
+    lens = np.array([P, 6], np.int32)
+    greedy = np.asarray(generate(graphdef, state, prompts, lens, max_new_tokens=N).tokens)
+    drafts = np.concatenate([greedy[:, 1:], greedy[:, :1]], axis=1)
+    r = jacobi_decode(graphdef, state, prompts, lens, drafts, np.array([N, 3]), block_size=4, max_new_tokens=N)
+    np.testing.assert_array_equal(np.asarray(r.tokens), greedy)
+
+
+def test_stop_tokens(setup):
+    """A stop token the greedy answer contains ends each row there (kept, then padding), in both decoders;
+    a draft ending early with it does not end the row early."""
+    graphdef, state, prompts, greedy, rng = setup
+    stop = int(greedy[0, 4])
+    expected = np.full_like(greedy, -1)
+    lengths = np.full(len(greedy), N)
+    for i, row in enumerate(greedy):
+        hits = np.flatnonzero(row == stop)
+        lengths[i] = hits[0] + 1 if hits.size else N
+        expected[i, : lengths[i]] = row[: lengths[i]]
+    ar = generate(graphdef, state, prompts, LENS, max_new_tokens=N, stop_tokens=(stop,), pad_id=-1)
+    drafts, draft_lens = _drafts(greedy, rng)
+    drafts[1, :3], draft_lens[1] = [greedy[1, 0], greedy[1, 1], stop], 3  # ends early with the stop token
+    jr = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N,
+                       stop_tokens=(stop,), pad_id=-1)  # fmt: skip
+    for r in (ar, jr):
+        np.testing.assert_array_equal(np.asarray(r.tokens), expected)
+        np.testing.assert_array_equal(np.asarray(r.lengths), lengths)
+        np.testing.assert_array_equal(np.asarray(r.stopped), lengths < N)
+    assert (lengths < N).sum() >= 2 and np.all(jr.converged)
+
+
+def test_hold_draft_prefix(setup):
+    """The first R draft tokens are kept as they are and the rest is the greedy continuation of
+    prompt + those tokens (a draft shorter than R is kept whole)."""
+    graphdef, state, prompts, greedy, rng = setup
+    r_hold = 3
+    drafts, draft_lens = _drafts(greedy, rng)
+    held_lens = np.minimum(draft_lens, r_hold)
+    extended = np.zeros((len(prompts), P + r_hold), np.int32)
+    for i in range(len(prompts)):
+        extended[i, : LENS[i] + held_lens[i]] = list(prompts[i, : LENS[i]]) + list(drafts[i, : held_lens[i]])
+    cont = np.asarray(generate(graphdef, state, extended, LENS + held_lens, max_new_tokens=N).tokens)
+    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N,
+                      hold_draft_prefix=r_hold)  # fmt: skip
+    tokens = np.asarray(r.tokens)
+    for i in range(len(prompts)):
+        h = held_lens[i]
+        assert tokens[i, :h].tolist() == drafts[i, :h].tolist()
+        assert tokens[i, h:].tolist() == cont[i, : N - h].tolist()
+    np.testing.assert_array_equal(np.asarray(r.committed), N - held_lens)
+    assert held_lens[0] == r_hold and held_lens[1] == 0 and tokens[0, :3].tolist() != greedy[0, :3].tolist()
+
+
+def test_iteration_cap_and_no_recompile(setup):
+    """max_iterations caps the passes (rows marked not converged; what they committed is still the greedy
+    prefix); new values of every traced input reuse the compilation of test_jacobi_equals_greedy."""
+    graphdef, state, prompts, greedy, rng = setup
+    drafts, draft_lens = _drafts(greedy, rng)
+    kwargs = dict(block_size=4, max_new_tokens=N, realign=True)
+    jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=N, **kwargs)
+    before = jacobi_decode._cache_size()
+    r = jacobi_decode(graphdef, state, prompts, LENS[::-1].copy(), drafts[::-1].copy(), draft_lens, max_iterations=2, **kwargs)
+    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=2, **kwargs)
+    assert jacobi_decode._cache_size() == before
+    assert np.all(np.asarray(r.passes) == 2) and not np.all(r.converged)
+    lengths, tokens = np.asarray(r.lengths), np.asarray(r.tokens)
+    np.testing.assert_array_equal(np.asarray(r.converged), lengths == N)
+    for i in range(len(prompts)):
+        assert 2 <= lengths[i] and tokens[i, : lengths[i]].tolist() == greedy[i, : lengths[i]].tolist()
+
+
+def test_realign_reseeds_after_insertion():
+    """Trailing tokens (committed..., next) found in the draft: the guesses continue the draft from there;
+    no match: the window is unchanged."""
+    draft = jnp.array([[10, 11, 12, 13, 14, 15, 16, 17], [10, 11, 12, 13, 14, 15, 16, 17]])
+    tokens = jnp.array([[99, 10, 11, 0, 0, 0], [50, 51, 52, 0, 0, 0]])  # row 0: a token was inserted
+    n = jnp.array([3, 3])
+    window = jnp.array([[12, 1, 2, 3], [53, 1, 2, 3]])  # next token, then guesses
+    out = _realign(window, tokens, n, draft, jnp.array([8, 8]))
+    np.testing.assert_array_equal(np.asarray(out), [[12, 13, 14, 15], [53, 1, 2, 3]])
+    out = _realign(window, tokens, n, draft, jnp.array([3, 8]))  # draft ends at the match: guesses kept
+    np.testing.assert_array_equal(np.asarray(out), [[12, 1, 2, 3], [53, 1, 2, 3]])
+
+
+def test_sample_greedy_top_p_and_temperature():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    key = jax.random.key(0)
+    assert np.all(np.asarray(sample(logits, key, jnp.float32(0.0), jnp.float32(1.0))) == 0)
+    assert np.all(np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1e-6))) == 0)
+    nucleus = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(0.7)))  # mass before token 2 is 0.8
+    assert set(nucleus.tolist()) == {0, 1} and abs(np.mean(nucleus == 0) - 0.5 / 0.8) < 0.03
+    full = np.bincount(np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1.0))), minlength=4) / 4000
+    np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    hot = np.bincount(np.asarray(sample(logits, key, jnp.float32(0.5), jnp.float32(1.0))), minlength=4) / 4000
+    p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
+    np.testing.assert_allclose(hot, p / p.sum(), atol=0.03)
+
+
+def test_generate_sampling_is_seeded(setup):
+    graphdef, state, prompts, greedy, _ = setup
+    kw = dict(max_new_tokens=N, temperature=0.9, top_p=0.95)
+    a = generate(graphdef, state, prompts, LENS, jax.random.key(1), **kw)
+    b = generate(graphdef, state, prompts, LENS, jax.random.key(1), **kw)
+    c = generate(graphdef, state, prompts, LENS, jax.random.key(2), **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), greedy)
