@@ -1,0 +1,128 @@
+"""The DiffPO loss (paper eqs. 4-6): L = L_AR + w * L_Con, from one model call over teacher and student rows.
+
+Inputs are a batch of the trajectory loader (diffpo_jax/data/loader.py): `prompt` [b, P] left-padded with
+`prompt_mask`, `best` = y(T) [b, N] with `best_mask`, `worse` = y(t) [b, N] (right-padded with pad ids).
+
+Sequences. Teacher row = [prompt, best], student row = [prompt, worse], interleaved along the batch
+(teacher_0, student_0, teacher_1, ...: each device keeps its own rows' pairs, so no resharding) and run
+as ONE model call. Attention mask = prompt_mask ++ ones(N) for both rows; positions = cumsum(mask) - 1.
+  - Student: the response window is a fixed-length N sequence; the pad tokens past the end of y(t) are
+    attended, at increasing positions. This is what the model sees when refining: Jacobi decoding
+    fills a fixed N-token window with the draft and pad tokens past it (the authors' inference attends
+    to all of it, as do CLLM's fixed-length trajectories). Masking them instead would give every
+    column past y(t)'s end the same context AND the same position, i.e. one student distribution
+    trained towards N - len(y(t)) different teacher distributions.
+  - Teacher: columns past the end of y(T) only feed positions that the loss masks out (causal
+    attention), so attending to them or not changes nothing.
+
+Per response position i (0 <= i < N) the logits are those at column P-1+i (they predict token i):
+  ce_i = -log softmax(z_T,i)[y(T)_i]                                 gradient flows (the AR loss)
+  kl_i = sum_v p(v) (log p(v) - log q(v)),  p = softmax(stop_gradient(z_T,i)),  q = softmax(z_S,i)
+i.e. the forward KL(teacher || student) of eq. 4, with the teacher under stop_gradient. Log-softmax is
+computed in fp32 whatever the activation dtype.
+
+Normalisation (both terms): a masked MEAN over the valid response positions of the global batch,
+valid = best_mask (where y(T) has a token, its end-of-turn token included):
+    L_AR = sum(ce * best_mask) / n,   L_Con = sum(kl * best_mask) / n,   n = sum(best_mask)
+n counts the whole global batch, so with gradient accumulation every micro-batch divides its sums by
+the same n and the accumulated gradient equals the full batch's. (The paper writes sums over the N
+positions; a per-token mean keeps L_AR and L_Con on the scales that w = 1e3 was chosen for, as in CLLM.)
+
+Two equal ways to get ce and kl from the hidden states (`LossConfig.chunk`):
+  - chunk = 0 (plain): logits for all N response positions at once.
+  - chunk = C > 0: `lax.map` over C-position slices of the response, each slice's hidden @ head ->
+    log-softmax -> ce/kl under `jax.checkpoint`, so the backward pass recomputes the slice's logits
+    instead of keeping [2b, N, V] fp32 distributions alive (Gemma-2's 256k vocabulary makes them the
+    memory peak). Same function per slice, so values and gradients equal the plain path's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    con_weight: float = 1e3  # w in L = L_AR + w * L_Con (paper: 1e3)
+    chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
+
+
+def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens, positions, mask), each [2b, P+N]: rows alternate teacher [prompt, best] / student [prompt, worse]."""
+    prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
+    b, n = batch["best"].shape
+    teacher = jnp.concatenate([prompt, batch["best"]], axis=1)
+    student = jnp.concatenate([prompt, batch["worse"]], axis=1)
+    tokens = jnp.stack([teacher, student], axis=1).reshape(2 * b, -1)
+    row_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], axis=1)
+    mask = jnp.repeat(row_mask, 2, axis=0)
+    positions = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+    return tokens, positions, mask
+
+
+def token_losses(teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per position (ce, kl), fp32 [...]: CE of `targets` under the teacher logits (with gradient) and
+    KL(softmax(stop_gradient(teacher)) || softmax(student)). logits: [..., V]; targets: int [...]."""
+    t_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(t_logp, targets[..., None], axis=-1)[..., 0]
+    p_logp = jax.lax.stop_gradient(t_logp)
+    kl = jnp.sum(jnp.exp(p_logp) * (p_logp - s_logp), axis=-1)
+    return ce, kl
+
+
+def chunked_token_losses(
+    head: Callable[[jax.Array], jax.Array],
+    teacher_hidden: jax.Array,
+    student_hidden: jax.Array,
+    targets: jax.Array,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    """`token_losses(head(teacher_hidden), head(student_hidden), targets)` over `chunk`-position slices
+    of axis 1, each slice rematerialised in the backward pass. hidden: [b, N, E]; targets: [b, N]."""
+    b, n = targets.shape
+    pad = -n % chunk
+    k = (n + pad) // chunk
+
+    def slices(x):  # [b, N, ...] -> [k, b, chunk, ...]
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, k, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(xs):
+        ht, hs, tg = xs
+        return token_losses(head(ht), head(hs), tg)
+
+    ce, kl = jax.lax.map(one, (slices(teacher_hidden), slices(student_hidden), slices(targets)))
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk)[:, :n]  # noqa: E731
+    return merge(ce), merge(kl)
+
+
+def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+    """Per response position (ce, kl) [b, N] from one call of `model` (a Transformer) on the batch."""
+    tokens, positions, mask = sequences(batch)
+    hidden, _ = model(tokens, positions, mask, return_hidden=True)
+    b, n = batch["best"].shape
+    p = batch["prompt"].shape[1]
+    hidden = hidden[:, p - 1 : p - 1 + n].reshape(b, 2, n, -1)
+    teacher, student = hidden[:, 0], hidden[:, 1]
+    if chunk:
+        return chunked_token_losses(model.head, teacher, student, batch["best"], chunk)
+    return token_losses(model.head(teacher), model.head(student), batch["best"])
+
+
+def diffpo_loss(
+    ce: jax.Array, kl: jax.Array, valid: jax.Array, *, con_weight: float, num_tokens: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(L_AR + w * L_Con, {"ar": L_AR, "con": L_Con}): masked sums over `valid` divided by `num_tokens`
+    (the valid positions of the global batch, see module doc)."""
+    valid = valid.astype(jnp.float32)
+    ar = jnp.sum(ce * valid) / num_tokens
+    con = jnp.sum(kl * valid) / num_tokens
+    return ar + con_weight * con, {"ar": ar, "con": con}

@@ -1,0 +1,165 @@
+"""The DiffPO loss against independent PyTorch / NumPy computations; stop-gradient; chunked == plain."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from diffpo_jax.sources import load_model
+from diffpo_jax.training.loss import chunked_token_losses, diffpo_loss, response_token_losses, sequences, token_losses
+from tests import tiny
+
+P, N = 7, 9  # N = 9 is no multiple of the chunk sizes below: the chunked path pads
+
+
+def random_logits(seed, shape, scale=4.0):
+    return np.random.default_rng(seed).normal(0, scale, shape).astype(np.float32)
+
+
+def test_token_losses_match_torch():
+    teacher, student = random_logits(0, (3, N, 50)), random_logits(1, (3, N, 50))
+    targets = np.random.default_rng(2).integers(0, 50, (3, N)).astype(np.int32)
+    ce, kl = token_losses(jnp.asarray(teacher), jnp.asarray(student), jnp.asarray(targets))
+    t, s = torch.tensor(teacher), torch.tensor(student)
+    ref_ce = F.cross_entropy(t.reshape(-1, 50), torch.tensor(targets, dtype=torch.long).reshape(-1), reduction="none")
+    ref_kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    np.testing.assert_allclose(np.asarray(ce), ref_ce.reshape(3, N).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kl), ref_kl.numpy(), rtol=1e-5, atol=1e-5)
+    assert float(kl.min()) > 0.1  # distinct distributions: the KL comparison is not between zeros
+
+
+def test_token_losses_are_fp32_for_bf16_logits():
+    teacher, student = random_logits(0, (2, N, 50)), random_logits(1, (2, N, 50))
+    targets = jnp.zeros((2, N), jnp.int32)
+    ce, kl = token_losses(jnp.asarray(teacher, jnp.bfloat16), jnp.asarray(student, jnp.bfloat16), targets)
+    assert ce.dtype == kl.dtype == jnp.float32
+    ref_ce, ref_kl = token_losses(jnp.asarray(teacher, jnp.bfloat16).astype(jnp.float32),
+                                  jnp.asarray(student, jnp.bfloat16).astype(jnp.float32), targets)
+    np.testing.assert_array_equal(np.asarray(ce), np.asarray(ref_ce))
+    np.testing.assert_array_equal(np.asarray(kl), np.asarray(ref_kl))
+
+
+def test_no_gradient_reaches_the_teacher_distribution():
+    teacher, student = jnp.asarray(random_logits(3, (2, N, 20))), jnp.asarray(random_logits(4, (2, N, 20)))
+    targets = jnp.asarray(np.random.default_rng(5).integers(0, 20, (2, N)), jnp.int32)
+    kl_grad_t, kl_grad_s = jax.grad(lambda t, s: token_losses(t, s, targets)[1].sum(), argnums=(0, 1))(teacher, student)
+    ce_grad_t, ce_grad_s = jax.grad(lambda t, s: token_losses(t, s, targets)[0].sum(), argnums=(0, 1))(teacher, student)
+    assert not np.any(np.asarray(kl_grad_t))  # KL: the teacher is a constant target
+    assert not np.any(np.asarray(ce_grad_s))  # AR loss: teacher forward only
+    # d KL(p || softmax(s)) / ds = softmax(s) - p ; d CE / dt = softmax(t) - onehot
+    p, q = jax.nn.softmax(teacher), jax.nn.softmax(student)
+    np.testing.assert_allclose(np.asarray(kl_grad_s), np.asarray(q - p), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ce_grad_t), np.asarray(p - jax.nn.one_hot(targets, 20)), atol=1e-6)
+
+
+def test_diffpo_loss_is_the_masked_mean_over_valid_positions():
+    rng = np.random.default_rng(6)
+    ce, kl = rng.random((4, N)).astype(np.float32), rng.random((4, N)).astype(np.float32)
+    valid = rng.random((4, N)) < 0.6
+    total, parts = diffpo_loss(jnp.asarray(ce), jnp.asarray(kl), jnp.asarray(valid), con_weight=1e3,
+                               num_tokens=jnp.asarray(valid.sum(), jnp.float32))
+    n = valid.sum()
+    ar, con = (ce * valid).sum() / n, (kl * valid).sum() / n
+    np.testing.assert_allclose(float(parts["ar"]), ar, rtol=1e-6)
+    np.testing.assert_allclose(float(parts["con"]), con, rtol=1e-6)
+    np.testing.assert_allclose(float(total), ar + 1e3 * con, rtol=1e-6)
+
+
+def make_batch(seed=0, b=3):
+    """Left-padded prompts of lengths P, 4, 1; best lengths N, 5, 2; worse lengths 3, N, 6 (pad id 0)."""
+    rng = np.random.default_rng(seed)
+    prompt_mask = np.arange(P)[None] >= P - np.array([P, 4, 1])[:b, None]
+    best_mask = np.arange(N)[None] < np.array([N, 5, 2])[:b, None]
+    worse_mask = np.arange(N)[None] < np.array([3, N, 6])[:b, None]
+    tok = lambda shape, m: np.where(m, rng.integers(3, tiny.VOCAB, shape), 0).astype(np.int32)  # noqa: E731
+    return dict(prompt=tok((b, P), prompt_mask), prompt_mask=prompt_mask, best=tok((b, N), best_mask),
+                best_mask=best_mask, worse=tok((b, N), worse_mask), worse_mask=worse_mask)
+
+
+def test_sequences_interleave_teacher_and_student_rows():
+    batch = make_batch()
+    tokens, positions, mask = (np.asarray(x) for x in sequences({k: jnp.asarray(v) for k, v in batch.items()}))
+    np.testing.assert_array_equal(tokens[0], np.concatenate([batch["prompt"][0], batch["best"][0]]))
+    np.testing.assert_array_equal(tokens[5], np.concatenate([batch["prompt"][2], batch["worse"][2]]))
+    # row 1 (prompt of 4 tokens): 3 padding columns, then positions 0.. through the whole response window
+    np.testing.assert_array_equal(mask[2], [False] * 3 + [True] * (4 + N))
+    np.testing.assert_array_equal(positions[2][3:], np.arange(4 + N))
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gemma2_dir"])
+def model(request):
+    return load_model(str(request.getfixturevalue(request.param))).model
+
+
+def test_response_losses_match_separate_unpadded_forwards(model):
+    """One interleaved, left-padded call == each row on its own, right-aligned differently: the teacher on
+    [prompt, y(T)], the student on [prompt, y(t) + its pads, attended], positions 0.. from the first real
+    prompt token; CE / KL of those logits in NumPy (float64) at the response positions."""
+    batch = make_batch()
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    ce, kl = nnx.jit(response_token_losses, static_argnums=2)(model, jbatch, 0)
+    ce4, kl4 = nnx.jit(response_token_losses, static_argnums=2)(model, jbatch, 4)  # the chunked path, forward
+    np.testing.assert_allclose(np.asarray(ce4), np.asarray(ce), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(kl4), np.asarray(kl), rtol=1e-6, atol=1e-6)
+    rows, lengths = [], []
+    for r in range(3):
+        prompt = batch["prompt"][r][batch["prompt_mask"][r]]
+        for response in (batch["best"][r], batch["worse"][r]):
+            seq = np.concatenate([prompt, response])
+            rows.append(np.pad(seq, (0, P + N - len(seq))))
+            lengths.append(len(prompt))
+    mask = np.arange(P + N)[None] < (np.array(lengths) + N)[:, None]
+    out, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(model, jnp.asarray(np.stack(rows)),
+                                                    jnp.broadcast_to(jnp.arange(P + N), (6, P + N)), jnp.asarray(mask))
+    out = np.asarray(out, np.float64)
+    for r in range(3):
+        t, s = (out[2 * r + j, lengths[2 * r] - 1 : lengths[2 * r] - 1 + N] for j in (0, 1))
+        t, s = (z - z.max(-1, keepdims=True) for z in (t, s))
+        t, s = (z - np.log(np.exp(z).sum(-1, keepdims=True)) for z in (t, s))
+        ref_ce = -t[np.arange(N), batch["best"][r]]
+        ref_kl = (np.exp(t) * (t - s)).sum(-1)
+        valid = batch["best_mask"][r]
+        np.testing.assert_allclose(np.asarray(ce[r])[valid], ref_ce[valid], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(kl[r])[valid], ref_kl[valid], rtol=1e-4, atol=1e-4)
+        assert ref_kl[valid].max() > 1e-2  # the student really sees a different response
+
+
+def test_chunked_equals_plain_values_and_grads(model):
+    """chunk 4 over N = 9 positions (three slices, the last one padded) against all positions at once:
+    loss values and gradients w.r.t. the lm head (tied for Gemma-2: the embedding) and both hidden states."""
+    graphdef, params = nnx.split(model)
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.normal(0, 1, (2, 3, N, model.cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, tiny.VOCAB, (3, N)), jnp.int32)
+    valid = jnp.asarray(make_batch()["best_mask"])
+
+    @partial(jax.jit, static_argnums=2)
+    def loss_and_grad(params, hidden, chunk):
+        def f(params, hidden):
+            head = nnx.merge(graphdef, params).head
+            if chunk:
+                ce, kl = chunked_token_losses(head, hidden[0], hidden[1], targets, chunk)
+            else:
+                ce, kl = token_losses(head(hidden[0]), head(hidden[1]), targets)
+            return diffpo_loss(ce, kl, valid, con_weight=1e3, num_tokens=jnp.sum(valid).astype(jnp.float32))
+
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, hidden)
+
+    (plain, plain_parts), plain_grads = loss_and_grad(params, hidden, 0)
+    (chunked, chunked_parts), chunked_grads = loss_and_grad(params, hidden, 4)
+    np.testing.assert_allclose(float(chunked), float(plain), rtol=1e-6)
+    np.testing.assert_allclose(float(chunked_parts["con"]), float(plain_parts["con"]), rtol=1e-6)
+    assert float(plain_parts["con"]) > 1e-2 and float(plain_parts["ar"]) > 1.0
+    leaves = [(p, g, c) for (p, g), c in zip(jax.tree.leaves_with_path(plain_grads), jax.tree.leaves(chunked_grads))]
+    assert sum(float(jnp.abs(g).max()) > 0 for _, g, _ in leaves) == 2  # the head, the hidden states
+    assert float(jnp.abs(plain_grads[1][0]).min(axis=-1).max()) > 0  # teacher hidden: from the AR loss
+    assert float(jnp.abs(plain_grads[1][1]).min(axis=-1).max()) > 0  # student hidden: from the KL
+    for path, g_plain, g_chunked in leaves:
+        scale = float(jnp.abs(g_plain).max())
+        np.testing.assert_allclose(np.asarray(g_chunked), np.asarray(g_plain), rtol=1e-5, atol=1e-6 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
