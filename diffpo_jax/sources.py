@@ -5,6 +5,8 @@ Accepted, in the order they are tried:
   - a `.gguf` file
   - a local HF folder: config.json + model.safetensors (or sharded, with model.safetensors.index.json)
   - a hub id "org/name": downloaded with huggingface_hub (needs network), then as a local folder
+  - an Orbax dir (weights/checkpoint.py): a model dir (config.json + tokenizer + params/), a train run
+    dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
 """
 
@@ -16,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from flax import nnx
 
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
-from diffpo_jax.model import Transformer
+from diffpo_jax.model import Transformer, abstract_model
+from diffpo_jax.weights.checkpoint import CheckpointError, is_orbax_dir, model_files_dir, read_orbax_config, restore_params
 from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
 
@@ -37,7 +41,7 @@ class LoadedModel:
     model: Transformer
     tokenizer: Any  # a transformers tokenizer, or None for weights-only folders
     source: str  # what was loaded, for messages
-    reference: dict[str, Any]  # how transformers loads the same weights: from_pretrained kwargs
+    reference: dict[str, Any]  # how transformers loads the same weights: from_pretrained kwargs ({} for Orbax dirs)
 
 
 def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
@@ -74,11 +78,28 @@ def _download(repo_id: str) -> str:
 def load_tokenizer(ckpt: Checkpoint):
     if isinstance(ckpt, GGUFCheckpoint):
         return load_gguf_tokenizer(ckpt.path)
-    if not any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    return tokenizer_from_dir(ckpt.path)
+
+
+def tokenizer_from_dir(path: Path):
+    """The HF tokenizer saved in folder `path`, or None when it holds no tokenizer files."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(ckpt.path))
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _load_orbax(path: Path, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
+    """An Orbax model / run / step dir. transformers cannot read it, so `reference` is empty."""
+    try:
+        cfg = read_orbax_config(path).replace(dtype=dtype, param_dtype=param_dtype or dtype)
+        state = restore_params(path, cfg, mesh)
+    except (CheckpointError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
+        raise ModelSourceError(str(e)) from None
+    model = nnx.merge(nnx.graphdef(abstract_model(cfg)), state)
+    tokenizer = tokenizer_from_dir(model_files_dir(path)) if with_tokenizer else None
+    return LoadedModel(cfg, model, tokenizer, str(path), {})
 
 
 def load_model(
@@ -90,6 +111,8 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype)."""
+    if spec not in (None, "", EMBEDDED) and is_orbax_dir(Path(spec).expanduser()):
+        return _load_orbax(Path(spec).expanduser().absolute(), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)
     try:
         cfg = ModelConfig.from_hf(ckpt.hf_config(), source=str(ckpt.path))

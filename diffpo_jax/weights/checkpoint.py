@@ -1,0 +1,250 @@
+"""Orbax checkpoints: self-describing model dirs (params only) and train runs (params, optimizer, data).
+
+Layouts (every Orbax dir carries the HF `config.json` and tokenizer files of its model):
+  model dir  OUT/config.json, tokenizer files, params/         params: Orbax checkpoint of a nested
+                                                               dict of arrays (`nnx.to_pure_dict`)
+  run dir    RUN/config.json, tokenizer files, checkpoints/<step>/{params, opt_state, meta}
+             (an `ocp.CheckpointManager`; meta is JSON {"step": int, "data": <loader state>})
+  step dir   RUN/checkpoints/<step>
+
+Restores build targets of `jax.ShapeDtypeStruct`s carrying the shardings wanted now, so a checkpoint
+loads onto any device count or mesh, never needing the one it was saved on. Writes of whole dirs go to
+a temp dir beside the destination, renamed at the end (`staged_dir`): an interrupted write never
+leaves a dir that looks complete. In a multi-host run every process calls these functions (saves and
+restores are collective); only process 0 writes the files beside the arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
+
+from diffpo_jax.config import ModelConfig, read_hf_config
+from diffpo_jax.model import abstract_model
+from diffpo_jax.sharding import param_shardings
+
+CONFIG = "config.json"
+PARAMS = "params"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """An Orbax dir that cannot be read or an output dir that cannot be written; str() names the path."""
+
+
+def is_writer() -> bool:
+    """True on the one process that writes files (process 0)."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _pure(params: Any) -> dict:
+    """A params pytree as a plain nested dict of arrays (the on-disk format)."""
+    return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+
+
+def _like(target: Any, pure: dict) -> Any:
+    """`pure` in the container type of `target` (an nnx.State or a plain dict)."""
+    if not isinstance(target, nnx.State):
+        return pure
+    state = jax.tree.map(lambda x: x, target)  # a fresh State: the caller's target is left as it was
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+# ---------------------------------------------------------------- output dirs
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing, non-empty `out_dir` unless `overwrite`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir}: exists and is not empty (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temp dir beside `out_dir` to write into; renamed to `out_dir` when the block succeeds and
+    removed when it fails. An existing `out_dir` is replaced only after the new one is complete."""
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir, overwrite)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    if is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+        tmp.mkdir(parents=True)
+    _sync(f"staged_dir:start:{out_dir}")
+    try:
+        yield tmp
+        _sync(f"staged_dir:done:{out_dir}")
+    except BaseException:
+        if is_writer():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if is_writer():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync(f"staged_dir:renamed:{out_dir}")
+
+
+# ---------------------------------------------------------------- model dirs
+
+
+def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any) -> None:
+    """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype) and the tokenizer's files."""
+    if not is_writer():
+        return
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def save_params(out_dir: str | Path, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False) -> Path:
+    """Write a model dir: config.json, tokenizer files and `params/` (written from every process's shards)."""
+    out_dir = Path(out_dir).absolute()
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        write_model_files(tmp, cfg, tokenizer)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS, _pure(params))
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+    return out_dir
+
+
+def _layout(path: Path) -> tuple[str, Path] | None:
+    """("model" | "run" | "step", the dir holding config.json), or None for anything else."""
+    if path.parent.name == CHECKPOINTS and (path / PARAMS).is_dir():
+        return "step", path.parent.parent
+    if (path / CONFIG).is_file() and (path / PARAMS).is_dir():
+        return "model", path
+    if (path / CONFIG).is_file() and (path / CHECKPOINTS).is_dir():
+        return "run", path
+    return None
+
+
+def is_orbax_dir(path: str | Path) -> bool:
+    """True for a model dir, a train run dir or one of its step dirs."""
+    return Path(path).is_dir() and _layout(Path(path).absolute()) is not None
+
+
+def _checked_layout(path: str | Path) -> tuple[str, Path, Path]:
+    """(kind, absolute path, dir holding config.json); a CheckpointError for anything else."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such directory")
+    layout = _layout(path) if path.is_dir() else None
+    if layout is None:
+        raise CheckpointError(
+            f"{path}: not an Orbax checkpoint (expected a model dir with {CONFIG} and {PARAMS}/, "
+            f"a train run dir with {CONFIG} and {CHECKPOINTS}/, or a step dir {CHECKPOINTS}/<step>)"
+        )
+    return layout[0], path, layout[1]
+
+
+def model_files_dir(path: str | Path) -> Path:
+    """The dir holding config.json and the tokenizer files of an Orbax dir."""
+    return _checked_layout(path)[2]
+
+
+def params_dir(path: str | Path) -> Path:
+    """The Orbax params checkpoint inside a model dir, step dir, or a run dir's latest step."""
+    kind, path, _ = _checked_layout(path)
+    if kind != "run":
+        return path / PARAMS
+    steps = ocp.utils.checkpoint_steps(path / CHECKPOINTS)
+    if not steps:
+        raise CheckpointError(f"{path / CHECKPOINTS}: no finished checkpoint in this train run")
+    return path / CHECKPOINTS / str(max(steps)) / PARAMS
+
+
+def read_orbax_config(path: str | Path) -> ModelConfig:
+    """The model config of an Orbax dir; `param_dtype` is the dtype the params were stored in."""
+    config = model_files_dir(path) / CONFIG
+    hf = read_hf_config(config)
+    cfg = ModelConfig.from_hf(hf, source=str(config))
+    return cfg.replace(param_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32")
+
+
+def restore_params(path: str | Path, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+    """The params of an Orbax dir as an nnx.State, each array restored straight onto its sharding under
+    `mesh` (`param_shardings`), or onto the first local device when `mesh` is None, in `cfg.param_dtype`."""
+    where = params_dir(path)
+    abstract = nnx.state(abstract_model(cfg))
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(abstract))
+    else:
+        shardings = nnx.to_pure_dict(param_shardings(abstract, mesh))
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.to_pure_dict(abstract), shardings
+    )
+    try:
+        restored = ocp.StandardCheckpointer().restore(where, target)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: params do not match {CONFIG} ({reason})") from None
+    return _like(abstract, restored)
+
+
+# ---------------------------------------------------------------- train runs
+
+
+class TrainCheckpoints:
+    """RUN_DIR/checkpoints: params, optimizer state and data-iterator state, every `every` steps,
+    the last `keep` kept. Saves are asynchronous when `async_save` (call `wait` before reading them)."""
+
+    def __init__(self, run_dir: str | Path, *, every: int, keep: int, async_save: bool = True):
+        self.directory = Path(run_dir).absolute() / CHECKPOINTS
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, params: Any, opt_state: Any, data_state: dict, *, force: bool = False) -> bool:
+        """Save when `step` is due (every `every` steps) or `force`; True when a save was started."""
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(_pure(params)),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": step, "data": data_state}),
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, params_target: Any, opt_state_target: Any) -> tuple[Any, Any, dict]:
+        """(params, opt_state, data_state) of `step`. Targets are pytrees of `jax.ShapeDtypeStruct`s
+        with shardings (params as an nnx.State or a plain dict); results take their shardings."""
+        if step not in self._manager.all_steps():
+            raise CheckpointError(f"{self.directory}: no checkpoint for step {step} (have {self._manager.all_steps()})")
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(_pure(params_target)),
+            opt_state=ocp.args.StandardRestore(opt_state_target),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        return _like(params_target, restored.params), restored.opt_state, restored.meta["data"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

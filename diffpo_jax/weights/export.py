@@ -1,0 +1,177 @@
+"""Params -> an HF folder that `transformers` loads as LlamaForCausalLM / Gemma2ForCausalLM.
+
+The folder: `model.safetensors` (or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`
+past `max_shard_size`), `config.json` (`cfg.to_hf()`), `generation_config.json` and the tokenizer's
+files (chat template included). Tensor names and layouts come from `weight_specs(cfg)` / `WeightSpec.to_hf`,
+the same table the loader reads with; tied embeddings write no `lm_head`.
+
+Params may be sharded over any mesh: each tensor (one layer of a stacked parameter at a time) is
+gathered on its own, so the host holds at most one shard file's tensors, never the whole model. In a
+multi-host run every process takes part in the gathers and only process 0 writes. The folder is
+written to a temp dir beside `out_dir` and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from safetensors.numpy import save_file
+from tqdm import tqdm
+
+from diffpo_jax.config import ModelConfig
+from diffpo_jax.sources import tokenizer_from_dir
+from diffpo_jax.weights.checkpoint import (
+    check_out_dir,
+    is_writer,
+    model_files_dir,
+    read_orbax_config,
+    restore_params,
+    staged_dir,
+    write_model_files,
+)
+from diffpo_jax.weights.hf import WeightSpec, weight_specs
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "5GB" / "500MB" / "2GiB" / "1000" (HF's convention: GB = 10**9, GiB = 2**30)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"max shard size {text!r}: expected a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def hf_tensors(cfg: ModelConfig) -> list[tuple[str, WeightSpec, int | None]]:
+    """(HF name, spec, layer index or None) for every tensor of the HF state dict."""
+    specs = weight_specs(cfg)
+    flat = [(s.hf_name, s, None) for s in specs if not s.stacked]
+    return flat + [(s.hf_name.format(i=i), s, i) for i in range(cfg.num_layers) for s in specs if s.stacked]
+
+
+@functools.lru_cache
+def _gather_fn(out_sharding: jax.sharding.Sharding, stacked: bool):
+    """jit: a whole parameter, or one layer of a stacked one, replicated onto `out_sharding`."""
+    if stacked:
+        return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), out_shardings=out_sharding)
+    return jax.jit(lambda a: a, out_shardings=out_sharding)
+
+
+def host_tensor(x: jax.Array, layer: int | None) -> np.ndarray:
+    """`x` (or its layer `layer`) as a host array. A collective when `x` spans processes: every process
+    calls it; each gets the full tensor from one of its own devices."""
+    s = x.sharding
+    replicated = NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
+    y = _gather_fn(replicated, layer is not None)(*((x,) if layer is None else (x, np.int32(layer))))
+    return np.asarray(y.addressable_data(0))
+
+
+def _plan_shards(cfg: ModelConfig, params: dict, itemsize: int, max_bytes: int) -> list[list[tuple]]:
+    """Tensors grouped into shard files of at most `max_bytes` (a larger tensor gets a file of its own)."""
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for name, spec, layer in hf_tensors(cfg):
+        shape = _at(params, spec.path).shape[1:] if spec.stacked else _at(params, spec.path).shape
+        nbytes = int(np.prod(shape)) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, spec, layer))
+        size += nbytes
+    return shards
+
+
+def _at(tree: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, max_shard_size: int) -> None:
+    """The safetensors file(s) (and index when sharded) of `params` (an nnx.State or its pure dict)."""
+    params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+    np_dtype = DTYPES[dtype]
+    shards = _plan_shards(cfg, params, np_dtype.itemsize, max_shard_size)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
+    ]
+    weight_map, total = {}, 0
+    bar = tqdm(total=sum(map(len, shards)), desc="export", unit="tensor", disable=None if is_writer() else True)
+    for file, shard in zip(files, shards):
+        tensors = {}
+        for name, spec, layer in shard:
+            ours = host_tensor(_at(params, spec.path), layer)
+            tensors[name] = np.ascontiguousarray(spec.to_hf(ours.astype(np_dtype)))
+            weight_map[name] = file
+            total += tensors[name].nbytes
+            bar.update()
+        if is_writer():
+            save_file(tensors, out_dir / file, metadata={"format": "pt"})
+    bar.close()
+    if is_writer() and len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    """generation_config.json: the special token ids transformers' generate() needs."""
+    eos = list(cfg.eos_token_ids)
+    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+           "pad_token_id": cfg.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def export_hf(
+    out_dir: str | Path,
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any = None,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write `params` (nnx.State or pure dict, any sharding) as an HF folder in `dtype` (default: cfg.param_dtype)."""
+    dtype = dtype or cfg.param_dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    out_dir = Path(out_dir).absolute()
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        write_safetensors(tmp, cfg, params, dtype, max_bytes)
+        write_model_files(tmp, cfg.replace(param_dtype=dtype), tokenizer)
+        if is_writer():
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+    return out_dir
+
+
+def export_checkpoint(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Path:
+    """An Orbax model dir, train run dir (latest step) or step dir -> an HF folder (see `export_hf`).
+    Params are restored onto `mesh` (one device when None); dtype defaults to the stored one."""
+    out_dir = Path(out_dir).absolute()
+    check_out_dir(out_dir, overwrite)  # before the (possibly long) restore
+    max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
+    cfg = read_orbax_config(ckpt)
+    params = restore_params(ckpt, cfg, mesh)
+    tokenizer = tokenizer_from_dir(model_files_dir(ckpt))
+    return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite)
