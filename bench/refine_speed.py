@@ -23,7 +23,7 @@ Timing: wall time per prompt summed over prompts, after a warm-up call per compi
 right-padded to one width, drafts to max_new_tokens + block size). JAX compile time is reported
 separately as (first call - steady call) on the first prompt. Forward passes: jacobi = 1 prefill +
 passes, official = iterations, generate = one per answer token. Torch runs with all cores
-(torch.set_num_threads(os.cpu_count())); XLA's CPU backend uses all cores by default.
+(`--torch-threads`, default: all cores, os.cpu_count()); XLA's CPU backend uses all cores by default.
 A model without tokenizer files (tests' tiny models) gets random prompt ids.
 """
 
@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--official-block", type=int, default=256, help="the official loop's block (>= max-new-tokens)")
     ap.add_argument("--draft-temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: all cores")
     ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
     args = ap.parse_args(argv)
     args.block_sizes = [int(b) for b in args.block_sizes.split(",")]
@@ -172,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from diffpo_jax.decoding.batching import bucket, stop_token_ids
     from diffpo_jax.sources import load_model
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
     loaded = load_model(args.model)
     ref_model = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32).eval()
     machine = common.machine()

@@ -1,24 +1,49 @@
-"""Smoke tests of the benchmarks on tiny configs: each main() runs in-process and its checks hold.
+"""Smoke tests of the benchmarks on tiny configs: each main() runs in-process and its own checks hold.
 
 Not timed: the figures themselves are in bench/RESULTS.md.
 """
 
-from bench import refine_speed
+from bench import memory_plan, refine_speed, train_speed
 
 
 def test_refine_speed_tiny(tiny_llama_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     out = refine_speed.main([
-        "--model", str(tiny_llama_dir), "--prompts", "2", "--max-new-tokens", "8", "--block-sizes", "4,8",
+        "--model", str(tiny_llama_dir), "--prompts", "2", "--max-new-tokens", "8", "--block-sizes", "8",
         "--official-block", "8", "--results", str(results),
     ])  # fmt: skip
     assert out["mismatches"] == 0  # every method reached jax_ar's greedy answers
     r = out["results"]
+    assert sorted(k for k in r if k[0] == "jacobi") == [
+        ("jacobi", kind, 8, realign) for kind in ("greedy", "sampled") for realign in (False, True)
+    ]
     assert {k[0] for k in r} == {"jax_ar", "hf_generate", "jacobi", "official"}
-    assert len([k for k in r if k[0] == "jacobi"]) == 2 * 2 * 2  # blocks x realign x draft kinds
     tokens = r[("jax_ar", "-", "-", "-")]["tokens"]
     assert r[("jax_ar", "-", "-", "-")]["forwards"] == r[("hf_generate", "-", "-", "-")]["forwards"] == tokens
     # A draft equal to the answer, in one window: one prefill and one pass per prompt.
     assert r[("jacobi", "greedy", 8, True)]["forwards"] == 2 * 2
     text = results.read_text()
     assert "<!-- begin refine_speed -->" in text and "| official | sampled | 8 |" in text
+
+
+def test_train_speed_tiny(tiny_llama_dir, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# kept\n\nhand-written analysis\n")
+    out = train_speed.main(["--model", str(tiny_llama_dir), "--batch", "2", "--prompt-len", "8", "--response-len", "8",
+                            "--steps", "1", "--results", str(results)])  # fmt: skip
+    assert out["loss_rel"] < 1e-4  # same weights and batch: the two steps compute the same loss
+    assert out["results"]["jax"]["first_loss"] > 0
+    text = results.read_text()
+    assert text.startswith("# kept\n\nhand-written analysis\n") and "<!-- end train_speed -->" in text
+
+
+def test_memory_plan_tiny(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = memory_plan.main(["--models", "tiny-llama", "--meshes", "1x2x2", "--prompt-len", "8", "--response-len", "8",
+                            "--chunk", "4", "--results", str(results)])  # fmt: skip
+    r = out[("tiny-llama", (1, 2, 2))]
+    # Donated state: output aliases the arguments; the per-device state is the fp32 params plus two moments.
+    assert r["alias"] > 0 and r["argument"] >= r["alias"]
+    assert r["argument"] >= 3 * 4 * r["params"] / 4 * 0.9
+    assert r["flops"] > 0 and r["rows"] == 2
+    assert "| tiny-llama | 1x2x2 |" in results.read_text()

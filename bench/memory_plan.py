@@ -1,0 +1,142 @@
+"""Memory plan: per-device bytes and FLOPs of the DiffPO train step for big models on TPU-sized meshes,
+from ahead-of-time compilation on abstract shapes (no weights are ever allocated).
+
+  python -m bench.memory_plan [--models gemma-2-2b-it,gemma-2-9b-it,llama-3-8b-instruct]
+      [--meshes 1x8x1,1x4x2,1x32x1,1x8x4] [--prompt-len 256] [--response-len 256] [--chunk 128]
+      [--results bench/RESULTS.md]
+
+The mesh is simulated: XLA_FLAGS=--xla_force_host_platform_device_count=32 is set before jax is imported
+(when this module is the first to import jax), and a DATAxFSDPxTENSOR mesh takes the first devices. For
+each (preset, mesh): the model config from configs/models (`load_preset`) with bf16 activations, fp32
+parameters (the master weights: params, gradients and AdamW moments are fp32, see
+diffpo_jax/training/step.py) and remat on; the train state and the batch are `jax.ShapeDtypeStruct`s
+carrying their shardings (`state_shardings`, `batch_sharding`); `make_train_step(...).lower(state,
+batch).compile()`. One row of the batch per data-parallel shard (global batch = data x fsdp; devices
+along `tensor` share their row), each row a P-token prompt and N-token best / worse responses
+(teacher and student: 2 sequences of P + N per row).
+
+Reported per device: `compiled.memory_analysis()` argument / output / alias / temp bytes, and
+peak = argument + output - alias + temp (the donated state is counted once); `cost_analysis()` FLOPs
+of the per-device program, against the analytic 8 * params * tokens / devices (forward 2, backward 4,
+remat's recomputed forward 2, per parameter and token; attention excluded).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "jax" not in sys.modules:  # simulated devices: must be set before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32").strip()
+
+import argparse  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+from bench import common  # noqa: E402
+
+GIB = 1024**3
+HEADERS = ["model", "mesh (data x fsdp x tensor)", "params", "global batch", "argument GiB", "output GiB", "alias GiB",
+           "temp GiB", "peak GiB / device", "TFLOP / device (XLA)", "TFLOP / device (8NT)", "compile s"]  # fmt: skip
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.memory_plan", description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="gemma-2-2b-it,gemma-2-9b-it,llama-3-8b-instruct", help="presets (configs/models) or YAML paths")
+    ap.add_argument("--meshes", default="1x8x1,1x4x2,1x32x1,1x8x4", help="DATAxFSDPxTENSOR, comma separated")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--response-len", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=128, help="loss lm-head chunk (LossConfig.chunk; 0 = all at once)")
+    ap.add_argument("--no-remat", dest="remat", action="store_false")
+    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    args = ap.parse_args(argv)
+    args.models = args.models.split(",")
+    try:
+        args.meshes = [tuple(int(x) for x in m.split("x")) for m in args.meshes.split(",")]
+    except ValueError:
+        ap.error(f"--meshes {args.meshes!r}: expected e.g. 1x8x1,1x8x4")
+    if any(len(m) != 3 for m in args.meshes):
+        ap.error("--meshes: each mesh is DATAxFSDPxTENSOR")
+    return args
+
+
+def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
+    """AOT-compile the train step of `preset` on a simulated mesh; its memory and cost analyses."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from diffpo_jax.config import load_preset
+    from diffpo_jax.data.loader import BATCH_KEYS
+    from diffpo_jax.model import abstract_model
+    from diffpo_jax.sharding import batch_sharding, make_mesh, param_shardings
+    from diffpo_jax.training.loss import LossConfig
+    from diffpo_jax.training.step import OptimizerConfig, abstract_state, make_optimizer, make_train_step, state_shardings
+
+    devices = math.prod(mesh_shape)
+    if devices > len(jax.devices()):
+        raise SystemExit(f"mesh {mesh_shape} needs {devices} devices, jax has {len(jax.devices())}")
+    cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="float32", remat=args.remat)
+    mesh = make_mesh(mesh_shape, jax.devices()[:devices])
+    graphdef, state = nnx.split(abstract_model(cfg))
+    abstract_params = nnx.to_pure_dict(state)
+    tx, schedule = make_optimizer(OptimizerConfig(), total_steps=1000)
+    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(state, mesh)), abstract_params, mesh)
+    train_step = make_train_step(graphdef, tx, schedule, LossConfig(chunk=args.chunk), shardings, mesh)
+    rows = mesh_shape[0] * mesh_shape[1]
+    p, n = args.prompt_len, args.response_len
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, p if k.startswith("prompt") else n), bool if k.endswith("mask") else jnp.int32,
+                                sharding=batch_sharding(mesh, 2))
+        for k in BATCH_KEYS
+    }  # fmt: skip
+    t = time.perf_counter()
+    compiled = train_step.lower(abstract_state(tx, abstract_params, shardings), batch).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+    tokens = rows * 2 * (p + n)
+    return {
+        "params": params,
+        "rows": rows,
+        "argument": mem.argument_size_in_bytes,
+        "output": mem.output_size_in_bytes,
+        "alias": mem.alias_size_in_bytes,
+        "temp": mem.temp_size_in_bytes,
+        "peak": mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes,
+        "flops": float(cost.get("flops", float("nan"))),
+        "analytic_flops": 8 * params * tokens / devices,
+        "compile_s": compile_s,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    machine = common.machine()
+    print(machine, flush=True)
+    print(common.table(HEADERS, []), flush=True)
+    results, rows = {}, []
+    for preset in args.models:
+        for mesh_shape in args.meshes:
+            r = plan(preset, mesh_shape, args)
+            results[(preset, mesh_shape)] = r
+            row = [preset, "x".join(map(str, mesh_shape)), f"{r['params'] / 1e9:.2f}B", r["rows"],
+                   *(r[k] / GIB for k in ("argument", "output", "alias", "temp", "peak")),
+                   r["flops"] / 1e12, r["analytic_flops"] / 1e12, r["compile_s"]]  # fmt: skip
+            rows.append(row)
+            print(common.table(HEADERS, [row]).splitlines()[-1], flush=True)
+    if str(args.results) != "-":
+        head = common.header("Memory plan (bench/memory_plan.py)", "bench.memory_plan", argv, machine)
+        setup = (f"- bf16 activations, fp32 params / grads / AdamW moments, remat {'on' if args.remat else 'off'}, "
+                 f"loss lm-head chunk {args.chunk}; per row P = {args.prompt_len} prompt + N = {args.response_len} "
+                 f"response tokens, teacher and student; one row per data-parallel shard\n")  # fmt: skip
+        common.write_section(args.results, "memory_plan", head + setup + "\n" + common.table(HEADERS, rows) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
