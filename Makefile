@@ -18,8 +18,16 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+DEMO_OUT ?= out/demo
+DEMO_TOKENS ?= 96
+
+# Drafts from SmolLM2 (sampled, temperature 0.7), refined by Jacobi decoding into its greedy answers.
 demo: $(STAMP)
-	$(PY) -m diffpo_jax.verify
+	mkdir -p $(DEMO_OUT) && rm -f $(DEMO_OUT)/drafts.jsonl* $(DEMO_OUT)/refined.jsonl*
+	$(PY) -m diffpo_jax.generate --input examples/prompts.jsonl --output $(DEMO_OUT)/drafts.jsonl \
+		--temperature 0.7 --max-new-tokens $(DEMO_TOKENS) --batch-size 8 --seed 0
+	$(PY) -m diffpo_jax.refine --input $(DEMO_OUT)/drafts.jsonl --output $(DEMO_OUT)/refined.jsonl \
+		--max-new-tokens $(DEMO_TOKENS) --block-size 16 --batch-size 8 --show 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -36,6 +36,7 @@ from diffpo_jax.decoding.sampler import is_stop, prefill
 from diffpo_jax.model import Cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
+_MIN_MATCH = 1  # trailing tokens that must match for a re-alignment
 
 
 @struct.dataclass
@@ -111,7 +112,7 @@ def _realign(window, tokens, n, drafts, draft_lens):
     at = jnp.argmin(jnp.where(m == best, jnp.abs(p - n[:, None]), jnp.iinfo(jnp.int32).max), axis=1)
     j = jnp.arange(w)
     k = at[:, None] + j  # draft index for offset n + j
-    use = (j > 0) & (best > 0) & (k < draft_lens[:, None])
+    use = (j > 0) & (best >= _MIN_MATCH) & (k < draft_lens[:, None])
     return jnp.where(use, _take(drafts, k, use, -1), window)
 
 

@@ -1,0 +1,207 @@
+"""Text in, text out: chat templating, static-shape batches and the jitted decoders, for the CLIs.
+
+`Decoder` wraps a loaded model: prompts are chat-templated with `diffpo_jax.chat.prompt_ids`, drafts
+tokenized with `response_ids` (plus the end-of-turn token, since a draft is a whole answer). Every call
+is padded to static shapes so nothing recompiles across batches:
+  batch      exactly `batch_size` rows (a short last batch repeats its first row);
+  prompts    right-padded to a power of two (at least 32);
+  drafts     right-padded/cut to max_new_tokens + block_size (the only draft tokens the decoder reads).
+A prompt whose length plus max_new_tokens exceeds the model's context is a `ContextError` (never
+silently truncated). Stop tokens: the config's and tokenizer's eos ids, the generation config's, and
+the known end-of-turn tokens present in the vocabulary. Texts are decoded without the stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from diffpo_jax.chat import Messages, prompt_ids, response_ids
+from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
+from diffpo_jax.decoding.jacobi import jacobi_decode
+from diffpo_jax.decoding.sampler import generate
+from diffpo_jax.sources import LoadedModel, ModelSourceError
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
+MIN_PROMPT_BUCKET = 32
+
+
+class ContextError(ValueError):
+    """A prompt that does not fit the model's context with max_new_tokens; str() is the message."""
+
+
+def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
+    """eos ids of the config, tokenizer and generation_config.json, plus end-of-turn tokens in the vocab."""
+    ids = list(loaded.cfg.eos_token_ids)
+    tok = loaded.tokenizer
+    if tok is not None:
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+        vocab = tok.get_vocab()
+        ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+    gen = Path(loaded.source) / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(sorted(set(int(i) for i in ids)))
+
+
+@dataclasses.dataclass
+class Output:
+    """One decoded row: the response tokens (stop token excluded), its text and per-row stats."""
+
+    tokens: list[int]
+    text: str
+    stats: dict[str, Any]
+
+
+class Decoder:
+    def __init__(self, loaded: LoadedModel, *, batch_size: int, max_new_tokens: int):
+        if loaded.tokenizer is None:
+            raise ModelSourceError(f"{loaded.source}: no tokenizer files beside the weights")
+        self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        self.graphdef, self.state = nnx.split(loaded.model)
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.stop_tokens = stop_token_ids(loaded)
+        vocab = self.tokenizer.get_vocab()
+        eot = [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] in self.stop_tokens]
+        self.end_of_turn = eot[0] if eot else (self.stop_tokens[0] if self.stop_tokens else None)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.end_of_turn or 0))
+
+    # ------------------------------------------------------------------ tokens
+
+    def prompt_tokens(self, prompt: str | Messages) -> list[int]:
+        ids = prompt_ids(self.tokenizer, prompt)
+        context = self.loaded.cfg.max_position_embeddings
+        if len(ids) + self.max_new_tokens > context:
+            raise ContextError(
+                f"prompt is {len(ids)} tokens; with max_new_tokens {self.max_new_tokens} it exceeds the "
+                f"model's context of {context} tokens"
+            )
+        return ids
+
+    def draft_tokens(self, draft: str) -> list[int]:
+        ids = response_ids(self.tokenizer, draft)
+        return ids + ([self.end_of_turn] if self.end_of_turn is not None else [])
+
+    def _text(self, tokens: np.ndarray, length: int, stopped: bool) -> tuple[list[int], str]:
+        ids = tokens[: length - int(stopped)].tolist()
+        return ids, self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _pad(self, rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+        """[batch_size, width] right-padded (rows past len(rows) repeat row 0) and lengths."""
+        rows = rows + [rows[0]] * (self.batch_size - len(rows))
+        out = np.full((self.batch_size, width), self.pad_id, np.int32)
+        lens = np.zeros((self.batch_size,), np.int32)
+        for i, r in enumerate(rows):
+            r = r[:width]
+            out[i, : len(r)], lens[i] = r, len(r)
+        return out, lens
+
+    # ------------------------------------------------------------------ decoding
+
+    def refine(
+        self,
+        prompts: list[list[int]],
+        drafts: list[list[int]],
+        *,
+        block_size: int,
+        max_iterations: int | None = None,
+        hold_draft_prefix: int = 0,
+        realign: bool = True,
+    ) -> list[Output]:
+        """Jacobi-refine up to batch_size (prompt ids, draft ids) rows into the model's greedy answers."""
+        assert 0 < len(prompts) == len(drafts) <= self.batch_size
+        n = self.max_new_tokens
+        p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
+        d, dlen = self._pad(drafts, n + block_size)
+        r = jacobi_decode(
+            self.graphdef, self.state, p, plen, d, dlen,
+            block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+            max_iterations=n if max_iterations is None else max_iterations,
+            hold_draft_prefix=hold_draft_prefix, realign=realign,
+        )  # fmt: skip
+        r = jax.device_get(r)
+        outputs = []
+        for i in range(len(prompts)):
+            ids, text = self._text(r.tokens[i], int(r.lengths[i]), bool(r.stopped[i]))
+            passes, committed = int(r.passes[i]), int(r.committed[i])
+            stats = {
+                "tokens": int(r.lengths[i]),
+                "passes": passes,
+                "tokens_per_pass": round(committed / max(passes, 1), 3),
+                "converged": bool(r.converged[i]),
+                "stopped": bool(r.stopped[i]),
+                "draft_tokens": len(drafts[i]),
+            }
+            outputs.append(Output(ids, text, stats))
+        return outputs
+
+    def sample(self, prompts: list[list[int]], key: jax.Array, *, temperature: float, top_p: float) -> list[Output]:
+        """Sample (greedy when temperature == 0) an answer for each of up to batch_size prompt rows."""
+        assert 0 < len(prompts) <= self.batch_size
+        p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
+        g = generate(
+            self.graphdef, self.state, p, plen, key,
+            max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
+            stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+        )  # fmt: skip
+        g = jax.device_get(g)
+        outputs = []
+        for i in range(len(prompts)):
+            ids, text = self._text(g.tokens[i], int(g.lengths[i]), bool(g.stopped[i]))
+            outputs.append(Output(ids, text, {"tokens": int(g.lengths[i]), "stopped": bool(g.stopped[i])}))
+        return outputs
+
+
+def decode_records(
+    decoder: Decoder,
+    records: list[Record],
+    out: ResumableOutput,
+    decode: Callable[[int, int, list[Record], list[list[int]]], list[Output]],
+    history: Callable[[Record, int, Output], str],
+    build: Callable[[Record, list[Output]], dict[str, Any]],
+    progress: Callable[[list[Output]], None],
+) -> None:
+    """Decode the records `out` does not hold yet, batch_size records at a time and turn by turn.
+
+    decode(batch index, turn, records, prompt ids) -> one Output per record for that turn;
+    history(record, turn, output) -> the assistant text later turns see; build(record, outputs per turn)
+    -> the output record, appended to `out` in input order; progress(outputs) after each decode call.
+    """
+    for where, prompt in ((r.where, r.prompt) for r in records[out.done :]):
+        _prompt_tokens(decoder, where, 0, prompt)  # fail fast on a first turn that does not fit
+    size = decoder.batch_size
+    for start in range(out.done, len(records), size):
+        batch = records[start : start + size]
+        outputs: list[list[Output]] = [[] for _ in batch]
+        answers: list[list[str]] = [[] for _ in batch]
+        for turn in range(max(r.num_turns for r in batch)):
+            live = [i for i, r in enumerate(batch) if turn < r.num_turns]
+            ids = [_prompt_tokens(decoder, batch[i].where, turn, turn_prompt(batch[i], turn, answers[i])) for i in live]
+            results = decode(start // size, turn, [batch[i] for i in live], ids)
+            for i, res in zip(live, results):
+                outputs[i].append(res)
+                answers[i].append(history(batch[i], turn, res))
+            progress(results)
+        for rec, outs in zip(batch, outputs):
+            out.append(build(rec, outs))
+
+
+def _prompt_tokens(decoder: Decoder, where: str, turn: int, prompt: str | Messages) -> list[int]:
+    try:
+        return decoder.prompt_tokens(prompt)
+    except ContextError as e:
+        raise FormatError(f"{where}: turn {turn + 1}: {e}") from None

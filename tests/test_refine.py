@@ -1,0 +1,216 @@
+"""Formats, resumable output and the refine/generate CLIs. Reading and error paths run without a model;
+the decoding tests use the session's SmolLM2 (slow): refine text == transformers' greedy text."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffpo_jax import generate as generate_cli
+from diffpo_jax import refine as refine_cli
+from diffpo_jax.data.formats import FormatError, ResumableOutput, read_records, turn_prompt
+from diffpo_jax.decoding.batching import Decoder, bucket, stop_token_ids
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def test_read_jsonl_prompt_or_messages(tmp_path):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "A", "draft": "a", "id": 7}, "", {"messages": msgs, "draft": "b"}])
+    recs = read_records(path, "jsonl", with_drafts=True)
+    assert [(r.prompt, r.drafts, r.where) for r in recs] == [("A", ["a"], f"{path}:1"), (msgs, ["b"], f"{path}:3")]
+    assert recs[0].raw == {"prompt": "A", "draft": "a", "id": 7}
+
+
+@pytest.mark.parametrize(
+    "fmt,content,message",
+    [
+        ("jsonl", '{"prompt": "a", "draft": "b"}\n{"prompt": "a", draft: 1}\n', "in:2: not valid JSON"),
+        ("jsonl", '{"prompt": "a", "draft": "b"}\n{"prompt": "a"}\n', "in:2: field 'draft' (a string) is missing"),
+        ("jsonl", '{"draft": "b"}\n', "in:1: field 'prompt' (a string) or 'messages'"),
+        ("jsonl", '{"messages": [{"role": "user"}], "draft": "b"}\n', "in:1: field 'prompt' (a string) or 'messages'"),
+        ("jsonl", "[1, 2]\n", "in:1: expected a JSON object"),
+        ("jsonl", "\n", "in: no records"),
+        ("alpaca_eval", '[{"instruction": "a", "output": "b"},\n{"instruction": "c"}]', "in: record 1: field 'output'"),
+        ("alpaca_eval", '[{"instruction": "a",\n "output": }]', "in:2: not valid JSON"),
+        ("alpaca_eval", '{"instruction": "a"}', "in: expected a JSON list"),
+        ("mt_bench", '{"question_id": 9, "model_id": "m", "choices": [{"index": 0, "turns": ["x", "y"]}]}\n',
+         "in:1: question_id 9 has no question in"),
+        ("mt_bench", '{"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["x"]}]}\n',
+         "in:1: choices[0].turns has 1 answers but question 1 has 2 turns"),
+        ("mt_bench", '{"question_id": 1, "model_id": "m", "choices": []}\n', "in:1: field 'choices'"),
+    ],
+)
+def test_bad_input_names_file_line_and_field(tmp_path, fmt, content, message):
+    (tmp_path / "in").write_text(content)
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["q1", "q2"]}])
+    with pytest.raises(FormatError) as e:
+        read_records(tmp_path / "in", fmt, with_drafts=True, questions=questions)
+    assert message.replace("in", str(tmp_path / "in"), 1) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mt_bench_turns_and_history(tmp_path):
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["q1", "q2"]}, {"question_id": 2, "turns": ["p1"]}])
+    answers = write_jsonl(tmp_path / "a.jsonl", [
+        {"question_id": 2, "model_id": "m", "choices": [{"index": 0, "turns": ["d1"]}]},
+        {"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["a1", "a2"]}]},
+    ])  # fmt: skip
+    recs = read_records(answers, "mt_bench", with_drafts=True, questions=questions)
+    assert [(r.prompt, r.followups, r.drafts) for r in recs] == [("p1", [], ["d1"]), ("q1", ["q2"], ["a1", "a2"])]
+    assert turn_prompt(recs[1], 1, ["R1"]) == [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "R1"}, {"role": "user", "content": "q2"},
+    ]  # fmt: skip
+    gen = read_records(questions, "mt_bench", with_drafts=False)
+    assert [(r.prompt, r.followups, r.drafts) for r in gen] == [("q1", ["q2"], []), ("p1", [], [])]
+    with pytest.raises(FormatError, match="--questions"):
+        read_records(answers, "mt_bench", with_drafts=True)
+
+
+def test_resumable_output(tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(3)])
+    recs = read_records(inp, "jsonl", with_drafts=True)
+    out_path = tmp_path / "out.jsonl"
+    out = ResumableOutput(out_path, "jsonl", recs, {"x": 1})
+    out.append({"n": 0})
+    out.append({"n": 1})
+    with pytest.raises(FormatError, match="2 of 3 records done"):
+        out.finish()
+    assert not out_path.exists()
+    with (tmp_path / "out.jsonl.partial").open("a") as f:
+        f.write('{"source": "cut sh')  # a run killed mid-line: that record is redone
+    with pytest.raises(FormatError, match="other options"):
+        ResumableOutput(out_path, "jsonl", recs, {"x": 2})
+    other = read_records(write_jsonl(tmp_path / "other.jsonl", [{"prompt": "z", "draft": "d"}] * 3), "jsonl", with_drafts=True)
+    with pytest.raises(FormatError, match="record 0 does not match"):
+        ResumableOutput(out_path, "jsonl", other, {"x": 1})
+    out = ResumableOutput(out_path, "jsonl", recs, {"x": 1})
+    assert out.done == 2 and out.outputs == [{"n": 0}, {"n": 1}]
+    out.append({"n": 2})
+    out.finish()
+    assert [json.loads(line) for line in out_path.read_text().splitlines()] == [{"n": i} for i in range(3)]
+    assert not (tmp_path / "out.jsonl.partial").exists()
+    alpaca = ResumableOutput(tmp_path / "out.json", "alpaca_eval", recs[:1], {})
+    alpaca.append({"output": "x"})
+    alpaca.finish()
+    assert json.loads((tmp_path / "out.json").read_text()) == [{"output": "x"}]
+
+
+def test_bucket():
+    assert [bucket(n) for n in (1, 32, 33, 64, 65, 300)] == [32, 32, 64, 64, 128, 512]
+
+
+def test_cli_bad_input_exits_2(tmp_path):
+    """One subprocess per CLI: bad input is a one-line message and exit status 2, no traceback."""
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    for module, message in (("refine", f"error: {bad}:1: field 'draft' (a string) is missing"),
+                            ("generate", f"error: {bad}:1: field 'prompt' (a string) or 'messages'")):  # fmt: skip
+        args = [sys.executable, "-m", f"diffpo_jax.{module}", "--input", str(bad), "--output", str(tmp_path / "o")]
+        if module == "generate":
+            bad.write_text('{"promt": "a"}\n')
+        p = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2 and p.stderr.strip().startswith(message) and len(p.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 (slow)
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    [{"role": "user", "content": "Name a primary color."}],
+    "How do I reverse a list in Python?",
+]
+
+
+def reference_greedy(loaded, reference, prompt, max_new_tokens):
+    import torch
+
+    from diffpo_jax.chat import prompt_ids
+
+    ids = torch.tensor([prompt_ids(loaded.tokenizer, prompt)])
+    with torch.no_grad():
+        out = reference.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id)
+    new = out[0, ids.shape[1] :].tolist()
+    if new and new[-1] in stop_token_ids(loaded):
+        new = new[:-1]
+    return new, loaded.tokenizer.decode(new, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(smollm2, smollm2_reference):
+    return [reference_greedy(smollm2, smollm2_reference, p, 32) for p in PROMPTS]
+
+
+@pytest.mark.slow
+def test_smollm2_refine_equals_transformers_greedy(smollm2, greedy_refs):
+    """Four real prompts (one a chat list), drafts: a wrong answer, empty, the greedy text itself, the greedy
+    text with its first word dropped. Each refined text == transformers' greedy text."""
+    assert 2 in stop_token_ids(smollm2)  # <|im_end|>
+    dec = Decoder(smollm2, batch_size=4, max_new_tokens=32)
+    texts = [t for _, t in greedy_refs]
+    drafts = ["Berlin is the capital of Germany, a large city.", "", texts[2], texts[3].split(" ", 1)[1]]
+    outs = dec.refine([dec.prompt_tokens(p) for p in PROMPTS], [dec.draft_tokens(d) for d in drafts], block_size=8)
+    assert [o.text for o in outs] == texts
+    assert [o.tokens for o in outs] == [ids for ids, _ in greedy_refs]
+    assert all(o.stats["converged"] for o in outs)
+    assert outs[2].stats["passes"] <= 2 * -(-outs[2].stats["tokens"] // 8)
+
+
+@pytest.mark.slow
+def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
+    """jsonl: fields kept, order kept, a record already in OUT.partial is not redone; mt_bench: turn by
+    turn, +diffpo, drafts kept; a prompt past the context is an error naming the record."""
+    rows = [{"id": i, "prompt": p, "draft": "Sure."} for i, p in enumerate(PROMPTS[:3])]
+    rows[2] = {"id": 2, "messages": PROMPTS[2], "draft": ""}
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
+    args = refine_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *common])
+    recs = read_records(inp, "jsonl", with_drafts=True)
+    options = {k: getattr(args, k) for k in ("model", "format", "history", "max_new_tokens", "max_iterations",
+                                             "hold_draft_prefix", "dtype")}  # fmt: skip
+    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, options)
+    partial.append(rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
+    summary = refine_cli.run(args, smollm2)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == [0, 1, 2] and out[0]["refined"] == "FROM PARTIAL"
+    assert all({k: o[k] for k in r} == r for o, r in zip(out, rows))
+    assert out[1]["stats"]["tokens"] <= 8 and out[1]["stats"]["passes"] >= 1 and out[2]["refined"]
+    assert summary["records"] == 3 and summary["turns_refined"] == 2
+
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 5, "turns": ["Name a fruit.", "And a vegetable?"]}])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 5, "model_id": "base", "answer_id": "x",
+                                                   "choices": [{"index": 0, "turns": ["Apple.", "Carrot."]}]}])  # fmt: skip
+    for history in ("refined", "draft"):
+        mt = tmp_path / f"mt_{history}.jsonl"
+        refine_cli.run(refine_cli.parse_args(["--input", str(answers), "--output", str(mt), "--format", "mt_bench",
+                                              "--questions", str(questions), "--history", history, *common]), smollm2)  # fmt: skip
+        (rec,) = [json.loads(line) for line in mt.read_text().splitlines()]
+        assert rec["model_id"] == "base+diffpo" and rec["answer_id"] == "x"
+        assert rec["choices"][0]["draft_turns"] == ["Apple.", "Carrot."] and len(rec["choices"][0]["turns"]) == 2
+
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi", "draft": ""}, {"prompt": "word " * 9000, "draft": ""}])
+    with pytest.raises(FormatError, match=r"long.jsonl:2: turn 1: prompt is \d+ tokens; .* context of 8192"):
+        refine_cli.run(refine_cli.parse_args(["--input", str(long), "--output", str(tmp_path / "l.jsonl"), *common]), smollm2)
+
+
+@pytest.mark.slow
+def test_generate_cli_alpaca_eval_greedy(smollm2, greedy_refs, tmp_path):
+    """alpaca_eval drafts at temperature 0 are the greedy answers; output and generator are set, fields kept."""
+    inp = tmp_path / "in.json"
+    inp.write_text(json.dumps([{"instruction": p, "dataset": "x"} for p in PROMPTS[:2]]))
+    args = generate_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.json"), "--format", "alpaca_eval",
+                                    "--temperature", "0", "--max-new-tokens", "32", "--batch-size", "4", "--model-id", "smol"])  # fmt: skip
+    generate_cli.run(args, smollm2)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out == [{"instruction": p, "dataset": "x", "output": t, "generator": "smol"} for p, (_, t) in zip(PROMPTS[:2], greedy_refs)]
