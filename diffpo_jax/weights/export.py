@@ -74,7 +74,10 @@ def host_tensor(x: jax.Array, layer: int | None) -> np.ndarray:
     calls it; each gets the full tensor from one of its own devices."""
     s = x.sharding
     replicated = NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
-    y = _gather_fn(replicated, layer is not None)(*((x,) if layer is None else (x, np.int32(layer))))
+    if layer is None:
+        y = _gather_fn(replicated, False)(x)
+    else:
+        y = _gather_fn(replicated, True)(x, np.int32(layer))
     return np.asarray(y.addressable_data(0))
 
 
