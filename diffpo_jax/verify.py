@@ -87,6 +87,11 @@ def jax_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
 
 def load_reference(loaded):
     """transformers' fp32 model over the same weights (eager attention: Gemma-2's soft-cap needs it)."""
+    if not loaded.reference:
+        raise ValueError(
+            f"{loaded.source}: an Orbax checkpoint, which transformers cannot read: export it first "
+            f"(python -m diffpo_jax.convert to-hf {loaded.source} OUT) and verify OUT"
+        )
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +117,7 @@ def check(loaded, reference, prompts: list[tuple[str, str]], atol: float, min_to
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.verify", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="hub id, HF folder, .gguf file; default: the embedded SmolLM2")
+    ap.add_argument("--model", default=None, help="hub id, HF folder, .gguf file (not an Orbax dir: export it first); default: the embedded SmolLM2")
     ap.add_argument("--prompts", type=Path, help="JSONL, one {'prompt': str, 'response'?: str} per line")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--atol", type=float, help="max abs logit difference allowed (default: 1e-3 in float32)")

@@ -60,3 +60,16 @@ def test_bad_prompts_file_names_file_and_line(tmp_path, tiny_llama_dir, capsys):
     bad.write_text(json.dumps({"text": "no prompt field"}) + "\n")
     assert verify.main(["--model", str(tiny_llama_dir), "--prompts", str(bad)]) == 2
     assert f"{bad}:1: field 'prompt'" in capsys.readouterr().err
+
+
+def test_orbax_dir_is_refused_with_the_way_out(tmp_path, tiny_llama_dir, capsys):
+    from diffpo_jax.sources import load_model
+    from diffpo_jax.weights.checkpoint import save_params
+    from flax import nnx
+
+    loaded = load_model(str(tiny_llama_dir))
+    orbax_dir = save_params(tmp_path / "orbax", loaded.cfg, nnx.state(loaded.model))
+    assert verify.main(["--model", str(orbax_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {orbax_dir}: an Orbax checkpoint, which transformers cannot read: export it first "
+                   f"(python -m diffpo_jax.convert to-hf {orbax_dir} OUT) and verify OUT")
