@@ -18,7 +18,9 @@ is off by a few offsets. After each pass the trailing tokens (next_tok and up to
 before it) are looked up in the draft; at the best match (longest, then nearest the expected offset;
 next_tok alone counts), the draft continuation replaces the window's guesses. Only guesses change, so
 exactness does not. It is on by default: on shifted drafts it cuts the passes several-fold (the guesses
-after a mismatch are otherwise predictions from a wrong context, and the draft tail is misaligned).
+after a mismatch are otherwise predictions from a wrong context, and the draft tail is misaligned); on
+SmolLM2's own temperature-0.7 drafts (block 16, 64 tokens) it took 0.92 passes per token to 0.76
+(requiring next_tok plus one committed token to match: 0.80).
 
 `hold_draft_prefix=R`: the first R draft tokens are fixed: prefilled as part of the prompt and returned
 as the first response tokens (a stop token among them ends the row).
@@ -36,7 +38,6 @@ from diffpo_jax.decoding.sampler import is_stop, prefill
 from diffpo_jax.model import Cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
-_MIN_MATCH = 1  # trailing tokens that must match for a re-alignment
 
 
 @struct.dataclass
@@ -112,7 +113,7 @@ def _realign(window, tokens, n, drafts, draft_lens):
     at = jnp.argmin(jnp.where(m == best, jnp.abs(p - n[:, None]), jnp.iinfo(jnp.int32).max), axis=1)
     j = jnp.arange(w)
     k = at[:, None] + j  # draft index for offset n + j
-    use = (j > 0) & (best >= _MIN_MATCH) & (k < draft_lens[:, None])
+    use = (j > 0) & (best > 0) & (k < draft_lens[:, None])
     return jnp.where(use, _take(drafts, k, use, -1), window)
 
 
