@@ -19,8 +19,10 @@ Drafts (for jacobi and official): `sampled` = the model's own answer at temperat
 `greedy` = the greedy answer itself. Every method's answer (cut after the stop token, at most
 max_new_tokens) must equal jax_ar's; mismatches are printed loudly and counted in the table.
 
-Timing: wall time per prompt summed over prompts, after a warm-up call per compiled shape (prompts are
-right-padded to one width, drafts to max_new_tokens + block size). JAX compile time is reported
+Timing: wall time per prompt summed over prompts, after an untimed warm-up call per compiled shape
+(prompts are right-padded to one width, drafts to max_new_tokens + block size). Methods are interleaved
+per prompt (prompt 0 through every method, then prompt 1, ...), so load swings on a shared machine hit
+them alike. JAX compile time is reported
 separately as (first call - steady call) on the first prompt. Forward passes: jacobi = 1 prefill +
 passes, official = iterations, generate = one per answer token. Torch runs with all cores
 (`--torch-threads`, default: all cores, os.cpu_count()); XLA's CPU backend uses all cores by default.
@@ -131,22 +133,27 @@ def hf_generate(model, prompt: list[int], max_new: int, stop: tuple[int, ...], p
 # ---------------------------------------------------------------------- measurement
 
 
-def measure(calls: Sequence[Callable[[], Answer]], warm_up: bool) -> dict:
-    """Run each call once, timed. warm_up: call the first once before (compile), reported as compile_s."""
-    first = None
-    if warm_up:
+def measure(configs: dict[tuple, list[Callable[[], Answer]]], warm: dict[tuple, Callable[[], object]]) -> dict:
+    """Time every config's call for prompt i, for i = 0, 1, ... (methods interleaved per prompt, so load
+    changes on a shared machine hit all of them alike). warm[config]: an untimed first call (the compile);
+    compile_s = its time minus the same config's timed call on prompt 0."""
+    first = {}
+    for key, call in warm.items():
         t = time.perf_counter()
-        calls[0]()
-        first = time.perf_counter() - t
-    answers, forwards, times = [], 0, []
-    for call in calls:
-        t = time.perf_counter()
-        tokens, f = call()
-        times.append(time.perf_counter() - t)
-        answers.append(tokens)
-        forwards += f
-    compile_s = max(first - times[0], 0.0) if first is not None else None
-    return {"answers": answers, "forwards": forwards, "wall_s": sum(times), "compile_s": compile_s}
+        call()
+        first[key] = time.perf_counter() - t
+    out = {key: {"answers": [], "forwards": 0, "times": []} for key in configs}
+    for i in range(len(next(iter(configs.values())))):
+        for key, calls in configs.items():
+            t = time.perf_counter()
+            tokens, forwards = calls[i]()
+            out[key]["times"].append(time.perf_counter() - t)
+            out[key]["answers"].append(tokens)
+            out[key]["forwards"] += forwards
+    for key, m in out.items():
+        m["wall_s"] = sum(m["times"])
+        m["compile_s"] = max(first[key] - m["times"][0], 0.0) if key in first else None
+    return out
 
 
 def check(name: str, answers: list[list[int]], reference: list[list[int]]) -> int:
@@ -200,51 +207,58 @@ def main(argv: Sequence[str] | None = None) -> dict:
         r = jax.device_get(r)
         return r.tokens[0, : int(r.lengths[0])].tolist(), int(r.passes[0]) + 1
 
-    rows, results = [], {}
-
-    def record(name, drafts, block, realign, m):
-        tokens = sum(map(len, m["answers"]))
-        m["equal"] = check(f"{name} drafts={drafts} block={block} realign={realign}", m["answers"], reference)
-        m["tokens"] = tokens
-        results[(name, drafts, block, realign)] = m
-        row = [name, drafts, block, realign, m["wall_s"], m["forwards"], m["forwards"] / tokens,
-               tokens / m["wall_s"], "-" if m["compile_s"] is None else m["compile_s"], f"{m['equal']}/{len(prompts)}"]
-        rows.append(row)
-        print(common.table(HEADERS, [row]).splitlines()[-1], flush=True)
-
-    # (d) diffpo-jax AR greedy: the reference answers; then the sampled drafts.
-    greedy = measure([lambda p=p: jax_generate(p, 0.0, None) for p in prompts], warm_up=True)
-    reference = greedy["answers"]
-    print(common.table(HEADERS, []), flush=True)
-    record("jax_ar", "-", "-", "-", greedy)
+    # The reference (diffpo-jax AR greedy, untimed here: also jax_ar's compile) and the two kinds of drafts.
+    t = time.perf_counter()
+    reference = [jax_generate(p, 0.0, None)[0] for p in prompts[:1]]
+    first_ar = time.perf_counter() - t
+    reference += [jax_generate(p, 0.0, None)[0] for p in prompts[1:]]
     keys = [jax.random.fold_in(jax.random.key(args.seed), i) for i in range(len(prompts))]
     drafts = {
         "sampled": [jax_generate(p, args.draft_temperature, k)[0] for p, k in zip(prompts, keys)],
         "greedy": reference,
     }
-    # (c) transformers greedy generate (warm-up: one short generate).
-    hf_generate(ref_model, prompts[0], 2, stop, pad)
-    hf = measure([lambda p=p: (cut(t := hf_generate(ref_model, p, n_new, stop, pad), stop, n_new), len(t)) for p in prompts], False)
-    record("hf_generate", "-", "-", "-", hf)
-    # (a) diffpo-jax Jacobi refinement.
+
+    def official(p, d):
+        block, forwards = official_loop(ref_model, p, d, args.official_block, pad)
+        return cut(block, stop, n_new), forwards
+
+    def hf(p):
+        tokens = hf_generate(ref_model, p, n_new, stop, pad)
+        return cut(tokens, stop, n_new), len(tokens)
+
+    configs = {
+        ("jax_ar", "-", "-", "-"): [lambda p=p: jax_generate(p, 0.0, None) for p in prompts],
+        ("hf_generate", "-", "-", "-"): [lambda p=p: hf(p) for p in prompts],
+    }
+    warm = {("hf_generate", "-", "-", "-"): lambda: hf_generate(ref_model, prompts[0], 2, stop, pad)}
     for block in args.block_sizes:
         for realign in (True, False):
             for kind in ("sampled", "greedy"):
-                calls = [lambda p=p, d=d: jacobi(p, d, block, realign) for p, d in zip(prompts, drafts[kind])]
-                record("jacobi", kind, block, realign, measure(calls, warm_up=kind == "sampled"))
-    # (b) the official loop (warm-up: one forward of its shape).
-    with torch.inference_mode():
-        ref_model(torch.tensor([prompts[0] + [pad] * args.official_block]))
+                configs[("jacobi", kind, block, realign)] = [
+                    lambda p=p, d=d, b=block, r=realign: jacobi(p, d, b, r) for p, d in zip(prompts, drafts[kind])
+                ]
+            warm[("jacobi", "sampled", block, realign)] = configs[("jacobi", "sampled", block, realign)][0]
     for kind in ("sampled", "greedy"):
-        calls = []
-        for p, d in zip(prompts, drafts[kind]):
-
-            def call(p=p, d=d):
-                block, forwards = official_loop(ref_model, p, d, args.official_block, pad)
-                return cut(block, stop, n_new), forwards
-
-            calls.append(call)
-        record("official", kind, args.official_block, "-", measure(calls, False))
+        configs[("official", kind, args.official_block, "-")] = [
+            lambda p=p, d=d: official(p, d) for p, d in zip(prompts, drafts[kind])
+        ]
+    warm[("official", "sampled", args.official_block, "-")] = lambda: ref_model(
+        torch.tensor([prompts[0] + [pad] * args.official_block])
+    )
+    with torch.inference_mode():
+        results = measure(configs, warm)
+    ar = results[("jax_ar", "-", "-", "-")]
+    ar["compile_s"] = max(first_ar - ar["times"][0], 0.0)
+    for key, m in results.items():
+        if key[0] in ("hf_generate", "official"):  # eager torch: its warm-up is no compile
+            m["compile_s"] = None
+    rows = []
+    for key, m in results.items():
+        m["tokens"] = sum(map(len, m["answers"]))
+        m["equal"] = check(" ".join(map(str, key)), m["answers"], reference)
+        rows.append([*key, m["wall_s"], m["forwards"], m["forwards"] / m["tokens"], m["tokens"] / m["wall_s"],
+                     "-" if m["compile_s"] is None else m["compile_s"], f"{m['equal']}/{len(prompts)}"])  # fmt: skip
+    print(common.table(HEADERS, rows), flush=True)
 
     summary = summarize(results, args)
     body = [common.header("Refine speed (bench/refine_speed.py)", "bench.refine_speed", argv, machine)]
