@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.py
 	touch $(STAMP)
 
 DEMO_OUT ?= out/demo
-DEMO_TOKENS ?= 96
+DEMO_TOKENS ?= 64
 
 # Drafts from SmolLM2 (sampled, temperature 0.7), refined by Jacobi decoding into its greedy answers.
 demo: $(STAMP)
@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m diffpo_jax.generate --input examples/prompts.jsonl --output $(DEMO_OUT)/drafts.jsonl \
 		--temperature 0.7 --max-new-tokens $(DEMO_TOKENS) --batch-size 8 --seed 0
 	$(PY) -m diffpo_jax.refine --input $(DEMO_OUT)/drafts.jsonl --output $(DEMO_OUT)/refined.jsonl \
-		--max-new-tokens $(DEMO_TOKENS) --block-size 16 --batch-size 8 --show 2
+		--max-new-tokens $(DEMO_TOKENS) --block-size 8 --batch-size 8 --show 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
