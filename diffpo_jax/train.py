@@ -1,0 +1,41 @@
+"""python -m diffpo_jax.train --config configs/train/PRESET.yaml [--model SPEC] [key=value ...]
+
+Trains a DiffPO model (L = L_AR + w * L_Con, training/loss.py) on a trajectory dataset and writes a
+train run dir (`output_dir`): checkpoints, metrics.jsonl, TensorBoard events, plus config.json and the
+tokenizer, so `--model RUN_DIR` works in every CLI and `convert to-hf RUN_DIR OUT` exports it.
+Rerunning with the same output_dir resumes from its latest checkpoint; SIGTERM saves and exits 0.
+
+Overrides: `key=value` for top-level keys (`max_steps=20`, `mesh=[2,2,2]`, `output_dir=runs/x`) and
+`loss.KEY` / `optimizer.KEY` (`optimizer.learning_rate=1e-5`); values are YAML. --model SPEC is the
+same as model=SPEC: anything --model accepts elsewhere, or preset:NAME (a random model, see
+training/trainer.py). Exit 2 on bad config, model or data, with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from diffpo_jax.data.trajectories import TrajectoryDataError
+from diffpo_jax.sources import ModelSourceError
+from diffpo_jax.training.trainer import TrainConfigError, load_config, train
+from diffpo_jax.weights.checkpoint import CheckpointError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffpo_jax.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="a YAML preset, e.g. configs/train/tiny.yaml (default: built-in defaults)")
+    ap.add_argument("--model", help="the model to start from (overrides the config's model)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+    try:
+        result = train(load_config(args.config, overrides), log=lambda line: print(line, flush=True))
+    except (TrainConfigError, ModelSourceError, TrajectoryDataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if result.step == result.total_steps or result.stopped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The sharded train step: the TrainState pytree, the optimizer, one jitted update of the DiffPO loss.
+
+    tx, schedule = make_optimizer(OptimizerConfig(...), total_steps)
+    shardings = state_shardings(tx, param_shardings_dict, mesh)
+    state = init_state(params, tx, shardings)
+    train_step = make_train_step(graphdef, tx, schedule, LossConfig(...), shardings, mesh, grad_accum)
+    state, metrics = train_step(state, global_batch(local_numpy_batch, mesh))
+
+Parameters live in `TrainState.params` as a plain nested dict of arrays (`nnx.to_pure_dict`, the
+on-disk format of weights/checkpoint.py), each with its `param_shardings` sharding; the model is
+`nnx.merge(graphdef, params)` inside the step. Optimizer state takes the shardings of the parameters
+it mirrors (Adam's mu / nu), scalars are replicated. The batch is split over (data, fsdp).
+
+Precision: parameters, gradients and optimizer state are in `param_dtype` (fp32 = master weights),
+activations in the model config's `dtype` (e.g. bf16; the model casts weights at use); the loss's
+log-softmax is fp32 either way. Gradients are accumulated in fp32.
+
+Gradient accumulation: the global batch [B] is split into `grad_accum` micro-batches of B / grad_accum
+rows (micro-batch m = rows m, m + grad_accum, ..., so each keeps its rows on the devices that hold
+them) and scanned; every micro-batch divides by the valid positions of the whole batch (loss.py), so
+the summed gradient is the full batch's. One call = one optimizer update. The state is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffpo_jax.data.loader import BATCH_KEYS
+from diffpo_jax.sharding import batch_sharding
+from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
+
+
+METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: optimizer updates applied so far
+    params: dict  # nested dict of arrays (nnx.to_pure_dict of the model's params)
+    opt_state: Any  # optax state over `params`
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW on a cosine schedule with linear warmup, after clipping the global gradient norm."""
+
+    learning_rate: float = 2e-6  # peak
+    warmup_ratio: float = 0.03  # of the total steps, rounded up (as transformers' Trainer)
+    weight_decay: float = 0.0  # decoupled (AdamW), on every parameter
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+
+
+def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """0 -> peak linearly over ceil(warmup_ratio * total_steps) updates, then cosine to 0 at total_steps."""
+    warmup = math.ceil(opt.warmup_ratio * total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, opt.learning_rate, warmup, max(total_steps, warmup + 1), 0.0)
+
+
+def make_optimizer(opt: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = make_schedule(opt, total_steps)
+    adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+    clip = optax.clip_by_global_norm(opt.max_grad_norm) if opt.max_grad_norm else optax.identity()
+    return optax.chain(clip, adamw), schedule
+
+
+def state_shardings(tx: optax.GradientTransformation, params_sharding: dict, abstract_params: dict, mesh: Mesh) -> TrainState:
+    """The TrainState's shardings: params as given, optimizer moments like their params, scalars replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding, transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_sharding, opt_state=opt)
+
+
+def abstract_state(tx: optax.GradientTransformation, abstract_params: dict, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings for every TrainState leaf: restore targets."""
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, jax.eval_shape(tx.init, abstract_params))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """A fresh TrainState (step 0, zero moments) placed on `shardings`; `params` is donated."""
+
+    def init(params):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays split over (data, fsdp) (multi-host: rows of all processes)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, local[k].ndim), local[k]) for k in BATCH_KEYS}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    loss_cfg: LossConfig,
+    shardings: TrainState,
+    mesh: Mesh,
+    grad_accum: int = 1,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """jit(step)(state, batch) -> (new state, metrics); metrics (replicated fp32 scalars, METRICS):
+    loss = ar + w * con, ar = L_AR, con = L_Con, grad_norm (before clipping), lr (this update's),
+    tokens (valid response positions of the batch, the loss denominator)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+    def loss_fn(params, micro, num_tokens):
+        ce, kl = response_token_losses(nnx.merge(graphdef, params), micro, loss_cfg.chunk)
+        return diffpo_loss(ce, kl, micro["best_mask"], con_weight=loss_cfg.con_weight, num_tokens=num_tokens)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        num_tokens = jnp.maximum(jnp.sum(batch["best_mask"]), 1).astype(jnp.float32)
+
+        def split(x):  # [B, ...] -> [grad_accum, B / grad_accum, ...], micro-batch m = rows m::grad_accum
+            x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+        def accumulate(carry, micro):
+            grads, ar, con = carry
+            (_, parts), g = grad_fn(state.params, micro, num_tokens)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, ar + parts["ar"], con + parts["con"]), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, ar, con), _ = jax.lax.scan(accumulate, carry, {k: split(v) for k, v in batch.items()})
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": ar + loss_cfg.con_weight * con,
+            "ar": ar,
+            "con": con,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "tokens": num_tokens,
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    batch_shardings = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
+    return jax.jit(
+        step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, {k: replicated for k in METRICS}),
+        donate_argnums=0,
+    )

@@ -1,0 +1,408 @@
+"""The training job: config, model init, the loop, checkpoints, resume, SIGTERM, metrics.
+
+    result = train(load_config("configs/train/tiny.yaml", ["optimizer.learning_rate=1e-4"]))
+
+Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RUN_DIR` loads it anywhere:
+  config.json, tokenizer files     the model (written once, by process 0)
+  train_config.json                the TrainConfig of the first start
+  checkpoints/<step>/              params, opt_state, meta {"step", "data": loader state}: every
+                                   `save_every` steps, on SIGTERM and at the end; the last
+                                   `keep_checkpoints` kept; written asynchronously
+  metrics.jsonl                    one line per step (process 0)
+  tensorboard/                     event files with the same scalars (process 0)
+  data/                            the built dataset, when `data` is a source file rather than a built dir
+
+Resume: a run started with an `output_dir` that holds a checkpoint continues from its latest step:
+params, optimizer state, step and data-iterator position are restored (onto the current mesh), the
+model comes from the run dir, and metrics of steps past that checkpoint are dropped before the new
+ones are written, so the logs read like one uninterrupted run. SIGTERM (e.g. TPU preemption) stops
+after the step in flight, saves a checkpoint, waits for it and returns `stopped=True`.
+
+Models (`model`): anything `sources.load_model` accepts, or `preset:NAME`: the architecture of
+configs/models/NAME.yaml, randomly initialised (`seed`), paired with the embedded SmolLM2's tokenizer
+and sized to it (its 49152-token vocabulary, its bos / eos / pad ids), so tiny smoke-test models
+tokenize real text with a chat template and their run dirs load like any other model.
+(`preset:tiny-llama`: 64 hidden units, 2 layers, 6.4M parameters, nearly all embeddings.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import yaml
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffpo_jax.config import load_preset
+from diffpo_jax.data.loader import make_loader
+from diffpo_jax.data.trajectories import MANIFEST, build
+from diffpo_jax.model import Transformer, abstract_model
+from diffpo_jax.sharding import make_mesh, param_shardings
+from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model, tokenizer_from_dir
+from diffpo_jax.training.loss import LossConfig
+from diffpo_jax.training.step import (
+    OptimizerConfig,
+    TrainState,
+    abstract_state,
+    global_batch,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+from diffpo_jax.weights.checkpoint import TrainCheckpoints, is_writer, read_orbax_config, write_model_files
+
+PRESET = "preset:"
+
+
+class TrainConfigError(ValueError):
+    """A train config that cannot be used; str() is the one-line message naming the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training job. YAML presets: configs/train/*.yaml; sections `loss` and `optimizer` nest."""
+
+    model: str = "embedded"  # any --model source, or preset:NAME (random init, see module doc)
+    data: str | None = None  # a built trajectory dataset dir, or a source file built into OUTPUT/data
+    output_dir: str | None = None  # the run dir; restarting with the same one resumes
+    mesh: tuple[int, int, int] = (1, -1, 1)  # (data, fsdp, tensor) sizes; one -1 takes the rest
+    dtype: str = "float32"  # activations / matmuls
+    param_dtype: str = "float32"  # stored weights, gradients, optimizer state (fp32 = master weights)
+    remat: bool = False  # recompute each layer in the backward pass
+    seed: int = 0  # data order, y(t) draws, preset: init
+    global_batch_size: int = 8  # rows per optimizer update, all processes and micro-batches together
+    grad_accum: int = 1  # micro-batches per update
+    prompt_len: int = 768  # P: prompts keep their last P tokens
+    response_len: int = 256  # N (paper: 256)
+    num_epochs: int = 1
+    max_steps: int | None = None  # stop (and end the cosine schedule) earlier than the epochs would
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    save_every: int = 500  # steps between checkpoints
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
+    tensorboard: bool = True
+
+
+_SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig}
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise TrainConfigError(f"{where}: unknown key {key!r} (known: {', '.join(fields)})")
+    kwargs = {}
+    for key, value in values.items():
+        if key in _SECTIONS and cls is TrainConfig:
+            if not isinstance(value, dict):
+                raise TrainConfigError(f"{where}: {key!r} must be a mapping")
+            value = _build(_SECTIONS[key], value, f"{where}: {key}")
+        elif key == "mesh":
+            if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)):
+                raise TrainConfigError(f"{where}: mesh must be 3 integers [data, fsdp, tensor], got {value!r}")
+            value = tuple(value)
+        else:
+            default = fields[key].default
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise TrainConfigError(f"{where}: {key} must be true or false, got {value!r}")
+            if isinstance(default, float) and not isinstance(value, bool) and isinstance(value, (int, str)):
+                try:
+                    value = float(value)  # YAML reads 1e-4 (no dot) as a string
+                except ValueError:
+                    raise TrainConfigError(f"{where}: {key} must be a number, got {value!r}") from None
+            if value is not None and default is not None and not isinstance(value, type(default)):
+                raise TrainConfigError(f"{where}: {key} must be a {type(default).__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """A YAML preset (or the defaults, path None) with `key=value` overrides (`section.key=value` for
+    loss / optimizer; values parsed as YAML)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise TrainConfigError(f"{path}: no such train config") from None
+        except yaml.YAMLError as e:
+            raise TrainConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise TrainConfigError(f"{path}: expected a mapping of config keys")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise TrainConfigError(f"override {item!r}: expected key=value")
+        *section, name = key.split(".")
+        target = values
+        for part in section:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise TrainConfigError(f"override {item!r}: {part!r} is not a section")
+        target[name] = yaml.safe_load(text)
+    return validate(_build(TrainConfig, values, str(path or "config")))
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks that need no devices or files."""
+    for key in ("data", "output_dir"):
+        if not getattr(cfg, key):
+            raise TrainConfigError(f"config: {key} is required (set it in the YAML or pass {key}=...)")
+    for key in ("global_batch_size", "grad_accum", "prompt_len", "response_len", "num_epochs", "save_every",
+                "keep_checkpoints", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise TrainConfigError(f"config: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.global_batch_size % cfg.grad_accum:
+        raise TrainConfigError(
+            f"config: global_batch_size {cfg.global_batch_size} is not a multiple of grad_accum {cfg.grad_accum}"
+        )
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise TrainConfigError(f"config: max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.loss.chunk < 0:
+        raise TrainConfigError(f"config: loss.chunk must be >= 0, got {cfg.loss.chunk}")
+    return cfg
+
+
+# ---------------------------------------------------------------- model and data
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_tokenizer():
+    """The embedded SmolLM2's tokenizer (read from its GGUF file: seconds, so once per process)."""
+    from diffpo_jax.weights.gguf import embedded_gguf_path, load_gguf_tokenizer
+
+    return load_gguf_tokenizer(embedded_gguf_path())
+
+
+def random_model(preset: str, tokenizer: Any, *, seed: int, dtype: str, param_dtype: str, mesh) -> LoadedModel:
+    """configs/models/PRESET.yaml sized to `tokenizer` (vocab size = len(tokenizer), its bos / eos / pad
+    ids), randomly initialised straight onto its shardings (the same values on any mesh)."""
+    try:
+        cfg, _ = load_preset(preset)
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelSourceError(str(e)) from None
+    cfg = cfg.replace(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id, dtype=dtype, param_dtype=param_dtype,
+    )
+    abstract = abstract_model(cfg)
+    shardings = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
+    init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))), out_shardings=shardings)
+    model = nnx.merge(nnx.graphdef(abstract), init())
+    return LoadedModel(cfg, model, tokenizer, f"{PRESET}{preset} (random init, seed {seed})", {})
+
+
+def init_model(spec: str, *, seed: int, dtype: str, param_dtype: str, mesh) -> LoadedModel:
+    """`preset:NAME` (random init) or anything `sources.load_model` accepts."""
+    if spec.startswith(PRESET):
+        return random_model(spec[len(PRESET):], embedded_tokenizer(), seed=seed, dtype=dtype,
+                            param_dtype=param_dtype, mesh=mesh)
+    return load_model(spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+
+
+def prepare_data(data: str, run_dir: Path) -> Path:
+    """A built dataset dir as is; a source (file or hub id) is built into RUN_DIR/data once."""
+    path = Path(data).expanduser()
+    if (path / MANIFEST).is_file():
+        return path
+    built = run_dir / "data"
+    if not (built / MANIFEST).is_file():
+        if is_writer():
+            build([data], built)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("diffpo_jax.train:data")
+    return built
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a line cut short by a killed process counts as past any step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard scalars, on process 0 only. Opened at `start_step`: lines of later
+    steps (left by an interrupted run) are dropped first, and TensorBoard purges them."""
+
+    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
+        self.enabled = is_writer()
+        self.path = run_dir / "metrics.jsonl"
+        self._file = self._tb = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress_line(m: dict[str, Any], total: int) -> str:
+    return (
+        f"step {m['step']}/{total}  loss {m['loss']:.4f}  ar {m['ar']:.4f}  con {m['con']:.4e}  "
+        f"gnorm {m['grad_norm']:.3f}  lr {m['lr']:.3e}  {m['tokens_per_s']:,.0f} tok/s  {m['step_time_s']:.3f} s/step"
+    )
+
+
+class _SigtermFlag:
+    """Within the block, SIGTERM sets `.raised` instead of killing the process (main thread only)."""
+
+    def __enter__(self):
+        self.raised = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int  # the step resumed from (0 for a fresh run)
+    step: int  # the last step done
+    total_steps: int
+    history: list[dict[str, Any]]  # the metrics of the steps this call ran
+    stopped: bool  # True when SIGTERM ended it early (a checkpoint of `step` was saved)
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0)."""
+    say = log if is_writer() else (lambda _: None)
+    cfg = validate(cfg)
+    mesh = make_mesh(cfg.mesh)
+    rows_per_shard = cfg.global_batch_size // cfg.grad_accum
+    if rows_per_shard % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise TrainConfigError(
+            f"config: global_batch_size / grad_accum = {rows_per_shard} rows do not split over "
+            f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
+        )
+    run_dir = Path(cfg.output_dir).expanduser().absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
+                                   async_save=cfg.async_checkpoints)
+    start = checkpoints.latest_step() or 0
+    params = None
+    if start:
+        model_cfg = read_orbax_config(run_dir)
+        tokenizer = tokenizer_from_dir(run_dir)
+        say(f"resuming {run_dir} from step {start}")
+    else:
+        loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
+        model_cfg, tokenizer = loaded.cfg, loaded.tokenizer
+        params = nnx.to_pure_dict(nnx.state(loaded.model))
+        write_model_files(run_dir, model_cfg, tokenizer)
+        if is_writer():
+            (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        say(f"model {loaded.source} -> {run_dir}")
+    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    abstract = abstract_model(model_cfg)
+    graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
+    params_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
+
+    loader = make_loader(
+        prepare_data(cfg.data, run_dir), tokenizer, global_batch_size=cfg.global_batch_size,
+        prompt_len=cfg.prompt_len, response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs,
+    )
+    total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
+    tx, schedule = make_optimizer(cfg.optimizer, total)
+    shardings = state_shardings(tx, params_sharding, abstract_params, mesh)
+    if start:
+        target = abstract_state(tx, abstract_params, shardings)
+        restored, opt_state, data_state = checkpoints.restore(start, target.params, target.opt_state)
+        step0 = jax.device_put(jnp.asarray(start, jnp.int32), NamedSharding(mesh, PartitionSpec()))
+        state = TrainState(step0, restored, opt_state)
+        loader.set_state(data_state)
+    else:
+        state = init_state(params, tx, shardings)
+        del params
+    train_step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, cfg.grad_accum)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+    say(
+        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records * loader.shard_count} records, "
+        f"{loader.steps_per_epoch} steps/epoch, steps {start}..{total}, batch {cfg.global_batch_size} "
+        f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
+    )
+
+    metrics_log = MetricsLog(run_dir, start, cfg.tensorboard)
+    tokens_per_step = 2 * cfg.global_batch_size * (cfg.prompt_len + cfg.response_len)
+    history, step, saved, stopped = [], start, start, False
+    with _SigtermFlag() as sigterm:
+        last = time.perf_counter()
+        while step < total and not sigterm.raised:
+            state, metrics = train_step(state, global_batch(next(loader), mesh))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            now, elapsed = time.perf_counter(), time.perf_counter() - last
+            last = now
+            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                      **{f"data_{k}": v for k, v in loader.stats.items()}}
+            history.append(record)
+            metrics_log.write(record)
+            if step % cfg.log_every == 0 or step == total:
+                say(progress_line(record, total))
+            final = step == total or sigterm.raised
+            if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
+                saved = step
+        stopped = sigterm.raised and step < total
+        if stopped and saved != step:
+            checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=True)
+    checkpoints.wait()
+    checkpoints.close()
+    metrics_log.close()
+    if stopped:
+        say(f"SIGTERM: stopped after step {step}/{total}, checkpoint saved; rerun the same command to resume")
+    else:
+        say(f"done: {run_dir} (step {step}; data {loader.stats})")
+    return TrainResult(run_dir, start, step, total, history, stopped)

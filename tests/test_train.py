@@ -1,0 +1,236 @@
+"""Training: the tiny model learns on the bundled trajectories; sharded steps == the 1-device step;
+SIGTERM / SIGKILL + rerun == an uninterrupted run; the run dir is a model (`--model`, convert to-hf);
+config errors are one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM
+
+from diffpo_jax import convert, train as train_cli
+from diffpo_jax.data.loader import make_loader
+from diffpo_jax.data.trajectories import build
+from diffpo_jax.model import abstract_model
+from diffpo_jax.sharding import make_mesh, param_shardings
+from diffpo_jax.sources import load_model
+from diffpo_jax.training.step import (
+    global_batch,
+    init_state,
+    make_optimizer,
+    make_train_step,
+    state_shardings,
+)
+from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config, random_model
+from diffpo_jax.weights.checkpoint import save_params
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 20  # 4 epochs of the 40 bundled trajectories in batches of 8
+CONFIG = dict(
+    global_batch_size=8, prompt_len=48, response_len=8, num_epochs=4, seed=0, save_every=4,
+    keep_checkpoints=3, log_every=5, tensorboard=True,
+    loss={"con_weight": 1000.0, "chunk": 4}, optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
+)
+slow = pytest.mark.slow  # runs of the tiny model, which takes the embedded SmolLM2's tokenizer (session fixture)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "trajectories"
+    build([str(ROOT / "examples" / "trajectories.jsonl")], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory, smollm2):
+    """`preset:tiny-llama` (random, sized to the embedded tokenizer) saved as an Orbax model dir, so every
+    run below starts from the same weights without reading the GGUF tokenizer again."""
+    loaded = random_model("tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32",
+                          mesh=make_mesh((1, -1, 1)))
+    assert loaded.cfg.vocab_size == len(loaded.tokenizer) == 49152
+    return save_params(tmp_path_factory.mktemp("train") / "init", loaded.cfg, nnx.state(loaded.model), loaded.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, init_dir, data_dir):
+    path = tmp_path_factory.mktemp("train") / "tiny-test.yaml"
+    path.write_text(json.dumps(dict(CONFIG, model=str(init_dir), data=str(data_dir))))  # JSON is YAML
+    return path
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache shared by the CLI runs: the train step compiles once, not once per run."""
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+def run_cli(config_file, run_dir, cache, kill_after=None, sig=None):
+    """`python -m diffpo_jax.train` in a subprocess (8 CPU devices, from conftest's XLA_FLAGS); with
+    kill_after, send `sig` once metrics.jsonl has that many lines. Returns (returncode, output, lines
+    seen when signalled)."""
+    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(config_file), f"output_dir={run_dir}"]
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = None
+    if kill_after is not None:
+        metrics = Path(run_dir) / "metrics.jsonl"
+        while proc.poll() is None:
+            seen = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if seen >= kill_after:
+                proc.send_signal(sig)
+                break
+            time.sleep(0.05)
+    out = proc.communicate(timeout=600)[0]
+    return proc.returncode, out, seen
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(config_file, compile_cache, tmp_path_factory):
+    """The run dir of an uninterrupted CLI run of STEPS steps on 8 devices (mesh (1, 8, 1))."""
+    run_dir = tmp_path_factory.mktemp("train") / "reference"
+    rc, out, _ = run_cli(config_file, run_dir, compile_cache)
+    assert rc == 0, out
+    return run_dir
+
+
+def losses(history):
+    return np.array([[m["loss"], m["ar"], m["con"]] for m in history])
+
+
+@slow
+def test_tiny_model_lowers_both_losses(reference):
+    lines = read_metrics(reference)
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))
+    per_step = losses(lines)
+    first_epoch, last_epoch = per_step[:5].mean(0), per_step[-5:].mean(0)  # each epoch: all 40 records
+    assert last_epoch[1] < first_epoch[1] - 0.5, (first_epoch, last_epoch)  # L_AR
+    assert last_epoch[2] < 0.5 * first_epoch[2], (first_epoch, last_epoch)  # L_Con
+    np.testing.assert_allclose(per_step[:, 0], per_step[:, 1] + 1000.0 * per_step[:, 2], rtol=1e-6)
+    lrs = [m["lr"] for m in lines]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(3e-3) and lrs[-1] < 1e-4  # warmup, cosine to ~0
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (reference / "checkpoints").iterdir()) == [12, 16, 20]  # keep 3
+
+
+@slow
+def test_sharded_steps_match_one_device(init_dir, data_dir, config_file, reference):
+    """The first 4 updates (fp32) on 1 device (with 2 micro-batches of 4 rows: accumulation is exact too)
+    and on a (2,2,2) mesh == the reference run's on (1,8,1)."""
+    cfg = load_config(config_file, ["output_dir=unused"])
+    loaded = load_model(str(init_dir))
+    loader = make_loader(data_dir, loaded.tokenizer, global_batch_size=cfg.global_batch_size,
+                         prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=cfg.num_epochs)
+    batches = [next(loader) for _ in range(4)]
+    abstract = abstract_model(loaded.cfg)
+    graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
+    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
+
+    def run(mesh, grad_accum):
+        params = nnx.to_pure_dict(nnx.state(load_model(str(init_dir), mesh=mesh, with_tokenizer=False).model))
+        shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)),
+                                    abstract_params, mesh)
+        step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
+        state, out = init_state(params, tx, shardings), []
+        for batch in batches:
+            state, metrics = step(state, global_batch(batch, mesh))
+            out.append([float(metrics[k]) for k in ("loss", "ar", "con", "grad_norm")])
+        return np.array(out)
+
+    expected = np.array([[m[k] for k in ("loss", "ar", "con", "grad_norm")] for m in read_metrics(reference)[:4]])
+    assert expected[:, 2].min() > 1e-5  # a KL term that is not ~0
+    for mesh, grad_accum in ((make_mesh((1, 1, 1), jax.devices()[:1]), 2), (make_mesh((2, 2, 2)), 1)):
+        got = run(mesh, grad_accum)
+        # fp32 reduction order only: L_AR within 1e-5 (seen <= 1e-6), L_Con within 1e-6 (seen <= 1.2e-7;
+        # the total loss, L_AR + 1e3 * L_Con, inherits 1e3 times that), the gradient norm within 1e-5 relative
+        np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=0, atol=1e-5, err_msg=str(mesh.shape))
+        np.testing.assert_allclose(got[:, 2], expected[:, 2], rtol=0, atol=1e-6, err_msg=str(mesh.shape))
+        np.testing.assert_allclose(got[:, 3], expected[:, 3], rtol=1e-5, err_msg=str(mesh.shape))
+
+
+@slow
+def test_sigterm_and_sigkill_then_rerun_equal_an_uninterrupted_run(config_file, compile_cache, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    # SIGTERM mid-run: the step in flight finishes, a checkpoint of it is saved, exit 0.
+    rc, out, seen = run_cli(config_file, run_dir, compile_cache, kill_after=5, sig=signal.SIGTERM)
+    assert rc == 0, out
+    stopped_at = int(out.split("SIGTERM: stopped after step ")[1].split("/")[0])
+    assert seen <= stopped_at < STEPS - 6
+    # SIGKILL three steps past the next checkpoint (every 4 steps): the rerun resumes from that checkpoint
+    # (or, should its asynchronous write not have finished by the kill, from the SIGTERM one).
+    next_checkpoint = (stopped_at // 4 + 1) * 4
+    rc, out, seen = run_cli(config_file, run_dir, compile_cache, kill_after=next_checkpoint + 3, sig=signal.SIGKILL)
+    assert rc == -signal.SIGKILL, out
+    assert f"resuming {run_dir} from step {stopped_at}" in out
+    rc, out, _ = run_cli(config_file, run_dir, compile_cache)
+    assert rc == 0, out
+    resumed_from = int(out.split(f"resuming {run_dir} from step ")[1].split()[0])
+    assert resumed_from in (next_checkpoint, stopped_at) and seen > next_checkpoint, out
+    lines = read_metrics(run_dir)
+    assert [m["step"] for m in lines] == list(range(1, STEPS + 1))  # the killed run's extra lines were replaced
+    np.testing.assert_array_equal(losses(lines), losses(read_metrics(reference)))
+
+
+@slow
+def test_run_dir_is_a_model_for_refine_and_convert(reference, init_dir, tmp_path):
+    trained = load_model(str(reference))  # what refine --model RUN_DIR does
+    initial = load_model(str(init_dir))
+    assert trained.tokenizer is not None and trained.tokenizer.chat_template
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(nnx.state(trained.model)), jax.tree.leaves(nnx.state(initial.model)))]
+    assert min(moved) > 0  # every parameter was trained
+    assert convert.main(["to-hf", str(reference), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = np.array([trained.tokenizer("The capital of Australia is Canberra.")["input_ids"]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(trained.model(ids, np.arange(ids.shape[1])[None])[0])
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    config_file = tmp_path / "tiny-test.yaml"
+    config_file.write_text(json.dumps(dict(CONFIG, model="embedded", data=str(tmp_path / "data"))))
+    with pytest.raises(TrainConfigError, match=r"tiny-test.yaml: unknown key 'lr'"):
+        load_config(config_file, ["lr=1e-3"])
+    with pytest.raises(TrainConfigError, match=r"optimizer: learning_rate must be a number, got 'fast'"):
+        load_config(config_file, ["optimizer.learning_rate=fast"])
+    with pytest.raises(TrainConfigError, match=r"mesh must be 3 integers"):
+        load_config(config_file, ["mesh=[2,2]"])
+    with pytest.raises(TrainConfigError, match=r"output_dir is required"):
+        load_config(config_file)
+    assert load_config(config_file, ["optimizer.learning_rate=1e-4", "output_dir=x"]).optimizer.learning_rate == 1e-4
+    assert train_cli.main(["--config", str(config_file), "global_batch_size=12", f"output_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config: global_batch_size / grad_accum = 12 rows do not split") and err.count("\n") == 1
+
+
+def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    lines = [json.dumps({"step": i, "loss": 1.0}) for i in range(1, 6)] + ['{"step": 6, "lo']  # killed mid-line
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    log = MetricsLog(tmp_path, start_step=3, tensorboard=False)
+    log.write({"step": 4, "loss": 2.0})
+    log.close()
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}, {"step": 4, "loss": 2.0}]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "gemma-2-2b", "gemma-2-9b", "llama-3-8b"])
+def test_presets_load(preset):
+    cfg = load_config(ROOT / "configs" / "train" / f"{preset}.yaml", ["data=d", "output_dir=o"])
+    assert cfg.loss.con_weight == 1000.0
+    if preset not in ("tiny", "smollm2-135m"):  # the paper's settings
+        assert cfg.response_len == 256 and cfg.num_epochs == 1 and cfg.optimizer.warmup_ratio == 0.03
+        assert cfg.optimizer.learning_rate == 2e-6
