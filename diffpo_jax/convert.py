@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from diffpo_jax import distributed
+from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import ModelSourceError, load_model
 from diffpo_jax.weights.checkpoint import check_out_dir, save_params
@@ -54,15 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--max-shard-size", default="5GB", help="split safetensors files past this size (default 5GB)")
     for p in (a, b):
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
 
     try:
+        distributed.initialize_from_args(args)
         if args.command == "from-hf":
             out = from_hf(args.model, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
         else:
             out = export_checkpoint(args.ckpt, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                     overwrite=args.overwrite, mesh=default_mesh())
-    except (ModelSourceError, ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
+    except (ModelSourceError, ValueError, FileNotFoundError, DistributedError) as e:  # CheckpointError: a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

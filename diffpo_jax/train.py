@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffpo_jax import distributed
 from diffpo_jax.data.trajectories import TrajectoryDataError
+from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sources import ModelSourceError
 from diffpo_jax.training.trainer import TrainConfigError, load_config, train
 from diffpo_jax.weights.checkpoint import CheckpointError
@@ -27,14 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="a YAML preset, e.g. configs/train/tiny.yaml (default: built-in defaults)")
     ap.add_argument("--model", help="the model to start from (overrides the config's model)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
     try:
-        result = train(load_config(args.config, overrides), log=lambda line: print(line, flush=True))
-    except (TrainConfigError, ModelSourceError, TrajectoryDataError, CheckpointError) as e:
+        distributed.initialize_from_args(args)
+        cfg = load_config(args.config, overrides)
+        result = train(cfg, log=lambda line: print(line, flush=True))
+    except (TrainConfigError, ModelSourceError, TrajectoryDataError, CheckpointError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0 if result.step == result.total_steps or result.stopped else 1
+    return 0 if result.step in (result.total_steps, cfg.stop_after) or result.stopped else 1
 
 
 if __name__ == "__main__":

@@ -45,3 +45,40 @@ def smollm2_reference(smollm2):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(**smollm2.reference, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# ---- training runs (tests/test_train.py, tests/test_distributed.py)
+
+
+@pytest.fixture(scope="session")
+def trajectories_dir(tmp_path_factory):
+    """examples/trajectories.jsonl built into a trajectory dataset."""
+    from pathlib import Path
+
+    from diffpo_jax.data.trajectories import build
+
+    out = tmp_path_factory.mktemp("train") / "trajectories"
+    build([str(Path(__file__).resolve().parent.parent / "examples" / "trajectories.jsonl")], out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_init_dir(tmp_path_factory, smollm2):
+    """`preset:tiny-llama` (random, sized to the embedded tokenizer) saved as an Orbax model dir, so every
+    training run starts from the same weights without reading the GGUF tokenizer again."""
+    from flax import nnx
+
+    from diffpo_jax.sharding import make_mesh
+    from diffpo_jax.training.trainer import random_model
+    from diffpo_jax.weights.checkpoint import save_params
+
+    loaded = random_model("tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32",
+                          mesh=make_mesh((1, -1, 1)))
+    assert loaded.cfg.vocab_size == len(loaded.tokenizer) == 49152
+    return save_params(tmp_path_factory.mktemp("train") / "init", loaded.cfg, nnx.state(loaded.model), loaded.tokenizer)
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir(tmp_path_factory):
+    """A persistent XLA cache shared by CLI runs in subprocesses: a train step compiles once, not per run."""
+    return tmp_path_factory.mktemp("xla_cache")

@@ -15,7 +15,12 @@ from transformers import PreTrainedTokenizerFast
 from diffpo_jax.chat import prompt_ids, response_ids
 from diffpo_jax.data.__main__ import main
 from diffpo_jax.data.loader import BATCH_KEYS, end_of_turn_id, make_loader, worse_choice
-from diffpo_jax.data.trajectories import DATA_FILE, TrajectoryDataError, build, record_id
+from diffpo_jax.data.trajectories import (
+    DATA_FILE,
+    TrajectoryDataError,
+    build,
+    record_id,
+)
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "trajectories.jsonl"
 CHATML = (
@@ -241,35 +246,45 @@ def test_worse_draws_are_seeded_and_cover_all_others(tok, example_dir):
 
 
 def test_shards_are_disjoint_and_in_step(tok, example_dir):
-    # 40 records, 2 shards of 20, 3 rows per process: 6 steps, 36 records an epoch, 4 skipped (2 per shard).
-    loaders = [make_loader(example_dir, tok, global_batch_size=6, prompt_len=8, response_len=8, num_epochs=3,
-                           shard_index=k, shard_count=2) for k in range(2)]
-    assert [(lo.num_records, lo.steps_per_epoch, lo.skipped_per_epoch) for lo in loaders] == [(20, 6, 4)] * 2
+    # 40 records, global batches of 6 (3 rows per process on 2): 6 steps, 36 records an epoch, 4 skipped.
+    kwargs = dict(global_batch_size=6, prompt_len=8, response_len=8, num_epochs=3)
+    loaders = [make_loader(example_dir, tok, **kwargs, shard_index=k, shard_count=2) for k in range(2)]
+    assert [(lo.num_records, lo.steps_per_epoch, lo.skipped_per_epoch) for lo in loaders] == [(40, 6, 4)] * 2
     per_epoch = [[{lo.record_index(e, r) for r in range(18)} for e in range(3)] for lo in loaders]
-    for k in range(2):
-        assert all(len(s) == 18 and s <= set(range(20 * k, 20 * k + 20)) for s in per_epoch[k])
-        assert len({frozenset(s) for s in per_epoch[k]}) > 1  # a different subset is skipped in some epoch
-    assert [len(list(lo)) for lo in loaders] == [18, 18]
+    for e in range(3):
+        assert len(per_epoch[0][e]) == len(per_epoch[1][e]) == 18 and not per_epoch[0][e] & per_epoch[1][e]
+    assert len({frozenset(per_epoch[0][e] | per_epoch[1][e]) for e in range(3)}) > 1  # skipped subsets vary
+    # The global batch does not depend on the process count: one process serves both halves, in order.
+    single = make_loader(example_dir, tok, **kwargs, shard_index=0, shard_count=1)
+    halves = [list(lo) for lo in loaders]
+    whole = list(single)
+    assert [len(h) for h in halves] == [18, 18] and len(whole) == 18
+    for step, batch in enumerate(whole):
+        for k in BATCH_KEYS:
+            assert np.array_equal(batch[k], np.concatenate([halves[0][step][k], halves[1][step][k]]))
     with pytest.raises(ValueError, match="not a positive multiple of 2 shards"):
         make_loader(example_dir, tok, global_batch_size=5, prompt_len=8, shard_index=0, shard_count=2)
 
 
 def test_state_round_trip_continues_the_stream(tok, example_dir):
-    kwargs = dict(global_batch_size=8, prompt_len=16, response_len=12, seed=5, num_epochs=3,
-                  shard_index=1, shard_count=2)
-    reference = make_loader(example_dir, tok, **kwargs)
+    kwargs = dict(global_batch_size=8, prompt_len=16, response_len=12, seed=5, num_epochs=3)
+    reference = make_loader(example_dir, tok, **kwargs, shard_index=1, shard_count=2)
     stream = list(reference)
-    assert len(stream) == 15  # 20 records per shard, 4 rows per process: 5 steps an epoch
-    first = make_loader(example_dir, tok, **kwargs)
+    assert len(stream) == 15  # 40 records, global batches of 8: 5 steps an epoch
+    first = make_loader(example_dir, tok, **kwargs, shard_index=1, shard_count=2)
     head = [next(first) for _ in range(7)]
     state = json.loads(json.dumps(first.get_state()))
-    resumed = make_loader(example_dir, tok, **kwargs)
+    resumed = make_loader(example_dir, tok, **kwargs, shard_index=1, shard_count=2)
     resumed.set_state(state)
     tail = list(resumed)
     assert len(head) + len(tail) == len(stream)
     for got, want in zip(head + tail, stream):
         assert all(np.array_equal(got[k], want[k]) for k in BATCH_KEYS)
     assert resumed.stats == reference.stats
+    # The state of a 2-process run resumes in a 1-process run at the same global batch.
+    alone = make_loader(example_dir, tok, **kwargs, shard_index=0, shard_count=1)
+    alone.set_state(state)
+    assert np.array_equal(next(alone)["best"][4:], stream[7]["best"])
     with pytest.raises(ValueError, match="loader state is for"):
         make_loader(example_dir, tok, **{**kwargs, "seed": 6}).set_state(state)
 

@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM
 
 from diffpo_jax import convert, train as train_cli
 from diffpo_jax.data.loader import make_loader
-from diffpo_jax.data.trajectories import build
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
 from diffpo_jax.sources import load_model
@@ -30,8 +29,7 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
-from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config, random_model
-from diffpo_jax.weights.checkpoint import save_params
+from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20  # 4 epochs of the 40 bundled trajectories in batches of 8
@@ -44,33 +42,10 @@ slow = pytest.mark.slow  # runs of the tiny model, which takes the embedded Smol
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "trajectories"
-    build([str(ROOT / "examples" / "trajectories.jsonl")], out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory, smollm2):
-    """`preset:tiny-llama` (random, sized to the embedded tokenizer) saved as an Orbax model dir, so every
-    run below starts from the same weights without reading the GGUF tokenizer again."""
-    loaded = random_model("tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32",
-                          mesh=make_mesh((1, -1, 1)))
-    assert loaded.cfg.vocab_size == len(loaded.tokenizer) == 49152
-    return save_params(tmp_path_factory.mktemp("train") / "init", loaded.cfg, nnx.state(loaded.model), loaded.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory, init_dir, data_dir):
+def config_file(tmp_path_factory, tiny_init_dir, trajectories_dir):
     path = tmp_path_factory.mktemp("train") / "tiny-test.yaml"
-    path.write_text(json.dumps(dict(CONFIG, model=str(init_dir), data=str(data_dir))))  # JSON is YAML
+    path.write_text(json.dumps(dict(CONFIG, model=str(tiny_init_dir), data=str(trajectories_dir))))  # JSON is YAML
     return path
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache shared by the CLI runs: the train step compiles once, not once per run."""
-    return tmp_path_factory.mktemp("xla_cache")
 
 
 def run_cli(config_file, run_dir, cache, kill_after=None, sig=None):
@@ -98,10 +73,10 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(config_file, compile_cache, tmp_path_factory):
+def reference(config_file, xla_cache_dir, tmp_path_factory):
     """The run dir of an uninterrupted CLI run of STEPS steps on 8 devices (mesh (1, 8, 1))."""
     run_dir = tmp_path_factory.mktemp("train") / "reference"
-    rc, out, _ = run_cli(config_file, run_dir, compile_cache)
+    rc, out, _ = run_cli(config_file, run_dir, xla_cache_dir)
     assert rc == 0, out
     return run_dir
 
@@ -126,12 +101,12 @@ def test_tiny_model_lowers_both_losses(reference):
 
 
 @slow
-def test_sharded_steps_match_one_device(init_dir, data_dir, config_file, reference):
+def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_file, reference):
     """The first 4 updates (fp32) on 1 device (with 2 micro-batches of 4 rows: accumulation is exact too)
     and on a (2,2,2) mesh == the reference run's on (1,8,1)."""
     cfg = load_config(config_file, ["output_dir=unused"])
-    loaded = load_model(str(init_dir))
-    loader = make_loader(data_dir, loaded.tokenizer, global_batch_size=cfg.global_batch_size,
+    loaded = load_model(str(tiny_init_dir))
+    loader = make_loader(trajectories_dir, loaded.tokenizer, global_batch_size=cfg.global_batch_size,
                          prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=cfg.num_epochs)
     batches = [next(loader) for _ in range(4)]
     abstract = abstract_model(loaded.cfg)
@@ -139,7 +114,7 @@ def test_sharded_steps_match_one_device(init_dir, data_dir, config_file, referen
     tx, schedule = make_optimizer(cfg.optimizer, STEPS)
 
     def run(mesh, grad_accum):
-        params = nnx.to_pure_dict(nnx.state(load_model(str(init_dir), mesh=mesh, with_tokenizer=False).model))
+        params = nnx.to_pure_dict(nnx.state(load_model(str(tiny_init_dir), mesh=mesh, with_tokenizer=False).model))
         shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)),
                                     abstract_params, mesh)
         step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
@@ -161,20 +136,20 @@ def test_sharded_steps_match_one_device(init_dir, data_dir, config_file, referen
 
 
 @slow
-def test_sigterm_and_sigkill_then_rerun_equal_an_uninterrupted_run(config_file, compile_cache, reference, tmp_path):
+def test_sigterm_and_sigkill_then_rerun_equal_an_uninterrupted_run(config_file, xla_cache_dir, reference, tmp_path):
     run_dir = tmp_path / "run"
     # SIGTERM mid-run: the step in flight finishes, a checkpoint of it is saved, exit 0.
-    rc, out, seen = run_cli(config_file, run_dir, compile_cache, kill_after=5, sig=signal.SIGTERM)
+    rc, out, seen = run_cli(config_file, run_dir, xla_cache_dir, kill_after=5, sig=signal.SIGTERM)
     assert rc == 0, out
     stopped_at = int(out.split("SIGTERM: stopped after step ")[1].split("/")[0])
     assert seen <= stopped_at < STEPS - 6
     # SIGKILL three steps past the next checkpoint (every 4 steps): the rerun resumes from that checkpoint
     # (or, should its asynchronous write not have finished by the kill, from the SIGTERM one).
     next_checkpoint = (stopped_at // 4 + 1) * 4
-    rc, out, seen = run_cli(config_file, run_dir, compile_cache, kill_after=next_checkpoint + 3, sig=signal.SIGKILL)
+    rc, out, seen = run_cli(config_file, run_dir, xla_cache_dir, kill_after=next_checkpoint + 3, sig=signal.SIGKILL)
     assert rc == -signal.SIGKILL, out
     assert f"resuming {run_dir} from step {stopped_at}" in out
-    rc, out, _ = run_cli(config_file, run_dir, compile_cache)
+    rc, out, _ = run_cli(config_file, run_dir, xla_cache_dir)
     assert rc == 0, out
     resumed_from = int(out.split(f"resuming {run_dir} from step ")[1].split()[0])
     assert resumed_from in (next_checkpoint, stopped_at) and seen > next_checkpoint, out
@@ -184,9 +159,9 @@ def test_sigterm_and_sigkill_then_rerun_equal_an_uninterrupted_run(config_file, 
 
 
 @slow
-def test_run_dir_is_a_model_for_refine_and_convert(reference, init_dir, tmp_path):
+def test_run_dir_is_a_model_for_refine_and_convert(reference, tiny_init_dir, tmp_path):
     trained = load_model(str(reference))  # what refine --model RUN_DIR does
-    initial = load_model(str(init_dir))
+    initial = load_model(str(tiny_init_dir))
     assert trained.tokenizer is not None and trained.tokenizer.chat_template
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(nnx.state(trained.model)), jax.tree.leaves(nnx.state(initial.model)))]

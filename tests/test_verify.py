@@ -63,9 +63,10 @@ def test_bad_prompts_file_names_file_and_line(tmp_path, tiny_llama_dir, capsys):
 
 
 def test_orbax_dir_is_refused_with_the_way_out(tmp_path, tiny_llama_dir, capsys):
+    from flax import nnx
+
     from diffpo_jax.sources import load_model
     from diffpo_jax.weights.checkpoint import save_params
-    from flax import nnx
 
     loaded = load_model(str(tiny_llama_dir))
     orbax_dir = save_params(tmp_path / "orbax", loaded.cfg, nnx.state(loaded.model))

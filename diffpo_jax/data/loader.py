@@ -10,16 +10,18 @@ chat template's end-of-turn token (`end_of_turn_id`), cut to N tokens when longe
 token is then lost); a prompt longer than P keeps its last P tokens. Both are counted in
 `loader.stats`, per row served. Padding uses the tokenizer's pad id (its eos id if it has none).
 
-Order: the dataset (sorted by record id) is split into `shard_count` contiguous shards of
-m = n // shard_count records (the last n % shard_count records belong to no shard); process
-`shard_index` reads only its shard, so processes see disjoint records. Each epoch permutes the shard
-(`epoch_permutation(seed, epoch, m)`) and serves the first steps_per_epoch * b of the permutation,
-steps_per_epoch = m // b; every process runs the same number of steps, and an epoch skips
-`skipped_per_epoch` = n - steps_per_epoch * global_batch_size records (a different subset of each
-shard every epoch). The y(t) of record r in epoch e is `worse_choice(seed, e, r, len(others))`.
+Order: one global order, the same whatever the number of processes. Each epoch permutes all n
+records (`epoch_permutation(seed, epoch, n)`); global batch s of the epoch is rows s*G .. (s+1)*G-1 of
+the permutation (G = global_batch_size), and process `shard_index` reads only its slice of each global
+batch: rows s*G + shard_index*b .. + b. So processes see disjoint records, every process runs the same
+`steps_per_epoch` = n // G steps, the global batch (hence the training run) does not depend on the
+process count, and an epoch skips `skipped_per_epoch` = n - steps_per_epoch * G records (a different
+subset every epoch). The y(t) of record r in epoch e is `worse_choice(seed, e, r, len(others))`.
 
-The stream is a grain MapDataset indexed by position, so its state is one index: `get_state()` is a
-JSON-serialisable dict (with the counts in `stats`), and `set_state` continues the exact stream.
+The stream is a grain MapDataset of batches indexed by step, so its state is one number, the global
+steps taken: `get_state()` is a JSON-serialisable dict (with this process's counts in `stats`), and
+`set_state` continues the exact stream, also in a run with another number of processes (a checkpoint
+of a 2-process run resumes in a 1-process run and the reverse).
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ class RecordEncoder:
 class TrajectoryLoader:
     """An iterator of per-process batches (dicts of numpy arrays, keys BATCH_KEYS); see module doc.
 
-    Attributes: `num_records` (records in this process's shard), `batch_size` (rows per process),
+    Attributes: `num_records` (records in the dataset), `batch_size` (rows per process),
     `steps_per_epoch`, `skipped_per_epoch` (records no process reads in an epoch), `num_batches`
     (None when endless), `stats` (rows served and rows truncated, by field).
     """
@@ -145,13 +147,12 @@ class TrajectoryLoader:
         n = len(self._source)
         self.encoder = RecordEncoder.for_tokenizer(tokenizer, prompt_len, response_len)
         self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
+        self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // shard_count
-        self.num_records = n // shard_count
-        self.steps_per_epoch = self.num_records // self.batch_size
+        self.num_records = n
+        self.steps_per_epoch = n // global_batch_size
         if self.steps_per_epoch == 0:
-            raise TrajectoryDataError(
-                f"{data_dir}: {n} records make no batch of {self.batch_size} per process on {shard_count} shards"
-            )
+            raise TrajectoryDataError(f"{data_dir}: {n} records make no global batch of {global_batch_size}")
         self.skipped_per_epoch = n - self.steps_per_epoch * global_batch_size
         self.num_batches = None if num_epochs is None else num_epochs * self.steps_per_epoch
         rows_per_epoch = self.steps_per_epoch * self.batch_size
@@ -165,8 +166,11 @@ class TrajectoryLoader:
         self.stats = {"rows": 0, **{flag: 0 for flag in _FLAGS}}
 
     def record_index(self, epoch: int, row: int) -> int:
-        """The dataset index of the record served as row `row` (0-based, counted across steps) of `epoch`."""
-        return self.shard_index * self.num_records + int(epoch_permutation(self.seed, epoch, self.num_records)[row])
+        """The dataset index of the record this process serves as its row `row` (0-based, counted
+        across the steps) of `epoch`."""
+        step, j = divmod(row, self.batch_size)
+        global_row = step * self.global_batch_size + self.shard_index * self.batch_size + j
+        return int(epoch_permutation(self.seed, epoch, self.num_records)[global_row])
 
     def _row(self, epoch: int, row: int) -> dict[str, np.ndarray]:
         index = self.record_index(epoch, row)
@@ -186,8 +190,8 @@ class TrajectoryLoader:
         return batch
 
     def _fingerprint(self) -> dict[str, int]:
-        return {"seed": self.seed, "shard_index": self.shard_index, "shard_count": self.shard_count,
-                "batch_size": self.batch_size, "num_records": self.num_records}
+        """What the stream depends on; not the process count, which only slices each global batch."""
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_records": self.num_records}
 
     def get_state(self) -> dict:
         """JSON-serialisable: the stream position, the counts, and what the stream depends on."""

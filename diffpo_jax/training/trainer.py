@@ -47,9 +47,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffpo_jax.config import load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
+from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
-from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model, tokenizer_from_dir
+from diffpo_jax.sources import (
+    LoadedModel,
+    ModelSourceError,
+    load_model,
+    tokenizer_from_dir,
+)
 from diffpo_jax.training.loss import LossConfig
 from diffpo_jax.training.step import (
     OptimizerConfig,
@@ -61,7 +67,11 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
-from diffpo_jax.weights.checkpoint import TrainCheckpoints, is_writer, read_orbax_config, write_model_files
+from diffpo_jax.weights.checkpoint import (
+    TrainCheckpoints,
+    read_orbax_config,
+    write_model_files,
+)
 
 PRESET = "preset:"
 
@@ -88,6 +98,8 @@ class TrainConfig:
     response_len: int = 256  # N (paper: 256)
     num_epochs: int = 1
     max_steps: int | None = None  # stop (and end the cosine schedule) earlier than the epochs would
+    stop_after: int | None = None  # end this invocation after this step, checkpointed, schedule unchanged
+    # (for time-limited jobs: rerun the same command to go on)
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     save_every: int = 500  # steps between checkpoints
@@ -221,7 +233,7 @@ def prepare_data(data: str, run_dir: Path) -> Path:
         return path
     built = run_dir / "data"
     if not (built / MANIFEST).is_file():
-        if is_writer():
+        if is_main_process():
             build([data], built)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -246,7 +258,7 @@ class MetricsLog:
     steps (left by an interrupted run) are dropped first, and TensorBoard purges them."""
 
     def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
-        self.enabled = is_writer()
+        self.enabled = is_main_process()
         self.path = run_dir / "metrics.jsonl"
         self._file = self._tb = None
         if not self.enabled:
@@ -319,7 +331,7 @@ class TrainResult:
 
 def train(cfg: TrainConfig, log=print) -> TrainResult:
     """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0)."""
-    say = log if is_writer() else (lambda _: None)
+    say = log if is_main_process() else (lambda _: None)
     cfg = validate(cfg)
     mesh = make_mesh(cfg.mesh)
     rows_per_shard = cfg.global_batch_size // cfg.grad_accum
@@ -343,7 +355,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         model_cfg, tokenizer = loaded.cfg, loaded.tokenizer
         params = nnx.to_pure_dict(nnx.state(loaded.model))
         write_model_files(run_dir, model_cfg, tokenizer)
-        if is_writer():
+        if is_main_process():
             (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         say(f"model {loaded.source} -> {run_dir}")
     model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
@@ -370,7 +382,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     train_step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, cfg.grad_accum)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     say(
-        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records * loader.shard_count} records, "
+        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records} records, "
         f"{loader.steps_per_epoch} steps/epoch, steps {start}..{total}, batch {cfg.global_batch_size} "
         f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
     )
@@ -380,7 +392,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     history, step, saved, stopped = [], start, start, False
     with _SigtermFlag() as sigterm:
         last = time.perf_counter()
-        while step < total and not sigterm.raised:
+        end = total if cfg.stop_after is None else min(total, cfg.stop_after)
+        while step < end and not sigterm.raised:
             state, metrics = train_step(state, global_batch(next(loader), mesh))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
@@ -392,7 +405,7 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             metrics_log.write(record)
             if step % cfg.log_every == 0 or step == total:
                 say(progress_line(record, total))
-            final = step == total or sigterm.raised
+            final = step == end or sigterm.raised
             if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
                 saved = step
         stopped = sigterm.raised and step < total
@@ -403,6 +416,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     metrics_log.close()
     if stopped:
         say(f"SIGTERM: stopped after step {step}/{total}, checkpoint saved; rerun the same command to resume")
+    elif step < total:
+        say(f"stop_after: stopped after step {step}/{total}, checkpoint saved; rerun to go on")
     else:
         say(f"done: {run_dir} (step {step}; data {loader.stats})")
     return TrainResult(run_dir, start, step, total, history, stopped)

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from diffpo_jax.config import ModelConfig, read_hf_config
+from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import param_shardings
 
@@ -39,11 +40,6 @@ CHECKPOINTS = "checkpoints"
 
 class CheckpointError(ValueError):
     """An Orbax dir that cannot be read or an output dir that cannot be written; str() names the path."""
-
-
-def is_writer() -> bool:
-    """True on the one process that writes files (process 0)."""
-    return jax.process_index() == 0
 
 
 def _sync(name: str) -> None:
@@ -83,7 +79,7 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
     out_dir = Path(out_dir).absolute()
     check_out_dir(out_dir, overwrite)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    if is_writer():
+    if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
         tmp.mkdir(parents=True)
     _sync(f"staged_dir:start:{out_dir}")
@@ -91,10 +87,10 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
         yield tmp
         _sync(f"staged_dir:done:{out_dir}")
     except BaseException:
-        if is_writer():
+        if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if is_writer():
+    if is_main_process():
         old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():
             out_dir.rename(old)
@@ -108,7 +104,7 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
 
 def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any) -> None:
     """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype) and the tokenizer's files."""
-    if not is_writer():
+    if not is_main_process():
         return
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,22 +209,24 @@ class TrainCheckpoints:
 
     def __init__(self, run_dir: str | Path, *, every: int, keep: int, async_save: bool = True):
         self.directory = Path(run_dir).absolute() / CHECKPOINTS
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
-        )
+        self.every = every
+        # The schedule is decided here (`save`), not by Orbax, whose default also saves a run's first step.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, params: Any, opt_state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Save when `step` is due (every `every` steps) or `force`; True when a save was started."""
+        """Save when `step` is due (a multiple of `every`) or `force`; True when a save was started."""
+        if not force and step % self.every:
+            return False
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(_pure(params)),
             opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave({"step": step, "data": data_state}),
         )
-        return self._manager.save(step, args=args, force=force)
+        return self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, params_target: Any, opt_state_target: Any) -> tuple[Any, Any, dict]:
         """(params, opt_state, data_state) of `step`. Targets are pytrees of `jax.ShapeDtypeStruct`s

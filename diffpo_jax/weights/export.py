@@ -28,10 +28,10 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from diffpo_jax.config import ModelConfig
+from diffpo_jax.distributed import is_main_process
 from diffpo_jax.sources import tokenizer_from_dir
 from diffpo_jax.weights.checkpoint import (
     check_out_dir,
-    is_writer,
     model_files_dir,
     read_orbax_config,
     restore_params,
@@ -111,7 +111,7 @@ def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, 
         f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
     ]
     weight_map, total = {}, 0
-    bar = tqdm(total=sum(map(len, shards)), desc="export", unit="tensor", disable=None if is_writer() else True)
+    bar = tqdm(total=sum(map(len, shards)), desc="export", unit="tensor", disable=None if is_main_process() else True)
     for file, shard in zip(files, shards):
         tensors = {}
         for name, spec, layer in shard:
@@ -120,10 +120,10 @@ def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, 
             weight_map[name] = file
             total += tensors[name].nbytes
             bar.update()
-        if is_writer():
+        if is_main_process():
             save_file(tensors, out_dir / file, metadata={"format": "pt"})
     bar.close()
-    if is_writer() and len(files) > 1:
+    if is_main_process() and len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
@@ -155,7 +155,7 @@ def export_hf(
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(tmp, cfg, params, dtype, max_bytes)
         write_model_files(tmp, cfg.replace(param_dtype=dtype), tokenizer)
-        if is_writer():
+        if is_main_process():
             (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
     return out_dir
 
