@@ -64,4 +64,4 @@ class TorchStep:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.opt.step()
-        return float(loss), parts
+        return float(loss.detach()), parts
