@@ -76,7 +76,13 @@ def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
     from diffpo_jax.model import abstract_model
     from diffpo_jax.sharding import batch_sharding, make_mesh, param_shardings
     from diffpo_jax.training.loss import LossConfig
-    from diffpo_jax.training.step import OptimizerConfig, abstract_state, make_optimizer, make_train_step, state_shardings
+    from diffpo_jax.training.step import (
+        OptimizerConfig,
+        abstract_state,
+        make_optimizer,
+        make_train_step,
+        state_shardings,
+    )
 
     devices = math.prod(mesh_shape)
     if devices > len(jax.devices()):

@@ -62,7 +62,14 @@ def jax_runner(loaded, batch):
 
     from diffpo_jax.sharding import make_mesh, param_shardings
     from diffpo_jax.training.loss import LossConfig
-    from diffpo_jax.training.step import OptimizerConfig, global_batch, init_state, make_optimizer, make_train_step, state_shardings
+    from diffpo_jax.training.step import (
+        OptimizerConfig,
+        global_batch,
+        init_state,
+        make_optimizer,
+        make_train_step,
+        state_shardings,
+    )
 
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     graphdef, state = nnx.split(loaded.model)
