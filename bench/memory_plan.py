@@ -6,7 +6,7 @@ from ahead-of-time compilation on abstract shapes (no weights are ever allocated
       [--results bench/RESULTS.md]
 
 The mesh is simulated: XLA_FLAGS=--xla_force_host_platform_device_count=32 is set before jax is imported
-(when this module is the first to import jax), and a DATAxFSDPxTENSOR mesh takes the first devices. For
+(when run as a script that is the first to import jax; imported as a library it changes nothing), and a DATAxFSDPxTENSOR mesh takes the first devices. For
 each (preset, mesh): the model config from configs/models (`load_preset`) with bf16 activations, fp32
 parameters (the master weights: params, gradients and AdamW moments are fp32, see
 diffpo_jax/training/step.py) and remat on; the train state and the batch are `jax.ShapeDtypeStruct`s
@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 
-if "jax" not in sys.modules:  # simulated devices: must be set before jax is imported
+if __name__ == "__main__" and "jax" not in sys.modules:  # simulated devices: set before jax is imported
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=32").strip()
 
 import argparse  # noqa: E402

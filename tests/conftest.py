@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import jax  # noqa: E402, F401  (imported now: the device count is fixed at 8 whatever a test module sets later)
 import pytest  # noqa: E402
 
 from tests import tiny  # noqa: E402
