@@ -12,9 +12,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from diffpo_jax.chat import prompt_ids, response_ids
 from diffpo_jax.data.__main__ import main
-from diffpo_jax.data.loader import BATCH_KEYS, end_of_turn_id, make_loader, worse_choice
+from diffpo_jax.chat import end_of_turn_id, prompt_ids, response_ids
+from diffpo_jax.data.loader import BATCH_KEYS, make_loader, worse_choice
 from diffpo_jax.data.trajectories import (
     DATA_FILE,
     TrajectoryDataError,

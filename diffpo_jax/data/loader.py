@@ -36,27 +36,11 @@ from typing import Any
 import grain
 import numpy as np
 
-from diffpo_jax.chat import prompt_ids, response_ids
+from diffpo_jax.chat import end_of_turn_id, prompt_ids, response_ids
 from diffpo_jax.data.trajectories import TrajectoryDataError, read_manifest
 
 BATCH_KEYS = ("prompt", "prompt_mask", "best", "best_mask", "worse", "worse_mask")
 _FLAGS = ("prompt_truncated", "best_truncated", "worse_truncated")
-_PROBE = "\x02response\x03"
-
-
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token the chat template puts right after an assistant message (e.g. <|im_end|>,
-    <end_of_turn>, <|eot_id|>); the tokenizer's eos id when the template puts no added token there."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False
-    )
-    after = tokenizer(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"]
-    added = set(tokenizer.get_added_vocab().values())
-    if after and after[0] in added:
-        return int(after[0])
-    if tokenizer.eos_token_id is None:
-        raise TrajectoryDataError("the tokenizer has neither an end-of-turn token in its chat template nor an eos id")
-    return int(tokenizer.eos_token_id)
 
 
 def worse_choice(seed: int, epoch: int, record: int, num_others: int) -> int:
@@ -84,7 +68,10 @@ class RecordEncoder:
     def for_tokenizer(cls, tokenizer: Any, prompt_len: int, response_len: int) -> RecordEncoder:
         if prompt_len < 1 or response_len < 1:
             raise ValueError(f"prompt_len and response_len must be >= 1 (got {prompt_len}, {response_len})")
-        eot = end_of_turn_id(tokenizer)
+        try:
+            eot = end_of_turn_id(tokenizer)
+        except ValueError as e:
+            raise TrajectoryDataError(str(e)) from None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return cls(tokenizer, prompt_len, response_len, eot if pad is None else int(pad), eot)
 

@@ -22,13 +22,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from diffpo_jax.chat import Messages, prompt_ids, response_ids
+from diffpo_jax.chat import Messages, end_of_turn_id, prompt_ids, response_ids
 from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.jacobi import jacobi_decode
 from diffpo_jax.decoding.sampler import generate
 from diffpo_jax.sources import LoadedModel, ModelSourceError
 
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
 MIN_PROMPT_BUCKET = 32
 
 
@@ -42,14 +41,14 @@ def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
 
 
 def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    """eos ids of the config, tokenizer and generation_config.json, plus end-of-turn tokens in the vocab."""
+    """eos ids of the config, tokenizer and generation_config.json, plus the chat template's end-of-turn token."""
     ids = list(loaded.cfg.eos_token_ids)
     tok = loaded.tokenizer
     if tok is not None:
         if tok.eos_token_id is not None:
             ids.append(tok.eos_token_id)
-        vocab = tok.get_vocab()
-        ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+        if getattr(tok, "chat_template", None):
+            ids.append(end_of_turn_id(tok))
     gen = Path(loaded.source) / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
@@ -71,14 +70,14 @@ class Decoder:
         if loaded.tokenizer is None:
             raise ModelSourceError(f"{loaded.source}: no tokenizer files beside the weights")
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ModelSourceError(f"{loaded.source}: the tokenizer has no chat template")
         self.graphdef, self.state = nnx.split(loaded.model)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.stop_tokens = stop_token_ids(loaded)
-        vocab = self.tokenizer.get_vocab()
-        eot = [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] in self.stop_tokens]
-        self.end_of_turn = eot[0] if eot else (self.stop_tokens[0] if self.stop_tokens else None)
+        self.end_of_turn = end_of_turn_id(self.tokenizer)
         pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else (self.end_of_turn or 0))
+        self.pad_id = int(pad if pad is not None else self.end_of_turn)
 
     # ------------------------------------------------------------------ tokens
 
@@ -94,7 +93,7 @@ class Decoder:
 
     def draft_tokens(self, draft: str) -> list[int]:
         ids = response_ids(self.tokenizer, draft)
-        return ids + ([self.end_of_turn] if self.end_of_turn is not None else [])
+        return ids + [self.end_of_turn]
 
     def _text(self, tokens: np.ndarray, length: int, stopped: bool) -> tuple[list[int], str]:
         ids = tokens[: length - int(stopped)].tolist()
