@@ -11,13 +11,13 @@ prompts as one right-padded batch, so padding is exercised too. Exits 1 when out
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from diffpo_jax.chat import prompt_ids, response_ids
+from diffpo_jax.jsonl import read_jsonl
 
 BUILTIN = [
     ("What is the capital of France?", "The capital of France is Paris, which is also its largest city."),
@@ -35,15 +35,9 @@ DEFAULT_MIN_TOP1 = {"float32": 1.0, "bfloat16": 0.98}
 
 def read_prompts(path: Path) -> list[tuple[str, str]]:
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for where, rec in read_jsonl(path):  # JsonlError is a ValueError: main reports it
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: field 'prompt' (a string) is missing")
+            raise ValueError(f"{where}: field 'prompt' (a string) is missing")
         rows.append((rec["prompt"], rec.get("response", "")))
     if not rows:
         raise ValueError(f"{path}: no prompts")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from diffpo_jax.chat import Messages, as_messages
+from diffpo_jax.jsonl import JsonlError, read_jsonl
 
 FORMATS = ("jsonl", "alpaca_eval", "mt_bench")
 SUFFIX = "+diffpo"
@@ -70,18 +71,11 @@ def turn_prompt(record: Record, turn: int, answers: list[str]) -> str | Messages
 
 def _jsonl(path: Path) -> list[tuple[str, Any]]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        return list(read_jsonl(path))
+    except OSError as e:
         raise FormatError(f"{path}: cannot read ({e})") from None
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-    return rows
+    except JsonlError as e:
+        raise FormatError(str(e)) from None
 
 
 def _json_list(path: Path) -> list[tuple[str, Any]]:

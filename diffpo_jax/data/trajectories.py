@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from diffpo_jax.jsonl import JsonlError, read_jsonl
+
 DATA_FILE = "trajectories-train.array_record-00000-of-00001"
 MANIFEST = "manifest.json"
 FORMAT = "diffpo-trajectories/1"
@@ -89,19 +91,10 @@ def _source_kind(source: str) -> str:
 
 
 def _read_jsonl(source: str) -> Iterator[tuple[str, Any]]:
-    with open(Path(source).expanduser(), "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise TrajectoryDataError(f"{source}:{line_no}: not UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TrajectoryDataError(f"{source}:{line_no}: not valid JSON ({e.msg}, column {e.colno})") from None
-            yield f"{source}:{line_no}", row
+    try:
+        yield from read_jsonl(Path(source).expanduser())
+    except JsonlError as e:
+        raise TrajectoryDataError(str(e)) from None
 
 
 def _read_parquet(source: str) -> Iterator[tuple[str, Any]]:
