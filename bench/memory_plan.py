@@ -65,8 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
-    """AOT-compile the train step of `preset` on a simulated mesh; its memory and cost analyses."""
+def compile_train_step(preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, response_len: int,
+                       chunk: int, remat: bool = True):
+    """(compiled train step, abstract params, global rows): `preset`'s train step AOT-compiled on abstract
+    shapes over a (data, fsdp, tensor) mesh of the first devices, one row per data-parallel shard."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -87,23 +89,32 @@ def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
     devices = math.prod(mesh_shape)
     if devices > len(jax.devices()):
         raise SystemExit(f"mesh {mesh_shape} needs {devices} devices, jax has {len(jax.devices())}")
-    cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="float32", remat=args.remat)
+    cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     mesh = make_mesh(mesh_shape, jax.devices()[:devices])
     graphdef, state = nnx.split(abstract_model(cfg))
     abstract_params = nnx.to_pure_dict(state)
     tx, schedule = make_optimizer(OptimizerConfig(), total_steps=1000)
     shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(state, mesh)), abstract_params, mesh)
-    train_step = make_train_step(graphdef, tx, schedule, LossConfig(chunk=args.chunk), shardings, mesh)
+    train_step = make_train_step(graphdef, tx, schedule, LossConfig(chunk=chunk), shardings, mesh)
     rows = mesh_shape[0] * mesh_shape[1]
-    p, n = args.prompt_len, args.response_len
     batch = {
-        k: jax.ShapeDtypeStruct((rows, p if k.startswith("prompt") else n), bool if k.endswith("mask") else jnp.int32,
-                                sharding=batch_sharding(mesh, 2))
+        k: jax.ShapeDtypeStruct((rows, prompt_len if k.startswith("prompt") else response_len),
+                                bool if k.endswith("mask") else jnp.int32, sharding=batch_sharding(mesh, 2))
         for k in BATCH_KEYS
     }  # fmt: skip
-    t = time.perf_counter()
     compiled = train_step.lower(abstract_state(tx, abstract_params, shardings), batch).compile()
+    return compiled, abstract_params, rows
+
+
+def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
+    """AOT-compile the train step of `preset` on a simulated mesh; its memory and cost analyses."""
+    import jax
+
+    p, n = args.prompt_len, args.response_len
+    t = time.perf_counter()
+    compiled, abstract_params, rows = compile_train_step(preset, mesh_shape, p, n, args.chunk, args.remat)
     compile_s = time.perf_counter() - t
+    devices = math.prod(mesh_shape)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

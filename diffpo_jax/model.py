@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from diffpo_jax.config import ModelConfig
+from diffpo_jax.sharding import RESIDUAL, constrain
 
 Cache = dict[str, jax.Array]
 
@@ -38,6 +39,12 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple
     else:
         value = jnp.full(shape, 1.0 - cfg.norm_offset if init == "norm" else 0.0, dtype)
     return nnx.Param(value, logical_axes=axes)
+
+
+def _weight(p: nnx.Param, dtype) -> jax.Array:
+    """A parameter in the activation dtype, cast where it is stored (in its own sharding under a mesh),
+    so FSDP gathers move `dtype` (bf16), not the fp32 master copy."""
+    return constrain(p[...].astype(dtype), p.get_metadata()["logical_axes"])
 
 
 class RMSNorm(nnx.Module):
@@ -99,9 +106,10 @@ class Attention(nnx.Module):
         """x: [B, T, E]; q_pos: [B, T]; key_pos: [B, S] positions of the keys attended to (padding keys
         at _FAR); window: scalar int, 0 = unlimited; kv_write(k, v) -> (keys, values) over S slots."""
         cfg, dt = self.cfg, x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
+        q_axes, kv_axes = ("batch", "seq", "q_heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
+        q = constrain(jnp.einsum("bte,ehd->bthd", x, _weight(self.q_proj, dt)), q_axes)
+        k = constrain(jnp.einsum("bte,ekd->btkd", x, _weight(self.k_proj, dt)), kv_axes)
+        v = constrain(jnp.einsum("bte,ekd->btkd", x, _weight(self.v_proj, dt)), kv_axes)
         q = apply_rope(q, q_pos, inv_freq)
         k = apply_rope(k, q_pos, inv_freq)
         keys, values = kv_write(k, v)  # [B, S, Kv, D]
@@ -115,8 +123,8 @@ class Attention(nnx.Module):
         allowed = (delta >= 0) & ((window == 0) | (delta < window))
         logits = jnp.where(allowed[:, None, None], logits.astype(jnp.float32), -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
-        return jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        out = constrain(jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d), q_axes)
+        return constrain(jnp.einsum("bthd,hde->bte", out, _weight(self.o_proj, dt)), RESIDUAL)
 
 
 class MLP(nnx.Module):
@@ -128,10 +136,11 @@ class MLP(nnx.Module):
         self.activation = cfg.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = x @ self.gate_proj[...].astype(dt)
+        dt, hidden_axes = x.dtype, ("batch", "seq", "mlp")
+        gate = constrain(x @ _weight(self.gate_proj, dt), hidden_axes)
         gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        up = constrain(x @ _weight(self.up_proj, dt), hidden_axes)
+        return constrain((gate * up) @ _weight(self.down_proj, dt), RESIDUAL)
 
 
 class Block(nnx.Module):
@@ -159,7 +168,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal")
+        self.embed = _param(rngs, cfg, (cfg.vocab_size, cfg.hidden_size), ("vocab", None), "normal")
 
         @nnx.vmap(in_axes=0, out_axes=0)
         def make_layers(r: nnx.Rngs) -> Block:
@@ -168,7 +177,7 @@ class Transformer(nnx.Module):
         self.layers = make_layers(rngs.split(cfg.num_layers))
         self.final_norm = RMSNorm(cfg, rngs=rngs)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal")
+            self.lm_head = _param(rngs, cfg, (cfg.hidden_size, cfg.vocab_size), (None, "vocab"), "normal")
 
     def __call__(
         self,
@@ -185,7 +194,10 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         if mask is None:
             mask = jnp.ones(tokens.shape, bool)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        # The lookup takes the table split along its width over the same devices that split its rows (an
+        # all-to-all), so the looked-up rows are [all rows, T, E / devices] before they go to their devices.
+        table = constrain(self.embed[...].astype(dt), (None, "lookup_embed"))
+        x = constrain(jnp.take(table, tokens, axis=0), RESIDUAL)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.hidden_size**0.5, dt)
 
@@ -216,7 +228,7 @@ class Transformer(nnx.Module):
                 written.append((ck, cv))
                 return ck.astype(k.dtype), cv.astype(v.dtype)
 
-            x = block(x, positions, key_pos, window, inv_freq, kv_write)
+            x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write), RESIDUAL)
             return x, (written[0] if written else None)
 
         if cfg.remat:
@@ -228,9 +240,13 @@ class Transformer(nnx.Module):
         return (x if return_hidden else self.head(x)), new_cache
 
     def head(self, hidden: jax.Array) -> jax.Array:
-        """Logits from final-normed hidden states [..., E]: the lm head (tied: embed^T), then the final soft-cap."""
-        head = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
-        return _softcap(hidden @ head.astype(hidden.dtype), self.cfg.final_logit_softcap)
+        """Logits from final-normed hidden states [B, ..., E]: the lm head (tied: embed^T), then the final
+        soft-cap. Under a mesh it runs vocab-parallel: each device computes its vocabulary shard's logits
+        for all rows of its `data` shard (the hidden states are gathered, the [V, E] table never is)."""
+        dt = hidden.dtype
+        head = _weight(self.embed, dt).T if self.cfg.tie_word_embeddings else _weight(self.lm_head, dt)
+        logits = constrain(hidden @ head, ("head_batch", *[None] * (hidden.ndim - 2), "vocab"))
+        return _softcap(logits, self.cfg.final_logit_softcap)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:

@@ -3,7 +3,15 @@
 Every parameter declares logical axes (`logical_axes` metadata on its `nnx.Param`). Parameters under
 `layers` are stacked along a leading `layers` axis (see model.py), which is never sharded. The mesh
 has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `tensor`
-(heads / mlp / vocab split). A dimension that a mesh axis does not divide evenly stays replicated.
+(heads / mlp split; the vocabulary splits over fsdp x tensor). A dimension that its mesh axes do not
+divide evenly stays replicated.
+
+Activations use the same table through `constrain(x, axes)`: inside a function traced under a
+(data, fsdp, tensor) mesh (the train step sets it, see training/step.py) it pins `x` to its logical
+axes; without one (decoding, single-device scoring) it returns `x` unchanged. Activation dimensions
+along the model width take `None` (replicated): `embed` -> `fsdp` is for weights, and the batch
+already uses `fsdp`. Pinning matters for FSDP: without it XLA may keep the weights where they are
+and move the activations instead, i.e. hold whole-global-batch activation buffers on every device.
 """
 
 from __future__ import annotations
@@ -20,15 +28,19 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp"),
+    "head_batch": ("data",),  # rows while the lm head runs vocab-parallel (model.Transformer.head)
     "layers": (),
-    "vocab": ("tensor",),
+    "vocab": ("fsdp", "tensor"),  # embedding / lm head: split along the vocabulary only
     "embed": ("fsdp",),
+    "lookup_embed": ("fsdp", "tensor"),  # the embedding table's width while tokens are looked up
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
     "head_dim": (),
     "mlp": ("tensor",),
     "seq": (),
 }
+
+RESIDUAL = ("batch", "seq", None)  # logical axes of [B, T, E] activations (the residual stream)
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -89,6 +101,15 @@ def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh)))
 
     return nnx.map_state(one, state)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the sharding of its logical `axes` under the current (data, fsdp, tensor) mesh
+    (`jax.sharding.use_abstract_mesh`); unchanged when no such mesh is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

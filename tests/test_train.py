@@ -4,6 +4,7 @@ config errors are one line."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM
 
+from bench.memory_plan import compile_train_step
 from diffpo_jax import convert, train as train_cli
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.model import abstract_model
@@ -133,6 +135,19 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
         np.testing.assert_allclose(got[:, 1], expected[:, 1], rtol=0, atol=1e-5, err_msg=str(mesh.shape))
         np.testing.assert_allclose(got[:, 2], expected[:, 2], rtol=0, atol=1e-6, err_msg=str(mesh.shape))
         np.testing.assert_allclose(got[:, 3], expected[:, 3], rtol=1e-5, err_msg=str(mesh.shape))
+
+
+def test_fsdp_step_keeps_activations_on_their_rows():
+    """The compiled train step of tiny Gemma-2 (tied, E = 64) on (1,8,1), one row per device of 8 + 12
+    tokens: no buffer spans the global batch's 16 sequences x 20 tokens at more than E / 8 features (the
+    width-split embedding lookup and the token ids are all that do), so the residual stream, attention,
+    MLP and loss activations stay on their row's device; the per-device residual [2, 20, 64] is there."""
+    compiled, _, rows = compile_train_step("tiny-gemma2", (1, 8, 1), prompt_len=8, response_len=12, chunk=4)
+    shapes = set(re.findall(r"\b[a-z]+[0-9]*\[([0-9,]+)\]", compiled.as_text()))
+    dims = [tuple(map(int, s.split(","))) for s in shapes]
+    assert rows == 8 and (2, 20, 64) in dims
+    global_wide = [d for d in dims if (d[:2] == (16, 20) and np.prod(d[2:]) > 8) or (d[0] == 320 and np.prod(d[1:]) > 8)]
+    assert not global_wide, global_wide
 
 
 @slow

@@ -44,6 +44,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from diffpo_jax.sharding import RESIDUAL, constrain
+
 Batch = dict[str, jax.Array]
 
 
@@ -97,7 +99,7 @@ def chunked_token_losses(
     @jax.checkpoint
     def one(xs):
         ht, hs, tg = xs
-        return token_losses(head(ht), head(hs), tg)
+        return token_losses(head(constrain(ht, RESIDUAL)), head(constrain(hs, RESIDUAL)), tg)
 
     ce, kl = jax.lax.map(one, (slices(teacher_hidden), slices(student_hidden), slices(targets)))
     merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk)[:, :n]  # noqa: E731
@@ -111,7 +113,7 @@ def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Arra
     b, n = batch["best"].shape
     p = batch["prompt"].shape[1]
     hidden = hidden[:, p - 1 : p - 1 + n].reshape(b, 2, n, -1)
-    teacher, student = hidden[:, 0], hidden[:, 1]
+    teacher, student = constrain(hidden[:, 0], RESIDUAL), constrain(hidden[:, 1], RESIDUAL)
     if chunk:
         return chunked_token_losses(model.head, teacher, student, batch["best"], chunk)
     return token_losses(model.head(teacher), model.head(student), batch["best"])

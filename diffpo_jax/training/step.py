@@ -119,7 +119,8 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
     def loss_fn(params, micro, num_tokens):
-        ce, kl = response_token_losses(nnx.merge(graphdef, params), micro, loss_cfg.chunk)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
+            ce, kl = response_token_losses(nnx.merge(graphdef, params), micro, loss_cfg.chunk)
         return diffpo_loss(ce, kl, micro["best_mask"], con_weight=loss_cfg.con_weight, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
