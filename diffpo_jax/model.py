@@ -43,7 +43,7 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape: tuple[int, ...], axes: tuple
 
 def _weight(p: nnx.Param, dtype) -> jax.Array:
     """A parameter in the activation dtype, cast where it is stored (in its own sharding under a mesh),
-    so FSDP gathers move `dtype` (bf16), not the fp32 master copy."""
+    so FSDP gathers can move `dtype` (bf16) rather than the fp32 master copy."""
     return constrain(p[...].astype(dtype), p.get_metadata()["logical_axes"])
 
 
