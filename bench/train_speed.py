@@ -10,7 +10,8 @@ the same loss (L_AR + 1e3 * L_Con, plain lm head). The batch is random token ids
 trajectory loader's layout: `--batch` rows of a left-padded prompt and right-padded best / worse
 responses (rows get different amounts of padding). The first step of each starts from the same
 weights, so their losses must agree (checked; a difference is printed loudly). Timing: one warm-up
-step (JAX: the compile, reported as first step - steady step), then `--steps` timed steps.
+step each (JAX: the compile, reported as first step - median step), then `--steps` timed steps of
+each, interleaved (jax, torch, jax, ...) so load swings on a shared machine hit both alike.
 Tokens/s counts the positions the model runs over: 2 rows (teacher, student) x batch x (P + N).
 """
 
@@ -20,7 +21,7 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -89,19 +90,22 @@ def jax_runner(loaded, batch):
     return step
 
 
-def timed(step, steps: int, warm_up: bool = True) -> dict:
-    first = None
-    if warm_up:
+def timed(steps: dict[str, Callable[[], float]], count: int) -> dict[str, dict]:
+    """Per name: one untimed warm-up call (JAX: the compile; compile_s = its time - the median), then
+    `count` timed calls, interleaved (a, b, a, b, ...) so load swings on a shared machine hit both."""
+    out = {}
+    for name, step in steps.items():
         t = time.perf_counter()
-        first_loss = step()
-        first = time.perf_counter() - t
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    steady = float(np.median(times))
-    return {"first_loss": first_loss, "step_s": steady, "times": times, "compile_s": max(first - steady, 0.0)}
+        out[name] = {"first_loss": step(), "first_s": time.perf_counter() - t, "times": []}
+    for _ in range(count):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            out[name]["times"].append(time.perf_counter() - t)
+    for r in out.values():
+        r["step_s"] = float(np.median(r["times"]))
+        r["compile_s"] = max(r.pop("first_s") - r["step_s"], 0.0)
+    return out
 
 
 HEADERS = ["step", "batch x (P + N)", "step s (median)", "tokens/s", "first-step loss", "compile s"]
@@ -126,9 +130,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokens = 2 * args.batch * (args.prompt_len + args.response_len)
     shape = f"{args.batch} x ({args.prompt_len} + {args.response_len})"
 
-    results = {"jax": timed(jax_runner(loaded, batch), args.steps)}
     torch_step = TorchStep(ref, learning_rate=LEARNING_RATE, weight_decay=0.0, con_weight=CON_WEIGHT, max_grad_norm=MAX_GRAD_NORM)
-    results["torch"] = timed(lambda: torch_step.step(batch)[0], args.steps)
+    results = timed({"jax": jax_runner(loaded, batch), "torch": lambda: torch_step.step(batch)[0]}, args.steps)
     rows = []
     for name, label in (("jax", "diffpo-jax (jit, fp32)"), ("torch", "PyTorch CLLM-style (eager, fp32)")):
         r = results[name]
