@@ -13,7 +13,7 @@ diffpo_jax/training/step.py) and remat on; the train state and the batch are `ja
 carrying their shardings (`state_shardings`, `batch_sharding`); `make_train_step(...).lower(state,
 batch).compile()`. One row of the batch per data-parallel shard (global batch = data x fsdp; devices
 along `tensor` share their row), each row a P-token prompt and N-token best / worse responses
-(teacher and student: 2 sequences of P + N per row).
+(teacher and student packed as one row of P + 2N tokens, training/loss.py).
 
 Reported per device: `compiled.memory_analysis()` argument / output / alias / temp bytes, and
 peak = argument + output - alias + temp (the donated state is counted once); `cost_analysis()` FLOPs
@@ -119,7 +119,7 @@ def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
-    tokens = rows * 2 * (p + n)
+    tokens = rows * (p + 2 * n)  # one packed row [prompt, best, worse] per data-parallel shard
     return {
         "params": params,
         "rows": rows,
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         head = common.header("Memory plan (bench/memory_plan.py)", "bench.memory_plan", argv, machine)
         setup = (f"- bf16 activations, fp32 params / grads / AdamW moments, remat {'on' if args.remat else 'off'}, "
                  f"loss lm-head chunk {args.chunk}; per row P = {args.prompt_len} prompt + N = {args.response_len} "
-                 f"response tokens, teacher and student; one row per data-parallel shard\n")  # fmt: skip
+                 f"response tokens (best and worse packed after one prompt: P + 2N per row); one row per data-parallel shard\n")  # fmt: skip
         common.write_section(args.results, "memory_plan", head + setup + "\n" + common.table(HEADERS, rows) + "\n")
     return results
 

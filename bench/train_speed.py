@@ -12,7 +12,8 @@ responses (rows get different amounts of padding). The first step of each starts
 weights, so their losses must agree (checked; a difference is printed loudly). Timing: one warm-up
 step each (JAX: the compile, reported as first step - median step), then `--steps` timed steps of
 each, interleaved (jax, torch, jax, ...) so load swings on a shared machine hit both alike.
-Tokens/s counts the positions the model runs over: 2 rows (teacher, student) x batch x (P + N).
+Tokens/s counts the batch's teacher and student sequences, 2 x batch x (P + N), for both steps: the
+same work unit (the JAX step packs each pair's shared prompt once, so it runs P fewer positions per pair).
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The decoder: one Flax NNX implementation for Llama-3 and Gemma-2.
 
-    logits, cache = model(tokens, positions, mask=None, cache=None)
+    logits, cache = model(tokens, positions, mask=None, cache=None, segments=None)
 
 tokens, positions: int32 [B, T]. mask: bool [B, T], True for real tokens (left or right padding both
 work, since attention is decided by positions, not array slots). cache: a KV-cache dict from
-`init_cache` or None (training / one-shot scoring).
+`init_cache` or None (training / one-shot scoring). segments (no cache): int32 [B, T] or None; a query
+sees a key only if both are in the same segment or the key is in segment 0 (a shared prefix). This
+packs several continuations of one prompt in a row: [prompt (0), answer A (1), answer B (2)] with
+A and B at the same positions gives each answer exactly the context of its own [prompt, answer] row.
 
 KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. A forward writes each
 real token's keys/values at slot = its position (padding is dropped) and then attends over all S
@@ -102,9 +105,10 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, cfg, (h, d, e), ("q_heads", "head_dim", "embed"), "normal")
         self.cfg = cfg
 
-    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write):
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, visible):
         """x: [B, T, E]; q_pos: [B, T]; key_pos: [B, S] positions of the keys attended to (padding keys
-        at _FAR); window: scalar int, 0 = unlimited; kv_write(k, v) -> (keys, values) over S slots."""
+        at _FAR); window: scalar int, 0 = unlimited; kv_write(k, v) -> (keys, values) over S slots;
+        visible: bool [B, T, S] (segments) or None."""
         cfg, dt = self.cfg, x.dtype
         q_axes, kv_axes = ("batch", "seq", "q_heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
         q = constrain(jnp.einsum("bte,ehd->bthd", x, _weight(self.q_proj, dt)), q_axes)
@@ -121,6 +125,8 @@ class Attention(nnx.Module):
         logits = _softcap(logits, cfg.attn_logit_softcap)
         delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
         allowed = (delta >= 0) & ((window == 0) | (delta < window))
+        if visible is not None:
+            allowed = allowed & visible
         logits = jnp.where(allowed[:, None, None], logits.astype(jnp.float32), -1e30)
         probs = jax.nn.softmax(logits, axis=-1).astype(dt)
         out = constrain(jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d), q_axes)
@@ -156,8 +162,8 @@ class Block(nnx.Module):
             self.post_mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
 
-    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write):
-        h = self.attn(self.input_norm(x), q_pos, key_pos, window, inv_freq, kv_write)
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, visible):
+        h = self.attn(self.input_norm(x), q_pos, key_pos, window, inv_freq, kv_write, visible)
         if self.sandwich:
             x = x + self.post_attn_norm(h)
             return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
@@ -186,6 +192,7 @@ class Transformer(nnx.Module):
         mask: jax.Array | None = None,
         cache: Cache | None = None,
         *,
+        segments: jax.Array | None = None,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
         """(logits [B, T, V], cache); with return_hidden, the final-normed hidden states [B, T, E] instead
@@ -201,6 +208,11 @@ class Transformer(nnx.Module):
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.hidden_size**0.5, dt)
 
+        if segments is not None and cache is not None:
+            raise ValueError("segments are for cache-free calls (training / scoring)")
+        visible = None
+        if segments is not None:
+            visible = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
         if cache is None:
             key_pos = jnp.where(mask, positions, _FAR)
             layer_cache = None
@@ -228,7 +240,7 @@ class Transformer(nnx.Module):
                 written.append((ck, cv))
                 return ck.astype(k.dtype), cv.astype(v.dtype)
 
-            x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write), RESIDUAL)
+            x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write, visible), RESIDUAL)
             return x, (written[0] if written else None)
 
         if cfg.remat:

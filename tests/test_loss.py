@@ -81,14 +81,14 @@ def make_batch(seed=0, b=3):
                 best_mask=best_mask, worse=tok((b, N), worse_mask), worse_mask=worse_mask)
 
 
-def test_sequences_interleave_teacher_and_student_rows():
+def test_sequences_pack_prompt_best_and_worse_in_one_row():
     batch = make_batch()
-    tokens, positions, mask = (np.asarray(x) for x in sequences({k: jnp.asarray(v) for k, v in batch.items()}))
-    np.testing.assert_array_equal(tokens[0], np.concatenate([batch["prompt"][0], batch["best"][0]]))
-    np.testing.assert_array_equal(tokens[5], np.concatenate([batch["prompt"][2], batch["worse"][2]]))
-    # row 1 (prompt of 4 tokens): 3 padding columns, then positions 0.. through the whole response window
-    np.testing.assert_array_equal(mask[2], [False] * 3 + [True] * (4 + N))
-    np.testing.assert_array_equal(positions[2][3:], np.arange(4 + N))
+    tokens, positions, mask, segments = (np.asarray(x) for x in sequences({k: jnp.asarray(v) for k, v in batch.items()}))
+    np.testing.assert_array_equal(tokens[2], np.concatenate([batch["prompt"][2], batch["best"][2], batch["worse"][2]]))
+    # row 1 (prompt of 4 tokens): P - 4 padding columns, prompt positions 0..3, both answers at 4 .. 3 + N
+    np.testing.assert_array_equal(mask[1], [False] * (P - 4) + [True] * (4 + 2 * N))
+    np.testing.assert_array_equal(positions[1][P - 4 :], np.concatenate([np.arange(4 + N), np.arange(4, 4 + N)]))
+    np.testing.assert_array_equal(segments[1], [0] * P + [1] * N + [2] * N)
 
 
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gemma2_dir"])
@@ -97,7 +97,7 @@ def model(request):
 
 
 def test_response_losses_match_separate_unpadded_forwards(model):
-    """One interleaved, left-padded call == each row on its own, right-aligned differently: the teacher on
+    """One packed, left-padded call == each sequence on its own, right-aligned differently: the teacher on
     [prompt, y(T)], the student on [prompt, y(t) + its pads, attended], positions 0.. from the first real
     prompt token; CE / KL of those logits in NumPy (float64) at the response positions."""
     batch = make_batch()

@@ -138,15 +138,16 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
 
 
 def test_fsdp_step_keeps_activations_on_their_rows():
-    """The compiled train step of tiny Gemma-2 (tied, E = 64) on (1,8,1), one row per device of 8 + 12
-    tokens: no buffer spans the global batch's 16 sequences x 20 tokens at more than E / 8 features (the
-    width-split embedding lookup and the token ids are all that do), so the residual stream, attention,
-    MLP and loss activations stay on their row's device; the per-device residual [2, 20, 64] is there."""
+    """The compiled train step of tiny Gemma-2 (tied, E = 64) on (1,8,1), one row per device of
+    [prompt 8, best 12, worse 12] = 32 tokens (training/loss.py packs them): no buffer spans the global
+    batch's 8 rows x 32 tokens at more than E / 8 features (the width-split embedding lookup and the
+    token ids are all that do), so the residual stream, attention, MLP and loss activations stay on
+    their row's device; the per-device residual [1, 32, 64] is there."""
     compiled, _, rows = compile_train_step("tiny-gemma2", (1, 8, 1), prompt_len=8, response_len=12, chunk=4)
     shapes = set(re.findall(r"\b[a-z]+[0-9]*\[([0-9,]+)\]", compiled.as_text()))
     dims = [tuple(map(int, s.split(","))) for s in shapes]
-    assert rows == 8 and (2, 20, 64) in dims
-    global_wide = [d for d in dims if (d[:2] == (16, 20) and np.prod(d[2:]) > 8) or (d[0] == 320 and np.prod(d[1:]) > 8)]
+    assert rows == 8 and (1, 32, 64) in dims
+    global_wide = [d for d in dims if (d[:2] == (8, 32) and np.prod(d[2:]) > 8) or (d[0] == 256 and np.prod(d[1:]) > 8)]
     assert not global_wide, global_wide
 
 

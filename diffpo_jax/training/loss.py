@@ -3,9 +3,13 @@
 Inputs are a batch of the trajectory loader (diffpo_jax/data/loader.py): `prompt` [b, P] left-padded with
 `prompt_mask`, `best` = y(T) [b, N] with `best_mask`, `worse` = y(t) [b, N] (right-padded with pad ids).
 
-Sequences. Teacher row = [prompt, best], student row = [prompt, worse], interleaved along the batch
-(teacher_0, student_0, teacher_1, ...: each device keeps its own rows' pairs, so no resharding) and run
-as ONE model call. Attention mask = prompt_mask ++ ones(N) for both rows; positions = cumsum(mask) - 1.
+Sequences. The teacher sequence is [prompt, best], the student sequence [prompt, worse]. They share
+the prompt, whose hidden states are the same in both (causal attention), so both are packed in ONE
+row [prompt, best, worse] and run as ONE model call over [b, P + 2N] with segments 0 / 1 / 2: best
+and worse sit at the same positions (prompt length + 0 .. N-1) and each sees the prompt and itself,
+never the other (model.py, `segments`). Every hidden state equals the one the separate row would
+give, and the prompt is computed once: P / (2 (P + N)) fewer tokens (25% at P = N = 256). Mask =
+prompt_mask ++ ones(2N); prompt positions = cumsum(prompt_mask) - 1.
   - Student: the response window is a fixed-length N sequence; the pad tokens past the end of y(t) are
     attended, at increasing positions. This is what the model sees when refining: Jacobi decoding
     fills a fixed N-token window with the draft and pad tokens past it (the authors' inference attends
@@ -15,7 +19,8 @@ as ONE model call. Attention mask = prompt_mask ++ ones(N) for both rows; positi
   - Teacher: columns past the end of y(T) only feed positions that the loss masks out (causal
     attention), so attending to them or not changes nothing.
 
-Per response position i (0 <= i < N) the logits are those at column P-1+i (they predict token i):
+Per response position i (0 <= i < N) the logits are those of the hidden state before token i: the
+last prompt column for i = 0 (shared, so kl_0 = 0), else the previous column of the row's own segment:
   ce_i = -log softmax(z_T,i)[y(T)_i]                                 gradient flows (the AR loss)
   kl_i = sum_v p(v) (log p(v) - log q(v)),  p = softmax(stop_gradient(z_T,i)),  q = softmax(z_S,i)
 i.e. the forward KL(teacher || student) of eq. 4, with the teacher under stop_gradient. Log-softmax is
@@ -32,7 +37,7 @@ Two equal ways to get ce and kl from the hidden states (`LossConfig.chunk`):
   - chunk = 0 (plain): logits for all N response positions at once.
   - chunk = C > 0: `lax.map` over C-position slices of the response, each slice's hidden @ head ->
     log-softmax -> ce/kl under `jax.checkpoint`, so the backward pass recomputes the slice's logits
-    instead of keeping [2b, N, V] fp32 distributions alive (Gemma-2's 256k vocabulary makes them the
+    instead of keeping the [b, N, V] fp32 distributions alive (Gemma-2's 256k vocabulary makes them the
     memory peak). Same function per slice, so values and gradients equal the plain path's.
 """
 
@@ -55,17 +60,19 @@ class LossConfig:
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
-def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(tokens, positions, mask), each [2b, P+N]: rows alternate teacher [prompt, best] / student [prompt, worse]."""
+def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(tokens, positions, mask, segments), each [b, P + 2N]: rows [prompt, best, worse], segments 0 / 1 / 2,
+    best and worse both at positions prompt length + 0 .. N-1."""
     prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
     b, n = batch["best"].shape
-    teacher = jnp.concatenate([prompt, batch["best"]], axis=1)
-    student = jnp.concatenate([prompt, batch["worse"]], axis=1)
-    tokens = jnp.stack([teacher, student], axis=1).reshape(2 * b, -1)
-    row_mask = jnp.concatenate([prompt_mask, jnp.ones((b, n), bool)], axis=1)
-    mask = jnp.repeat(row_mask, 2, axis=0)
-    positions = jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
-    return tokens, positions, mask
+    p = prompt.shape[1]
+    tokens = jnp.concatenate([prompt, batch["best"], batch["worse"]], axis=1)
+    mask = jnp.concatenate([prompt_mask, jnp.ones((b, 2 * n), bool)], axis=1)
+    prompt_pos = jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1
+    response_pos = prompt_pos[:, -1:] + 1 + jnp.arange(n, dtype=jnp.int32)
+    positions = jnp.concatenate([prompt_pos, response_pos, response_pos], axis=1)
+    segments = jnp.concatenate([jnp.zeros((b, p), jnp.int32), jnp.ones((b, n), jnp.int32), jnp.full((b, n), 2, jnp.int32)], axis=1)
+    return tokens, positions, mask, segments
 
 
 def token_losses(teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -108,12 +115,13 @@ def chunked_token_losses(
 
 def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """Per response position (ce, kl) [b, N] from one call of `model` (a Transformer) on the batch."""
-    tokens, positions, mask = sequences(batch)
-    hidden, _ = model(tokens, positions, mask, return_hidden=True)
-    b, n = batch["best"].shape
+    tokens, positions, mask, segments = sequences(batch)
+    hidden, _ = model(tokens, positions, mask, segments=segments, return_hidden=True)
+    n = batch["best"].shape[1]
     p = batch["prompt"].shape[1]
-    hidden = hidden[:, p - 1 : p - 1 + n].reshape(b, 2, n, -1)
-    teacher, student = constrain(hidden[:, 0], RESIDUAL), constrain(hidden[:, 1], RESIDUAL)
+    last_prompt = hidden[:, p - 1 : p]  # predicts token 0 of both answers
+    teacher = constrain(hidden[:, p - 1 : p - 1 + n], RESIDUAL)
+    student = constrain(jnp.concatenate([last_prompt, hidden[:, p + n : p + 2 * n - 1]], axis=1), RESIDUAL)
     if chunk:
         return chunked_token_losses(model.head, teacher, student, batch["best"], chunk)
     return token_losses(model.head(teacher), model.head(student), batch["best"])
