@@ -48,6 +48,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffpo_jax.sharding import RESIDUAL, constrain
 
@@ -71,7 +72,7 @@ def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]
     prompt_pos = jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1
     response_pos = prompt_pos[:, -1:] + 1 + jnp.arange(n, dtype=jnp.int32)
     positions = jnp.concatenate([prompt_pos, response_pos, response_pos], axis=1)
-    segments = jnp.concatenate([jnp.zeros((b, p), jnp.int32), jnp.ones((b, n), jnp.int32), jnp.full((b, n), 2, jnp.int32)], axis=1)
+    segments = jnp.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [p, n, n]), (b, p + 2 * n))
     return tokens, positions, mask, segments
 
 

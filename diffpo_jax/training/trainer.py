@@ -388,6 +388,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     )
 
     metrics_log = MetricsLog(run_dir, start, cfg.tensorboard)
+    # Teacher + student sequence tokens per step (bench/train_speed's unit); the model runs P fewer per
+    # row, since the loss packs each pair's shared prompt once.
     tokens_per_step = 2 * cfg.global_batch_size * (cfg.prompt_len + cfg.response_len)
     history, step, saved, stopped = [], start, start, False
     with _SigtermFlag() as sigterm:
