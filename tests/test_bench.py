@@ -30,11 +30,18 @@ def test_train_speed_tiny(tiny_llama_dir, tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# kept\n\nhand-written analysis\n")
     out = train_speed.main(["--model", str(tiny_llama_dir), "--batch", "2", "--prompt-len", "8", "--response-len", "8",
-                            "--steps", "1", "--results", str(results)])  # fmt: skip
+                            "--steps", "1", "--profile", "--results", str(results)])  # fmt: skip
     assert out["loss_rel"] < 1e-4  # same weights and batch: the two steps compute the same loss
     assert out["results"]["jax"]["first_loss"] > 0
+    # The profiles name the compiled step's XLA ops (no python frames or runtime internals) and aten ops.
+    jax_ops, torch_ops = ([k for k, _, _ in out["profiles"][name]] for name in ("jax", "torch"))
+    assert any(k.startswith(("dot", "ynn_fusion", "xnn_fusion")) for k in jax_ops), jax_ops
+    assert not any(k.startswith("$") or "::" in k for k in jax_ops), jax_ops
+    assert "aten::mm" in torch_ops or "aten::addmm" in torch_ops, torch_ops
+    assert all(out["profiles"][name][0][1] > 0 for name in ("jax", "torch"))  # largest first, timed
     text = results.read_text()
     assert text.startswith("# kept\n\nhand-written analysis\n") and "<!-- end train_speed -->" in text
+    assert "One profiled step each" in text and "| `aten::" in text
 
 
 def test_memory_plan_tiny(tmp_path):
