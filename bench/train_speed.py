@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     a, b = results["jax"]["first_loss"], results["torch"]["first_loss"]
     loss_rel = abs(a - b) / max(abs(b), 1e-12)
     text = common.table(HEADERS, rows) + f"\n\ndiffpo-jax / PyTorch tokens/s: **{ratio:.2f}x**; first-step loss relative difference {loss_rel:.1e}\n"
+    profiles = None
     if args.profile:
         profiles = {"jax": jax_profile(steps["jax"], 12), "torch": torch_profile(steps["torch"], 12)}
         text += "\nOne profiled step each (`--profile`). diffpo-jax, XLA ops summed per kind:\n\n"
@@ -215,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if str(args.results) != "-":
         head = common.header("Train-step speed (bench/train_speed.py)", "bench.train_speed", argv, machine)
         common.write_section(args.results, "train_speed", f"{head}- model {loaded.source}, {tokens} tokens per step\n\n{text}")
-    return {"results": results, "ratio": ratio, "loss_rel": loss_rel, "profiles": profiles if args.profile else None}
+    return {"results": results, "ratio": ratio, "loss_rel": loss_rel, "profiles": profiles}
 
 
 if __name__ == "__main__":
