@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from diffpo_jax.sources import load_model
-from diffpo_jax.training.loss import chunked_token_losses, diffpo_loss, response_token_losses, sequences, token_losses
+from diffpo_jax.training.loss import LossConfig, chunked_token_losses, diffpo_loss, response_token_losses, sequences, token_losses
 from tests import tiny
 
 P, N = 7, 9  # N = 9 is no multiple of the chunk sizes below: the chunked path pads
@@ -57,17 +57,31 @@ def test_no_gradient_reaches_the_teacher_distribution():
     np.testing.assert_allclose(np.asarray(ce_grad_t), np.asarray(p - jax.nn.one_hot(targets, 20)), atol=1e-6)
 
 
-def test_diffpo_loss_is_the_masked_mean_over_valid_positions():
+@pytest.mark.parametrize("con_positions", ["all", "draft"])
+def test_diffpo_loss_is_the_masked_mean_over_valid_positions(con_positions):
     rng = np.random.default_rng(6)
     ce, kl = rng.random((4, N)).astype(np.float32), rng.random((4, N)).astype(np.float32)
-    valid = rng.random((4, N)) < 0.6
-    total, parts = diffpo_loss(jnp.asarray(ce), jnp.asarray(kl), jnp.asarray(valid), con_weight=1e3,
-                               num_tokens=jnp.asarray(valid.sum(), jnp.float32))
-    n = valid.sum()
-    ar, con = (ce * valid).sum() / n, (kl * valid).sum() / n
+    best_lens, worse_lens = rng.integers(1, N + 1, 4), rng.integers(1, N + 1, 4)
+    best_mask, worse_mask = (np.arange(N) < best_lens[:, None]), (np.arange(N) < worse_lens[:, None])
+    batch = {"best_mask": jnp.asarray(best_mask), "worse_mask": jnp.asarray(worse_mask)}
+    cfg = LossConfig(con_weight=1e3, con_positions=con_positions)
+    total, parts = diffpo_loss(jnp.asarray(ce), jnp.asarray(kl), batch, cfg,
+                               num_tokens=jnp.asarray(best_mask.sum(), jnp.float32))
+    n = best_mask.sum()
+    # "draft": KL only where the student's input is a draft token, i.e. i < len(y(t)) (and y(T) has a token)
+    kl_valid = best_mask if con_positions == "all" else best_mask & (np.arange(N) < worse_lens[:, None])
+    assert con_positions == "all" or 0 < kl_valid.sum() < best_mask.sum()
+    ar, con = (ce * best_mask).sum() / n, (kl * kl_valid).sum() / n
     np.testing.assert_allclose(float(parts["ar"]), ar, rtol=1e-6)
     np.testing.assert_allclose(float(parts["con"]), con, rtol=1e-6)
     np.testing.assert_allclose(float(total), ar + 1e3 * con, rtol=1e-6)
+
+
+def test_unknown_con_positions_is_an_error():
+    ones = jnp.ones((1, N), bool)
+    with pytest.raises(ValueError, match="con_positions"):
+        diffpo_loss(jnp.zeros((1, N)), jnp.zeros((1, N)), {"best_mask": ones, "worse_mask": ones},
+                    LossConfig(con_positions="some"), num_tokens=jnp.float32(N))
 
 
 def make_batch(seed=0, b=3):
@@ -146,7 +160,8 @@ def test_chunked_equals_plain_values_and_grads(model):
                 ce, kl = chunked_token_losses(head, hidden[0], hidden[1], targets, chunk)
             else:
                 ce, kl = token_losses(head(hidden[0]), head(hidden[1]), targets)
-            return diffpo_loss(ce, kl, valid, con_weight=1e3, num_tokens=jnp.sum(valid).astype(jnp.float32))
+            batch = {"best_mask": valid, "worse_mask": valid}
+            return diffpo_loss(ce, kl, batch, LossConfig(con_weight=1e3), num_tokens=jnp.sum(valid).astype(jnp.float32))
 
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, hidden)
 

@@ -10,6 +10,9 @@ chat template's end-of-turn token (`end_of_turn_id`), cut to N tokens when longe
 token is then lost); a prompt longer than P keeps its last P tokens. Both are counted in
 `loader.stats`, per row served. Padding uses the tokenizer's pad id (its eos id if it has none).
 
+Records: all of the dataset's, or the `indices` given (the trainer's training split, see
+training/evaluation.py); n below counts those.
+
 Order: one global order, the same whatever the number of processes. Each epoch permutes all n
 records (`epoch_permutation(seed, epoch, n)`); global batch s of the epoch is rows s*G .. (s+1)*G-1 of
 the permutation (G = global_batch_size), and process `shard_index` reads only its slice of each global
@@ -112,7 +115,7 @@ class TrajectoryLoader:
 
     def __init__(self, data_dir, tokenizer, *, global_batch_size: int, prompt_len: int, response_len: int = 256,
                  seed: int = 0, num_epochs: int | None = 1, shard_index: int | None = None,
-                 shard_count: int | None = None):
+                 shard_count: int | None = None, indices: list[int] | None = None):
         if shard_index is None or shard_count is None:
             import jax
 
@@ -131,7 +134,8 @@ class TrajectoryLoader:
         data_dir = Path(data_dir).expanduser()
         files = [str(data_dir / name) for name in read_manifest(data_dir)["files"]]
         self._source = grain.sources.ArrayRecordDataSource(files)
-        n = len(self._source)
+        self.indices = np.arange(len(self._source)) if indices is None else np.asarray(indices, np.int64)
+        n = len(self.indices)
         self.encoder = RecordEncoder.for_tokenizer(tokenizer, prompt_len, response_len)
         self.seed, self.shard_index, self.shard_count = seed, shard_index, shard_count
         self.global_batch_size = global_batch_size
@@ -157,7 +161,7 @@ class TrajectoryLoader:
         across the steps) of `epoch`."""
         step, j = divmod(row, self.batch_size)
         global_row = step * self.global_batch_size + self.shard_index * self.batch_size + j
-        return int(epoch_permutation(self.seed, epoch, self.num_records)[global_row])
+        return int(self.indices[epoch_permutation(self.seed, epoch, self.num_records)[global_row]])
 
     def _row(self, epoch: int, row: int) -> dict[str, np.ndarray]:
         index = self.record_index(epoch, row)
@@ -196,10 +200,12 @@ class TrajectoryLoader:
 
 def make_loader(data_dir: str | os.PathLike, tokenizer: Any, *, global_batch_size: int, prompt_len: int,
                 response_len: int = 256, seed: int = 0, num_epochs: int | None = 1,
-                shard_index: int | None = None, shard_count: int | None = None) -> TrajectoryLoader:
-    """Batches of the dataset in `data_dir` (see module doc); shards default to jax's process index/count."""
+                shard_index: int | None = None, shard_count: int | None = None,
+                indices: list[int] | None = None) -> TrajectoryLoader:
+    """Batches of the dataset in `data_dir` (see module doc); shards default to jax's process index/count;
+    `indices`: the dataset records to serve (default all; the trainer leaves out its held-out split)."""
     return TrajectoryLoader(
         data_dir, tokenizer, global_batch_size=global_batch_size, prompt_len=prompt_len,
         response_len=response_len, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-        shard_count=shard_count,
+        shard_count=shard_count, indices=indices,
     )

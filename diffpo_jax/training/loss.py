@@ -26,9 +26,20 @@ last prompt column for i = 0 (shared, so kl_0 = 0), else the previous column of 
 i.e. the forward KL(teacher || student) of eq. 4, with the teacher under stop_gradient. Log-softmax is
 computed in fp32 whatever the activation dtype.
 
-Normalisation (both terms): a masked MEAN over the valid response positions of the global batch,
-valid = best_mask (where y(T) has a token, its end-of-turn token included):
-    L_AR = sum(ce * best_mask) / n,   L_Con = sum(kl * best_mask) / n,   n = sum(best_mask)
+Positions of the consistency term (`LossConfig.con_positions`):
+  - "all" (the paper's eq. 4 as written): every position where y(T) has a token.
+  - "draft" (the presets): only positions i < len(y(t)), where the student's input token y(t)_{i-1} is a
+    draft token (not y(t)'s end-of-turn token or the pad tail past it). Past the draft's end the student
+    context says nothing about y(T)_i; asking it to predict the teacher there is asking it to predict
+    without context, and the cheapest way to lower that KL is a prefix-blind model (the collapse to one
+    repeated token measured in bench/RESULTS.md). In refinement those window slots hold pad guesses
+    that are never accepted before the tokens in front of them are, so nothing is lost.
+Positions with the same prefix in both rows (before the first mismatch) have kl = 0 exactly.
+
+Normalisation (both terms): a masked sum over the global batch divided by the number n of valid
+response positions, valid = best_mask (where y(T) has a token, its end-of-turn token included):
+    L_AR = sum(ce * best_mask) / n,   L_Con = sum(kl * con_mask) / n,   n = sum(best_mask)
+with con_mask = best_mask ("all") or best_mask & worse_mask ("draft").
 n counts the whole global batch, so with gradient accumulation every micro-batch divides its sums by
 the same n and the accumulated gradient equals the full batch's. (The paper writes sums over the N
 positions; a per-token mean keeps L_AR and L_Con on the scales that w = 1e3 was chosen for, as in CLLM.)
@@ -57,7 +68,9 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    con_weight: float = 1e3  # w in L = L_AR + w * L_Con (paper: 1e3)
+    con_weight: float = 1e3  # w in L = ar_weight * L_AR + w * L_Con (paper: 1e3)
+    ar_weight: float = 1.0  # 0 = consistency only (the ablation of bench/consistency.py)
+    con_positions: str = "all"  # "all" (paper) | "draft": which positions L_Con covers (module doc)
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
@@ -128,12 +141,23 @@ def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Arra
     return token_losses(model.head(teacher), model.head(student), batch["best"])
 
 
+CON_POSITIONS = ("all", "draft")
+
+
+def con_mask(batch: Batch, con_positions: str) -> jax.Array:
+    """bool [b, N]: the positions L_Con covers (module doc)."""
+    if con_positions == "all":
+        return batch["best_mask"]
+    if con_positions == "draft":
+        return batch["best_mask"] & batch["worse_mask"]
+    raise ValueError(f"con_positions must be one of {CON_POSITIONS}, got {con_positions!r}")
+
+
 def diffpo_loss(
-    ce: jax.Array, kl: jax.Array, valid: jax.Array, *, con_weight: float, num_tokens: jax.Array
+    ce: jax.Array, kl: jax.Array, batch: Batch, cfg: LossConfig, *, num_tokens: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(L_AR + w * L_Con, {"ar": L_AR, "con": L_Con}): masked sums over `valid` divided by `num_tokens`
+    """(ar_weight * L_AR + w * L_Con, {"ar": L_AR, "con": L_Con}): masked sums divided by `num_tokens`
     (the valid positions of the global batch, see module doc)."""
-    valid = valid.astype(jnp.float32)
-    ar = jnp.sum(ce * valid) / num_tokens
-    con = jnp.sum(kl * valid) / num_tokens
-    return ar + con_weight * con, {"ar": ar, "con": con}
+    ar = jnp.sum(ce * batch["best_mask"]) / num_tokens
+    con = jnp.sum(kl * con_mask(batch, cfg.con_positions)) / num_tokens
+    return cfg.ar_weight * ar + cfg.con_weight * con, {"ar": ar, "con": con}

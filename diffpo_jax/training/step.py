@@ -113,7 +113,7 @@ def make_train_step(
     grad_accum: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """jit(step)(state, batch) -> (new state, metrics); metrics (replicated fp32 scalars, METRICS):
-    loss = ar + w * con, ar = L_AR, con = L_Con, grad_norm (before clipping), lr (this update's),
+    loss = ar_weight * ar + w * con, ar = L_AR, con = L_Con, grad_norm (before clipping), lr (this update's),
     tokens (valid response positions of the batch, the loss denominator)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
@@ -121,7 +121,7 @@ def make_train_step(
     def loss_fn(params, micro, num_tokens):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
             ce, kl = response_token_losses(nnx.merge(graphdef, params), micro, loss_cfg.chunk)
-        return diffpo_loss(ce, kl, micro["best_mask"], con_weight=loss_cfg.con_weight, num_tokens=num_tokens)
+        return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -146,7 +146,7 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": ar + loss_cfg.con_weight * con,
+            "loss": loss_cfg.ar_weight * ar + loss_cfg.con_weight * con,
             "ar": ar,
             "con": con,
             "grad_norm": optax.tree.norm(grads),

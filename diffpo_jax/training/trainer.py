@@ -8,7 +8,10 @@ Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RU
   checkpoints/<step>/              params, opt_state, meta {"step", "data": loader state}: every
                                    `save_every` steps, on SIGTERM and at the end; the last
                                    `keep_checkpoints` kept; written asynchronously
-  metrics.jsonl                    one line per step (process 0)
+  metrics.jsonl                    one line per step (process 0); held-out evaluation (`eval` section)
+                                   adds its eval_* metrics to the lines of the steps it ran after
+                                   (step 0: before the first update)
+  eval_ids.json                    the held-out record ids (when eval.holdout_prompts > 0)
   tensorboard/                     event files with the same scalars (process 0)
   data/                            the built dataset, when `data` is a source file rather than a built dir
 
@@ -56,7 +59,8 @@ from diffpo_jax.sources import (
     load_model,
     tokenizer_from_dir,
 )
-from diffpo_jax.training.loss import LossConfig
+from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
+from diffpo_jax.training.loss import CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
     OptimizerConfig,
     TrainState,
@@ -102,6 +106,7 @@ class TrainConfig:
     # (for time-limited jobs: rerun the same command to go on)
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation (training/evaluation.py); off by default
     save_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -109,7 +114,7 @@ class TrainConfig:
     tensorboard: bool = True
 
 
-_SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig}
+_SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -184,6 +189,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise TrainConfigError(f"config: max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.loss.con_positions not in CON_POSITIONS:
+        raise TrainConfigError(f"config: loss.con_positions must be one of {', '.join(CON_POSITIONS)}, "
+                               f"got {cfg.loss.con_positions!r}")
+    for key in ("holdout_prompts", "every"):
+        if getattr(cfg.eval, key) < 0:
+            raise TrainConfigError(f"config: eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
+    for key in ("max_rows", "batch_size", "block_size"):
+        if getattr(cfg.eval, key) < 1:
+            raise TrainConfigError(f"config: eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
     if cfg.loss.chunk < 0:
         raise TrainConfigError(f"config: loss.chunk must be >= 0, got {cfg.loss.chunk}")
     return cfg
@@ -282,7 +296,8 @@ class MetricsLog:
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         if self._file is not None:
@@ -329,10 +344,7 @@ class TrainResult:
     stopped: bool  # True when SIGTERM ended it early (a checkpoint of `step` was saved)
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0)."""
-    say = log if is_main_process() else (lambda _: None)
-    cfg = validate(cfg)
+def _check_mesh(cfg: TrainConfig):
     mesh = make_mesh(cfg.mesh)
     rows_per_shard = cfg.global_batch_size // cfg.grad_accum
     if rows_per_shard % (mesh.shape["data"] * mesh.shape["fsdp"]):
@@ -340,33 +352,61 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
             f"config: global_batch_size / grad_accum = {rows_per_shard} rows do not split over "
             f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
         )
+    return mesh
+
+
+def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
+    """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`."""
+    if start:
+        say(f"resuming {run_dir} from step {start}")
+        return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
+    loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
+    write_model_files(run_dir, loaded.cfg, loaded.tokenizer)
+    if is_main_process():
+        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    say(f"model {loaded.source} -> {run_dir}")
+    return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
+
+
+def _split(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> tuple[list[int] | None, list[dict] | None]:
+    """(training record indices, held-out records); (None, None) without evaluation."""
+    if not cfg.eval.holdout_prompts:
+        return None, None
+    records = read_records(data_dir)
+    try:
+        train_idx, held_idx = holdout_split(records, cfg.eval.holdout_prompts)
+    except ValueError as e:
+        raise TrainConfigError(f"config: {e}") from None
+    held = [records[i] for i in held_idx]
+    if is_main_process():
+        (run_dir / EVAL_IDS).write_text(json.dumps([r["id"] for r in held], indent=1) + "\n")
+    return train_idx, held
+
+
+def train(cfg: TrainConfig, log=print) -> TrainResult:
+    """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0)."""
+    say = log if is_main_process() else (lambda _: None)
+    cfg = validate(cfg)
+    mesh = _check_mesh(cfg)
     run_dir = Path(cfg.output_dir).expanduser().absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpoints)
     start = checkpoints.latest_step() or 0
-    params = None
-    if start:
-        model_cfg = read_orbax_config(run_dir)
-        tokenizer = tokenizer_from_dir(run_dir)
-        say(f"resuming {run_dir} from step {start}")
-    else:
-        loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
-        model_cfg, tokenizer = loaded.cfg, loaded.tokenizer
-        params = nnx.to_pure_dict(nnx.state(loaded.model))
-        write_model_files(run_dir, model_cfg, tokenizer)
-        if is_main_process():
-            (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        say(f"model {loaded.source} -> {run_dir}")
+    model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
     model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
     abstract = abstract_model(model_cfg)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
     params_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
 
+    data_dir = prepare_data(cfg.data, run_dir)
+    train_idx, held = _split(cfg, data_dir, run_dir)
     loader = make_loader(
-        prepare_data(cfg.data, run_dir), tokenizer, global_batch_size=cfg.global_batch_size,
-        prompt_len=cfg.prompt_len, response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs,
+        data_dir, tokenizer, global_batch_size=cfg.global_batch_size, prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs, indices=train_idx,
     )
+    evaluate = held and make_evaluator(cfg.eval, cfg.loss, held, loader.encoder, graphdef,
+                                       LoadedModel(model_cfg, None, tokenizer, str(run_dir), {}), mesh)
     total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
     tx, schedule = make_optimizer(cfg.optimizer, total)
     shardings = state_shardings(tx, params_sharding, abstract_params, mesh)
@@ -382,37 +422,18 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     train_step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, cfg.grad_accum)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     say(
-        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records} records, "
+        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records} records"
+        f"{f' (+{len(held)} held out)' if held else ''}, "
         f"{loader.steps_per_epoch} steps/epoch, steps {start}..{total}, batch {cfg.global_batch_size} "
         f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
     )
-
     metrics_log = MetricsLog(run_dir, start, cfg.tensorboard)
-    # Teacher + student sequence tokens per step (bench/train_speed's unit); the model runs P fewer per
-    # row, since the loss packs each pair's shared prompt once.
-    tokens_per_step = 2 * cfg.global_batch_size * (cfg.prompt_len + cfg.response_len)
-    history, step, saved, stopped = [], start, start, False
-    with _SigtermFlag() as sigterm:
-        last = time.perf_counter()
-        end = total if cfg.stop_after is None else min(total, cfg.stop_after)
-        while step < end and not sigterm.raised:
-            state, metrics = train_step(state, global_batch(next(loader), mesh))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            step += 1
-            now, elapsed = time.perf_counter(), time.perf_counter() - last
-            last = now
-            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
-                      **{f"data_{k}": v for k, v in loader.stats.items()}}
-            history.append(record)
-            metrics_log.write(record)
-            if step % cfg.log_every == 0 or step == total:
-                say(progress_line(record, total))
-            final = step == end or sigterm.raised
-            if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
-                saved = step
-        stopped = sigterm.raised and step < total
-        if stopped and saved != step:
-            checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=True)
+    if evaluate and not start:
+        record = {"step": 0, **evaluate(state.params)}
+        metrics_log.write(record)
+        say(eval_line(record))
+    history, step, stopped = _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate,
+                                   start, total, say)
     checkpoints.wait()
     checkpoints.close()
     metrics_log.close()
@@ -423,3 +444,44 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     else:
         say(f"done: {run_dir} (step {step}; data {loader.stats})")
     return TrainResult(run_dir, start, step, total, history, stopped)
+
+
+def eval_line(m: dict[str, Any]) -> str:
+    return (
+        f"eval step {m['step']}  ar {m['eval_ar']:.4f}  con {m['eval_con']:.4e}  passes/token "
+        f"{m['eval_passes_per_token']:.3f}  equal y(T) {m['eval_equal_best']:.2f}  distinct {m['eval_distinct']:.2f}  "
+        f"{m['eval_seconds']:.1f} s"
+    )
+
+
+def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate, start, total, say):
+    """The steps start+1 .. end: (history, last step, stopped by SIGTERM)."""
+    # Teacher + student sequence tokens per step (bench/train_speed's unit); the model runs P fewer per
+    # row, since the loss packs each pair's shared prompt once.
+    tokens_per_step = 2 * cfg.global_batch_size * (cfg.prompt_len + cfg.response_len)
+    history, step, saved = [], start, start
+    with _SigtermFlag() as sigterm:
+        last = time.perf_counter()
+        end = total if cfg.stop_after is None else min(total, cfg.stop_after)
+        while step < end and not sigterm.raised:
+            state, metrics = train_step(state, global_batch(next(loader), mesh))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            step += 1
+            now, elapsed = time.perf_counter(), time.perf_counter() - last
+            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
+                      **{f"data_{k}": v for k, v in loader.stats.items()}}
+            if step % cfg.log_every == 0 or step == total:
+                say(progress_line(record, total))
+            if evaluate and (step == total or (cfg.eval.every and step % cfg.eval.every == 0)):
+                record.update(evaluate(state.params))
+                say(eval_line(record))
+            last = time.perf_counter()
+            history.append(record)
+            metrics_log.write(record)
+            final = step == end or sigterm.raised
+            if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
+                saved = step
+        stopped = sigterm.raised and step < total
+        if stopped and saved != step:
+            checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=True)
+    return history, step, stopped
