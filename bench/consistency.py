@@ -40,6 +40,7 @@ def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
     from flax import nnx
 
     from diffpo_jax.data.loader import RecordEncoder
+    from diffpo_jax.decoding.batching import stop_token_ids
     from diffpo_jax.sharding import make_mesh
     from diffpo_jax.sources import load_model
     from diffpo_jax.training.evaluation import make_evaluator, read_records
@@ -54,8 +55,9 @@ def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
     loaded = load_model(str(out))  # what refine --model RUN_DIR loads
     graphdef, state = nnx.split(loaded.model)
     encoder = RecordEncoder.for_tokenizer(loaded.tokenizer, cfg.prompt_len, cfg.response_len)
-    evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, loaded, make_mesh(cfg.mesh),
-                              max_rows=10**6)
+    stops = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
+    evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, make_mesh(cfg.mesh),
+                              stop_tokens=stops, max_rows=10**6)
     return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state))}
 
 

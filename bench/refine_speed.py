@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ref_model = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32).eval()
     machine = common.machine()
     graphdef, state = nnx.split(loaded.model)
-    stop = stop_token_ids(loaded)
+    stop = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
     tok = loaded.tokenizer
     pad = int(tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (stop[0] if stop else 0))
     n_new = args.max_new_tokens

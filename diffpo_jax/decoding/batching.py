@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from diffpo_jax.chat import Messages, end_of_turn_id, prompt_ids, response_ids
+from diffpo_jax.config import ModelConfig
 from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.jacobi import jacobi_decode
 from diffpo_jax.decoding.sampler import generate
@@ -40,16 +41,16 @@ def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
-def stop_token_ids(loaded: LoadedModel) -> tuple[int, ...]:
-    """eos ids of the config, tokenizer and generation_config.json, plus the chat template's end-of-turn token."""
-    ids = list(loaded.cfg.eos_token_ids)
-    tok = loaded.tokenizer
+def stop_token_ids(cfg: ModelConfig, tok: Any, source: str) -> tuple[int, ...]:
+    """eos ids of the model config, the tokenizer and SOURCE/generation_config.json (a model dir, when the
+    source is one), plus the chat template's end-of-turn token."""
+    ids = list(cfg.eos_token_ids)
     if tok is not None:
         if tok.eos_token_id is not None:
             ids.append(tok.eos_token_id)
         if getattr(tok, "chat_template", None):
             ids.append(end_of_turn_id(tok))
-    gen = Path(loaded.source) / "generation_config.json"
+    gen = Path(source) / "generation_config.json"
     if gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
@@ -74,7 +75,7 @@ class Decoder:
             raise ModelSourceError(f"{loaded.source}: the tokenizer has no chat template")
         self.graphdef, self.state = nnx.split(loaded.model)
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.stop_tokens = stop_token_ids(loaded)
+        self.stop_tokens = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
         self.end_of_turn = end_of_turn_id(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.end_of_turn)

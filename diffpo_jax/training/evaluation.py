@@ -1,8 +1,10 @@
 """Held-out evaluation inside training: the losses and Jacobi refinement of held-out y(t) drafts.
 
-    split = holdout_split(data_dir, eval_cfg.holdout_prompts)       # record indices: (train, held out)
-    evaluator = Evaluator(eval_cfg, records, tokenizer, model_cfg, loss_cfg, mesh, ...)
-    metrics = evaluator(params)                                     # {"eval_ar": ..., ...}
+    records = read_records(data_dir)
+    train_idx, held_idx = holdout_split(records, eval_cfg.holdout_prompts)
+    evaluate = make_evaluator(eval_cfg, loss_cfg, [records[i] for i in held_idx], encoder, graphdef, mesh,
+                              stop_tokens=...)
+    metrics = evaluate(params)                                      # {"eval_ar": ..., ...}
 
 Split: by prompt (one record per prompt), deterministic: the held-out records are the
 `holdout_prompts` records with the smallest sha256 of their id (ids are hashes of the prompt, so this
@@ -23,7 +25,8 @@ y(T), in record order, capped at `max_rows`. Per evaluation:
   eval_seconds               wall time of the evaluation
 Every process computes the same numbers (inputs are replicated, params stay on their shardings); the
 trainer writes them from process 0. Static shapes: every batch is `batch_size` rows (the last one
-padded with masked rows), prompts padded to P, drafts to N + block, so each function compiles once.
+filled with copies of row 0, masked out of the losses and the counts), prompts padded to P, drafts to
+N + block, so each function compiles once.
 """
 
 from __future__ import annotations
@@ -42,15 +45,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffpo_jax.data.loader import BATCH_KEYS, RecordEncoder
-from diffpo_jax.data.trajectories import DATA_FILE
-from diffpo_jax.decoding.batching import stop_token_ids
+from diffpo_jax.data.trajectories import read_manifest
 from diffpo_jax.decoding.jacobi import jacobi_decode
-from diffpo_jax.sources import LoadedModel
 from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
 EVAL_IDS = "eval_ids.json"
-METRICS = ("eval_ar", "eval_con", "eval_passes_per_token", "eval_tokens_per_pass", "eval_equal_best",
-           "eval_distinct")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,8 @@ def read_records(data_dir: Path) -> list[dict[str, Any]]:
     """All records of a built dataset, in dataset order."""
     import grain
 
-    source = grain.sources.ArrayRecordDataSource([str(Path(data_dir) / DATA_FILE)])
+    data_dir = Path(data_dir)
+    source = grain.sources.ArrayRecordDataSource([str(data_dir / name) for name in read_manifest(data_dir)["files"]])
     return [json.loads(source[i]) for i in range(len(source))]
 
 
@@ -97,7 +97,7 @@ class Evaluator:
 
     def __init__(self, cfg: EvalConfig, rows: dict[str, np.ndarray], graphdef: nnx.GraphDef, loss_cfg: LossConfig,
                  mesh: Mesh, *, stop_tokens: tuple[int, ...], pad_id: int):
-        self.cfg, self.graphdef, self.mesh = cfg, graphdef, mesh
+        self.cfg, self.graphdef = cfg, graphdef
         self.stop_tokens, self.pad_id = stop_tokens, pad_id
         self.num_rows = len(rows["best"])
         pad = -self.num_rows % cfg.batch_size  # the last batch is filled with copies of row 0, masked in the loss
@@ -106,6 +106,7 @@ class Evaluator:
         self.loss_rows = dict(self.rows)
         for key in ("best_mask", "worse_mask"):
             self.loss_rows[key] = self.rows[key] & self.real[:, None]
+        self.decode_rows = self._decode_inputs(self.rows)
         self._replicated = NamedSharding(mesh, PartitionSpec())
 
         def losses(params, batch):
@@ -121,19 +122,17 @@ class Evaluator:
 
     def __call__(self, params: dict) -> dict[str, float]:
         start = time.perf_counter()
-        b, n = self.cfg.batch_size, self.rows["best"].shape[1]
+        b = self.cfg.batch_size
         ar = con = 0.0
         passes = committed = equal = 0
         distinct = []
         state = nnx.state(nnx.merge(self.graphdef, params))
         for lo in range(0, len(self.real), b):
-            batch = {k: v[lo : lo + b] for k, v in self.rows.items()}
-            loss_batch = {k: self._put(v[lo : lo + b]) for k, v in self.loss_rows.items()}
-            parts = jax.device_get(self._losses(params, loss_batch))
+            parts = jax.device_get(self._losses(params, {k: self._put(v[lo : lo + b]) for k, v in self.loss_rows.items()}))
             ar, con = ar + float(parts["ar"]), con + float(parts["con"])
-            r = self._refine(state, batch)
-            real = self.real[lo : lo + b]
-            for i in np.flatnonzero(real):
+            r = self._refine(state, *(x[lo : lo + b] for x in self.decode_rows))
+            batch = {k: self.rows[k][lo : lo + b] for k in ("best", "best_mask")}
+            for i in np.flatnonzero(self.real[lo : lo + b]):
                 length = int(r.lengths[i])
                 tokens = r.tokens[i, :length]
                 passes, committed = passes + int(r.passes[i]), committed + int(r.committed[i])
@@ -151,27 +150,33 @@ class Evaluator:
             "eval_seconds": time.perf_counter() - start,
         }
 
-    def _refine(self, state: nnx.State, batch: dict[str, np.ndarray]):
-        """Jacobi-refine the batch's y(t) drafts (loader rows: left-padded prompts) into the greedy answers."""
-        prompt_lens = batch["prompt_mask"].sum(axis=1).astype(np.int32)
-        prompts = np.full_like(batch["prompt"], self.pad_id)
-        for i, (row, mask) in enumerate(zip(batch["prompt"], batch["prompt_mask"])):  # left -> right padding
+    def _decode_inputs(self, rows: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        """(prompts, prompt lengths, drafts, draft lengths) for jacobi_decode: the loader's left-padded
+        prompts right-padded, the y(t) rows as drafts padded to N + block."""
+        prompt_lens = rows["prompt_mask"].sum(axis=1).astype(np.int32)
+        prompts = np.full_like(rows["prompt"], self.pad_id)
+        for i, (row, mask) in enumerate(zip(rows["prompt"], rows["prompt_mask"])):
             prompts[i, : prompt_lens[i]] = row[mask]
-        n, w = batch["best"].shape[1], self.cfg.block_size
+        n, w = rows["worse"].shape[1], self.cfg.block_size
         drafts = np.full((len(prompts), n + w), self.pad_id, np.int32)
-        drafts[:, :n] = np.where(batch["worse_mask"], batch["worse"], self.pad_id)
-        draft_lens = batch["worse_mask"].sum(axis=1).astype(np.int32)
+        drafts[:, :n] = np.where(rows["worse_mask"], rows["worse"], self.pad_id)
+        return prompts, prompt_lens, drafts, rows["worse_mask"].sum(axis=1).astype(np.int32)
+
+    def _refine(self, state: nnx.State, prompts, prompt_lens, drafts, draft_lens):
+        """Jacobi-refine one batch of drafts into the greedy answers of the current weights."""
+        n = drafts.shape[1] - self.cfg.block_size
         r = jacobi_decode(
             self.graphdef, state, self._put(prompts), self._put(prompt_lens), self._put(drafts),
-            self._put(draft_lens), block_size=w, max_new_tokens=n, stop_tokens=self.stop_tokens,
+            self._put(draft_lens), block_size=self.cfg.block_size, max_new_tokens=n, stop_tokens=self.stop_tokens,
             pad_id=self.pad_id, max_iterations=n,
         )  # fmt: skip
         return jax.device_get(r)
 
 
 def make_evaluator(cfg: EvalConfig, loss_cfg: LossConfig, records: list[dict[str, Any]], encoder: RecordEncoder,
-                   graphdef: nnx.GraphDef, loaded_like: LoadedModel, mesh: Mesh, max_rows: int | None = None) -> Evaluator:
-    """An Evaluator over the (prompt, y(t)) rows of `records`, stopping where `refine` would for the model
-    described by `loaded_like` (its config, tokenizer and source dir; its weights are not used)."""
+                   graphdef: nnx.GraphDef, mesh: Mesh, *, stop_tokens: tuple[int, ...],
+                   max_rows: int | None = None) -> Evaluator:
+    """An Evaluator over the (prompt, y(t)) rows of `records` (the first `max_rows`, default cfg.max_rows);
+    `stop_tokens`: where refinement ends a row (`decoding.batching.stop_token_ids`, as `refine` stops)."""
     rows = eval_rows(records, encoder, cfg.max_rows if max_rows is None else max_rows)
-    return Evaluator(cfg, rows, graphdef, loss_cfg, mesh, stop_tokens=stop_token_ids(loaded_like), pad_id=encoder.pad_id)
+    return Evaluator(cfg, rows, graphdef, loss_cfg, mesh, stop_tokens=stop_tokens, pad_id=encoder.pad_id)

@@ -59,6 +59,7 @@ from diffpo_jax.sources import (
     load_model,
     tokenizer_from_dir,
 )
+from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
 from diffpo_jax.training.loss import CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
@@ -405,8 +406,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
         data_dir, tokenizer, global_batch_size=cfg.global_batch_size, prompt_len=cfg.prompt_len,
         response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs, indices=train_idx,
     )
-    evaluate = held and make_evaluator(cfg.eval, cfg.loss, held, loader.encoder, graphdef,
-                                       LoadedModel(model_cfg, None, tokenizer, str(run_dir), {}), mesh)
+    evaluate = held and make_evaluator(cfg.eval, cfg.loss, held, loader.encoder, graphdef, mesh,
+                                       stop_tokens=stop_token_ids(model_cfg, tokenizer, str(run_dir)))
     total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
     tx, schedule = make_optimizer(cfg.optimizer, total)
     shardings = state_shardings(tx, params_sharding, abstract_params, mesh)
@@ -467,7 +468,7 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
             state, metrics = train_step(state, global_batch(next(loader), mesh))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
-            now, elapsed = time.perf_counter(), time.perf_counter() - last
+            elapsed = time.perf_counter() - last
             record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
                       **{f"data_{k}": v for k, v in loader.stats.items()}}
             if step % cfg.log_every == 0 or step == total:
