@@ -1,7 +1,11 @@
-"""`python -m diffpo_jax.data build --source SRC [--source SRC ...] --out DIR`: build a trajectory dataset.
+"""`python -m diffpo_jax.data build|distill ...`: build a trajectory dataset.
 
-SRC: a .jsonl/.json or .parquet file, or a hub dataset id ("org/name" or "org/name:split", default
-train). Prints a summary of the manifest; errors are one line on stderr, exit status 2.
+  build --source SRC [--source SRC ...] --out DIR    scored responses, ranked (data/trajectories.py).
+        SRC: a .jsonl/.json or .parquet file, or a hub dataset id ("org/name" or "org/name:split",
+        default train)
+  distill --prompts FILE --out DIR [--model M] ...   a model's own greedy answers and samples
+                                                     (data/self_distill.py)
+Prints a summary of the manifest; errors are one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from diffpo_jax.data import self_distill
 from diffpo_jax.data.trajectories import TrajectoryDataError, build
 
 
@@ -22,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--responses-field", default="all_generated_responses")
     b.add_argument("--scores-field", default="all_rm_scores")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    self_distill.add_parser(commands)
     args = parser.parse_args(argv)
     try:
-        manifest = build(
-            args.source, args.out, prompt_field=args.prompt_field, responses_field=args.responses_field,
-            scores_field=args.scores_field, overwrite=args.overwrite,
-        )
+        if args.command == "distill":
+            manifest = self_distill.run_command(args)
+        else:
+            manifest = build(
+                args.source, args.out, prompt_field=args.prompt_field, responses_field=args.responses_field,
+                scores_field=args.scores_field, overwrite=args.overwrite,
+            )
     except TrajectoryDataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -267,9 +267,10 @@ def _summary(tally: _Tally) -> str:
 def build(
     sources: list[str], out_dir: str | os.PathLike, *, prompt_field: str = "prompt",
     responses_field: str = "all_generated_responses", scores_field: str = "all_rm_scores",
-    overwrite: bool = False,
+    overwrite: bool = False, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build the dataset of `sources` into `out_dir` (see module doc); returns the manifest."""
+    """Build the dataset of `sources` into `out_dir` (see module doc); returns the manifest, which
+    also holds the entries of `extra` (how the sources were made)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     out = Path(out_dir).expanduser()
@@ -278,6 +279,7 @@ def build(
     records, manifest = collect(
         sources, prompt_field=prompt_field, responses_field=responses_field, scores_field=scores_field
     )
+    manifest.update(extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""Self-distillation trajectories (CLLM's recipe; no reward model): a model's own answers, ranked by how
+far they are from its greedy answer.
+
+    python -m diffpo_jax.data distill --prompts prompts.jsonl --out DIR [--model M]
+        [--temperatures 1.0,0.7] [--samples 1] [--max-new-tokens 256] [--batch-size 8] [--seed 0]
+
+Per prompt, y(T) is the model's greedy answer and y(0..T-1) are its samples, hottest first. Each answer
+set is one `python -m diffpo_jax.generate` run (jsonl format, batched, streamed through OUT.partial,
+resumable), written under DIR.work/:
+  greedy.jsonl                 temperature 0: y(T)
+  options.json                 the options below; a rerun with other options stops (delete the folder)
+  t{TEMP}-s{K}.jsonl           sample K at temperature TEMP, seeded with `seed` + the run's position in
+                               this list (greedy: `seed`)
+  scored.jsonl                 one row per prompt: prompt, all_generated_responses, all_rm_scores, where a
+                               response's score is minus its temperature (greedy 0)
+and `scored.jsonl` is built into DIR by `trajectories.build`, so ranking, merging and the manifest are
+the reward-ranked path's: responses ascending by (score, text) puts the hottest samples first and the
+greedy answer last; a sample equal to the greedy answer merges into it, and a prompt whose samples all
+equal its greedy answer is dropped as `fewer_than_2_distinct_responses` (counted in the manifest). The
+manifest's `self_distill` entry records the model, temperatures, seeds and lengths. A rerun with the
+same options resumes every unfinished generate run; the work directory is kept (it is the data's
+provenance) and can be deleted once DIR exists.
+
+Use it to teach a model to refine its OWN drafts quickly (Jacobi decoding then reaches the greedy answer
+in fewer passes); use reward-ranked responses (`data build`) to teach alignment (y(T) = the best-scored
+response, which the model's greedy answer is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from diffpo_jax.data.formats import FormatError, read_records
+from diffpo_jax.data.trajectories import TrajectoryDataError, build
+from diffpo_jax.sources import ModelSourceError
+
+
+def _generate_args(prompts: Path, out: Path, model: str | None, temperature: float, seed: int,
+                   max_new_tokens: int, batch_size: int, dtype: str) -> argparse.Namespace:
+    return argparse.Namespace(
+        model=model, input=prompts, output=out, format="jsonl", temperature=temperature, top_p=1.0,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_id=None, dtype=dtype,
+    )  # fmt: skip
+
+
+def runs(temperatures: list[float], samples: int, seed: int) -> list[tuple[str, float, int]]:
+    """(file name, temperature, seed) of every generate run: greedy first, then each sample."""
+    out = [("greedy.jsonl", 0.0, seed)]
+    for t in temperatures:
+        for k in range(samples):
+            out.append((f"t{t:g}-s{k}.jsonl", t, seed + len(out)))
+    return out
+
+
+def distill(
+    prompts: Path, out_dir: Path, *, model: str | None = None, temperatures: list[float] = (1.0, 0.7),
+    samples: int = 1, max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0, dtype: str = "float32",
+    overwrite: bool = False, loaded=None, log=print,
+) -> dict[str, Any]:
+    """Build the self-distilled dataset of `prompts` into `out_dir` (module doc); returns the manifest.
+    `loaded`: an already loaded model to use instead of `model`."""
+    from diffpo_jax import generate
+    from diffpo_jax.sources import load_model
+
+    temperatures = list(temperatures)
+    if not temperatures or any(t <= 0 for t in temperatures) or samples < 1:
+        raise TrajectoryDataError("self-distillation needs temperatures > 0 and samples >= 1")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise TrajectoryDataError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    records = read_records(prompts, "jsonl", with_drafts=False)  # fail on bad prompts before loading
+    work = out_dir.with_name(out_dir.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    plan = runs(temperatures, samples, seed)
+    options = {"prompts": str(prompts), "model": model, "runs": plan, "max_new_tokens": max_new_tokens,
+               "batch_size": batch_size, "dtype": dtype}  # fmt: skip
+    options = json.loads(json.dumps(options))
+    recorded = work / "options.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != options:
+        raise TrajectoryDataError(f"{recorded}: written by a run with other options; delete {work} to start over")
+    recorded.write_text(json.dumps(options, indent=1) + "\n")
+    loaded = loaded or load_model(model, dtype=dtype)
+    for name, temperature, run_seed in plan:
+        if (work / name).exists():
+            log(f"{work / name}: done")
+            continue
+        args = _generate_args(prompts, work / name, model, temperature, run_seed, max_new_tokens, batch_size, dtype)
+        summary = generate.run(args, loaded=loaded)
+        log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    answers = [read_records(work / name, "jsonl", with_drafts=True) for name, _, _ in plan]
+    scored = work / "scored.jsonl"
+    tmp = scored.with_name(scored.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for i, rec in enumerate(records):
+            row = {
+                "prompt": rec.prompt,
+                "all_generated_responses": [a[i].drafts[0] for a in answers],
+                "all_rm_scores": [-t for _, t, _ in plan],
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(scored)
+    provenance = {
+        "prompts": str(prompts), "model": loaded.source, "dtype": dtype, "max_new_tokens": max_new_tokens,
+        "runs": [{"file": name, "temperature": t, "seed": s} for name, t, s in plan],
+        "score": "minus the sampling temperature (greedy 0): hottest sample = y(0), greedy answer = y(T)",
+    }  # fmt: skip
+    return build([str(scored)], out_dir, overwrite=overwrite, extra={"self_distill": provenance})
+
+
+def add_parser(commands) -> None:
+    d = commands.add_parser("distill", help="a model's greedy answers (y(T)) and samples (y(0..T-1)) -> trajectories")
+    d.add_argument("--prompts", type=Path, required=True, help="jsonl with `prompt` or `messages` per line")
+    d.add_argument("--out", type=Path, required=True, help="dataset directory; generate outputs go to OUT.work/")
+    d.add_argument("--model", default=None, help="hub id, HF folder, .gguf, Orbax or run dir; default: embedded SmolLM2")
+    d.add_argument("--temperatures", default="1.0,0.7", help="comma-separated sampling temperatures (> 0)")
+    d.add_argument("--samples", type=int, default=1, help="samples per temperature")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run_command(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+    except ValueError:
+        raise TrajectoryDataError(f"--temperatures {args.temperatures!r}: not a comma-separated list of numbers") from None
+    try:
+        return distill(
+            args.prompts, args.out, model=args.model, temperatures=temperatures, samples=args.samples,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except (FormatError, ModelSourceError) as e:
+        raise TrajectoryDataError(str(e)) from None
