@@ -134,7 +134,8 @@ TRAIN = dict(
     global_batch_size=8, prompt_len=48, response_len=8, num_epochs=1, seed=0, save_every=2, keep_checkpoints=2,
     log_every=1, tensorboard=False, mesh=[1, -1, 1],
     loss={"con_weight": 1000.0, "chunk": 0}, optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
-)  # 40 trajectories / 8 = 5 steps
+    eval={"holdout_prompts": 8, "every": 2, "max_rows": 12, "batch_size": 8, "block_size": 4},
+)  # 40 trajectories, 8 held out: 32 / 8 = 4 steps; held-out evaluation at steps 0, 2, 4
 
 
 @pytest.fixture(scope="module")
@@ -158,21 +159,34 @@ def train_run(config, run_dir, cache, processes: int, *overrides: str) -> str:
     return result.stdout
 
 
+def metric_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def train_losses(run_dir) -> np.ndarray:
-    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = [m for m in metric_lines(run_dir) if "loss" in m]
     assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
     return np.array([[m["loss"], m["ar"], m["con"]] for m in lines])
 
 
+def eval_metrics(run_dir) -> list[dict]:
+    return [m for m in metric_lines(run_dir) if "eval_ar" in m]
+
+
 @pytest.fixture(scope="module")
-def one_process_run(train_config, xla_cache_dir, tmp_path_factory):
+def one_process_dir(train_config, xla_cache_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("dist") / "one"
     train_run(train_config, run_dir, xla_cache_dir, 1)
-    return train_losses(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process_run(one_process_dir):
+    return train_losses(one_process_dir)
 
 
 def assert_same_losses(got, want):
-    assert got.shape == want.shape == (5, 3)
+    assert got.shape == want.shape == (4, 3)
     assert want[:, 2].min() > 1e-5  # a KL term that is not ~0
     # fp32, another reduction order (gloo across processes): L_AR and L_Con within 1e-5 (seen <= 1e-6 and
     # 2e-8); the total, L_AR + 1e3 * L_Con, inherits 1e3 times the L_Con difference: within 1e-5 relative.
@@ -181,7 +195,7 @@ def assert_same_losses(got, want):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(train_config, xla_cache_dir, one_process_run, tmp_path):
+def test_two_processes_train_like_one(train_config, xla_cache_dir, one_process_run, one_process_dir, tmp_path):
     out = train_run(train_config, tmp_path / "two", xla_cache_dir, 2)
     # Only process 0 logs: process 1 prints none of the kinds of line process 0 prints (gloo's own
     # connection messages come from both, written by several threads at once, so they can arrive in
@@ -191,6 +205,13 @@ def test_two_processes_train_like_one(train_config, xla_cache_dir, one_process_r
     assert "step" in kinds
     assert not [rest for who, rest in lines if who == "[p1]" and rest.split() and rest.split()[0] in kinds]
     assert_same_losses(train_losses(tmp_path / "two"), one_process_run)
+    # held-out evaluation on 2 processes: written once (process 0), the same figures as on one process
+    two, one = eval_metrics(tmp_path / "two"), eval_metrics(one_process_dir)
+    assert [m["step"] for m in two] == [m["step"] for m in one] == [0, 2, 4]
+    for a, b in zip(two, one):
+        np.testing.assert_allclose([a["eval_ar"], a["eval_con"]], [b["eval_ar"], b["eval_con"]], rtol=1e-5, atol=1e-6)
+        for key in ("eval_passes_per_token", "eval_equal_best", "eval_distinct"):
+            assert a[key] == b[key], (key, a, b)
 
 
 @pytest.mark.slow
@@ -198,7 +219,7 @@ def test_two_processes_train_like_one(train_config, xla_cache_dir, one_process_r
 def test_checkpoints_resume_across_process_counts(train_config, xla_cache_dir, one_process_run, tmp_path, first, then):
     run_dir = tmp_path / "run"
     out = train_run(train_config, run_dir, xla_cache_dir, first, "stop_after=2")
-    assert "stop_after: stopped after step 2/5" in out
+    assert "stop_after: stopped after step 2/4" in out
     out = train_run(train_config, run_dir, xla_cache_dir, then)
     assert f"resuming {run_dir} from step 2" in out
     assert_same_losses(train_losses(run_dir), one_process_run)
