@@ -3,7 +3,9 @@
 Trains a DiffPO model (L = L_AR + w * L_Con, training/loss.py) on a trajectory dataset and writes a
 train run dir (`output_dir`): checkpoints, metrics.jsonl, TensorBoard events, plus config.json and the
 tokenizer, so `--model RUN_DIR` works in every CLI and `convert to-hf RUN_DIR OUT` exports it.
-Rerunning with the same output_dir resumes from its latest checkpoint; SIGTERM saves and exits 0.
+Rerunning with the same output_dir resumes from its latest checkpoint (with the run's config: other
+values of keys that change what is trained stop it, unless --allow-config-change KEY,...); SIGTERM
+saves and exits 0.
 
 Overrides: `key=value` for top-level keys (`max_steps=20`, `mesh=[2,2,2]`, `output_dir=runs/x`) and
 `loss.KEY` / `optimizer.KEY` (`optimizer.learning_rate=1e-5`); values are YAML. --model SPEC is the
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="a YAML preset, e.g. configs/train/tiny.yaml (default: built-in defaults)")
     ap.add_argument("--model", help="the model to start from (overrides the config's model)")
+    ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
+                    help="on resume, accept new values of these keys (dotted, or a section name)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.initialize_from_args(args)
         cfg = load_config(args.config, overrides)
-        result = train(cfg, log=lambda line: print(line, flush=True))
+        allow = tuple(k for k in args.allow_config_change.split(",") if k)
+        result = train(cfg, log=lambda line: print(line, flush=True), allow_config_change=allow)
     except (TrainConfigError, ModelSourceError, TrajectoryDataError, CheckpointError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -208,6 +208,25 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: config: global_batch_size / grad_accum = 12 rows do not split") and err.count("\n") == 1
 
 
+@slow
+def test_resume_refuses_a_changed_config_unless_allowed(config_file, tmp_path, capsys):
+    run = ["--config", str(config_file), f"output_dir={tmp_path / 'run'}", "max_steps=3"]
+    assert train_cli.main(run + ["stop_after=1"]) == 0
+    capsys.readouterr()
+    # what is trained changed: refused before anything loads, one line naming each key and both values
+    assert train_cli.main(run + ["stop_after=2", "optimizer.learning_rate=1e-3", "prompt_len=32"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resuming with a changed config (optimizer.learning_rate 0.003 -> 0.001; " \
+        "prompt_len 48 -> 32); pass --allow-config-change optimizer.learning_rate,prompt_len to accept" in err, err
+    # when it stops, logs and how it is laid out may change
+    assert train_cli.main(run + ["stop_after=2", "log_every=1", "mesh=[2,-1,1]"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    # an accepted change becomes the run's config
+    assert train_cli.main(run + ["optimizer.learning_rate=1e-3", "--allow-config-change", "optimizer"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["optimizer"]["learning_rate"] == 1e-3
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     lines = [json.dumps({"step": i, "loss": 1.0}) for i in range(1, 6)] + ['{"step": 6, "lo']  # killed mid-line
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))

@@ -4,7 +4,7 @@
 
 Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RUN_DIR` loads it anywhere:
   config.json, tokenizer files     the model (written once, by process 0)
-  train_config.json                the TrainConfig of the first start
+  train_config.json                the TrainConfig of the latest start (see Resume)
   checkpoints/<step>/              params, opt_state, meta {"step", "data": loader state}: every
                                    `save_every` steps, on SIGTERM and at the end; the last
                                    `keep_checkpoints` kept; written asynchronously
@@ -18,7 +18,11 @@ Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RU
 Resume: a run started with an `output_dir` that holds a checkpoint continues from its latest step:
 params, optimizer state, step and data-iterator position are restored (onto the current mesh), the
 model comes from the run dir, and metrics of steps past that checkpoint are dropped before the new
-ones are written, so the logs read like one uninterrupted run. SIGTERM (e.g. TPU preemption) stops
+ones are written, so the logs read like one uninterrupted run. The config must be the run's
+(train_config.json): keys that do not change what is trained (RESUMABLE_KEYS) may differ, any other
+difference stops with a one-line TrainConfigError naming the keys unless they are in
+`allow_config_change` (`--allow-config-change KEY,...`; a section name allows all its keys); the
+accepted config is then written as the new train_config.json. SIGTERM (e.g. TPU preemption) stops
 after the step in flight, saves a checkpoint, waits for it and returns `stopped=True`.
 
 Models (`model`): anything `sources.load_model` accepts, or `preset:NAME`: the architecture of
@@ -116,6 +120,14 @@ class TrainConfig:
 
 
 _SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
+TRAIN_CONFIG = "train_config.json"
+# Keys a resumed run may change freely: where it runs (mesh, micro-batching, remat: the same updates up
+# to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
+# (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
+RESUMABLE_KEYS = (
+    "output_dir", "mesh", "grad_accum", "remat", "stop_after", "log_every", "save_every", "keep_checkpoints", "async_checkpoints", "tensorboard",
+    "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
+)
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -356,6 +368,38 @@ def _check_mesh(cfg: TrainConfig):
     return mesh
 
 
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key whose value differs, sorted by key."""
+    a, b = _flat(old), _flat(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def check_resume_config(cfg: TrainConfig, run_dir: Path, allow: tuple[str, ...] = ()) -> None:
+    """Stop a resume whose config changes keys other than RESUMABLE_KEYS and `allow` (module doc);
+    then record the config as the run's."""
+    path = run_dir / TRAIN_CONFIG
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if path.is_file():
+        free = set(RESUMABLE_KEYS) | set(allow)
+        blocked = [c for c in config_changes(json.loads(path.read_text()), new)
+                   if c[0] not in free and c[0].split(".")[0] not in free]
+        if blocked:
+            listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in blocked)
+            raise TrainConfigError(
+                f"{path}: resuming with a changed config ({listed}); pass --allow-config-change "
+                f"{','.join(k for k, _, _ in blocked)} to accept"
+            )
+    if is_main_process():
+        path.write_text(json.dumps(new, indent=2) + "\n")
+
+
 def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
     """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`."""
     if start:
@@ -364,7 +408,7 @@ def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     write_model_files(run_dir, loaded.cfg, loaded.tokenizer)
     if is_main_process():
-        (run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     say(f"model {loaded.source} -> {run_dir}")
     return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
 
@@ -384,8 +428,9 @@ def _split(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> tuple[list[int] |
     return train_idx, held
 
 
-def train(cfg: TrainConfig, log=print) -> TrainResult:
-    """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0)."""
+def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()) -> TrainResult:
+    """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0);
+    `allow_config_change`: keys (or sections) a resume may change beyond RESUMABLE_KEYS."""
     say = log if is_main_process() else (lambda _: None)
     cfg = validate(cfg)
     mesh = _check_mesh(cfg)
@@ -394,6 +439,8 @@ def train(cfg: TrainConfig, log=print) -> TrainResult:
     checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpoints)
     start = checkpoints.latest_step() or 0
+    if start:
+        check_resume_config(cfg, run_dir, allow_config_change)
     model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
     model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
     abstract = abstract_model(model_cfg)
