@@ -2,7 +2,7 @@
 
   python -m diffpo_jax.generate --input prompts.jsonl --output drafts.jsonl [--model BASE]
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
-      [--batch-size 8] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16]
+      [--batch-size 8] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16] [--overwrite]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). Sampling is reproducible: batch i draws
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, generated_output, read_records
+from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records
 from diffpo_jax.sources import ModelSourceError
 
 
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         ap.error("--max-new-tokens and --batch-size must be >= 1")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder, decode_records
     from diffpo_jax.sources import load_model
 
+    check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
     options = {k: getattr(args, k) for k in ("model", "format", "temperature", "top_p", "max_new_tokens",
                                              "batch_size", "seed", "model_id", "dtype")}  # fmt: skip

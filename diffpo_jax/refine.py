@@ -3,7 +3,7 @@
   python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
-      [--hold-draft-prefix 0] [--no-realign] [--dtype float32|bfloat16]
+      [--hold-draft-prefix 0] [--no-realign] [--dtype float32|bfloat16] [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message.
@@ -19,7 +19,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, read_records, refined_output
+from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check_output_path, read_records, refined_output
 from diffpo_jax.sources import ModelSourceError
 
 
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hold-draft-prefix", type=int, default=0, help="keep the first R draft tokens fixed")
     ap.add_argument("--no-realign", dest="realign", action="store_false", help="no n-gram re-alignment to the draft")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
     args = ap.parse_args(argv)
     for name in ("block_size", "max_new_tokens", "batch_size"):
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder, decode_records
     from diffpo_jax.sources import load_model
 
+    check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
     options = {k: getattr(args, k) for k in ("model", "format", "history", "max_new_tokens", "max_iterations",
                                              "hold_draft_prefix", "dtype")}  # fmt: skip

@@ -123,6 +123,17 @@ def test_cli_bad_input_exits_2(tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_output_equal_to_input_is_refused_unless_overwrite(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a", "draft": "b"}\n')
+    for cli in (refine_cli, generate_cli):
+        assert cli.main(["--input", str(src), "--output", str(tmp_path / "." / "in.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {tmp_path / '.' / 'in.jsonl'}: is the input file; pass --overwrite to replace it with the results\n"
+        assert cli.parse_args(["--input", str(src), "--output", str(src), "--overwrite"]).overwrite
+    assert src.read_text() == '{"prompt": "a", "draft": "b"}\n'
+
+
 # ------------------------------------------------------------------------------------------ SmolLM2 (slow)
 
 PROMPTS = [

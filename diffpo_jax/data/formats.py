@@ -200,6 +200,12 @@ def generated_output(fmt: str, record: Record, answers: list[str], model_id: str
 # ------------------------------------------------------------------------------------------ writing
 
 
+def check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> None:
+    """Refuse an output that is the input file (the results would replace it) unless `overwrite`."""
+    if not overwrite and Path(output_path).resolve() == Path(input_path).resolve():
+        raise FormatError(f"{output_path}: is the input file; pass --overwrite to replace it with the results")
+
+
 def _fingerprint(raw: Any) -> str:
     return hashlib.sha1(json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -42,7 +42,7 @@ def _generate_args(prompts: Path, out: Path, model: str | None, temperature: flo
                    max_new_tokens: int, batch_size: int, dtype: str) -> argparse.Namespace:
     return argparse.Namespace(
         model=model, input=prompts, output=out, format="jsonl", temperature=temperature, top_p=1.0,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_id=None, dtype=dtype,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_id=None, dtype=dtype, overwrite=False,
     )  # fmt: skip
 
 
