@@ -154,6 +154,36 @@ def test_iteration_cap_and_no_recompile(setup):
         assert 2 <= lengths[i] and tokens[i, : lengths[i]].tolist() == greedy[i, : lengths[i]].tolist()
 
 
+def test_trajectory_records_the_state_after_each_pass(setup):
+    """trajectory=True changes nothing else; states[:, k] is the response after pass k: its committed part
+    is what max_iterations = k + 1 commits, the offsets past the window hold the draft, the last state is
+    the answer, and slots past a row's last pass are padding."""
+    graphdef, state, prompts, greedy, rng = setup
+    drafts, draft_lens = _drafts(greedy, rng)
+    kwargs = dict(block_size=4, max_new_tokens=N, realign=True, pad_id=-1)
+    plain = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, **kwargs)
+    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, trajectory=True, **kwargs)
+    for field in ("tokens", "lengths", "passes", "committed", "converged"):
+        np.testing.assert_array_equal(np.asarray(getattr(r, field)), np.asarray(getattr(plain, field)))
+    assert plain.states is None
+    states, passes = np.asarray(r.states), np.asarray(r.passes)
+    assert states.shape == (len(prompts), N, N) and passes.max() > 2
+    for k in range(passes.max()):
+        capped = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=k + 1, **kwargs)
+        lengths, tokens = np.asarray(capped.lengths), np.asarray(capped.tokens)
+        for i in range(len(prompts)):
+            if k < passes[i]:
+                n = lengths[i]
+                assert states[i, k, :n].tolist() == tokens[i, :n].tolist()
+                past = np.arange(n + 4, N)  # offsets past the window: the draft (pad past its end)
+                expected = np.where(past < draft_lens[i], drafts[i, np.minimum(past, D - 1)], -1)
+                assert states[i, k, n + 4 :].tolist() == expected.tolist(), (i, k)
+            else:
+                assert np.all(states[i, k] == -1)
+    for i in range(len(prompts)):
+        assert states[i, passes[i] - 1].tolist() == greedy[i].tolist()
+
+
 def test_realign_reseeds_after_insertion():
     """Trailing tokens (committed..., next) found in the draft: the guesses continue the draft from there;
     no match: the window is unchanged."""

@@ -22,6 +22,11 @@ after a mismatch are otherwise predictions from a wrong context, and the draft t
 SmolLM2's own temperature-0.7 drafts (block 16, 64 tokens) it took 0.92 passes per token to 0.76
 (requiring next_tok plus one committed token to match: 0.80).
 
+`trajectory=True` also returns the Jacobi trajectory: after each pass, the response the next pass
+builds on, as a full N-token sequence (committed tokens, the window's guesses, the draft at the offsets
+past the window): the intermediate states y(1), y(2), ... on the way from the draft to the fixed point
+that CLLM trains its consistency loss on (`data distill --jacobi-states`).
+
 `hold_draft_prefix=R`: the first R draft tokens are fixed: prefilled as part of the prompt and returned
 as the first response tokens (a stop token among them ends the row).
 """
@@ -48,6 +53,8 @@ class JacobiResult:
     converged: jax.Array  # bool [B]: the row finished (stop token or max_new_tokens) within max_iterations
     passes: jax.Array  # int32 [B]: block forwards spent on the row (the prefill, one forward, not counted)
     committed: jax.Array  # int32 [B]: tokens committed by the passes (lengths minus the held prefix)
+    states: jax.Array | None = None  # trajectory=True: int32 [B, max_new_tokens, max_new_tokens], state
+    # after pass k (0-based) of the row in states[:, k] (rows past their last pass: pad_id)
 
 
 @struct.dataclass
@@ -60,6 +67,7 @@ class _State:
     stopped: jax.Array
     done: jax.Array
     it: jax.Array  # passes of the loop so far
+    states: jax.Array | None  # trajectory: [B, N, N]
 
 
 def _take(x: jax.Array, idx: jax.Array, valid: jax.Array, fill: int) -> jax.Array:
@@ -117,9 +125,20 @@ def _realign(window, tokens, n, drafts, draft_lens):
     return jnp.where(use, _take(drafts, k, use, -1), window)
 
 
+def _record_state(s: _State, k: jax.Array, live: jax.Array, draft_at, big_n: int) -> jax.Array:
+    """s.states with each live row's current response (committed, window, draft past it) at index k[row]."""
+    b, w = s.window.shape
+    offsets = jnp.broadcast_to(jnp.arange(big_n), (b, big_n))
+    rel = offsets - s.n[:, None]
+    seq = jnp.where(rel < 0, s.tokens, jnp.where(rel < w, _take(s.window, rel, True, 0), draft_at(offsets)))
+    slot = jnp.where(live, k, big_n)  # big_n: dropped
+    return s.states.at[jnp.arange(b), slot].set(seq, mode="drop")
+
+
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "block_size", "max_new_tokens", "stop_tokens", "pad_id", "hold_draft_prefix", "realign"),
+    static_argnames=("graphdef", "block_size", "max_new_tokens", "stop_tokens", "pad_id", "hold_draft_prefix", "realign",
+                     "trajectory"),
 )
 def jacobi_decode(
     graphdef: nnx.GraphDef,
@@ -136,6 +155,7 @@ def jacobi_decode(
     max_iterations: int | jax.Array | None = None,
     hold_draft_prefix: int = 0,
     realign: bool = True,
+    trajectory: bool = False,
 ) -> JacobiResult:
     """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
     greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes (default
@@ -168,6 +188,7 @@ def jacobi_decode(
         stopped=zeros.astype(bool),
         done=zeros.astype(bool),
         it=jnp.int32(0),
+        states=jnp.full((b, big_n, big_n), pad_id, jnp.int32) if trajectory else None,
     )
     if hold_draft_prefix:
         s = _commit(s, held, held_lens, stop_tokens, big_n)
@@ -186,10 +207,14 @@ def jacobi_decode(
         window = jnp.where(src < w, _take(y, src, True, 0), draft_at(new.n[:, None] + j))
         if realign:
             window = _realign(window, new.tokens, new.n, drafts, draft_lens)
-        return new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live, it=s.it + 1)
+        new = new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live, it=s.it + 1)
+        if trajectory:
+            new = new.replace(states=_record_state(new, s.passes, live, draft_at, big_n))
+        return new
 
     limit = big_n if max_iterations is None else max_iterations
     s = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.it < limit), step, s)
     return JacobiResult(
-        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done, passes=s.passes, committed=s.n - held_n
+        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done, passes=s.passes, committed=s.n - held_n,
+        states=s.states,
     )
