@@ -3,7 +3,7 @@
   python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
-      [--hold-draft-prefix 0] [--no-realign] [--dtype float32|bfloat16] [--overwrite]
+      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message.
@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--hold-draft-prefix", type=int, default=0, help="keep the first R draft tokens fixed")
     ap.add_argument("--no-realign", dest="realign", action="store_false", help="no n-gram re-alignment to the draft")
+    ap.add_argument("--trajectory", action="store_true",
+                    help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
@@ -49,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--hold-draft-prefix must be in [0, --max-new-tokens]")
     if args.max_iterations is not None and args.max_iterations < 1:
         ap.error("--max-iterations must be >= 1")
+    if args.trajectory and args.format != "jsonl":
+        ap.error("--trajectory needs --format jsonl (the only format that keeps stats)")
     return args
 
 
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
     options = {k: getattr(args, k) for k in ("model", "format", "history", "max_new_tokens", "max_iterations",
-                                             "hold_draft_prefix", "dtype")}  # fmt: skip
+                                             "hold_draft_prefix", "dtype", "trajectory")}  # fmt: skip
     out = ResumableOutput(args.output, args.format, records, options)
     loaded = loaded or load_model(args.model, dtype=args.dtype)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
         return decoder.refine(
             prompts, drafts, block_size=args.block_size, max_iterations=args.max_iterations,
-            hold_draft_prefix=args.hold_draft_prefix, realign=args.realign,
+            hold_draft_prefix=args.hold_draft_prefix, realign=args.realign, trajectory=args.trajectory,
         )  # fmt: skip
 
     def progress(outputs):

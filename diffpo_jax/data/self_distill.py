@@ -2,17 +2,24 @@
 far they are from its greedy answer.
 
     python -m diffpo_jax.data distill --prompts prompts.jsonl --out DIR [--model M]
-        [--temperatures 1.0,0.7] [--samples 1] [--max-new-tokens 256] [--batch-size 8] [--seed 0]
+        [--temperatures 1.0,0.7] [--samples 1] [--jacobi-states K] [--jacobi-block 16]
+        [--max-new-tokens 256] [--batch-size 8] [--seed 0]
 
-Per prompt, y(T) is the model's greedy answer and y(0..T-1) are its samples, hottest first. Each answer
-set is one `python -m diffpo_jax.generate` run (jsonl format, batched, streamed through OUT.partial,
-resumable), written under DIR.work/:
+Per prompt, y(T) is the model's greedy answer and y(0..T-1) are its samples, hottest first, and with
+`--jacobi-states K` also up to K intermediate Jacobi states on the way from each sample to the greedy
+answer (CLLM's training data: the contexts Jacobi decoding actually sees, a correct prefix followed by
+guesses). Each answer set is one `python -m diffpo_jax.generate` (or `refine --trajectory`) run (jsonl
+format, batched, streamed through OUT.partial, resumable), written under DIR.work/:
   greedy.jsonl                 temperature 0: y(T)
   options.json                 the options below; a rerun with other options stops (delete the folder)
   t{TEMP}-s{K}.jsonl           sample K at temperature TEMP, seeded with `seed` + the run's position in
                                this list (greedy: `seed`)
+  t{TEMP}-s{K}.jacobi.jsonl    --jacobi-states: that sample refined with `--trajectory` (block
+                               `--jacobi-block`); of a refinement in P passes, the states after passes
+                               round(linspace(0, P - 2, K)) (distinct; the last pass gives the answer)
   scored.jsonl                 one row per prompt: prompt, all_generated_responses, all_rm_scores, where a
-                               response's score is minus its temperature (greedy 0)
+                               response's score is minus its temperature (greedy 0); the state
+                               after pass p of P of a sample at temperature t scores -t (1 - (p+1)/P)
 and `scored.jsonl` is built into DIR by `trajectories.build`, so ranking, merging and the manifest are
 the reward-ranked path's: responses ascending by (score, text) puts the hottest samples first and the
 greedy answer last; a sample equal to the greedy answer merges into it, and a prompt whose samples all
@@ -32,6 +39,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from diffpo_jax.data.formats import FormatError, read_records
 from diffpo_jax.data.trajectories import TrajectoryDataError, build
@@ -57,8 +66,8 @@ def runs(temperatures: list[float], samples: int, seed: int) -> list[tuple[str, 
 
 def distill(
     prompts: Path, out_dir: Path, *, model: str | None = None, temperatures: list[float] = (1.0, 0.7),
-    samples: int = 1, max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0, dtype: str = "float32",
-    overwrite: bool = False, loaded=None, log=print,
+    samples: int = 1, jacobi_states: int = 0, jacobi_block: int = 16, max_new_tokens: int = 256,
+    batch_size: int = 8, seed: int = 0, dtype: str = "float32", overwrite: bool = False, loaded=None, log=print,
 ) -> dict[str, Any]:
     """Build the self-distilled dataset of `prompts` into `out_dir` (module doc); returns the manifest.
     `loaded`: an already loaded model to use instead of `model`."""
@@ -68,6 +77,8 @@ def distill(
     temperatures = list(temperatures)
     if not temperatures or any(t <= 0 for t in temperatures) or samples < 1:
         raise TrajectoryDataError("self-distillation needs temperatures > 0 and samples >= 1")
+    if jacobi_states < 0 or jacobi_block < 1:
+        raise TrajectoryDataError("--jacobi-states must be >= 0 and --jacobi-block >= 1")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise TrajectoryDataError(f"{out_dir}: already exists (pass --overwrite to replace it)")
@@ -76,7 +87,8 @@ def distill(
     work.mkdir(parents=True, exist_ok=True)
     plan = runs(temperatures, samples, seed)
     options = {"prompts": str(prompts), "model": model, "runs": plan, "max_new_tokens": max_new_tokens,
-               "batch_size": batch_size, "dtype": dtype}  # fmt: skip
+               "batch_size": batch_size, "dtype": dtype, "jacobi_states": jacobi_states,
+               "jacobi_block": jacobi_block}  # fmt: skip
     options = json.loads(json.dumps(options))
     recorded = work / "options.json"
     if recorded.exists() and json.loads(recorded.read_text()) != options:
@@ -90,24 +102,56 @@ def distill(
         args = _generate_args(prompts, work / name, model, temperature, run_seed, max_new_tokens, batch_size, dtype)
         summary = generate.run(args, loaded=loaded)
         log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    answers = [read_records(work / name, "jsonl", with_drafts=True) for name, _, _ in plan]
+    scored_answers = [[(r.drafts[0], -t) for r in read_records(work / name, "jsonl", with_drafts=True)]
+                      for name, t, _ in plan]  # fmt: skip
+    if jacobi_states:
+        for name, t, _ in plan[1:]:
+            states = _jacobi_states(work, name, loaded, jacobi_states, jacobi_block, max_new_tokens, batch_size,
+                                    dtype, log)  # fmt: skip
+            scored_answers += [[(text, -t * (1 - frac)) for text, frac in row] for row in _transpose(states, jacobi_states)]
     scored = work / "scored.jsonl"
     tmp = scored.with_name(scored.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for i, rec in enumerate(records):
-            row = {
-                "prompt": rec.prompt,
-                "all_generated_responses": [a[i].drafts[0] for a in answers],
-                "all_rm_scores": [-t for _, t, _ in plan],
-            }
+            pairs = [a[i] for a in scored_answers if a[i] is not None]
+            row = {"prompt": rec.prompt, "all_generated_responses": [text for text, _ in pairs],
+                   "all_rm_scores": [score for _, score in pairs]}  # fmt: skip
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(scored)
     provenance = {
         "prompts": str(prompts), "model": loaded.source, "dtype": dtype, "max_new_tokens": max_new_tokens,
         "runs": [{"file": name, "temperature": t, "seed": s} for name, t, s in plan],
-        "score": "minus the sampling temperature (greedy 0): hottest sample = y(0), greedy answer = y(T)",
+        "jacobi_states": jacobi_states, "jacobi_block": jacobi_block,
+        "score": "minus the sampling temperature (greedy 0): hottest sample = y(0), greedy answer = y(T); "
+                 "Jacobi state after pass p of P of a sample at temperature t: -t (1 - (p+1)/P)",
     }  # fmt: skip
     return build([str(scored)], out_dir, overwrite=overwrite, extra={"self_distill": provenance})
+
+
+def _jacobi_states(work: Path, name: str, loaded, k: int, block: int, max_new_tokens: int, batch_size: int,
+                   dtype: str, log) -> list[list[tuple[str, float]]]:
+    """Per record of the sample file `name`: up to k (state text, (p + 1) / P) of its Jacobi refinement."""
+    from diffpo_jax import refine
+
+    out = work / name.replace(".jsonl", ".jacobi.jsonl")
+    if not out.exists():
+        args = refine.parse_args(["--input", str(work / name), "--output", str(out), "--trajectory",
+                                  "--block-size", str(block), "--max-new-tokens", str(max_new_tokens),
+                                  "--batch-size", str(batch_size), "--dtype", dtype])  # fmt: skip
+        summary = refine.run(args, loaded=loaded)
+        log(f"{out}: " + ", ".join(f"{key} {v}" for key, v in summary.items()))
+    rows = []
+    for line in out.read_text(encoding="utf-8").splitlines():
+        trajectory = json.loads(line)["stats"]["trajectory"]
+        passes = len(trajectory)
+        picks = sorted({round(x) for x in np.linspace(0, passes - 2, k)}) if passes >= 2 else []
+        rows.append([(trajectory[p], (p + 1) / passes) for p in picks])
+    return rows
+
+
+def _transpose(rows: list[list[Any]], k: int) -> list[list[Any]]:
+    """[record][j] -> [j][record], None where a record has fewer than k entries."""
+    return [[row[j] if j < len(row) else None for row in rows] for j in range(k)]
 
 
 def add_parser(commands) -> None:
@@ -117,6 +161,9 @@ def add_parser(commands) -> None:
     d.add_argument("--model", default=None, help="hub id, HF folder, .gguf, Orbax or run dir; default: embedded SmolLM2")
     d.add_argument("--temperatures", default="1.0,0.7", help="comma-separated sampling temperatures (> 0)")
     d.add_argument("--samples", type=int, default=1, help="samples per temperature")
+    d.add_argument("--jacobi-states", type=int, default=0, metavar="K",
+                   help="also up to K intermediate Jacobi states per sample (CLLM's trajectories)")
+    d.add_argument("--jacobi-block", type=int, default=16, help="Jacobi window for --jacobi-states")
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
@@ -132,7 +179,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return distill(
             args.prompts, args.out, model=args.model, temperatures=temperatures, samples=args.samples,
-            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+            jacobi_states=args.jacobi_states, jacobi_block=args.jacobi_block, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
             overwrite=args.overwrite,
         )  # fmt: skip
     except (FormatError, ModelSourceError) as e:

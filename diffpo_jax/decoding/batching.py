@@ -100,6 +100,11 @@ class Decoder:
         ids = tokens[: length - int(stopped)].tolist()
         return ids, self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _state_text(self, tokens: np.ndarray) -> str:
+        ends = np.flatnonzero(np.isin(tokens, (*self.stop_tokens, self.pad_id)))
+        ids = tokens[: ends[0] if ends.size else len(tokens)].tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _pad(self, rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
         """[batch_size, width] right-padded (rows past len(rows) repeat row 0) and lengths."""
         rows = rows + [rows[0]] * (self.batch_size - len(rows))
@@ -121,8 +126,11 @@ class Decoder:
         max_iterations: int | None = None,
         hold_draft_prefix: int = 0,
         realign: bool = True,
+        trajectory: bool = False,
     ) -> list[Output]:
-        """Jacobi-refine up to batch_size (prompt ids, draft ids) rows into the model's greedy answers."""
+        """Jacobi-refine up to batch_size (prompt ids, draft ids) rows into the model's greedy answers;
+        trajectory: stats["trajectory"] holds the text of the response after each pass (each cut at its
+        first stop or pad token)."""
         assert 0 < len(prompts) == len(drafts) <= self.batch_size
         n = self.max_new_tokens
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
@@ -131,7 +139,7 @@ class Decoder:
             self.graphdef, self.state, p, plen, d, dlen,
             block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
             max_iterations=n if max_iterations is None else max_iterations,
-            hold_draft_prefix=hold_draft_prefix, realign=realign,
+            hold_draft_prefix=hold_draft_prefix, realign=realign, trajectory=trajectory,
         )  # fmt: skip
         r = jax.device_get(r)
         outputs = []
@@ -146,6 +154,8 @@ class Decoder:
                 "stopped": bool(r.stopped[i]),
                 "draft_tokens": len(drafts[i]),
             }
+            if trajectory:
+                stats["trajectory"] = [self._state_text(r.states[i, k]) for k in range(passes)]
             outputs.append(Output(ids, text, stats))
         return outputs
 
