@@ -1,0 +1,206 @@
+"""Does training make a real model refine its own drafts faster? SmolLM2-135M on its self-distilled trajectories.
+
+    python -m bench.self_distill [--steps 120] [--eval-every 40] [--holdout 32] [--max-new-tokens 32]
+        [--jacobi-states K] [--runs NAME ...] [--work out/self_distill] [key=value ...]
+
+1. Data: `data distill` (diffpo_jax/data/self_distill.py) with the embedded, untrained SmolLM2-135M-
+   Instruct on bench/data/self_distill_prompts.jsonl (256 prompts: 4 question templates x 64 topics,
+   written for this benchmark): y(T) = its greedy answer, y(0), y(1) = its samples at temperature 1.0
+   and 0.7, `--max-new-tokens` tokens each, and with `--jacobi-states K` up to K intermediate Jacobi
+   states from each sample to the greedy answer (CLLM's trajectories). Kept in WORK (resumable;
+   reused by a rerun; generate outputs already in WORK/data.work are reused).
+2. Training: the smollm2-135m preset (fp32, lr 1e-5, its objective: w = 1 on the draft's positions),
+   the same with w = 0 (AR only) and with w = 0.1, same init, data, order and steps; `--holdout` prompts held out by
+   the trainer's split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and
+   Jacobi refinement of the held-out y(0), y(1) drafts).
+3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
+   refined by the decoder `refine` uses (batch 8, block 16), and AR greedy of the same weights on the
+   same prompts (batch 8), both timed after a warm-up batch, and both again one row at a time on the
+   first 8 of them (the latency case Jacobi decoding is for): passes per token, tokens per pass, refine
+   tokens/s over AR tokens/s, how often the fixed point equals the UNTRAINED model's greedy answer and
+   the model's own greedy answer (Jacobi decoding is exact, so the latter should be 100%), distinct-
+   token fraction (collapse signal), and a few answers side by side.
+Writes the `self-distill` section of bench/RESULTS.md and bench/self_distill.png (held-out passes per
+token and L_AR against step, every run); with --jacobi-states, `self-distill-jacobi` and
+bench/self_distill_jacobi.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from bench.common import RESULTS, header, machine, table, write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ROOT / "bench" / "data" / "self_distill_prompts.jsonl"
+RUNS = {"AR only (w=0)": ["loss.con_weight=0"], "preset (w=1, draft)": [], "w=0.1, draft": ["loss.con_weight=0.1"]}
+BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
+
+
+def train_run(overrides: list[str], out: Path) -> list[dict]:
+    """Train the smollm2-135m preset with `overrides` into `out` (kept: a rerun reuses it); its eval lines."""
+    from diffpo_jax.training.trainer import load_config, train
+
+    metrics = out / "metrics.jsonl"
+    if not (out / "final").exists():
+        cfg = load_config(ROOT / "configs" / "train" / "smollm2-135m.yaml", [f"output_dir={out}", *overrides])
+        train(cfg, log=lambda line: print(f"  {line}", flush=True))
+    return [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_ar" in m]
+
+
+def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None) -> tuple[list, float]:
+    """(outputs, seconds): refine `drafts` (or AR greedy when None) in decoder.batch_size batches, after
+    one untimed warm-up batch."""
+    import jax
+
+    b = decoder.batch_size
+
+    def run(lo):
+        p = prompts[lo : lo + b]
+        if drafts is None:
+            return decoder.sample(p, jax.random.key(0), temperature=0.0, top_p=1.0)
+        return decoder.refine(p, drafts[lo : lo + b], block_size=BLOCK)
+
+    run(0)
+    start = time.perf_counter()
+    outputs = [o for lo in range(0, len(prompts), b) for o in run(lo)]
+    return outputs, time.perf_counter() - start
+
+
+def compare(models: dict[str, str | None], held: list[dict], max_new_tokens: int) -> tuple[dict, dict]:
+    """Per model: refinement and AR figures on the held-out drafts; and the answers per model."""
+    from diffpo_jax.decoding.batching import Decoder
+    from diffpo_jax.sources import load_model
+
+    figures, answers, reference = {}, {}, None
+    for name, source in models.items():
+        print(f"compare: {name}", flush=True)
+        loaded = load_model(source)
+        decoder = Decoder(loaded, batch_size=BATCH, max_new_tokens=max_new_tokens)
+        prompts = [decoder.prompt_tokens(r["prompt"]) for r in held]
+        drafts = [decoder.draft_tokens(r["draft"]) for r in held]
+        refined, refine_s = decode_all(decoder, prompts, drafts)
+        greedy, ar_s = decode_all(decoder, prompts, None)
+        single = Decoder(loaded, batch_size=1, max_new_tokens=max_new_tokens)  # latency: one row at a time
+        refined_1, refine_1_s = decode_all(single, prompts[:TIMED], drafts[:TIMED])
+        greedy_1, ar_1_s = decode_all(single, prompts[:TIMED], None)
+        reference = reference or [o.tokens for o in greedy]  # the untrained model comes first
+        tokens = sum(o.stats["tokens"] for o in refined)
+        passes = sum(o.stats["passes"] for o in refined)
+        figures[name] = {
+            "passes_per_token": passes / tokens,
+            "tokens_per_pass": tokens / passes,
+            "refine_tok_s": tokens / refine_s,
+            "ar_tok_s": sum(o.stats["tokens"] for o in greedy) / ar_s,
+            "equal_untrained_greedy": sum(o.tokens == g for o, g in zip(refined, reference)) / len(held),
+            "equal_own_greedy": sum(o.tokens == g.tokens for o, g in zip(refined, greedy)) / len(held),
+            "distinct": sum(len(set(o.tokens)) / max(len(o.tokens), 1) for o in refined) / len(held),
+        }
+        figures[name]["speedup"] = figures[name]["refine_tok_s"] / figures[name]["ar_tok_s"]
+        figures[name]["speedup_1"] = (sum(o.stats["tokens"] for o in refined_1) / refine_1_s) / (
+            sum(o.stats["tokens"] for o in greedy_1) / ar_1_s)
+        answers[name] = [o.text for o in refined]
+        print(f"  {figures[name]}", flush=True)
+    return figures, answers
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        steps = [m["step"] for m in curve]
+        axes[0].plot(steps, [m["eval_passes_per_token"] for m in curve], marker="o", label=name)
+        axes[1].plot(steps, [m["eval_ar"] for m in curve], marker="o", label=name)
+    axes[0].set(xlabel="step", ylabel="held-out Jacobi passes per token", title="refining own samples (lower = faster)")
+    axes[1].set(xlabel="step", ylabel="held-out L_AR (nats/token)", title="held-out L_AR on the greedy answers")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.self_distill", description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--holdout", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=Path, default=PROMPTS)
+    ap.add_argument("--jacobi-states", type=int, default=0)
+    ap.add_argument("--runs", nargs="*", choices=list(RUNS), help="runs to train (default: all)")
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
+    args = ap.parse_args(argv)
+    from diffpo_jax.data.formats import read_records
+    from diffpo_jax.data.self_distill import distill
+    from diffpo_jax.data.trajectories import record_id
+
+    line = machine()
+    n = args.max_new_tokens
+    data = args.work / "data"
+    if not data.exists():
+        distill(args.prompts, data, temperatures=[1.0, 0.7], max_new_tokens=n, batch_size=16,
+                jacobi_states=args.jacobi_states)
+    manifest = json.loads((data / "manifest.json").read_text())
+    common = [f"data={data}", f"max_steps={args.steps}", "num_epochs=1000", f"response_len={n}", "prompt_len=64",
+              "global_batch_size=8", "grad_accum=1", f"eval.holdout_prompts={args.holdout}",
+              f"eval.every={args.eval_every}", f"eval.max_rows={2 * args.holdout}", f"eval.block_size={BLOCK}",
+              "save_every=100000", "tensorboard=false", "log_every=5", *args.overrides]  # fmt: skip
+    curves, run_dirs = {}, {}
+    for i, (name, overrides) in enumerate(RUNS.items()):
+        if args.runs and name not in args.runs:
+            continue
+        print(f"train: {name}", flush=True)
+        run_dirs[name] = args.work / f"run{i}"
+        curves[name] = train_run(common + overrides, run_dirs[name])
+
+    held_ids = set(json.loads((next(iter(run_dirs.values())) / "eval_ids.json").read_text()))
+    samples = read_records(data.with_name(data.name + ".work") / "t0.7-s0.jsonl", "jsonl", with_drafts=True)
+    held = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) in held_ids]
+    models = {"untrained": None, **{name: str(d) for name, d in run_dirs.items()}}
+    figures, answers = compare(models, held, n)
+
+    section = "self-distill-jacobi" if args.jacobi_states else "self-distill"
+    png = args.results.with_name(section.replace("-", "_") + ".png")
+    plot(curves, png)
+    title = "Self-distillation on SmolLM2-135M" + (f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else "")
+    body = header(f"{title} (bench/self_distill.py)", "bench.self_distill", argv, line)
+    body += (f"\nData: {manifest['kept']} prompts ({manifest['responses_per_prompt']['total']} distinct responses;"
+             f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
+             f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
+             f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
+             f"{BLOCK}; AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
+             "of them one at a time.\n\n")  # fmt: skip
+    rows = []
+    for name, f in figures.items():
+        curve = curves.get(name) or [next(iter(curves.values()))[0]]  # untrained: the runs' step-0 eval
+        rows.append([name, curve[-1]["eval_ar"], f["passes_per_token"], f["tokens_per_pass"],
+                     f["refine_tok_s"], f["ar_tok_s"], f["speedup"], f["speedup_1"], f["equal_untrained_greedy"],
+                     f["equal_own_greedy"], f["distinct"]])  # fmt: skip
+    body += table(["model", "held-out L_AR", "passes/tok", "tok/pass", "refine tok/s", "AR tok/s",
+                   "refine / AR (batch 8)", f"refine / AR (batch 1, {TIMED} rows)", "= untrained greedy", "= own greedy", "distinct"], rows)
+    base = figures["untrained"]["passes_per_token"]
+    body += "\n\nHeld-out passes per token relative to the untrained model: " + ", ".join(
+        f"{name} {f['passes_per_token'] / base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
+    body += "\n\nHeld-out evaluation during training (trainer, both drafts of each held-out prompt):\n\n"
+    body += table(["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
+                  [[name, m["step"], m["eval_ar"], m["eval_con"], m["eval_passes_per_token"], m["eval_equal_best"],
+                    m["eval_distinct"]] for name, curve in curves.items() for m in curve])  # fmt: skip
+    body += f"\n\n![held-out passes per token and L_AR against step]({png.name})\n\nAnswers (held-out, refined from the temperature-0.7 sample):\n"
+    for i, rec in enumerate(held[:SHOW]):
+        body += f"\n- **{rec['prompt']}**\n  - draft: {json.dumps(rec['draft'])}\n"
+        body += "".join(f"  - {name}: {json.dumps(answers[name][i])}\n" for name in models)
+    print(body)
+    write_section(args.results, section, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
