@@ -168,6 +168,8 @@ class ModelConfig:
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             rope_parameters=rope,
+            # transformers < 5, vLLM and llama.cpp's converter read the legacy key
+            rope_scaling=None if self.rope_scaling is None else {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             attention_bias=False,

@@ -103,6 +103,15 @@ def test_round_trip_is_bit_identical(round_trip):
     config = json.loads((exported / "config.json").read_text())
     assert config["architectures"] == [HF_CLASS[family]] and config["torch_dtype"] == "float32"
     assert ModelConfig.from_hf(config) == ModelConfig.from_hf(json.loads((src / "config.json").read_text()))
+    # rope settings under both keys: transformers 5 reads rope_parameters, older readers rope_scaling
+    legacy = {k: v for k, v in config.items() if k != "rope_parameters"}
+    assert ModelConfig.from_hf(legacy) == ModelConfig.from_hf(config)
+    if family.startswith("llama"):
+        assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        assert config["rope_parameters"] == {**config["rope_scaling"], "rope_theta": 500000.0}
+    else:
+        assert config["rope_scaling"] is None and config["rope_parameters"]["rope_type"] == "default"
     generation = json.loads((exported / "generation_config.json").read_text())
     assert generation["eos_token_id"] == 2 and generation["bos_token_id"] == 1
     assert sorted(p.name for p in exported.parent.iterdir()) == ["hf", "orbax"]  # no temp dirs left
