@@ -108,7 +108,8 @@ def distill(
         for name, t, _ in plan[1:]:
             states = _jacobi_states(work, name, loaded, jacobi_states, jacobi_block, max_new_tokens, batch_size,
                                     dtype, log)  # fmt: skip
-            scored_answers += [[(text, -t * (1 - frac)) for text, frac in row] for row in _transpose(states, jacobi_states)]
+            scored_answers += [[None if e is None else (e[0], -t * (1 - e[1])) for e in column]
+                               for column in _transpose(states, jacobi_states)]
     scored = work / "scored.jsonl"
     tmp = scored.with_name(scored.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
