@@ -5,7 +5,8 @@
 For each model (the tiny preset's random init and the embedded SmolLM2-135M-Instruct, fp32) and each
 dataset (`--data`: source files or built dataset dirs; default the bundled reward-ranked
 examples/trajectories.jsonl), over `--batches` loader batches of 8 rows: L_AR and L_Con (per-token normalisation, training/loss.py), the norms of their gradients
-‖g_AR‖, ‖g_Con‖ with the KL on all positions (the paper) and on the draft's positions (the presets),
+‖g_AR‖, ‖g_Con‖ with the KL on all positions (the paper), on the draft's positions and on the 16
+positions after the first mismatch ("frontier", training/loss.py),
 the cosine between g_AR and g_Con, and the balance weight w* = ‖g_AR‖ / ‖g_Con‖: at w = w* both terms
 move the weights equally; at w = 1000 the AR term's share of the gradient is ‖g_AR‖ / (1000 ‖g_Con‖).
 Writes the `gradient-terms` section of bench/RESULTS.md.
@@ -15,9 +16,16 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from functools import partial
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+
+from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
 from bench.common import RESULTS, header, machine, table, write_section
 
@@ -27,31 +35,23 @@ MODELS = {"tiny preset (random init)": "preset:tiny-llama", "SmolLM2-135M-Instru
 
 def term_gradients(loaded, batches: list[dict], positions: str) -> list[dict[str, float]]:
     """Per batch: L_AR, L_Con, ‖g_AR‖, ‖g_Con‖, cos(g_AR, g_Con) with the KL on `positions`."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
-
     graphdef, params = nnx.split(loaded.model)
-    params = nnx.to_pure_dict(params)
-    cfg = LossConfig(con_positions=positions)
+    params, cfg = nnx.to_pure_dict(params), LossConfig(con_positions=positions)
+    return [{k: float(v) for k, v in jax.device_get(_grads(graphdef, cfg, params, b)).items()} for b in batches]
 
-    def term(params, batch, name):
-        ce, kl = response_token_losses(nnx.merge(graphdef, params), batch, 0)
-        num_tokens = jnp.maximum(jnp.sum(batch["best_mask"]), 1).astype(jnp.float32)
-        _, parts = diffpo_loss(ce, kl, batch, cfg, num_tokens=num_tokens)
-        return parts[name]
 
-    @jax.jit
-    def grads(params, batch):
-        (ar, g_ar), (con, g_con) = (jax.value_and_grad(term)(params, batch, n) for n in ("ar", "con"))
-        dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_ar), jax.tree.leaves(g_con)))
-        n_ar, n_con = optax.tree.norm(g_ar), optax.tree.norm(g_con)
-        return {"ar": ar, "con": con, "g_ar": n_ar, "g_con": n_con, "cos": dot / (n_ar * n_con)}
+def _term(graphdef, cfg, params, batch, name):
+    ce, kl = response_token_losses(nnx.merge(graphdef, params), batch, 0)
+    num_tokens = jnp.maximum(jnp.sum(batch["best_mask"]), 1).astype(jnp.float32)
+    return diffpo_loss(ce, kl, batch, cfg, num_tokens=num_tokens)[1][name]
 
-    return [{k: float(v) for k, v in jax.device_get(grads(params, b)).items()} for b in batches]
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _grads(graphdef, cfg, params, batch):
+    (ar, g_ar), (con, g_con) = (jax.value_and_grad(_term, argnums=2)(graphdef, cfg, params, batch, n) for n in ("ar", "con"))
+    dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_ar), jax.tree.leaves(g_con)))
+    n_ar, n_con = optax.tree.norm(g_ar), optax.tree.norm(g_con)
+    return {"ar": ar, "con": con, "g_ar": n_ar, "g_con": n_con, "cos": dot / (n_ar * n_con)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                                      response_len=args.response_len, num_epochs=None, shard_index=0, shard_count=1)
                 it = iter(loader)
                 batches = [next(it) for _ in range(args.batches)]
-                for positions in ("all", "draft"):
+                for positions in ("all", "draft", "frontier"):
                     per = term_gradients(loaded, batches, positions)
                     mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
                     w_star = float(np.median([p["g_ar"] / p["g_con"] for p in per]))
-                    rows.append([name, Path(src).name, positions, mean["ar"], mean["con"], mean["g_ar"],
+                    rows.append([name, src, positions, mean["ar"], mean["con"], mean["g_ar"],
                                  mean["g_con"], mean["cos"], w_star, mean["g_ar"] / (mean["g_ar"] + 1000 * mean["g_con"])])
                     print(rows[-1], flush=True)
     body = header("Per-term gradients at initialisation (bench/gradient_terms.py)", "bench.gradient_terms", argv, line)

@@ -9,10 +9,11 @@
    and 0.7, `--max-new-tokens` tokens each, and with `--jacobi-states K` up to K intermediate Jacobi
    states from each sample to the greedy answer (CLLM's trajectories). Kept in WORK (resumable;
    reused by a rerun; generate outputs already in WORK/data.work are reused).
-2. Training: the smollm2-135m preset (fp32, lr 1e-5, its objective: w = 1 on the draft's positions),
-   the same with w = 0 (AR only) and with w = 0.1, same init, data, order and steps; `--holdout` prompts held out by
-   the trainer's split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and
-   Jacobi refinement of the held-out y(0), y(1) drafts).
+2. Training (RUNS; `--runs` picks some): the smollm2-135m preset (fp32, lr 1e-5, batch 8) with w = 0
+   (AR only), w = 1 and w = 0.1 with the KL on the draft's positions, w = 1 with the KL on the frontier
+   (training/loss.py); same init, data, order and steps; `--holdout` prompts held out by the trainer's
+   split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
+   refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
 3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
    refined by the decoder `refine` uses (batch 8, block 16), and AR greedy of the same weights on the
    same prompts (batch 8), both timed after a warm-up batch, and both again one row at a time on the
@@ -36,16 +37,22 @@ from bench.common import RESULTS, header, machine, table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "bench" / "data" / "self_distill_prompts.jsonl"
-RUNS = {"AR only (w=0)": ["loss.con_weight=0"], "preset (w=1, draft)": [], "w=0.1, draft": ["loss.con_weight=0.1"]}
+RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
+    "AR only (w=0)": ("ar-only", ["loss.con_weight=0"]),
+    "w=1, draft": ("w1-draft", ["loss.con_weight=1", "loss.con_positions=draft"]),
+    "w=0.1, draft": ("w0.1-draft", ["loss.con_weight=0.1", "loss.con_positions=draft"]),
+    "w=1, frontier": ("w1-frontier", ["loss.con_weight=1", "loss.con_positions=frontier"]),
+}
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 
 
-def train_run(overrides: list[str], out: Path) -> list[dict]:
-    """Train the smollm2-135m preset with `overrides` into `out` (kept: a rerun reuses it); its eval lines."""
+def train_run(overrides: list[str], out: Path, steps: int) -> list[dict]:
+    """Train the smollm2-135m preset with `overrides` for `steps` steps into `out` (kept: a rerun reuses
+    a finished run); its eval lines."""
     from diffpo_jax.training.trainer import load_config, train
 
     metrics = out / "metrics.jsonl"
-    if not (out / "final").exists():
+    if not (out / "checkpoints" / str(steps)).exists():
         cfg = load_config(ROOT / "configs" / "train" / "smollm2-135m.yaml", [f"output_dir={out}", *overrides])
         train(cfg, log=lambda line: print(f"  {line}", flush=True))
     return [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_ar" in m]
@@ -154,12 +161,12 @@ def main(argv: list[str] | None = None) -> int:
               f"eval.every={args.eval_every}", f"eval.max_rows={2 * args.holdout}", f"eval.block_size={BLOCK}",
               "save_every=100000", "tensorboard=false", "log_every=5", *args.overrides]  # fmt: skip
     curves, run_dirs = {}, {}
-    for i, (name, overrides) in enumerate(RUNS.items()):
+    for name, (folder, overrides) in RUNS.items():
         if args.runs and name not in args.runs:
             continue
         print(f"train: {name}", flush=True)
-        run_dirs[name] = args.work / f"run{i}"
-        curves[name] = train_run(common + overrides, run_dirs[name])
+        run_dirs[name] = args.work / folder
+        curves[name] = train_run(common + overrides, run_dirs[name], args.steps)
 
     held_ids = set(json.loads((next(iter(run_dirs.values())) / "eval_ids.json").read_text()))
     samples = read_records(data.with_name(data.name + ".work") / "t0.7-s0.jsonl", "jsonl", with_drafts=True)

@@ -45,7 +45,7 @@ def test_eval_and_loss_config_errors(tmp_path):
         load_config(cfg, ["eval.evry=3"])
     with pytest.raises(TrainConfigError, match=r"eval.block_size must be >= 1, got 0"):
         load_config(cfg, ["eval.block_size=0"])
-    with pytest.raises(TrainConfigError, match=r"loss.con_positions must be one of all, draft, got 'none'"):
+    with pytest.raises(TrainConfigError, match=r"loss.con_positions must be one of all, draft, frontier, got 'none'"):
         load_config(cfg, ["loss.con_positions=none"])
 
 

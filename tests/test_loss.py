@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from flax import nnx
 
 from diffpo_jax.sources import load_model
-from diffpo_jax.training.loss import LossConfig, chunked_token_losses, diffpo_loss, response_token_losses, sequences, token_losses
+from diffpo_jax.training.loss import (
+    LossConfig,
+    chunked_token_losses,
+    con_mask,
+    diffpo_loss,
+    first_mismatch,
+    response_token_losses,
+    sequences,
+    token_losses,
+)
 from tests import tiny
 
 P, N = 7, 9  # N = 9 is no multiple of the chunk sizes below: the chunked path pads
@@ -75,6 +84,27 @@ def test_diffpo_loss_is_the_masked_mean_over_valid_positions(con_positions):
     np.testing.assert_allclose(float(parts["ar"]), ar, rtol=1e-6)
     np.testing.assert_allclose(float(parts["con"]), con, rtol=1e-6)
     np.testing.assert_allclose(float(total), ar + 1e3 * con, rtol=1e-6)
+
+
+def test_frontier_covers_the_window_after_the_first_mismatch():
+    """con_positions="frontier", con_window=3: the draft's positions m+1 .. m+3 after the first mismatch m."""
+    best = np.array([[5, 6, 7, 8, 9, 10, 11, 12]] * 4, np.int32)
+    worse = best.copy()
+    worse[0, 2] = 1  # m = 2: positions 3, 4, 5
+    worse[1, 6:] = 1  # m = 6: positions 7 (8 is past N)
+    best_mask = np.ones((4, 8), bool)
+    worse_mask = np.ones((4, 8), bool)
+    worse_mask[2, 4:] = False  # same tokens, y(t) ends at 4: m = 4, nothing past it is a draft position
+    # row 3: y(t) == y(T): no mismatch, nothing covered
+    batch = {k: jnp.asarray(v) for k, v in dict(best=best, worse=worse, best_mask=best_mask, worse_mask=worse_mask).items()}
+    expected = np.zeros((4, 8), bool)
+    expected[0, 3:6] = expected[1, 7] = True
+    np.testing.assert_array_equal(np.asarray(first_mismatch(batch)), [2, 6, 4, 8])
+    np.testing.assert_array_equal(np.asarray(con_mask(batch, "frontier", 3)), expected)
+    kl = np.random.default_rng(0).random((4, 8)).astype(np.float32)
+    _, parts = diffpo_loss(jnp.zeros((4, 8)), jnp.asarray(kl), batch, LossConfig(con_positions="frontier", con_window=3),
+                           num_tokens=jnp.float32(32))
+    np.testing.assert_allclose(float(parts["con"]), (kl * expected).sum() / 32, rtol=1e-6)
 
 
 def test_unknown_con_positions_is_an_error():

@@ -211,6 +211,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("max_rows", "batch_size", "block_size"):
         if getattr(cfg.eval, key) < 1:
             raise TrainConfigError(f"config: eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
+    if cfg.loss.con_window < 1:
+        raise TrainConfigError(f"config: loss.con_window must be >= 1, got {cfg.loss.con_window}")
     if cfg.loss.chunk < 0:
         raise TrainConfigError(f"config: loss.chunk must be >= 0, got {cfg.loss.chunk}")
     return cfg
