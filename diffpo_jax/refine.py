@@ -23,6 +23,11 @@ from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check
 from diffpo_jax.sources import ModelSourceError
 
 
+# the options a resumed run must share with the run that wrote OUTPUT.partial
+RESUME_OPTIONS = ("model", "format", "history", "max_new_tokens", "max_iterations", "hold_draft_prefix", "dtype",
+                  "trajectory")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="DiffPO model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
@@ -65,9 +70,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
-    options = {k: getattr(args, k) for k in ("model", "format", "history", "max_new_tokens", "max_iterations",
-                                             "hold_draft_prefix", "dtype", "trajectory")}  # fmt: skip
-    out = ResumableOutput(args.output, args.format, records, options)
+    out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
     loaded = loaded or load_model(args.model, dtype=args.dtype)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}

@@ -188,9 +188,7 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
     args = refine_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *common])
     recs = read_records(inp, "jsonl", with_drafts=True)
-    options = {k: getattr(args, k) for k in ("model", "format", "history", "max_new_tokens", "max_iterations",
-                                             "hold_draft_prefix", "dtype")}  # fmt: skip
-    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, options)
+    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, {k: getattr(args, k) for k in refine_cli.RESUME_OPTIONS})
     partial.append(rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
     summary = refine_cli.run(args, smollm2)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
