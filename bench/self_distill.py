@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     base = figures["untrained"]["passes_per_token"]
     body += "\n\nHeld-out passes per token relative to the untrained model: " + ", ".join(
         f"{name} {f['passes_per_token'] / base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
-    body += "\n\nHeld-out evaluation during training (trainer, both drafts of each held-out prompt):\n\n"
+    body += (f"\n\nHeld-out evaluation during training (trainer: the first {2 * args.holdout} (held-out prompt, y(t)) "
+             "rows in record order; the held-out L_AR column above is its last figure):\n\n")
     body += table(["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
                   [[name, m["step"], m["eval_ar"], m["eval_con"], m["eval_passes_per_token"], m["eval_equal_best"],
                     m["eval_distinct"]] for name, curve in curves.items() for m in curve])  # fmt: skip
