@@ -102,19 +102,19 @@ def distill(
         args = _generate_args(prompts, work / name, model, temperature, run_seed, max_new_tokens, batch_size, dtype)
         summary = generate.run(args, loaded=loaded)
         log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    scored_answers = [[(r.drafts[0], -t) for r in read_records(work / name, "jsonl", with_drafts=True)]
-                      for name, t, _ in plan]  # fmt: skip
-    if jacobi_states:
-        for name, t, _ in plan[1:]:
+    answers: list[list[tuple[str, float]]] = [[] for _ in records]  # per prompt: (text, score)
+    for name, t, _ in plan:
+        for i, rec in enumerate(read_records(work / name, "jsonl", with_drafts=True)):
+            answers[i].append((rec.drafts[0], -t))
+        if jacobi_states and t > 0:
             states = _jacobi_states(work, name, loaded, jacobi_states, jacobi_block, max_new_tokens, batch_size,
                                     dtype, log)  # fmt: skip
-            scored_answers += [[None if e is None else (e[0], -t * (1 - e[1])) for e in column]
-                               for column in _transpose(states, jacobi_states)]
+            for i, row in enumerate(states):
+                answers[i] += [(text, -t * (1 - frac)) for text, frac in row]
     scored = work / "scored.jsonl"
     tmp = scored.with_name(scored.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for i, rec in enumerate(records):
-            pairs = [a[i] for a in scored_answers if a[i] is not None]
+        for rec, pairs in zip(records, answers):
             row = {"prompt": rec.prompt, "all_generated_responses": [text for text, _ in pairs],
                    "all_rm_scores": [score for _, score in pairs]}  # fmt: skip
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -148,11 +148,6 @@ def _jacobi_states(work: Path, name: str, loaded, k: int, block: int, max_new_to
         picks = sorted({round(x) for x in np.linspace(0, passes - 2, k)}) if passes >= 2 else []
         rows.append([(trajectory[p], (p + 1) / passes) for p in picks])
     return rows
-
-
-def _transpose(rows: list[list[Any]], k: int) -> list[list[Any]]:
-    """[record][j] -> [j][record], None where a record has fewer than k entries."""
-    return [[row[j] if j < len(row) else None for row in rows] for j in range(k)]
 
 
 def add_parser(commands) -> None:
