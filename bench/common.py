@@ -77,3 +77,22 @@ def write_section(path: Path, name: str, body: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def plot_eval_curves(curves: dict[str, list[dict]], path: Path, passes_title: str, ar_title: str) -> None:
+    """PNG of the trainer's held-out eval lines per run: Jacobi passes per token and L_AR against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in curves.items():
+        steps = [m["step"] for m in curve]
+        axes[0].plot(steps, [m["eval_passes_per_token"] for m in curve], marker="o", label=name)
+        axes[1].plot(steps, [m["eval_ar"] for m in curve], marker="o", label=name)
+    axes[0].set(xlabel="step", ylabel="held-out Jacobi passes per token", title=passes_title)
+    axes[1].set(xlabel="step", ylabel="held-out L_AR (nats/token)", title=ar_title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS, header, machine, table, write_section
+from bench.common import RESULTS, header, machine, plot_eval_curves, table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -61,24 +61,6 @@ def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
     return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state))}
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        steps = [m["step"] for m in r["curve"]]
-        axes[0].plot(steps, [m["eval_passes_per_token"] for m in r["curve"]], marker="o", label=name)
-        axes[1].plot(steps, [m["eval_ar"] for m in r["curve"]], marker="o", label=name)
-    axes[0].set(xlabel="step", ylabel="held-out Jacobi passes per token", title="refinement cost (lower = faster)")
-    axes[1].set(xlabel="step", ylabel="held-out L_AR (nats/token)", title="held-out L_AR")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.consistency", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", help="configs/train/PRESET.yaml")
@@ -104,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     png = args.results.with_name("consistency.png")
-    plot(results, png)
+    plot_eval_curves({name: r["curve"] for name, r in results.items()}, png, "refinement cost (lower = faster)",
+                     "held-out L_AR")
     rows = []
     for name, r in results.items():
         end, start, t = r["curve"][-1], r["curve"][0], r["train_refine"]

@@ -33,7 +33,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, header, machine, table, write_section
+from bench.common import RESULTS, header, machine, plot_eval_curves, table, write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "bench" / "data" / "self_distill_prompts.jsonl"
@@ -115,24 +115,6 @@ def compare(models: dict[str, str | None], held: list[dict], max_new_tokens: int
     return figures, answers
 
 
-def plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, curve in curves.items():
-        steps = [m["step"] for m in curve]
-        axes[0].plot(steps, [m["eval_passes_per_token"] for m in curve], marker="o", label=name)
-        axes[1].plot(steps, [m["eval_ar"] for m in curve], marker="o", label=name)
-    axes[0].set(xlabel="step", ylabel="held-out Jacobi passes per token", title="refining own samples (lower = faster)")
-    axes[1].set(xlabel="step", ylabel="held-out L_AR (nats/token)", title="held-out L_AR on the greedy answers")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.self_distill", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120)
@@ -177,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     section = "self-distill-jacobi" if args.jacobi_states else "self-distill"
     png = args.results.with_name(section.replace("-", "_") + ".png")
-    plot(curves, png)
+    plot_eval_curves(curves, png, "refining own samples (lower = faster)", "held-out L_AR on the greedy answers")
     title = "Self-distillation on SmolLM2-135M" + (f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else "")
     body = header(f"{title} (bench/self_distill.py)", "bench.self_distill", argv, line)
     body += (f"\nData: {manifest['kept']} prompts ({manifest['responses_per_prompt']['total']} distinct responses;"
