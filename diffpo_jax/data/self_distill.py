@@ -47,14 +47,6 @@ from diffpo_jax.data.trajectories import TrajectoryDataError, build
 from diffpo_jax.sources import ModelSourceError
 
 
-def _generate_args(prompts: Path, out: Path, model: str | None, temperature: float, seed: int,
-                   max_new_tokens: int, batch_size: int, dtype: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        model=model, input=prompts, output=out, format="jsonl", temperature=temperature, top_p=1.0,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, model_id=None, dtype=dtype, overwrite=False,
-    )  # fmt: skip
-
-
 def runs(temperatures: list[float], samples: int, seed: int) -> list[tuple[str, float, int]]:
     """(file name, temperature, seed) of every generate run: greedy first, then each sample."""
     out = [("greedy.jsonl", 0.0, seed)]
@@ -99,7 +91,9 @@ def distill(
         if (work / name).exists():
             log(f"{work / name}: done")
             continue
-        args = _generate_args(prompts, work / name, model, temperature, run_seed, max_new_tokens, batch_size, dtype)
+        args = generate.parse_args(["--input", str(prompts), "--output", str(work / name), "--temperature",
+                                    str(temperature), "--seed", str(run_seed), "--max-new-tokens", str(max_new_tokens),
+                                    "--batch-size", str(batch_size), "--dtype", dtype, *(["--model", model] if model else [])])  # fmt: skip
         summary = generate.run(args, loaded=loaded)
         log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     answers: list[list[tuple[str, float]]] = [[] for _ in records]  # per prompt: (text, score)
