@@ -54,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffpo_jax.config import load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
+from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
@@ -63,7 +64,6 @@ from diffpo_jax.sources import (
     load_model,
     tokenizer_from_dir,
 )
-from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
 from diffpo_jax.training.loss import CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
@@ -125,8 +125,8 @@ TRAIN_CONFIG = "train_config.json"
 # to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
 RESUMABLE_KEYS = (
-    "output_dir", "mesh", "grad_accum", "remat", "stop_after", "log_every", "save_every", "keep_checkpoints", "async_checkpoints", "tensorboard",
-    "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
+    "output_dir", "mesh", "grad_accum", "remat", "stop_after", "log_every", "save_every", "keep_checkpoints",
+    "async_checkpoints", "tensorboard", "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
 )
 
 
@@ -384,22 +384,19 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
 
 
 def check_resume_config(cfg: TrainConfig, run_dir: Path, allow: tuple[str, ...] = ()) -> None:
-    """Stop a resume whose config changes keys other than RESUMABLE_KEYS and `allow` (module doc);
-    then record the config as the run's."""
+    """Stop a resume whose config changes keys other than RESUMABLE_KEYS and `allow` (module doc)."""
     path = run_dir / TRAIN_CONFIG
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if path.is_file():
-        free = set(RESUMABLE_KEYS) | set(allow)
-        blocked = [c for c in config_changes(json.loads(path.read_text()), new)
-                   if c[0] not in free and c[0].split(".")[0] not in free]
-        if blocked:
-            listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in blocked)
-            raise TrainConfigError(
-                f"{path}: resuming with a changed config ({listed}); pass --allow-config-change "
-                f"{','.join(k for k, _, _ in blocked)} to accept"
-            )
-    if is_main_process():
-        path.write_text(json.dumps(new, indent=2) + "\n")
+    if not path.is_file():
+        return
+    free = set(RESUMABLE_KEYS) | set(allow)
+    changes = config_changes(json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg))))
+    blocked = [c for c in changes if c[0] not in free and c[0].split(".")[0] not in free]
+    if blocked:
+        listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in blocked)
+        raise TrainConfigError(
+            f"{path}: resuming with a changed config ({listed}); pass --allow-config-change "
+            f"{','.join(k for k, _, _ in blocked)} to accept"
+        )
 
 
 def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
@@ -409,8 +406,6 @@ def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
         return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     write_model_files(run_dir, loaded.cfg, loaded.tokenizer)
-    if is_main_process():
-        (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     say(f"model {loaded.source} -> {run_dir}")
     return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
 
@@ -444,6 +439,8 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     if start:
         check_resume_config(cfg, run_dir, allow_config_change)
     model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
+    if is_main_process():  # the config of this start: what the next resume is checked against
+        (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
     abstract = abstract_model(model_cfg)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
