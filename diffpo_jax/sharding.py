@@ -88,9 +88,10 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
 
 
 def param_logical_axes(path: tuple, var: nnx.Variable) -> tuple[str, ...]:
-    """A parameter's logical axes, with the stacking axis for those under `layers`."""
+    """A parameter's logical axes, with the stacking axis for the layer-stacked ones (the modules created
+    under `nnx.vmap` declare the axes of one layer, so their arrays have one dimension more)."""
     axes = tuple(var.get_metadata()["logical_axes"])
-    return ("layers", *axes) if path and path[0] == "layers" else axes
+    return ("layers", *axes) if len(var.get_value().shape) == len(axes) + 1 else axes
 
 
 def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:

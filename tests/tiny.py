@@ -48,3 +48,43 @@ def load_reference(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def build_classifier(config, num_labels: int, seed: int = 0):
+    """A random *ForSequenceClassification reward model (score head of `num_labels`) over `config`."""
+    from transformers import Gemma2ForSequenceClassification, LlamaForSequenceClassification
+
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    config = config.__class__.from_dict(fields | {"num_labels": num_labels})
+    torch.manual_seed(seed)
+    cls = Gemma2ForSequenceClassification if isinstance(config, Gemma2Config) else LlamaForSequenceClassification
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def llama3_tokenizer():
+    """A small byte-level BPE tokenizer with Llama-3-8B-Instruct's special tokens and chat template, trained
+    in-process (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["user assistant system\n\nThe answer is yes. What is the capital of France? Paris is.\n\n"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   pad_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)

@@ -41,7 +41,8 @@ class WeightSpec:
 
     @property
     def stacked(self) -> bool:
-        return self.path[0] == "layers"
+        """One HF tensor per layer, stacked along our leading layer axis."""
+        return "{i}" in self.hf_name
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """HF shape for one (unstacked) parameter of our `shape`."""
@@ -198,20 +199,27 @@ def _at(tree, path: tuple[str, ...]):
 
 def load_params(cfg: ModelConfig, ckpt: Checkpoint, mesh: jax.sharding.Mesh | None = None) -> Transformer:
     """The model with weights from `ckpt`, each parameter placed on its sharding as it is read."""
-    model = abstract_model(cfg)
-    graphdef, state = nnx.split(model)
+    return load_module(abstract_model(cfg), weight_specs(cfg), cfg.num_layers, ckpt, mesh)
+
+
+def load_module(abstract: nnx.Module, specs: list[WeightSpec], num_layers: int, ckpt: Checkpoint,
+                mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+    """`abstract` (an nnx.eval_shape'd module) with every parameter in `specs` read from `ckpt` onto its
+    sharding (one device without a mesh); the decoder and the reward models (reward/model.py) share it."""
+    graphdef, state = nnx.split(abstract)
     if mesh is None:
         device = SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, state)
     else:
         shardings = param_shardings(state, mesh)
-    missing = [s.hf_name for s in weight_specs(cfg) if not s.stacked and s.hf_name not in ckpt.names()]
-    missing += [s.hf_name.format(i=i) for s in weight_specs(cfg) if s.stacked for i in range(cfg.num_layers)
-                if s.hf_name.format(i=i) not in ckpt.names()]
+    names = set(ckpt.names())
+    missing = [s.hf_name for s in specs if not s.stacked and s.hf_name not in names]
+    missing += [s.hf_name.format(i=i) for s in specs if s.stacked for i in range(num_layers)
+                if s.hf_name.format(i=i) not in names]
     if missing:
         raise WeightsError(f"{ckpt.path}: {len(missing)} tensors missing, e.g. {missing[0]!r}")
 
-    for spec in weight_specs(cfg):
+    for spec in specs:
         var, sharding = _at(state, spec.path), _at(shardings, spec.path)
         if isinstance(sharding, nnx.Variable):
             sharding = sharding.get_value()

@@ -1,0 +1,154 @@
+"""python -m diffpo_jax.score: reward-model scores for the answers generate / refine write, or for trajectories.
+
+  python -m diffpo_jax.score --model RM --input FILE --output FILE
+      [--format jsonl|alpaca_eval|mt_bench|trajectories] [--fields draft,refined] [--questions question.jsonl]
+      [--prompt-field prompt] [--responses-field all_generated_responses] [--scores-field all_rm_scores]
+      [--best-of-n] [--label 0] [--batch-size 8] [--dtype float32|bfloat16] [--report FILE.md] [--overwrite]
+
+RM: an HF folder or hub id of a Llama / Gemma-2 *ForSequenceClassification or of ArmoRM
+(reward/model.py); its own tokenizer and chat template build the input (reward/inputs.py). What each
+format reads and writes: reward/records.py. The summary prints each field's mean score and, when two
+one-answer fields are scored, the paired win rate of the second over the first with a bootstrap 95%
+interval (`--report` writes it as a Markdown table). Results stream to OUTPUT.partial and resume as in
+`refine`; OUTPUT appears by rename at the end. Batches run data-parallel over all local devices. Bad
+input exits 2 with a one-line message naming the file, record and field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from diffpo_jax.data.formats import FormatError, ResumableOutput, check_output_path
+from diffpo_jax.reward.records import SCORE_FORMATS
+from diffpo_jax.sources import ModelSourceError
+
+RESUME_OPTIONS = ("model", "format", "fields", "prompt_field", "responses_field", "scores_field", "best_of_n",
+                  "label", "dtype")
+RECORDS_PER_CHUNK = 16  # batches of rows scored between appends to OUTPUT.partial
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m diffpo_jax.score", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="reward model: HF folder or hub id")
+    ap.add_argument("--input", type=Path, required=True)
+    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--format", choices=SCORE_FORMATS, default="jsonl")
+    ap.add_argument("--fields", help="comma-separated answer fields (default: the format's answer fields present)")
+    ap.add_argument("--questions", type=Path, help="mt_bench: FastChat question.jsonl")
+    ap.add_argument("--prompt-field", default="prompt", help="trajectories: the prompt field")
+    ap.add_argument("--responses-field", default="all_generated_responses", help="trajectories: the responses list")
+    ap.add_argument("--scores-field", default="all_rm_scores", help="trajectories: the scores list written")
+    ap.add_argument("--best-of-n", action="store_true", help="jsonl, one list field: keep its best-scored entry")
+    ap.add_argument("--label", type=int, default=0, help="classifiers with several labels: the logit that is the score")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--report", type=Path, help="write the summary as a Markdown table")
+    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    if args.best_of_n and args.format != "jsonl":
+        ap.error("--best-of-n needs --format jsonl")
+    return args
+
+
+def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
+    """Score args.input into args.output; returns the summary. `loaded`: an already loaded reward model."""
+    import jax
+    from tqdm import tqdm
+
+    from diffpo_jax.reward.inputs import InputError
+    from diffpo_jax.reward.records import Layout, check_finite, default_fields, items, read_score_records, scored_output
+    from diffpo_jax.reward.scorer import Scorer
+    from diffpo_jax.reward.summary import summarize
+    from diffpo_jax.sharding import make_mesh
+    from diffpo_jax.sources import load_reward_model
+
+    check_output_path(args.input, args.output, args.overwrite)
+    records = read_score_records(args.input, args.format, args.questions)
+    layout = Layout(args.format, default_fields(args.format, records[0], args.fields),
+                    args.prompt_field, args.responses_field, args.scores_field)
+    if args.best_of_n and len(layout.fields) != 1:
+        raise FormatError(f"--best-of-n scores one list field (e.g. --fields samples), got {', '.join(layout.fields)}")
+    per_record = [items(layout, rec) for rec in records]  # every record checked before any work
+    mesh = mesh or make_mesh((-1, 1, 1), jax.local_devices())
+    loaded = loaded or load_reward_model(args.model, dtype=args.dtype, mesh=mesh)
+    scorer = Scorer(loaded, batch_size=args.batch_size, label=args.label, mesh=mesh)
+    rows_by_record = []
+    for rec, its in zip(records, per_record):
+        rows = []
+        for field, prompt, answer in its:
+            try:
+                rows.append(scorer.row(prompt, answer))
+            except InputError as e:
+                raise FormatError(f"{rec.where}: field '{field}': {e}") from None
+        rows_by_record.append(rows)
+    options = {k: getattr(args, k) for k in RESUME_OPTIONS} | {"fields": list(layout.fields)}
+    out = ResumableOutput(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
+
+    bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="score", dynamic_ncols=True)
+    start, tokens = time.perf_counter(), 0
+    chunk = RECORDS_PER_CHUNK * scorer.batch_size
+    for first in range(out.done, len(records), chunk):
+        idx = range(first, min(first + chunk, len(records)))
+        flat = [row for i in idx for row in rows_by_record[i]]
+        scores = iter(scorer.score(flat))
+        tokens += sum(len(ids) for ids, _ in flat)
+        for i in idx:
+            pairs = [(field, next(scores)) for field, _, _ in per_record[i]]
+            for field, s in pairs:
+                check_finite(records[i], field, s)
+            out.append(scored_output(layout, records[i], pairs, args.best_of_n))
+            bar.update(1)
+    bar.close()
+    out.finish()
+    elapsed = time.perf_counter() - start
+    return summarize(*_collect(layout, records, out.outputs)) | {
+        "records": len(records), "answers": sum(map(len, per_record)), "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
+    }
+
+
+def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[str, str] | None]:
+    """Scores per field over all output records, and the pair of one-answer fields for the win rate."""
+    from diffpo_jax.reward.records import is_list_field
+
+    if layout.fmt == "trajectories":
+        return {layout.responses_field: [s for o in outputs for s in o[layout.scores_field]]}, None
+    per_field = {f: [] for f in layout.fields}
+    for o in outputs:
+        for f in layout.fields:
+            v = o["scores"][f]
+            per_field[f] += v if isinstance(v, list) else [v]
+    single = [f for f in layout.fields if not is_list_field(layout, records[0], f)]
+    return per_field, (tuple(single) if len(single) == 2 == len(layout.fields) else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (FormatError, ModelSourceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from diffpo_jax.reward.summary import markdown
+
+    for field, s in summary["fields"].items():
+        print(f"{field}: mean score {s['mean']:.4f} over {s['n']} answers")
+    if "win_rate" in summary:
+        w = summary["win_rate"]
+        print(f"win rate of {w['of']} over {w['over']}: {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
+    print(json.dumps({k: summary[k] for k in ("records", "answers", "seconds", "tokens_per_s")}))
+    if args.report:
+        args.report.write_text(markdown(summary, f"Scores of {args.input} by {args.model}"), encoding="utf-8")
+        print(f"wrote {args.report}")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
