@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
     from tqdm import tqdm
 
     from diffpo_jax.reward.inputs import InputError
-    from diffpo_jax.reward.records import Layout, check_finite, default_fields, items, read_score_records, scored_output
+    from diffpo_jax.reward.records import Layout, check_best_of_n, check_finite, default_fields, items, read_score_records, scored_output
     from diffpo_jax.reward.scorer import Scorer
     from diffpo_jax.reward.summary import summarize
     from diffpo_jax.sharding import make_mesh
@@ -72,8 +72,8 @@ def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
     records = read_score_records(args.input, args.format, args.questions)
     layout = Layout(args.format, default_fields(args.format, records[0], args.fields),
                     args.prompt_field, args.responses_field, args.scores_field)
-    if args.best_of_n and len(layout.fields) != 1:
-        raise FormatError(f"--best-of-n scores one list field (e.g. --fields samples), got {', '.join(layout.fields)}")
+    if args.best_of_n:
+        check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
     mesh = mesh or make_mesh((-1, 1, 1), jax.local_devices())
     loaded = loaded or load_reward_model(args.model, dtype=args.dtype, mesh=mesh)

@@ -68,12 +68,13 @@ def default_fields(fmt: str, first: Record, given: str | None) -> tuple[str, ...
     return fields
 
 
-def _strings(where: str, value: Any, field: str) -> list[str]:
-    if isinstance(value, str):
+def _strings(where: str, value: Any, field: str, lists_only: bool = False) -> list[str]:
+    if isinstance(value, str) and not lists_only:
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return value
-    raise FormatError(f"{where}: field '{field}' (a string or a non-empty list of strings) is missing")
+    what = "a non-empty list of strings" if lists_only else "a string or a non-empty list of strings"
+    raise FormatError(f"{where}: field '{field}' ({what}) is missing")
 
 
 def _prompt(where: str, value: Any, field: str) -> str | Messages:
@@ -93,11 +94,11 @@ def items(layout: Layout, rec: Record) -> list[tuple[str, str | Messages, str]]:
     if layout.fmt == "trajectories":
         prompt = _prompt(rec.where, rec.raw.get(layout.prompt_field), layout.prompt_field)
         field = layout.responses_field
-        return [(field, prompt, r) for r in _strings(rec.where, rec.raw.get(field), field)]
+        return [(field, prompt, r) for r in _strings(rec.where, rec.raw.get(field), field, lists_only=True)]
     out = []
     for field in layout.fields:
         if layout.fmt == "mt_bench":
-            turns = _strings(rec.where, rec.raw["choices"][0].get(field), f"choices[0].{field}")
+            turns = _strings(rec.where, rec.raw["choices"][0].get(field), f"choices[0].{field}", lists_only=True)
             if len(turns) != rec.num_turns:
                 raise FormatError(f"{rec.where}: choices[0].{field} has {len(turns)} answers for {rec.num_turns} turns")
             messages = list(as_messages(rec.prompt))
@@ -107,6 +108,17 @@ def items(layout: Layout, rec: Record) -> list[tuple[str, str | Messages, str]]:
         else:
             out += [(field, rec.prompt, a) for a in _strings(rec.where, rec.raw.get(field), field)]
     return out
+
+
+def check_best_of_n(layout: Layout, records: list[Record]) -> None:
+    """--best-of-n: one field, a list of answers in every record."""
+    if layout.fmt != "jsonl" or len(layout.fields) != 1:
+        raise FormatError(f"--best-of-n scores one list field of jsonl records (e.g. --fields samples), "
+                          f"got {', '.join(layout.fields) or 'none'}")
+    (field,) = layout.fields
+    for rec in records:
+        if not isinstance(rec.raw.get(field), list):
+            raise FormatError(f"{rec.where}: field '{field}' (a list of answers, for --best-of-n) is missing")
 
 
 def is_list_field(layout: Layout, rec: Record, field: str) -> bool:

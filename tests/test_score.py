@@ -1,0 +1,171 @@
+"""python -m diffpo_jax.score end to end on a tiny reward model with the embedded SmolLM2 tokenizer: scores
+equal transformers' sequence classifier on the same chat-templated text, every format, `data build` from
+scored trajectories, errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from tests import tiny
+from diffpo_jax import score as score_cli
+from diffpo_jax.data.trajectories import DATA_FILE, build
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smol_rm(tmp_path_factory, smollm2):
+    """A random LlamaForSequenceClassification over SmolLM2's vocabulary, saved with SmolLM2's tokenizer
+    (whose pad token is its end-of-turn token <|im_end|>)."""
+    config = tiny.llama_config(tie=True)
+    config.vocab_size, config.pad_token_id = len(smollm2.tokenizer), smollm2.tokenizer.pad_token_id
+    model = tiny.build_classifier(config, 1, seed=3)
+    folder = tmp_path_factory.mktemp("smol_rm")
+    model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder, model, smollm2.tokenizer
+
+
+def reference_score(rm, messages) -> float:
+    _, model, tok = rm
+    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    with torch.no_grad():
+        return float(model(torch.tensor([ids])).logits[0, 0])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def score(rm, *args) -> int:
+    return score_cli.main(["--model", str(rm[0]), *map(str, args)])
+
+
+ANSWERS = [
+    {"prompt": "What is the capital of France?", "draft": "Paris, I think.", "refined": "The capital of France is Paris.", "id": 1},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
+     "draft": "9", "refined": "7 is prime."},
+    {"prompt": "Say hi.", "draft": "Hi!", "refined": "Hello there, how can I help you today?"},
+]
+
+
+def test_jsonl_scores_equal_transformers_and_the_summary(smol_rm, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "refined.jsonl", ANSWERS)
+    out = tmp_path / "scored.jsonl"
+    assert score(smol_rm, "--input", src, "--output", out, "--batch-size", 2, "--report", tmp_path / "r.md") == 0
+    rows = read_jsonl(out)
+    assert [{k: v for k, v in r.items() if k != "scores"} for r in rows] == ANSWERS  # fields and order kept
+    for rec, row in zip(ANSWERS, rows):
+        prompt = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
+        for field in ("draft", "refined"):
+            expect = reference_score(smol_rm, prompt + [{"role": "assistant", "content": rec[field]}])
+            assert row["scores"][field] == pytest.approx(expect, abs=ATOL)
+    wins = np.mean([r["scores"]["refined"] > r["scores"]["draft"] for r in rows])
+    printed = capsys.readouterr().out
+    assert f"win rate of refined over draft: {wins:.3f}" in printed
+    assert "| draft | 3 |" in (tmp_path / "r.md").read_text()
+    again = tmp_path / "again.jsonl"
+    assert score(smol_rm, "--input", src, "--output", again, "--batch-size", 3) == 0
+    assert again.read_text() == out.read_text()
+
+
+def test_alpaca_eval_and_mt_bench(smol_rm, tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hello!", "draft": "Hi", "generator": "m+diffpo"}]))
+    assert score(smol_rm, "--input", alpaca, "--output", tmp_path / "a.out.json", "--format", "alpaca_eval") == 0
+    (rec,) = json.loads((tmp_path / "a.out.json").read_text())
+    assert set(rec["scores"]) == {"draft", "output"} and rec["generator"] == "m+diffpo"
+    assert rec["scores"]["output"] == pytest.approx(reference_score(smol_rm, [
+        {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello!"}]), abs=ATOL)
+
+    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 81, "turns": ["Name a fruit.", "And a colour?"]}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 81, "answer_id": "x", "model_id": "m+diffpo",
+                                                        "choices": [{"index": 0, "turns": ["Apple.", "Red."],
+                                                                     "draft_turns": ["Pear", "Blue"]}]}])
+    out = tmp_path / "mt.out.jsonl"
+    assert score(smol_rm, "--input", answers, "--output", out, "--format", "mt_bench", "--questions", questions) == 0
+    (rec,) = read_jsonl(out)
+    conversation = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."},
+                    {"role": "user", "content": "And a colour?"}, {"role": "assistant", "content": "Red."}]
+    assert rec["scores"]["turns"] == pytest.approx(reference_score(smol_rm, conversation), abs=ATOL)
+    assert set(rec["scores"]) == {"turns", "draft_turns"}
+
+
+def test_scored_trajectories_build_the_ranking_transformers_gives(smol_rm, tmp_path):
+    prompts = ["What is the capital of France?", "Name a prime number.", "Say hi."]
+    responses = [["Paris.", "Lyon.", "It is Paris, the largest city.", "Marseille"], ["7", "9", "Two is prime."],
+                 ["Hi!", "Hello there.", "Go away."]]
+    src = write_jsonl(tmp_path / "responses.jsonl",
+                      [{"prompt": p, "all_generated_responses": r} for p, r in zip(prompts, responses)])
+    scored = tmp_path / "scored.jsonl"
+    assert score(smol_rm, "--input", src, "--output", scored, "--format", "trajectories") == 0
+    rows = read_jsonl(scored)
+    build([str(scored)], tmp_path / "data")
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(tmp_path / "data" / DATA_FILE))
+    built = {r["prompt"]: r for r in (json.loads(b) for b in reader.read_all())}
+    for p, rs, row in zip(prompts, responses, rows):
+        ref = [reference_score(smol_rm, [{"role": "user", "content": p}, {"role": "assistant", "content": r}]) for r in rs]
+        np.testing.assert_allclose(row["all_rm_scores"], ref, atol=ATOL)
+        ranked = [rs[i] for i in np.argsort(ref, kind="stable")]
+        assert built[p]["best"] == ranked[-1] and built[p]["others"] == ranked[:-1]
+
+
+def test_best_of_n_keeps_the_argmax(smol_rm, tmp_path):
+    src = write_jsonl(tmp_path / "samples.jsonl", [
+        {"prompt": "Say hi.", "samples": ["Hi!", "Hello there.", "Go away.", "Hey."]},
+        {"prompt": "Name a prime.", "samples": ["7", "9", "Two is prime.", "4"]},
+    ])
+    out = tmp_path / "bon.jsonl"
+    assert score(smol_rm, "--input", src, "--output", out, "--fields", "samples", "--best-of-n") == 0
+    for row in read_jsonl(out):
+        scores = row["scores"]["samples"]
+        assert len(scores) == 4 and row["best_of_n"]["index"] == int(np.argmax(scores))
+        assert row["best_of_n"]["response"] == row["samples"][int(np.argmax(scores))]
+        assert row["best_of_n"]["score"] == max(scores)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(smol_rm, tmp_path, capsys):
+    def fails(*args, match):
+        out = tmp_path / "out.jsonl"
+        assert score(smol_rm, *args, "--output", out) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and match in err, err
+        assert not out.exists()
+
+    missing = write_jsonl(tmp_path / "missing.jsonl", [ANSWERS[0], {"prompt": "x", "draft": "y"}])
+    fails("--input", missing, match=f"{missing}:2: field 'refined' (a string or a non-empty list of strings) is missing")
+    fails("--input", missing, "--fields", "samples", "--best-of-n", match=f"{missing}:1: field 'samples' (a list")
+    fails("--input", missing, "--best-of-n", match="--best-of-n scores one list field")
+    none = write_jsonl(tmp_path / "none.jsonl", [{"prompt": "x", "answer": "y"}])
+    fails("--input", none, match="none of the answer fields draft, refined is present")
+    traj = write_jsonl(tmp_path / "traj.jsonl", [{"prompt": "x", "all_generated_responses": "y"}])
+    fails("--input", traj, "--format", "trajectories", match=f"{traj}:1: field 'all_generated_responses'")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 600, "draft": "y"}])
+    fails("--input", long, match=f"{long}:1: field 'draft': ")
+
+
+def test_a_non_finite_score_is_an_error(smol_rm, tmp_path, capsys):
+    folder = tmp_path / "nan_rm"
+    folder.mkdir()
+    for f in smol_rm[0].iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(smol_rm[0] / "model.safetensors")
+    tensors["score.weight"] = np.full_like(tensors["score.weight"], math.inf)
+    save_file(tensors, folder / "model.safetensors")
+    src = write_jsonl(tmp_path / "in.jsonl", ANSWERS[:1])
+    out = tmp_path / "out.jsonl"
+    assert score_cli.main(["--model", str(folder), "--input", str(src), "--output", str(out)]) == 2
+    assert f"{src}:1: field 'draft': the reward model gave a non-finite score" in capsys.readouterr().err
+    assert not out.exists()
