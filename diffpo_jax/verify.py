@@ -1,5 +1,9 @@
 """python -m diffpo_jax.verify: compare diffpo-jax logits with transformers (PyTorch) on the same weights.
 
+Reward models (*ForSequenceClassification) compare their scores instead: each prompt + response through
+the RM's chat template, ours as one padded batch (reward/scorer.py), transformers' one row at a time;
+fp32 passes when every score is within --atol.
+
 Loads --model in diffpo-jax and in transformers (fp32 reference), runs both on chat-templated prompts
 (each followed by a reference answer, so positions go past the prompt), and prints per prompt the max
 abs logit difference, mean KL(reference || ours) and top-1 agreement. The diffpo-jax side runs all
@@ -107,6 +111,54 @@ def check(loaded, reference, prompts: list[tuple[str, str]], atol: float, min_to
     return results, all(r["max_abs_diff"] <= atol and r["top1"] >= min_top1 for r in results)
 
 
+def check_reward(loaded, prompts: list[tuple[str, str]], atol: float) -> tuple[list[dict], bool]:
+    """Our reward scores against transformers' AutoModelForSequenceClassification on the same weights."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from diffpo_jax.reward.scorer import Scorer
+
+    if loaded.head.kind == "armorm":
+        raise ValueError(f"{loaded.source}: ArmoRM's hub modeling code does not import in transformers 5, so there is "
+                         "no reference to compare with here (tests/armorm_reference.py is the test suite's)")
+    scorer = Scorer(loaded, batch_size=len(prompts))
+    if loaded.tokenizer is None:
+        rows = [(ids, 0) for ids in token_rows(None, prompts, loaded.cfg.vocab_size)]
+    else:
+        rows = [scorer.row(p, r) for p, r in prompts]
+    reference = AutoModelForSequenceClassification.from_pretrained(
+        **loaded.reference, dtype=torch.float32, attn_implementation="eager").eval()
+    results = []
+    with torch.no_grad():
+        for (ids, _), s in zip(rows, scorer.score(rows)):
+            ref = reference(torch.tensor([ids])).logits[0].numpy()
+            got = np.asarray(s.logits if s.logits is not None else [s.score])
+            results.append({"tokens": len(ids), "score": float(got[0]), "reference": float(ref[0]),
+                            "max_abs_diff": float(np.abs(got - ref).max())})
+    return results, all(r["max_abs_diff"] <= atol for r in results)
+
+
+def reward_main(args, atol: float) -> int:
+    from diffpo_jax.sources import load_reward_model
+
+    prompts = read_prompts(args.prompts) if args.prompts else BUILTIN
+    results, ok = check_reward(load_reward_model(args.model, dtype=args.dtype), prompts, atol)
+    print(f"{'#':>3} {'tokens':>6} {'score':>10} {'reference':>10} {'max_abs_diff':>13}")
+    for i, r in enumerate(results):
+        print(f"{i:>3} {r['tokens']:>6} {r['score']:>10.4f} {r['reference']:>10.4f} {r['max_abs_diff']:>13.3e}")
+    print(f"{'PASS' if ok else 'FAIL'}: reward model, {args.dtype}, tolerance max_abs_diff <= {atol:g}")
+    return 0 if ok else 1
+
+
+def is_reward_model(spec: str | None) -> bool:
+    from diffpo_jax.reward.model import HeadConfig, NotARewardModelError
+    from diffpo_jax.sources import ModelSourceError, open_checkpoint
+
+    try:
+        HeadConfig.from_hf(open_checkpoint(spec)[0].hf_config())
+    except (NotARewardModelError, ModelSourceError):  # not one, or not loadable: the LM path says why
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     atol = DEFAULT_ATOL[args.dtype] if args.atol is None else args.atol
     min_top1 = DEFAULT_MIN_TOP1[args.dtype] if args.min_top1 is None else args.min_top1
     try:
+        if args.model and is_reward_model(args.model):
+            return reward_main(args, atol)
         prompts = read_prompts(args.prompts) if args.prompts else BUILTIN
         loaded = load_model(args.model, dtype=args.dtype)
         results, ok = check(loaded, load_reference(loaded), prompts, atol, min_top1)

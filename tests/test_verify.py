@@ -74,3 +74,17 @@ def test_orbax_dir_is_refused_with_the_way_out(tmp_path, tiny_llama_dir, capsys)
     err = capsys.readouterr().err.strip()
     assert err == (f"error: {orbax_dir}: an Orbax checkpoint, which transformers cannot read: export it first "
                    f"(python -m diffpo_jax.convert to-hf {orbax_dir} OUT) and verify OUT")
+
+
+def test_reward_models_verify_their_scores(tmp_path, smollm2, capsys):
+    from tests import tiny
+
+    config = tiny.gemma2_config()
+    config.vocab_size = len(smollm2.tokenizer)
+    folder = tmp_path / "rm"
+    tiny.build_classifier(config, 1).save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    assert verify.main(["--model", str(folder), "--atol", "1e-4"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: reward model, float32" in out and len(out.splitlines()) == 2 + len(verify.BUILTIN)
+    assert verify.main(["--model", str(folder), "--atol", "1e-12"]) == 1
