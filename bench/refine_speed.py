@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
           f"max_new_tokens {n_new}, stop tokens {stop}, pad {pad}\n{machine}", flush=True)  # fmt: skip
 
     def jax_generate(prompt, temperature, key):
-        g = generate(graphdef, state, *padded(prompt, width, pad), key, max_new_tokens=n_new,
+        keys = None if key is None else key[None]  # the one row's key
+        g = generate(graphdef, state, *padded(prompt, width, pad), keys, max_new_tokens=n_new,
                      temperature=temperature, stop_tokens=stop, pad_id=pad)  # fmt: skip
         g = jax.device_get(g)
         n = int(g.lengths[0])

@@ -69,7 +69,7 @@ def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None
     def run(lo):
         p = prompts[lo : lo + b]
         if drafts is None:
-            return decoder.sample(p, jax.random.key(0), temperature=0.0, top_p=1.0)
+            return decoder.sample(p, jax.random.split(jax.random.key(0), len(p)), temperature=0.0, top_p=1.0)
         return decoder.refine(p, drafts[lo : lo + b], block_size=BLOCK)
 
     run(0)

@@ -2,12 +2,18 @@
 
   python -m diffpo_jax.generate --input prompts.jsonl --output drafts.jsonl [--model BASE]
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
-      [--batch-size 8] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16] [--overwrite]
+      [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16] [--overwrite]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
-and writes answer records (turn 2 sees the generated turn 1). Sampling is reproducible: batch i draws
-with fold_in(PRNGKey(seed), i), so a resumed run gives the same drafts. Output is streamed and resumed
-as in `refine`; bad input exits 2 with a one-line message.
+and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
+answers per prompt instead: each record gets `samples` (K strings, no `draft`) and `sample_keys`
+([seed, record index, 0, k] for each sample k). --batch-size counts prompts: a decode call runs
+batch_size * K rows, the K samples of a prompt in the same call.
+
+Sampling is reproducible and per row: sample k of turn t of input record i (0-based) draws with the key
+fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
+a resumed run gives the same outputs, and sample 0 of K is the K = 1 draft of the same seed. Output is
+streamed and resumed as in `refine`; bad input exits 2 with a one-line message.
 """
 
 from __future__ import annotations
@@ -17,8 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records
+from diffpo_jax.data.formats import (
+    FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records, sampled_output,
+)  # fmt: skip
 from diffpo_jax.sources import ModelSourceError
+
+# the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
+# outputs do not depend on it)
+RESUME_OPTIONS = ("model", "format", "temperature", "top_p", "max_new_tokens", "num_samples", "seed", "model_id",
+                  "dtype")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,14 +43,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per decode call")
+    ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt (> 1: jsonl `samples`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     args = ap.parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        ap.error("--max-new-tokens and --batch-size must be >= 1")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
+        ap.error("--max-new-tokens, --batch-size and --num-samples must be >= 1")
+    if args.num_samples > 1 and args.format != "jsonl":
+        ap.error("--num-samples > 1 needs --format jsonl (the only format with a `samples` field)")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
     return args
@@ -46,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, loaded=None) -> dict:
     """Generate drafts for args.input into args.output; returns the summary. `loaded`: an already loaded model to use instead of args.model."""
     import jax
+    import jax.numpy as jnp
     from tqdm import tqdm
 
     from diffpo_jax.decoding.batching import Decoder, decode_records
@@ -53,31 +70,42 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
-    options = {k: getattr(args, k) for k in ("model", "format", "temperature", "top_p", "max_new_tokens",
-                                             "batch_size", "seed", "model_id", "dtype")}  # fmt: skip
-    out = ResumableOutput(args.output, args.format, records, options)
+    out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
     loaded = loaded or load_model(args.model, dtype=args.dtype)
     model_id = args.model_id or Path(loaded.source).stem
-    decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    key = jax.random.key(args.seed)
+    k = args.num_samples
+    decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens)
     totals = {"rows": 0, "tokens": 0}
     bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="generate", dynamic_ncols=True)
     start = time.perf_counter()
 
-    def decode(batch: int, turn: int, _recs, prompts):
-        return decoder.sample(prompts, jax.random.fold_in(jax.random.fold_in(key, batch), turn),
-                              temperature=args.temperature, top_p=args.top_p)  # fmt: skip
+    def row_key(record, turn, sample):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), record), turn), sample)
 
-    def progress(outputs):
+    def decode(indices: list[int], turn: int, _recs, prompts):
+        """Per record: (its index, its k Outputs), the k samples of a prompt in adjacent rows."""
+        record_rows, sample_rows = jnp.repeat(jnp.asarray(indices), k), jnp.tile(jnp.arange(k), len(indices))
+        keys = jax.vmap(row_key, in_axes=(0, None, 0))(record_rows, turn, sample_rows)
+        outputs = decoder.sample([p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p)
+        return [(i, outputs[j * k : (j + 1) * k]) for j, i in enumerate(indices)]
+
+    def progress(results):
+        outputs = [o for _, samples in results for o in samples]
         totals["rows"] += len(outputs)
         totals["tokens"] += sum(o.stats["tokens"] for o in outputs)
         bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.1f}")
 
-    def build(rec, outputs):
+    def build(rec, turns):
         bar.update(1)
-        return generated_output(args.format, rec, [o.text for o in outputs], model_id)
+        if k == 1:
+            return generated_output(args.format, rec, [samples[0].text for _, samples in turns], model_id)
+        ((i, samples),) = turns  # jsonl: one turn
+        return sampled_output(rec, [o.text for o in samples], [[args.seed, i, 0, s] for s in range(k)])
 
-    decode_records(decoder, records, out, decode, lambda _r, _t, o: o.text, build, progress)
+    def history(_rec, _turn, result):
+        return result[1][0].text
+
+    decode_records(decoder, records, out, decode, history, build, progress, batch_size=args.batch_size)
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start

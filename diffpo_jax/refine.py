@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="refine", dynamic_ncols=True)
     start = time.perf_counter()
 
-    def decode(_batch: int, turn: int, recs, prompts):
+    def decode(_indices: list[int], turn: int, recs, prompts):
         drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
         return decoder.refine(
             prompts, drafts, block_size=args.block_size, max_iterations=args.max_iterations,

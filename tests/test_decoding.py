@@ -199,24 +199,30 @@ def test_realign_reseeds_after_insertion():
 
 def test_sample_greedy_top_p_and_temperature():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    key = jax.random.key(0)
-    assert np.all(np.asarray(sample(logits, key, jnp.float32(0.0), jnp.float32(1.0))) == 0)
-    assert np.all(np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1e-6))) == 0)
-    nucleus = np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(0.7)))  # mass before token 2 is 0.8
+    keys = jax.random.split(jax.random.key(0), 4000)
+    assert np.all(np.asarray(sample(logits, keys, jnp.float32(0.0), jnp.float32(1.0))) == 0)
+    assert np.all(np.asarray(sample(logits, keys, jnp.float32(1.0), jnp.float32(1e-6))) == 0)
+    nucleus = np.asarray(sample(logits, keys, jnp.float32(1.0), jnp.float32(0.7)))  # mass before token 2 is 0.8
     assert set(nucleus.tolist()) == {0, 1} and abs(np.mean(nucleus == 0) - 0.5 / 0.8) < 0.03
-    full = np.bincount(np.asarray(sample(logits, key, jnp.float32(1.0), jnp.float32(1.0))), minlength=4) / 4000
+    full = np.bincount(np.asarray(sample(logits, keys, jnp.float32(1.0), jnp.float32(1.0))), minlength=4) / 4000
     np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
-    hot = np.bincount(np.asarray(sample(logits, key, jnp.float32(0.5), jnp.float32(1.0))), minlength=4) / 4000
+    hot = np.bincount(np.asarray(sample(logits, keys, jnp.float32(0.5), jnp.float32(1.0))), minlength=4) / 4000
     p = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
     np.testing.assert_allclose(hot, p / p.sum(), atol=0.03)
 
 
-def test_generate_sampling_is_seeded(setup):
+def test_generate_sampling_is_seeded_per_row(setup):
+    """Same keys, same tokens; other keys, other tokens; a row's tokens follow its own key and prompt
+    whatever the other rows (rows and keys permuted together: tokens permuted the same way)."""
     graphdef, state, prompts, greedy, _ = setup
     kw = dict(max_new_tokens=N, temperature=0.9, top_p=0.95)
-    a = generate(graphdef, state, prompts, LENS, jax.random.key(1), **kw)
-    b = generate(graphdef, state, prompts, LENS, jax.random.key(1), **kw)
-    c = generate(graphdef, state, prompts, LENS, jax.random.key(2), **kw)
-    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
-    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
-    assert not np.array_equal(np.asarray(a.tokens), greedy)
+    keys = jax.random.split(jax.random.key(1), len(prompts))
+    a = np.asarray(generate(graphdef, state, prompts, LENS, keys, **kw).tokens)
+    b = np.asarray(generate(graphdef, state, prompts, LENS, keys, **kw).tokens)
+    c = np.asarray(generate(graphdef, state, prompts, LENS, jax.random.split(jax.random.key(2), len(prompts)), **kw).tokens)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
+    perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
+    permuted = generate(graphdef, state, prompts[perm], LENS[perm], keys[perm], **kw)
+    np.testing.assert_array_equal(np.asarray(permuted.tokens), a[perm])
+    assert not np.array_equal(a[0], a[4])  # rows 0 and 4: one prompt, two keys, two answers

@@ -2,7 +2,8 @@
 
 Formats (the same three for both CLIs):
   jsonl        one object per line with `prompt` (string) or `messages` (chat list); refine also needs
-               `draft`. generate adds `draft`; refine adds `refined` and `stats`. Every input field is kept.
+               `draft`. generate adds `draft` (with K > 1 samples per prompt: `samples` and `sample_keys`
+               instead); refine adds `refined` and `stats`. Every input field is kept.
   alpaca_eval  a JSON list of {instruction, output, generator, ...}. generate sets `output` and
                `generator`; refine moves `output` to `draft`, puts the refined text in `output` and
                appends `+diffpo` to `generator`.
@@ -195,6 +196,12 @@ def generated_output(fmt: str, record: Record, answers: list[str], model_id: str
         "choices": [{"index": 0, "turns": answers}],
         "tstamp": time.time(),
     }
+
+
+def sampled_output(record: Record, samples: list[str], sample_keys: list[list[int]]) -> dict[str, Any]:
+    """The jsonl output record for `record` answered with several `samples`, sample k drawn with the key
+    named by sample_keys[k] ([seed, record index, turn, k])."""
+    return dict(record.raw) | {"samples": samples, "sample_keys": sample_keys}
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -3,7 +3,7 @@
 `Decoder` wraps a loaded model: prompts are chat-templated with `diffpo_jax.chat.prompt_ids`, drafts
 tokenized with `response_ids` (plus the end-of-turn token, since a draft is a whole answer). Every call
 is padded to static shapes so nothing recompiles across batches:
-  batch      exactly `batch_size` rows (a short last batch repeats its first row);
+  batch      exactly `batch_size` rows (a short last batch repeats its first row and key);
   prompts    right-padded to a power of two (at least 32);
   drafts     right-padded/cut to max_new_tokens + block_size (the only draft tokens the decoder reads).
 A prompt whose length plus max_new_tokens exceeds the model's context is a `ContextError` (never
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from diffpo_jax.decoding.sampler import generate
 from diffpo_jax.sources import LoadedModel, ModelSourceError
 
 MIN_PROMPT_BUCKET = 32
+R = TypeVar("R")  # what a decode_records callback returns per record
 
 
 class ContextError(ValueError):
@@ -159,12 +160,14 @@ class Decoder:
             outputs.append(Output(ids, text, stats))
         return outputs
 
-    def sample(self, prompts: list[list[int]], key: jax.Array, *, temperature: float, top_p: float) -> list[Output]:
-        """Sample (greedy when temperature == 0) an answer for each of up to batch_size prompt rows."""
-        assert 0 < len(prompts) <= self.batch_size
+    def sample(self, prompts: list[list[int]], keys: jax.Array, *, temperature: float, top_p: float) -> list[Output]:
+        """Sample (greedy when temperature == 0) an answer for each of up to batch_size prompt rows, row i
+        with keys[i] (a key array, one key per prompt)."""
+        assert 0 < len(prompts) == len(keys) <= self.batch_size
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
+        padded_keys = keys[np.r_[np.arange(len(prompts)), np.zeros(self.batch_size - len(prompts), int)]]
         g = generate(
-            self.graphdef, self.state, p, plen, key,
+            self.graphdef, self.state, p, plen, padded_keys,
             max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
             stop_tokens=self.stop_tokens, pad_id=self.pad_id,
         )  # fmt: skip
@@ -180,28 +183,32 @@ def decode_records(
     decoder: Decoder,
     records: list[Record],
     out: ResumableOutput,
-    decode: Callable[[int, int, list[Record], list[list[int]]], list[Output]],
-    history: Callable[[Record, int, Output], str],
-    build: Callable[[Record, list[Output]], dict[str, Any]],
-    progress: Callable[[list[Output]], None],
+    decode: Callable[[list[int], int, list[Record], list[list[int]]], list[R]],
+    history: Callable[[Record, int, R], str],
+    build: Callable[[Record, list[R]], dict[str, Any]],
+    progress: Callable[[list[R]], None],
+    *,
+    batch_size: int | None = None,
 ) -> None:
-    """Decode the records `out` does not hold yet, batch_size records at a time and turn by turn.
+    """Decode the records `out` does not hold yet, batch_size records at a time (default: the decoder's
+    batch_size) and turn by turn.
 
-    decode(batch index, turn, records, prompt ids) -> one Output per record for that turn;
-    history(record, turn, output) -> the assistant text later turns see; build(record, outputs per turn)
-    -> the output record, appended to `out` in input order; progress(outputs) after each decode call.
+    decode(record indices, turn, records, prompt ids) -> one result (an Output, or what the caller makes of
+    Outputs) per record for that turn, the indices being the records' 0-based positions in `records`;
+    history(record, turn, result) -> the assistant text later turns see; build(record, results per turn)
+    -> the output record, appended to `out` in input order; progress(results) after each decode call.
     """
     for where, prompt in ((r.where, r.prompt) for r in records[out.done :]):
         _prompt_tokens(decoder, where, 0, prompt)  # fail fast on a first turn that does not fit
-    size = decoder.batch_size
+    size = decoder.batch_size if batch_size is None else batch_size
     for start in range(out.done, len(records), size):
         batch = records[start : start + size]
-        outputs: list[list[Output]] = [[] for _ in batch]
+        outputs: list[list[R]] = [[] for _ in batch]
         answers: list[list[str]] = [[] for _ in batch]
         for turn in range(max(r.num_turns for r in batch)):
             live = [i for i, r in enumerate(batch) if turn < r.num_turns]
             ids = [_prompt_tokens(decoder, batch[i].where, turn, turn_prompt(batch[i], turn, answers[i])) for i in live]
-            results = decode(start // size, turn, [batch[i] for i in live], ids)
+            results = decode([start + i for i in live], turn, [batch[i] for i in live], ids)
             for i, res in zip(live, results):
                 outputs[i].append(res)
                 answers[i].append(history(batch[i], turn, res))

@@ -11,7 +11,9 @@ prompt token. Generated token t of a row sits at position len + t.
 `generate`: one token per `lax.while_loop` step for the whole batch. Each step samples from the current
 logits (greedy when temperature == 0, else temperature + top-p), appends the token to the live rows,
 ends a row on a stop token or at max_new_tokens, and runs the model on the new tokens (finished rows
-masked) for the next logits. The loop ends when every row is done.
+masked) for the next logits. The loop ends when every row is done. Sampling keys are per row: token t
+of a row is drawn with fold_in(keys[row], t), so a row's answer depends on its prompt and key only,
+not on the other rows of the batch.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ def is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Next tokens int32 [B] from logits [B, V]: argmax when temperature == 0, else a draw from
-    softmax(logits / temperature) restricted to the top-p nucleus (the smallest set of most likely
-    tokens whose mass reaches top_p; the most likely token is always kept)."""
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next tokens int32 [B] from logits [B, V]: argmax when temperature == 0, else row b draws with
+    keys[b] (a key array [B]) from softmax(logits / temperature) restricted to the top-p nucleus (the
+    smallest set of most likely tokens whose mass reaches top_p; the most likely token is always kept)."""
 
     def nucleus(_):
         scaled = logits.astype(jnp.float32) / temperature
@@ -57,7 +59,8 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
         probs = jax.nn.softmax(desc, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
         cutoff = jnp.min(jnp.where(mass_before < top_p, desc, jnp.inf), axis=-1, keepdims=True)
-        return jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf)).astype(jnp.int32)
+        nucleus_logits = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+        return jax.vmap(jax.random.categorical)(keys, nucleus_logits).astype(jnp.int32)
 
     def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -81,7 +84,7 @@ def generate(
     state: nnx.State,
     prompts: jax.Array,
     prompt_lens: jax.Array,
-    key: jax.Array | None = None,
+    keys: jax.Array | None = None,
     *,
     max_new_tokens: int,
     temperature: float | jax.Array = 0.0,
@@ -90,15 +93,16 @@ def generate(
     pad_id: int = 0,
 ) -> Generation:
     """Autoregressive decoding of up to `max_new_tokens` tokens per row (see the module docstring).
-    `key` is needed only when temperature > 0."""
+    `keys`: one key per row (a key array [B]), needed only when temperature > 0."""
     model = nnx.merge(graphdef, state)
     prompts, prompt_lens = prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32)
     b, p = prompts.shape
-    key = jax.random.key(0) if key is None else key
+    keys = jax.random.split(jax.random.key(0), b) if keys is None else keys
     cache, logits = prefill(model, prompts, prompt_lens, p + max_new_tokens)
 
     def append(s: _State, logits: jax.Array) -> _State:
-        tok = sample(logits, jax.random.fold_in(key, s.t), temperature, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, s.t)
+        tok = sample(logits, step_keys, temperature, top_p)
         live = ~s.done
         stop = live & is_stop(tok, stop_tokens)
         return s.replace(
