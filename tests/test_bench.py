@@ -54,3 +54,18 @@ def test_memory_plan_tiny(tmp_path):
     assert r["argument"] >= 3 * 4 * r["params"] / 4 * 0.9
     assert r["flops"] > 0 and r["rows"] == 2
     assert "| tiny-llama | 1x2x2 |" in results.read_text()
+
+
+def test_score_speed_tiny(smollm2, tmp_path):
+    from bench import score_speed
+    from tests import tiny
+
+    config = tiny.llama_config(tie=True)
+    config.vocab_size = len(smollm2.tokenizer)
+    lm = tiny.save(config, tmp_path / "lm")
+    smollm2.tokenizer.save_pretrained(lm)
+    results = tmp_path / "RESULTS.md"
+    out = score_speed.main(["--model", str(lm), "--answers", "10", "--batch-size", "4", "--repeats", "1",
+                            "--results", str(results)])  # fmt: skip
+    assert out["max_abs_diff"] < score_speed.TOLERANCE and out["tokens"] > 10 * 20
+    assert "| diffpo-jax Scorer | 10 |" in results.read_text()

@@ -174,3 +174,25 @@ def test_batches_need_a_pad_token(armorm_dir, tmp_path):
     with pytest.raises(ModelSourceError, match="no pad token .* --batch-size 1"):
         Scorer(loaded, batch_size=2)
     assert Scorer(loaded, batch_size=1).batch_size == 1
+
+
+RM_PRESETS = ["armorm-llama3-8b-v0.1", "skywork-reward-llama-3.1-8b-v0.2", "skywork-reward-gemma-2-27b-v0.2",
+              "grm-gemma2-2b-rewardmodel-ft", "fsfairx-llama3-rm-v0.1"]
+
+
+@pytest.mark.parametrize("name", RM_PRESETS)
+def test_reward_presets_build_with_their_heads(name):
+    from flax import nnx
+
+    from diffpo_jax.config import load_preset
+    from diffpo_jax.reward.model import abstract_reward_model, reward_weight_specs
+
+    cfg, hf = load_preset(name)
+    head = HeadConfig.from_hf(hf, source=name)
+    state = nnx.state(abstract_reward_model(cfg, head))
+    names = [s.hf_name for s in reward_weight_specs(cfg, head)]
+    assert "lm_head.weight" not in names and len(jax.tree.leaves(state)) == len(names)
+    if head.kind == "armorm":
+        assert head.num_objectives == 19 and "gating.layers.3.bias" in names and "reward_transform_matrix" in names
+    else:
+        assert head.num_labels == 1 and names[-1] == "score.weight"

@@ -169,3 +169,58 @@ def test_a_non_finite_score_is_an_error(smol_rm, tmp_path, capsys):
     assert score_cli.main(["--model", str(folder), "--input", str(src), "--output", str(out)]) == 2
     assert f"{src}:1: field 'draft': the reward model gave a non-finite score" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Why is the sky blue?", "Name a fruit.",
+           "What is two plus two?", "Give me a word that rhymes with cat.", "Name a planet."]
+
+
+def test_best_of_n_from_generated_samples(smol_rm, smollm2, tmp_path):
+    from diffpo_jax import generate as generate_cli
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
+    samples = tmp_path / "samples.jsonl"
+    generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(samples), "--num-samples", "4",
+                                              "--temperature", "1.0", "--max-new-tokens", "6"]), smollm2)  # fmt: skip
+    for row in read_jsonl(samples):
+        assert len(set(row["samples"])) == 4  # K distinct samples per prompt
+    bon, again = tmp_path / "bon.jsonl", tmp_path / "again.jsonl"
+    for out in (bon, again):
+        assert score(smol_rm, "--input", samples, "--output", out, "--fields", "samples", "--best-of-n") == 0
+    assert bon.read_text() == again.read_text()
+    for row in read_jsonl(bon):
+        best = int(np.argmax(row["scores"]["samples"]))
+        assert row["best_of_n"]["index"] == best and row["best_of_n"]["response"] == row["samples"][best]
+
+
+@pytest.mark.slow
+def test_trajectories_from_own_base_models_train(smol_rm, smollm2, tiny_init_dir, tmp_path):
+    """README's recipe offline: samples of two base models -> score -> data build (pooled by prompt) -> train."""
+    from diffpo_jax import generate as generate_cli
+    from diffpo_jax import train as train_cli
+    from diffpo_jax.data import __main__ as data_cli
+    from diffpo_jax.sources import load_model
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    scored = []
+    for name, base in (("smollm2", smollm2), ("tiny", load_model(str(tiny_init_dir)))):
+        samples, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.scored.jsonl"
+        generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(samples), "--num-samples",
+                                                  "2", "--temperature", "1.0", "--max-new-tokens", "6"]), base)  # fmt: skip
+        assert score(smol_rm, "--input", samples, "--output", out, "--format", "trajectories",
+                     "--responses-field", "samples") == 0  # fmt: skip
+        scored.append(out)
+    data = tmp_path / "data"
+    assert data_cli.main(["build", "--source", str(scored[0]), "--source", str(scored[1]),
+                          "--responses-field", "samples", "--out", str(data)]) == 0  # fmt: skip
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["kept"] == len(PROMPTS) and manifest["responses_per_prompt"]["total"] == 4 * len(PROMPTS)
+    run = tmp_path / "run"
+    config = write_jsonl(tmp_path / "train.yaml", [dict(
+        model=str(tiny_init_dir), data=str(data), output_dir=str(run), global_batch_size=8, prompt_len=32,
+        response_len=8, num_epochs=1, save_every=1, log_every=1, loss={"con_weight": 1.0})])
+    assert train_cli.main(["--config", str(config)]) == 0
+    (metrics,) = read_jsonl(run / "metrics.jsonl")
+    assert metrics["step"] == 1 and math.isfinite(metrics["loss"])
