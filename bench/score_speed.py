@@ -7,7 +7,7 @@ The reward model is --model's decoder (default: the embedded SmolLM2-135M) with 
 (Linear(hidden -> 1), seed 0), saved as an HF *ForSequenceClassification folder, so both sides load the
 same file. Inputs: the prompts of examples/trajectories.jsonl with answers of 1..8 of its responses
 joined (varied lengths), chat-templated by the RM's tokenizer. Both sides score the same rows in the
-same length-sorted batches of --batch-size, fp32: ours right-padded to power-of-two buckets (one compile
+same length-sorted batches of --batch-size, fp32: ours right-padded to its length buckets (reward/scorer.py; one compile
 per bucket, reported separately as the first pass minus the steady pass), transformers right-padded to
 the batch's longest row with an attention mask. Scores must agree within 1e-3. tokens/s counts real
 (unpadded) tokens; the steady figure is the best of --repeats passes.
@@ -70,20 +70,25 @@ def save_reward_model(loaded, folder: Path):
     return rm
 
 
-def torch_scores(rm, rows: list[list[int]], batch: int, pad: int) -> tuple[np.ndarray, float]:
+def batches(rows, size: int) -> list[list[int]]:
+    """Row indices, sorted by length, in batches of `size` (the order both sides score in)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    return [order[b : b + size] for b in range(0, len(order), size)]
+
+
+def torch_scores(rm, rows: list[tuple[list[int], int]], batch: int, pad: int) -> tuple[np.ndarray, float]:
     import torch
 
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     out = np.zeros(len(rows), np.float32)
     start = time.perf_counter()
     with torch.no_grad():
-        for b in range(0, len(order), batch):
-            idx = order[b : b + batch]
-            width = max(len(rows[i]) for i in idx)
+        for idx in batches(rows, batch):
+            ids_rows = [rows[i][0] for i in idx]
+            width = max(map(len, ids_rows))
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, : len(rows[i])], mask[j, : len(rows[i])] = torch.tensor(rows[i]), 1
+            for j, r in enumerate(ids_rows):
+                ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
             out[idx] = rm(ids, attention_mask=mask).logits[:, 0].numpy()
     return out, time.perf_counter() - start
 
@@ -93,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    from diffpo_jax.reward.scorer import Scorer
+    from diffpo_jax.reward.scorer import Scorer, length_bucket
     from diffpo_jax.sources import load_model, load_reward_model
 
     machine = common.machine()
@@ -112,13 +117,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     got, first = ours()
     steady_ours = min(ours()[1] for _ in range(args.repeats))
-    torch_scores(reference, [ids for ids, _ in rows[: args.batch_size]], args.batch_size, scorer.pad_id)  # warm-up
-    runs = [torch_scores(reference, [ids for ids, _ in rows], args.batch_size, scorer.pad_id) for _ in range(args.repeats)]
+    torch_scores(reference, rows[: args.batch_size], args.batch_size, scorer.pad_id)  # warm-up
+    runs = [torch_scores(reference, rows, args.batch_size, scorer.pad_id) for _ in range(args.repeats)]
     expect, steady_torch = runs[0][0], min(t for _, t in runs)
     diff = float(np.abs(got - expect).max())
     if diff > TOLERANCE:
         raise SystemExit(f"scores differ from transformers' by {diff:.3g} (> {TOLERANCE})")
-    buckets = sorted({int(1 << max(0, len(ids) - 1).bit_length()) for ids, _ in rows})
+    buckets = sorted({length_bucket(max(len(rows[i][0]) for i in chunk)) for chunk in batches(rows, scorer.batch_size)})
     table = common.table(
         ["method", "answers", "tokens", "seconds", "tokens/s", "vs transformers"],
         [["diffpo-jax Scorer", len(rows), tokens, steady_ours, tokens / steady_ours, steady_torch / steady_ours],
@@ -126,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     body = (common.header("Reward scoring speed (bench/score_speed.py)", "bench.score_speed", argv, machine)
             + f"- reward model: {base.source} decoder + random score head; batch {args.batch_size}, fp32, "
-              f"{len(buckets)} length buckets ({', '.join(map(str, buckets))}; at least 32)\n"
+              f"length buckets {', '.join(map(str, buckets))} (ours; transformers pads to each batch's longest row)\n"
             + f"- scores equal: max abs difference {diff:.2e}\n"
             + f"- diffpo-jax compile (first pass - steady pass): {first - steady_ours:.1f} s\n\n" + table + "\n")
     print(body)

@@ -140,8 +140,8 @@ def test_scoring_over_8_devices_equals_one(armorm_dir):
     assert eight.batch_size == 8
     rows = [one.row(f"Question {i}?", "The answer is " + "yes " * i) for i in range(11)]
     a, b = one.score(rows), eight.score(rows)
-    np.testing.assert_allclose([s.score for s in a], [s.score for s in b], atol=1e-5, rtol=0)
-    np.testing.assert_allclose([list(s.objectives.values()) for s in a], [list(s.objectives.values()) for s in b], atol=1e-5)
+    np.testing.assert_allclose([s.score for s in a], [s.score for s in b], atol=ATOL, rtol=0)
+    np.testing.assert_allclose([list(s.objectives.values()) for s in a], [list(s.objectives.values()) for s in b], atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -196,3 +196,10 @@ def test_reward_presets_build_with_their_heads(name):
         assert head.num_objectives == 19 and "gating.layers.3.bias" in names and "reward_transform_matrix" in names
     else:
         assert head.num_labels == 1 and names[-1] == "score.weight"
+
+
+def test_length_buckets_are_four_per_octave():
+    from diffpo_jax.reward.scorer import length_bucket
+
+    assert [length_bucket(n) for n in (1, 32, 33, 41, 65, 129, 257, 4097)] == [32, 32, 40, 48, 80, 160, 320, 5120]
+    assert all(n <= length_bucket(n) <= max(32, 1.25 * n) for n in range(1, 9000))

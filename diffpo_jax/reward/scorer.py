@@ -2,8 +2,9 @@
 
 `Scorer.score(rows)` takes (token ids, gating index) rows in any order and returns one `Score` per row
 in the same order. Rows are sorted by length and cut into batches of `batch_size` rows (a short last
-batch repeats a row), each right-padded to a power-of-two length (at least 32): one compilation per
-length bucket. With a mesh, the batch is split over all its devices (pure data parallel: `batch_size` is
+batch repeats a row), each right-padded to its length bucket: one compilation per bucket. Buckets are
+four per octave (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ...), so padding costs at most 25% (at
+most 14% past the first octave) at four compiled shapes per doubling of the length. With a mesh, the batch is split over all its devices (pure data parallel: `batch_size` is
 rounded up to a multiple of the device count) and the weights are placed by `param_shardings`.
 """
 
@@ -16,10 +17,20 @@ import jax
 import numpy as np
 from flax import nnx
 
-from diffpo_jax.decoding.batching import bucket
 from diffpo_jax.reward.inputs import InputError, conversation_ids, gating_pattern, gating_position
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import LoadedRewardModel, ModelSourceError
+
+
+MIN_BUCKET = 32
+
+
+def length_bucket(n: int) -> int:
+    """The smallest of 32 and 2^k * (1, 1.25, 1.5, 1.75) (k >= 5) that holds n tokens."""
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    octave = 1 << (n - 1).bit_length() - 1  # the largest power of two below n
+    return next(octave * q // 4 for q in (5, 6, 7, 8) if octave * q // 4 >= n)
 
 
 @dataclasses.dataclass
@@ -72,7 +83,7 @@ class Scorer:
         return scores
 
     def _batch(self, rows: list[tuple[list[int], int]]) -> list[Score]:
-        width = bucket(max(len(ids) for ids, _ in rows))
+        width = length_bucket(max(len(ids) for ids, _ in rows))
         padded = rows + [rows[0]] * (self.batch_size - len(rows))
         tokens = np.full((self.batch_size, width), self.pad_id, np.int32)
         mask = np.zeros((self.batch_size, width), bool)
