@@ -11,7 +11,9 @@
    reused by a rerun; generate outputs already in WORK/data.work are reused).
 2. Training (RUNS; `--runs` picks some): the smollm2-135m preset (fp32, lr 1e-5, batch 8) with w = 0
    (AR only), w = 1 and w = 0.1 with the KL on the draft's positions, w = 1 and 0.3 with the KL on the
-   frontier (training/loss.py); same init, data, order and steps; `--holdout` prompts held out by the trainer's
+   frontier (training/loss.py), and w = 1 on the draft's positions with the KL gradient projected off
+   the AR gradient where they conflict (`loss.con_gradient=project`, training/step.py); same init, data,
+   order and steps; `--holdout` prompts held out by the trainer's
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
 3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
@@ -43,6 +45,8 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
     "w=0.1, draft": ("w0.1-draft", ["loss.con_weight=0.1", "loss.con_positions=draft"]),
     "w=1, frontier": ("w1-frontier", ["loss.con_weight=1", "loss.con_positions=frontier"]),
     "w=0.3, frontier": ("w0.3-frontier", ["loss.con_weight=0.3", "loss.con_positions=frontier"]),
+    "w=1, draft, projected": ("w1-draft-proj", ["loss.con_weight=1", "loss.con_positions=draft",
+                                                "loss.con_gradient=project"]),
 }
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 

@@ -19,6 +19,13 @@ Gradient accumulation: the global batch [B] is split into `grad_accum` micro-bat
 rows (micro-batch m = rows m, m + grad_accum, ..., so each keeps its rows on the devices that hold
 them) and scanned; every micro-batch divides by the valid positions of the whole batch (loss.py), so
 the summed gradient is the full batch's. One call = one optimizer update. The state is donated.
+
+`loss.con_gradient = "project"` (PCGrad, Yu et al. 2020, for the two terms): the gradients of L_AR and
+L_Con are taken separately (one forward, two backward passes: `jax.vjp` with each term's cotangent),
+accumulated over the micro-batches, and when they conflict (g_Con . g_AR < 0) g_Con loses its component
+along g_AR before the update ar_weight * g_AR + w * g_Con. So the consistency term can never push
+against the AR term's direction; it only moves the weights where L_AR is indifferent or agrees.
+Metrics gain `con_ar_cos`, the cosine of the two full-batch gradients before the projection.
 """
 
 from __future__ import annotations
@@ -40,6 +47,23 @@ from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_los
 
 
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
+
+
+def metric_names(loss_cfg: LossConfig) -> tuple[str, ...]:
+    return METRICS + (("con_ar_cos",) if loss_cfg.con_gradient == "project" else ())
+
+
+def _vdot(a, b) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def project_conflict(g_con, g_ar) -> tuple[Any, jax.Array]:
+    """(g_con without its component along g_ar when the two conflict (negative dot product), cosine of
+    the two): PCGrad's projection."""
+    dot, ar2, con2 = _vdot(g_con, g_ar), _vdot(g_ar, g_ar), _vdot(g_con, g_con)
+    coef = jnp.where(dot < 0, dot / jnp.maximum(ar2, 1e-30), 0.0)
+    cos = dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30)
+    return jax.tree.map(lambda c, a: c - coef * a, g_con, g_ar), cos
 
 
 @struct.dataclass
@@ -124,6 +148,13 @@ def make_train_step(
         return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    project = loss_cfg.con_gradient == "project"
+
+    def term_grads(params, micro, num_tokens):
+        """((L_AR, L_Con), (g_AR, g_Con)) of one micro-batch: one forward, one backward per term."""
+        (ar, con), vjp = jax.vjp(lambda p: tuple(loss_fn(p, micro, num_tokens)[1][k] for k in ("ar", "con")), params)
+        one, zero = jnp.ones_like(ar), jnp.zeros_like(ar)
+        return (ar, con), (vjp((one, zero))[0], vjp((zero, one))[0])
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         num_tokens = jnp.maximum(jnp.sum(batch["best_mask"]), 1).astype(jnp.float32)
@@ -132,16 +163,25 @@ def make_train_step(
             x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
             return jax.lax.with_sharding_constraint(x, micro_sharding)
 
+        def add(acc, g):
+            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+
         def accumulate(carry, micro):
             grads, ar, con = carry
+            if project:
+                (a, c), (g_ar, g_con) = term_grads(state.params, micro, num_tokens)
+                return ((add(grads[0], g_ar), add(grads[1], g_con)), ar + a, con + c), None
             (_, parts), g = grad_fn(state.params, micro, num_tokens)
-            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, ar + parts["ar"], con + parts["con"]), None
+            return (add(grads, g), ar + parts["ar"], con + parts["con"]), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
-        carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        carry = ((zeros, zeros) if project else zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, ar, con), _ = jax.lax.scan(accumulate, carry, {k: split(v) for k, v in batch.items()})
+        extra = {}
+        if project:
+            g_con, extra["con_ar_cos"] = project_conflict(grads[1], grads[0])
+            grads = jax.tree.map(lambda a, c: loss_cfg.ar_weight * a + loss_cfg.con_weight * c, grads[0], g_con)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -152,13 +192,13 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": num_tokens,
-        }
+        } | extra
         return TrainState(state.step + 1, params, opt_state), metrics
 
     batch_shardings = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
     return jax.jit(
         step,
         in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, {k: replicated for k in METRICS}),
+        out_shardings=(shardings, {k: replicated for k in metric_names(loss_cfg)}),
         donate_argnums=0,
     )

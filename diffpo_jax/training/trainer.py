@@ -65,7 +65,7 @@ from diffpo_jax.sources import (
     tokenizer_from_dir,
 )
 from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
-from diffpo_jax.training.loss import CON_POSITIONS, LossConfig
+from diffpo_jax.training.loss import CON_GRADIENTS, CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
     OptimizerConfig,
     TrainState,
@@ -205,6 +205,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.loss.con_positions not in CON_POSITIONS:
         raise TrainConfigError(f"config: loss.con_positions must be one of {', '.join(CON_POSITIONS)}, "
                                f"got {cfg.loss.con_positions!r}")
+    if cfg.loss.con_gradient not in CON_GRADIENTS:
+        raise TrainConfigError(f"config: loss.con_gradient must be one of {', '.join(CON_GRADIENTS)}, "
+                               f"got {cfg.loss.con_gradient!r}")
     for key in ("holdout_prompts", "every"):
         if getattr(cfg.eval, key) < 0:
             raise TrainConfigError(f"config: eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
