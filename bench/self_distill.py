@@ -25,7 +25,8 @@
    token fraction (collapse signal), and a few answers side by side.
 Writes the `self-distill` section of bench/RESULTS.md and bench/self_distill.png (held-out passes per
 token and L_AR against step, every run); with --jacobi-states, `self-distill-jacobi` and
-bench/self_distill_jacobi.png.
+bench/self_distill_jacobi.png; `--section NAME` names another section (and NAME.png) so a run of some
+of the RUNS can sit beside the full one.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="*", choices=list(RUNS), help="runs to train (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--section", help="RESULTS.md section (default: self-distill, or self-distill-jacobi)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
     args = ap.parse_args(argv)
     from diffpo_jax.data.formats import read_records
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     models = {"untrained": None, **{name: str(d) for name, d in run_dirs.items()}}
     figures, answers = compare(models, held, n)
 
-    section = "self-distill-jacobi" if args.jacobi_states else "self-distill"
+    section = args.section or ("self-distill-jacobi" if args.jacobi_states else "self-distill")
     png = args.results.with_name(section.replace("-", "_") + ".png")
     plot_eval_curves(curves, png, "refining own samples (lower = faster)", "held-out L_AR on the greedy answers")
     title = "Self-distillation on SmolLM2-135M" + (f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else "")
