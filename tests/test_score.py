@@ -78,6 +78,34 @@ def test_jsonl_scores_equal_transformers_and_the_summary(smol_rm, tmp_path, caps
     assert again.read_text() == out.read_text()
 
 
+def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, capsys):
+    """Killed after two records: OUT.partial holds them, no OUT; the rerun scores only the rest and writes the
+    same bytes as an uninterrupted run; a rerun with other options is refused, naming the partial file."""
+    from diffpo_jax.data import formats
+
+    src = write_jsonl(tmp_path / "in.jsonl", ANSWERS)
+    full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    assert score(smol_rm, "--input", src, "--output", full) == 0
+    append = formats.ResumableOutput.append
+
+    def killed_after_two(self, output):
+        if self.done == 2:
+            raise KeyboardInterrupt
+        append(self, output)
+
+    monkeypatch.setattr(formats.ResumableOutput, "append", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        score(smol_rm, "--input", src, "--output", out)
+    monkeypatch.setattr(formats.ResumableOutput, "append", append)
+    partial = out.with_name(out.name + ".partial")
+    assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 2
+    capsys.readouterr()
+    assert score(smol_rm, "--input", src, "--output", out, "--fields", "draft") == 2
+    assert f"{partial}: written by a run with other options" in capsys.readouterr().err
+    assert score(smol_rm, "--input", src, "--output", out) == 0
+    assert out.read_text() == full.read_text() and not partial.exists()
+
+
 def test_alpaca_eval_and_mt_bench(smol_rm, tmp_path):
     alpaca = tmp_path / "a.json"
     alpaca.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hello!", "draft": "Hi", "generator": "m+diffpo"}]))
