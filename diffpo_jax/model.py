@@ -252,12 +252,15 @@ class Transformer(nnx.Module):
         return (x if return_hidden else self.head(x)), new_cache
 
     def head(self, hidden: jax.Array) -> jax.Array:
-        """Logits from final-normed hidden states [B, ..., E]: the lm head (tied: embed^T), then the final
-        soft-cap. Under a mesh it runs vocab-parallel: each device computes its vocabulary shard's logits
+        """fp32 logits from final-normed hidden states [B, ..., E]: the lm head (tied: embed^T) with fp32
+        accumulation and output whatever the activation dtype, then the final soft-cap in fp32, so the loss
+        and the decoders' argmax never see logits rounded to bf16 (the KL at w = 1e3 would amplify that
+        noise). Under a mesh it runs vocab-parallel: each device computes its vocabulary shard's logits
         for all rows of its `data` shard (the hidden states are gathered, the [V, E] table never is)."""
         dt = hidden.dtype
         head = _weight(self.embed, dt).T if self.cfg.tie_word_embeddings else _weight(self.lm_head, dt)
-        logits = constrain(hidden @ head, ("head_batch", *[None] * (hidden.ndim - 2), "vocab"))
+        logits = jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("head_batch", *[None] * (hidden.ndim - 2), "vocab"))
         return _softcap(logits, self.cfg.final_logit_softcap)
 
 

@@ -119,3 +119,37 @@ def test_bfloat16_model_agrees_with_float32(tiny_gemma2_dir):
     a = np.asarray(FORWARD(f32.model, tokens, positions, mask, None)[0])
     b = np.asarray(FORWARD(bf16.model, tokens, positions, mask, None)[0].astype(jnp.float32))
     assert np.mean(a.argmax(-1)[mask] == b.argmax(-1)[mask]) >= 0.9
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_bfloat16_loss_path_has_float32_logits(tiny_gemma2_dir, chunk):
+    """bf16 activations: the lm head accumulates and returns fp32, the final soft-cap runs in fp32, and the
+    loss's ce / kl (plain and chunked paths) equal token_losses over an fp32 head on the same bf16 hidden
+    states; logits rounded to bf16 (the old path) are measurably off."""
+    from diffpo_jax.training.loss import response_token_losses, sequences, token_losses
+
+    model = load_model(str(tiny_gemma2_dir), dtype="bfloat16").model
+    cap = model.cfg.final_logit_softcap
+    assert cap is not None
+    rng = np.random.default_rng(0)
+    b, p, n = 2, 6, 12
+    batch = {"prompt": rng.integers(3, tiny.VOCAB, (b, p)), "prompt_mask": np.ones((b, p), bool),
+             "best": rng.integers(3, tiny.VOCAB, (b, n)), "best_mask": np.ones((b, n), bool),
+             "worse": rng.integers(3, tiny.VOCAB, (b, n)), "worse_mask": np.ones((b, n), bool)}
+    batch = {k: jnp.asarray(v, jnp.int32 if v.dtype != bool else bool) for k, v in batch.items()}
+    hidden, _ = model(*sequences(batch)[:3], segments=sequences(batch)[3], return_hidden=True)
+    assert hidden.dtype == jnp.bfloat16
+    logits = model.head(hidden)
+    assert logits.dtype == jnp.float32
+    table = model.embed[...].astype(jnp.bfloat16).astype(jnp.float32)  # tied (Gemma-2)
+    exact = jnp.tanh(jnp.einsum("bse,ve->bsv", hidden.astype(jnp.float32), table, precision="highest") / cap) * cap
+    np.testing.assert_allclose(logits, exact, atol=1e-4, rtol=1e-4)
+    rounded = exact.astype(jnp.bfloat16).astype(jnp.float32)
+    assert float(jnp.max(jnp.abs(rounded - exact))) > 10 * float(jnp.max(jnp.abs(logits - exact)))
+
+    ce, kl = response_token_losses(model, batch, chunk)
+    teacher = exact[:, p - 1 : p - 1 + n]
+    student = jnp.concatenate([exact[:, p - 1 : p], exact[:, p + n : p + 2 * n - 1]], axis=1)
+    ref_ce, ref_kl = token_losses(teacher, student, batch["best"])
+    np.testing.assert_allclose(ce, ref_ce, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(kl, ref_kl, atol=1e-4, rtol=1e-4)
