@@ -8,9 +8,11 @@ every `--eval-every` steps (training/evaluation.py). After training, the same ev
 y(t) drafts of the TRAINING prompts (every (prompt, y(t)) pair), from y(t) by Jacobi decoding with the
 trained weights: passes per token, fraction whose fixed point is y(T), distinct-token fraction (the
 collapse signal). Variants: AR only (w = 0), consistency only (no L_AR), w in {1, 10, 100, 1000} with
-the KL on the draft's positions (`loss.con_positions=draft`), and the paper's setting (w = 1000 on all
-positions). Writes its section of bench/RESULTS.md and bench/consistency.png (held-out L_AR and
-passes per token against step, per variant).
+the KL on the draft's positions (`loss.con_positions=draft`), the paper's setting (w = 1000 on all
+positions), and w = 1 / 1000 with the KL gradient projected off the AR gradient where they conflict
+(`loss.con_gradient=project`, training/step.py). Writes its section (`consistency-PRESET`, or
+`--section`) of bench/RESULTS.md and bench/consistency.png (or SECTION.png; held-out L_AR and passes per
+token against step, per variant).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ VARIANTS = {
     "w=100 draft": ["loss.con_weight=100", "loss.con_positions=draft"],
     "w=1000 draft": ["loss.con_weight=1000", "loss.con_positions=draft"],
     "w=1000 all (paper)": ["loss.con_weight=1000", "loss.con_positions=all"],
+    "w=1 draft, projected": ["loss.con_weight=1", "loss.con_positions=draft", "loss.con_gradient=project"],
+    "w=1000 draft, projected": ["loss.con_weight=1000", "loss.con_positions=draft", "loss.con_gradient=project"],
+    "w=1000 all (paper), projected": ["loss.con_weight=1000", "loss.con_positions=all", "loss.con_gradient=project"],
 }
 
 
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--section", help="RESULTS.md section and plot name (default: consistency-PRESET, consistency.png)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every variant")
     args = ap.parse_args(argv)
     line = machine()
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_variant(args.preset, common + overrides, work / f"v{i}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    png = args.results.with_name("consistency.png")
+    png = args.results.with_name(args.section.replace("-", "_") + ".png" if args.section else "consistency.png")
     plot_eval_curves({name: r["curve"] for name, r in results.items()}, png, "refinement cost (lower = faster)",
                      "held-out L_AR")
     rows = []
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                    "train L_AR", "train passes/tok", "train = y(T)", "train distinct"], rows)
     body += f"\n\n![held-out passes per token and L_AR against step]({png.name})\n"
     print(body)
-    write_section(args.results, f"consistency-{args.preset}", body)
+    write_section(args.results, args.section or f"consistency-{args.preset}", body)
     return 0
 
 

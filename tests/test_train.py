@@ -143,12 +143,15 @@ def test_project_conflict_removes_only_the_opposing_component():
     from diffpo_jax.training.step import project_conflict
 
     g_ar = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([0.0])}
-    projected, cos = project_conflict({"a": jnp.array([-1.0, 1.0]), "b": jnp.array([2.0])}, g_ar)
-    np.testing.assert_allclose(projected["a"], [0.0, 1.0]) and np.testing.assert_allclose(projected["b"], [2.0])
-    assert float(cos) == pytest.approx(-1 / np.sqrt(6))
+    projected, stats = project_conflict({"a": jnp.array([-1.0, 1.0]), "b": jnp.array([2.0])}, g_ar)
+    np.testing.assert_allclose(projected["a"], [0.0, 1.0])
+    np.testing.assert_allclose(projected["b"], [2.0])
+    assert float(stats["con_ar_cos"]) == pytest.approx(-1 / np.sqrt(6))
+    assert float(stats["ar_grad_norm"]) == 1.0 and float(stats["con_grad_norm"]) == pytest.approx(np.sqrt(6))
     agreeing = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([0.0])}
-    kept, cos = project_conflict(agreeing, g_ar)
-    np.testing.assert_allclose(kept["a"], [1.0, 1.0]) and float(cos) > 0
+    kept, stats = project_conflict(agreeing, g_ar)
+    np.testing.assert_allclose(kept["a"], [1.0, 1.0])
+    assert float(stats["con_ar_cos"]) > 0
 
 
 @slow
@@ -177,10 +180,10 @@ def test_projected_step_uses_the_projected_gradient(tiny_init_dir, trajectories_
                              prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=1):
         jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
         g_ar, g_con = term("ar", jbatch), term("con", jbatch)
-        g_proj, cos = project_conflict(g_con, g_ar)
-        if float(cos) < 0:
+        g_proj, stats = project_conflict(g_con, g_ar)
+        if float(stats["con_ar_cos"]) < 0:
             break
-    assert float(cos) < 0, "no batch of the bundled trajectories has conflicting terms at this init"
+    assert float(stats["con_ar_cos"]) < 0, "no batch of the bundled trajectories has conflicting terms at this init"
     expect_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_proj)))
     summed_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_con)))
     assert abs(expect_norm / summed_norm - 1) > 1e-3  # the figure below tells a projected step from a plain one
@@ -193,7 +196,8 @@ def test_projected_step_uses_the_projected_gradient(tiny_init_dir, trajectories_
         step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
         state = init_state(jax.tree.map(jnp.copy, params), tx, shardings)
         _, metrics = step(state, global_batch(batch, mesh))
-        assert float(metrics["con_ar_cos"]) == pytest.approx(float(cos), abs=1e-5)
+        for k in ("con_ar_cos", "ar_grad_norm", "con_grad_norm"):
+            assert float(metrics[k]) == pytest.approx(float(stats[k]), abs=1e-5, rel=1e-5), k
         assert float(metrics["grad_norm"]) == pytest.approx(expect_norm, rel=1e-5)
 
 

@@ -25,7 +25,8 @@ L_Con are taken separately (one forward, two backward passes: `jax.vjp` with eac
 accumulated over the micro-batches, and when they conflict (g_Con . g_AR < 0) g_Con loses its component
 along g_AR before the update ar_weight * g_AR + w * g_Con. So the consistency term can never push
 against the AR term's direction; it only moves the weights where L_AR is indifferent or agrees.
-Metrics gain `con_ar_cos`, the cosine of the two full-batch gradients before the projection.
+Metrics gain the cosine of the two full-batch gradients before the projection (`con_ar_cos`) and their
+norms (`ar_grad_norm`, `con_grad_norm`; the balance weight w* = ar_grad_norm / con_grad_norm).
 """
 
 from __future__ import annotations
@@ -49,21 +50,25 @@ from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_los
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
 
 
+PROJECT_METRICS = ("con_ar_cos", "ar_grad_norm", "con_grad_norm")  # con_gradient = "project" only
+
+
 def metric_names(loss_cfg: LossConfig) -> tuple[str, ...]:
-    return METRICS + (("con_ar_cos",) if loss_cfg.con_gradient == "project" else ())
+    return METRICS + (PROJECT_METRICS if loss_cfg.con_gradient == "project" else ())
 
 
 def _vdot(a, b) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def project_conflict(g_con, g_ar) -> tuple[Any, jax.Array]:
-    """(g_con without its component along g_ar when the two conflict (negative dot product), cosine of
-    the two): PCGrad's projection."""
+def project_conflict(g_con, g_ar) -> tuple[Any, dict[str, jax.Array]]:
+    """(g_con without its component along g_ar when the two conflict (negative dot product), the
+    metrics PROJECT_METRICS of the two gradients before the projection): PCGrad's projection."""
     dot, ar2, con2 = _vdot(g_con, g_ar), _vdot(g_ar, g_ar), _vdot(g_con, g_con)
     coef = jnp.where(dot < 0, dot / jnp.maximum(ar2, 1e-30), 0.0)
-    cos = dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30)
-    return jax.tree.map(lambda c, a: c - coef * a, g_con, g_ar), cos
+    stats = {"con_ar_cos": dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30),
+             "ar_grad_norm": jnp.sqrt(ar2), "con_grad_norm": jnp.sqrt(con2)}
+    return jax.tree.map(lambda c, a: c - coef * a, g_con, g_ar), stats
 
 
 @struct.dataclass
@@ -180,7 +185,7 @@ def make_train_step(
         (grads, ar, con), _ = jax.lax.scan(accumulate, carry, {k: split(v) for k, v in batch.items()})
         extra = {}
         if project:
-            g_con, extra["con_ar_cos"] = project_conflict(grads[1], grads[0])
+            g_con, extra = project_conflict(grads[1], grads[0])
             grads = jax.tree.map(lambda a, c: loss_cfg.ar_weight * a + loss_cfg.con_weight * c, grads[0], g_con)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
