@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -222,4 +223,47 @@ def test_checkpoints_resume_across_process_counts(train_config, xla_cache_dir, o
     assert "stop_after: stopped after step 2/4" in out
     out = train_run(train_config, run_dir, xla_cache_dir, then)
     assert f"resuming {run_dir} from step 2" in out
+    assert_same_losses(train_losses(run_dir), one_process_run)
+
+
+def pid_of_process(run_dir, process_id: int) -> int:
+    """The pid of the training process with DIFFPO_PROCESS_ID=process_id writing to run_dir."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"output_dir={run_dir}".encode() in cmdline and f"DIFFPO_PROCESS_ID={process_id}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no process {process_id} for {run_dir}")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cache_dir, one_process_run, tmp_path):
+    """Preemption of one host: SIGTERM to process 1 only (process 0 does the logging) -> both stop after
+    the same step, save it and exit 0; the rerun resumes and gives the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    # evaluation after every step keeps the 4 steps ~1 s apart: the signal lands mid-run
+    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(train_config), f"output_dir={run_dir}", "eval.every=1"]
+    env = dict(launcher_env(), JAX_COMPILATION_CACHE_DIR=str(xla_cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    launcher = subprocess.Popen(["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--", *cmd],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    head = []
+    for line in launcher.stdout:
+        head.append(line)
+        if line.startswith("[p0] step 1/4"):
+            break
+    else:
+        pytest.fail("no step 1 from process 0:\n" + "".join(head))
+    os.kill(pid_of_process(run_dir, 1), signal.SIGTERM)
+    out = "".join(head) + launcher.communicate(timeout=120)[0]
+    assert launcher.returncode == 0, out
+    stopped = [line for line in out.splitlines() if line.startswith("[p0] SIGTERM: stopped after step")]
+    assert len(stopped) == 1, out
+    step = int(stopped[0].split("step ")[1].split("/")[0])
+    assert 1 <= step < 4
+    assert sorted(int(d.name) for d in (run_dir / "checkpoints").iterdir() if d.name.isdigit())[-1] == step
+    out = train_run(train_config, run_dir, xla_cache_dir, 2, "eval.every=1")
+    assert f"resuming {run_dir} from step {step}" in out
     assert_same_losses(train_losses(run_dir), one_process_run)

@@ -23,7 +23,8 @@ ones are written, so the logs read like one uninterrupted run. The config must b
 difference stops with a one-line TrainConfigError naming the keys unless they are in
 `allow_config_change` (`--allow-config-change KEY,...`; a section name allows all its keys); the
 accepted config is then written as the new train_config.json. SIGTERM (e.g. TPU preemption) stops
-after the step in flight, saves a checkpoint, waits for it and returns `stopped=True`.
+after the step in flight, saves a checkpoint, waits for it and returns `stopped=True`; with several
+processes, a SIGTERM to any one of them stops all of them after the same step (`any_process`).
 
 Models (`model`): anything `sources.load_model` accepts, or `preset:NAME`: the architecture of
 configs/models/NAME.yaml, randomly initialised (`seed`), paired with the embedded SmolLM2's tokenizer
@@ -47,6 +48,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -349,6 +351,17 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is set on any of them. Every process calls it once per step, so
+    after a SIGTERM to one host (a preempted TPU VM) all of them stop after the same step and save it
+    together (Orbax's save is collective); a tiny all-gather per step, nothing on one process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
 # ---------------------------------------------------------------- the job
 
 
@@ -513,7 +526,8 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
     with _SigtermFlag() as sigterm:
         last = time.perf_counter()
         end = total if cfg.stop_after is None else min(total, cfg.stop_after)
-        while step < end and not sigterm.raised:
+        stop = False
+        while step < end and not stop:
             state, metrics = train_step(state, global_batch(next(loader), mesh))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
@@ -528,10 +542,11 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
             last = time.perf_counter()
             history.append(record)
             metrics_log.write(record)
-            final = step == end or sigterm.raised
+            stop = any_process(sigterm.raised)
+            final = step == end or stop
             if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
                 saved = step
-        stopped = sigterm.raised and step < total
+        stopped = stop and step < total
         if stopped and saved != step:
             checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=True)
     return history, step, stopped
