@@ -63,7 +63,8 @@ def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
     stops = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
     evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, make_mesh(cfg.mesh),
                               stop_tokens=stops, max_rows=10**6)
-    return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state))}
+    return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state)),
+            "lengths": (cfg.prompt_len, cfg.response_len)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=30)
-    ap.add_argument("--only", nargs="*", help="variant names (default: all)")
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), metavar="NAME", help="variant names (default: all)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--section", help="RESULTS.md section and plot name (default: consistency-PRESET, consistency.png)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every variant")
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, start["eval_ar"], end["eval_ar"], end["eval_passes_per_token"], end["eval_distinct"],
                      t["eval_ar"], t["eval_passes_per_token"], t["eval_equal_best"], t["eval_distinct"]])
     body = header(f"Consistency ablation, preset {args.preset} (bench/consistency.py)", "bench.consistency", argv, line)
-    body += (f"\n{args.steps} steps per variant, same init and data; {args.holdout} prompts held out. Held-out: "
+    p, n = next(iter(results.values()))["lengths"]
+    body += (f"\n{args.steps} steps per variant, P = {p}, N = {n}, same init and data; {args.holdout} prompts held out. Held-out: "
              "the trainer's eval at the last step. Train prompts: every (prompt, y(t)) pair of the training split "
              "refined from y(t). passes/tok = Jacobi passes per committed token; = y(T): fixed point is y(T); "
              "distinct = distinct tokens / tokens per answer (collapse: ~1/length).\n\n")
