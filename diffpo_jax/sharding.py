@@ -4,7 +4,8 @@ Every parameter declares logical axes (`logical_axes` metadata on its `nnx.Param
 `layers` are stacked along a leading `layers` axis (see model.py), which is never sharded. The mesh
 has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters sharded), `tensor`
 (heads / mlp split; the vocabulary splits over fsdp x tensor). A dimension that its mesh axes do not
-divide evenly stays replicated.
+divide evenly stays replicated (`indivisible_dims` lists them; the trainer reports them at start-up).
+A `tensor` group must sit within one host (`make_mesh` checks it).
 
 Activations use the same table through `constrain(x, axes)`: inside a function traced under a
 (data, fsdp, tensor) mesh (the train step sets it, see training/step.py) it pins `x` to its logical
@@ -60,12 +61,40 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}")
-    return jax.make_mesh(
+    mesh = jax.make_mesh(
         tuple(shape),
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * 3,
         devices=devices,
     )
+    check_tensor_within_host(mesh.devices)
+    return mesh
+
+
+def check_tensor_within_host(grid: np.ndarray) -> None:
+    """The devices of each `tensor` group ([d, f, :] of the mesh's device grid) belong to one process:
+    tensor parallelism exchanges activations every layer (host-local links, not the network), and each
+    process feeds its own batch rows, so a group across hosts would see different rows for one row."""
+    for index in np.ndindex(grid.shape[:2]):
+        hosts = sorted({d.process_index for d in grid[index]})
+        if len(hosts) > 1:
+            raise ValueError(
+                f"mesh {list(grid.shape)}: the tensor axis ({grid.shape[2]} devices) spans processes "
+                f"{', '.join(map(str, hosts))}; it must fit within one host's devices")
+
+
+def indivisible_dims(state: nnx.State, mesh: Mesh) -> list[str]:
+    """Parameter dimensions left replicated because their mesh axes do not divide them, as
+    'path dim (logical axis = size) / mesh axes = product' (at pod scale: memory a user should know of)."""
+    out = []
+    for path, var in nnx.to_flat_state(state):
+        axes = param_logical_axes(path, var)
+        for i, (name, dim) in enumerate(zip(axes, var.get_value().shape)):
+            mesh_axes = tuple(a for a in LOGICAL_RULES[name] if mesh.shape[a] > 1) if name else ()
+            size = math.prod(mesh.shape[a] for a in mesh_axes)
+            if mesh_axes and dim % size:
+                out.append(f"{'.'.join(map(str, path))} dim {i} ({name} = {dim}) / {' x '.join(mesh_axes)} = {size}")
+    return out
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh) -> PartitionSpec:

@@ -153,3 +153,30 @@ def test_bfloat16_loss_path_has_float32_logits(tiny_gemma2_dir, chunk):
     ref_ce, ref_kl = token_losses(teacher, student, batch["best"])
     np.testing.assert_allclose(ce, ref_ce, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(kl, ref_kl, atol=1e-4, rtol=1e-4)
+
+
+def test_indivisible_dimensions_are_reported(tiny_llama_dir):
+    """2 kv heads over tensor = 4 stay replicated: the k and v projections are named; a mesh that divides
+    every dimension names none."""
+    from diffpo_jax.model import abstract_model
+    from diffpo_jax.sharding import indivisible_dims
+
+    state = nnx.state(abstract_model(load_model(str(tiny_llama_dir)).cfg))
+    got = indivisible_dims(state, make_mesh((1, 2, 4)))
+    assert got == ["layers.attn.k_proj dim 2 (kv_heads = 2) / tensor = 4",
+                   "layers.attn.v_proj dim 2 (kv_heads = 2) / tensor = 4"]
+    assert indivisible_dims(state, make_mesh((1, 8, 1))) == []
+
+
+def test_the_tensor_axis_must_fit_in_one_host():
+    from types import SimpleNamespace
+
+    from diffpo_jax.sharding import check_tensor_within_host
+
+    def grid(shape, per_host):
+        return np.array([SimpleNamespace(process_index=i // per_host) for i in range(8)], object).reshape(shape)
+
+    check_tensor_within_host(grid((1, 2, 4), per_host=4))  # each tensor group is one host's 4 devices
+    check_tensor_within_host(grid((2, 4, 1), per_host=4))
+    with pytest.raises(ValueError, match=r"mesh \[1, 1, 8\]: the tensor axis \(8 devices\) spans processes 0, 1"):
+        check_tensor_within_host(grid((1, 1, 8), per_host=4))

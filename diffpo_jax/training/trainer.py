@@ -59,7 +59,7 @@ from diffpo_jax.data.trajectories import MANIFEST, build
 from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import Transformer, abstract_model
-from diffpo_jax.sharding import make_mesh, param_shardings
+from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
 from diffpo_jax.sources import (
     LoadedModel,
     ModelSourceError,
@@ -376,7 +376,10 @@ class TrainResult:
 
 
 def _check_mesh(cfg: TrainConfig):
-    mesh = make_mesh(cfg.mesh)
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise TrainConfigError(f"config: mesh: {e}") from None
     rows_per_shard = cfg.global_batch_size // cfg.grad_accum
     if rows_per_shard % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise TrainConfigError(
@@ -461,6 +464,9 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     abstract = abstract_model(model_cfg)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
     params_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
+    replicated = indivisible_dims(nnx.state(abstract), mesh)
+    if replicated:
+        say(f"replicated on mesh {dict(mesh.shape)} (mesh axes do not divide them): {'; '.join(replicated)}")
 
     data_dir = prepare_data(cfg.data, run_dir)
     train_idx, held = _split(cfg, data_dir, run_dir)
