@@ -68,42 +68,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def compile_train_step(preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, response_len: int,
                        chunk: int, remat: bool = True):
     """(compiled train step, abstract params, global rows): `preset`'s train step AOT-compiled on abstract
-    shapes over a (data, fsdp, tensor) mesh of the first devices, one row per data-parallel shard."""
+    shapes over a (data, fsdp, tensor) mesh of the first devices, one row per data-parallel shard
+    (diffpo_jax/training/plan.py, what `train --plan` runs)."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
     from diffpo_jax.config import load_preset
-    from diffpo_jax.data.loader import BATCH_KEYS
-    from diffpo_jax.model import abstract_model
-    from diffpo_jax.sharding import batch_sharding, make_mesh, param_shardings
+    from diffpo_jax.sharding import make_mesh
     from diffpo_jax.training.loss import LossConfig
-    from diffpo_jax.training.step import (
-        OptimizerConfig,
-        abstract_state,
-        make_optimizer,
-        make_train_step,
-        state_shardings,
-    )
+    from diffpo_jax.training.plan import compile_train_step as compile_step
+    from diffpo_jax.training.step import OptimizerConfig
 
     devices = math.prod(mesh_shape)
     if devices > len(jax.devices()):
         raise SystemExit(f"mesh {mesh_shape} needs {devices} devices, jax has {len(jax.devices())}")
     cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     mesh = make_mesh(mesh_shape, jax.devices()[:devices])
-    graphdef, state = nnx.split(abstract_model(cfg))
-    abstract_params = nnx.to_pure_dict(state)
-    tx, schedule = make_optimizer(OptimizerConfig(), total_steps=1000)
-    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(state, mesh)), abstract_params, mesh)
-    train_step = make_train_step(graphdef, tx, schedule, LossConfig(chunk=chunk), shardings, mesh)
     rows = mesh_shape[0] * mesh_shape[1]
-    batch = {
-        k: jax.ShapeDtypeStruct((rows, prompt_len if k.startswith("prompt") else response_len),
-                                bool if k.endswith("mask") else jnp.int32, sharding=batch_sharding(mesh, 2))
-        for k in BATCH_KEYS
-    }  # fmt: skip
-    compiled = train_step.lower(abstract_state(tx, abstract_params, shardings), batch).compile()
-    return compiled, abstract_params, rows
+    compiled, params = compile_step(cfg, mesh, rows=rows, prompt_len=prompt_len, response_len=response_len,
+                                    loss_cfg=LossConfig(chunk=chunk), optimizer_cfg=OptimizerConfig())
+    return compiled, params, rows
 
 
 def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
@@ -114,8 +97,10 @@ def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
     t = time.perf_counter()
     compiled, abstract_params, rows = compile_train_step(preset, mesh_shape, p, n, args.chunk, args.remat)
     compile_s = time.perf_counter() - t
+    from diffpo_jax.training.plan import memory
+
     devices = math.prod(mesh_shape)
-    mem = compiled.memory_analysis()
+    mem = memory(compiled)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
@@ -123,11 +108,7 @@ def plan(preset: str, mesh_shape: tuple[int, int, int], args) -> dict:
     return {
         "params": params,
         "rows": rows,
-        "argument": mem.argument_size_in_bytes,
-        "output": mem.output_size_in_bytes,
-        "alias": mem.alias_size_in_bytes,
-        "temp": mem.temp_size_in_bytes,
-        "peak": mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes,
+        **mem,
         "flops": float(cost.get("flops", float("nan"))),
         "analytic_flops": 8 * params * tokens / devices,
         "compile_s": compile_s,

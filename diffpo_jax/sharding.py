@@ -51,24 +51,29 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
     `make_mesh` would otherwise default to Explicit.
     """
     devices = list(devices if devices is not None else jax.devices())
-    shape = list(shape)
-    if len(shape) != 3 or shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: need 3 sizes (data, fsdp, tensor), at most one -1")
-    if -1 in shape:
-        known = math.prod(s for s in shape if s != -1)
-        if len(devices) % known:
-            raise ValueError(f"mesh shape {shape}: {len(devices)} devices do not divide by {known}")
-        shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}")
     mesh = jax.make_mesh(
-        tuple(shape),
+        resolve_mesh_shape(shape, len(devices)),
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * 3,
         devices=devices,
     )
     check_tensor_within_host(mesh.devices)
     return mesh
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes for `num_devices` devices, the one -1 entry taking the rest."""
+    shape = list(shape)
+    if len(shape) != 3 or shape.count(-1) > 1:
+        raise ValueError(f"mesh shape {shape}: need 3 sizes (data, fsdp, tensor), at most one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if num_devices % known:
+            raise ValueError(f"mesh shape {shape}: {num_devices} devices do not divide by {known}")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {num_devices}")
+    return tuple(shape)
 
 
 def check_tensor_within_host(grid: np.ndarray) -> None:

@@ -11,6 +11,8 @@ Overrides: `key=value` for top-level keys (`max_steps=20`, `mesh=[2,2,2]`, `outp
 `loss.KEY` / `optimizer.KEY` (`optimizer.learning_rate=1e-5`); values are YAML. --model SPEC is the
 same as model=SPEC: anything --model accepts elsewhere, or preset:NAME (a random model, see
 training/trainer.py). Exit 2 on bad config, model or data, with a one-line message.
+`--plan DEVICES[/HOSTS]` only checks the config against that topology and prints the AOT-compiled
+per-device memory (training/plan.py).
 """
 
 from __future__ import annotations
@@ -32,10 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="the model to start from (overrides the config's model)")
     ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
                     help="on resume, accept new values of these keys (dotted, or a section name)")
+    ap.add_argument("--plan", metavar="DEVICES[/HOSTS]",
+                    help="check the config against this topology and print its AOT-compiled per-device memory "
+                         "(no weights or data; training/plan.py), e.g. --plan 32/8")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+    if args.plan:
+        return plan_main(args.config, overrides, args.plan)
     try:
         distributed.initialize_from_args(args)
         cfg = load_config(args.config, overrides)
@@ -45,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if result.step in (result.total_steps, cfg.stop_after) or result.stopped else 1
+
+
+def plan_main(config: str | None, overrides: list[str], topology: str) -> int:
+    from diffpo_jax.training import plan
+
+    try:
+        plan.simulate_devices(plan.parse_topology(topology)[0])
+        # a plan reads no data and writes nothing: placeholders for the two paths a run needs (overrides win)
+        cfg = load_config(config, ["data=(plan)", "output_dir=(plan)", *overrides])
+        for line in plan.lines(plan.plan(cfg, topology)):
+            print(line, flush=True)
+    except TrainConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

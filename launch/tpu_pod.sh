@@ -7,7 +7,7 @@
 #   --setup   first clone (or update) the repo (default: this checkout's origin) into DIR on every
 #             worker and install it with jax[tpu]; COMMAND runs inside DIR
 #   e.g. launch/tpu_pod.sh --setup --tpu diffpo-v4-32 --zone us-central2-b -- \
-#          .venv/bin/python -m diffpo_jax.train --config configs/train/gemma-2-9b.yaml out_dir=gs://bucket/run1
+#          .venv/bin/python -m diffpo_jax.train --config configs/train/gemma-2-9b.yaml output_dir=gs://bucket/run1
 #
 set -euo pipefail
 

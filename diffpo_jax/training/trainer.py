@@ -104,7 +104,7 @@ class TrainConfig:
     remat: bool = False  # recompute each layer in the backward pass
     seed: int = 0  # data order, y(t) draws, preset: init
     global_batch_size: int = 8  # rows per optimizer update, all processes and micro-batches together
-    grad_accum: int = 1  # micro-batches per update
+    grad_accum: int = 1  # micro-batches per update; 0 = auto (one row per data x fsdp device per micro-batch)
     prompt_len: int = 768  # P: prompts keep their last P tokens
     response_len: int = 256  # N (paper: 256)
     num_epochs: int = 1
@@ -119,6 +119,8 @@ class TrainConfig:
     async_checkpoints: bool = True
     log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
     tensorboard: bool = True
+    # DEVICES[/HOSTS] [key=value ...] this config is meant for: documentation that `--plan` can check
+    topologies: tuple[str, ...] = ()
 
 
 _SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
@@ -128,7 +130,7 @@ TRAIN_CONFIG = "train_config.json"
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
 RESUMABLE_KEYS = (
     "output_dir", "mesh", "grad_accum", "remat", "stop_after", "log_every", "save_every", "keep_checkpoints",
-    "async_checkpoints", "tensorboard", "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
+    "async_checkpoints", "tensorboard", "topologies", "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
 )
 
 
@@ -146,6 +148,10 @@ def _build(cls, values: dict[str, Any], where: str):
         elif key == "mesh":
             if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)):
                 raise TrainConfigError(f"{where}: mesh must be 3 integers [data, fsdp, tensor], got {value!r}")
+            value = tuple(value)
+        elif key == "topologies":
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                raise TrainConfigError(f"{where}: topologies must be a list of strings, got {value!r}")
             value = tuple(value)
         else:
             default = fields[key].default
@@ -194,11 +200,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("data", "output_dir"):
         if not getattr(cfg, key):
             raise TrainConfigError(f"config: {key} is required (set it in the YAML or pass {key}=...)")
-    for key in ("global_batch_size", "grad_accum", "prompt_len", "response_len", "num_epochs", "save_every",
+    for key in ("global_batch_size", "prompt_len", "response_len", "num_epochs", "save_every",
                 "keep_checkpoints", "log_every"):
         if getattr(cfg, key) < 1:
             raise TrainConfigError(f"config: {key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.global_batch_size % cfg.grad_accum:
+    if cfg.grad_accum < 0:
+        raise TrainConfigError(f"config: grad_accum must be >= 1, or 0 (auto), got {cfg.grad_accum}")
+    if cfg.grad_accum and cfg.global_batch_size % cfg.grad_accum:
         raise TrainConfigError(
             f"config: global_batch_size {cfg.global_batch_size} is not a multiple of grad_accum {cfg.grad_accum}"
         )
@@ -375,18 +383,37 @@ class TrainResult:
     stopped: bool  # True when SIGTERM ended it early (a checkpoint of `step` was saved)
 
 
+def fit_to_mesh(cfg: TrainConfig, shape: tuple[int, int, int], devices_per_host: int) -> TrainConfig:
+    """`cfg` with grad_accum resolved (0 = auto: one row per data-parallel device per micro-batch), after
+    checking that its batch splits over a (data, fsdp, tensor) mesh of this shape and that a tensor group
+    fits within one host; TrainConfigError (one line) otherwise. No devices needed (`--plan` uses it)."""
+    data, fsdp, tensor = shape
+    if devices_per_host % tensor:
+        raise TrainConfigError(f"config: mesh {list(shape)}: tensor = {tensor} does not fit within one host's "
+                               f"{devices_per_host} devices")
+    shards = data * fsdp
+    grad_accum = cfg.grad_accum
+    if not grad_accum:
+        if cfg.global_batch_size % shards:
+            raise TrainConfigError(f"config: grad_accum auto: global_batch_size {cfg.global_batch_size} does not "
+                                   f"split over data x fsdp = {shards} devices")
+        grad_accum = cfg.global_batch_size // shards
+    rows = cfg.global_batch_size // grad_accum
+    if cfg.global_batch_size % grad_accum or rows % shards:
+        raise TrainConfigError(
+            f"config: global_batch_size / grad_accum = {cfg.global_batch_size} / {grad_accum} rows do not split over "
+            f"data x fsdp = {shards} devices"
+        )
+    return dataclasses.replace(cfg, grad_accum=grad_accum)
+
+
 def _check_mesh(cfg: TrainConfig):
+    """(the mesh, cfg fitted to it)."""
     try:
         mesh = make_mesh(cfg.mesh)
     except ValueError as e:
         raise TrainConfigError(f"config: mesh: {e}") from None
-    rows_per_shard = cfg.global_batch_size // cfg.grad_accum
-    if rows_per_shard % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise TrainConfigError(
-            f"config: global_batch_size / grad_accum = {rows_per_shard} rows do not split over "
-            f"data x fsdp = {mesh.shape['data'] * mesh.shape['fsdp']} devices"
-        )
-    return mesh
+    return mesh, fit_to_mesh(cfg, tuple(mesh.devices.shape), jax.local_device_count())
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -448,8 +475,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0);
     `allow_config_change`: keys (or sections) a resume may change beyond RESUMABLE_KEYS."""
     say = log if is_main_process() else (lambda _: None)
-    cfg = validate(cfg)
-    mesh = _check_mesh(cfg)
+    mesh, cfg = _check_mesh(validate(cfg))
     run_dir = Path(cfg.output_dir).expanduser().absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,

@@ -1,0 +1,161 @@
+"""Will this run fit that pod? `python -m diffpo_jax.train --config C [overrides] --plan DEVICES[/HOSTS]`.
+
+Without weights or data, the train config is checked against DEVICES accelerators over HOSTS processes
+(default 1): the mesh resolves, a `tensor` group fits within one host, the global batch splits into
+micro-batches over data x fsdp (`trainer.fit_to_mesh`, which also resolves `grad_accum: 0` = auto).
+Then the train step is compiled ahead of time on DEVICES simulated CPU devices with abstract shapes
+(no weights are allocated) and XLA's memory analysis gives the per-device bytes: argument (the train
+state and batch), temp, and peak = argument + output - alias + temp. A failed check exits 2 with a
+one-line reason. The per-device figures are those of XLA's CPU compiler for the same sharded program:
+a guide to the accelerator's (whose compiler fuses and schedules differently), not its exact number.
+
+The model config comes without downloading anything: `preset:NAME`, `embedded`, a configs/models preset
+whose `hf_repo` is the model (google/gemma-2-9b-it -> configs/models/gemma-2-9b-it.yaml), or a local
+folder / run dir with a config.json. Each train preset lists the topologies it is meant for under
+`topologies` (tests/test_plan.py plans every one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from diffpo_jax.config import ModelConfig, load_preset, preset_names
+from diffpo_jax.training.trainer import PRESET, TrainConfig, TrainConfigError, fit_to_mesh
+
+GIB = 1024**3
+
+
+def parse_topology(text: str) -> tuple[int, int]:
+    """'32' -> (32, 1); '32/8' -> (32 devices, 8 hosts)."""
+    devices, _, hosts = str(text).partition("/")
+    try:
+        n, h = int(devices), int(hosts or 1)
+    except ValueError:
+        raise TrainConfigError(f"--plan {text!r}: expected DEVICES or DEVICES/HOSTS, e.g. 32/8") from None
+    if n < 1 or h < 1 or n % h:
+        raise TrainConfigError(f"--plan {text!r}: DEVICES must be a positive multiple of HOSTS")
+    return n, h
+
+
+def model_config(spec: str) -> ModelConfig:
+    """The config of train model `spec` without its weights (module doc)."""
+    try:
+        if spec.startswith(PRESET):  # sized to the embedded tokenizer, as trainer.random_model does
+            vocab = load_preset("smollm2-135m-instruct")[0].vocab_size
+            return load_preset(spec[len(PRESET):])[0].replace(vocab_size=vocab)
+        if spec in ("", "embedded"):
+            return load_preset("smollm2-135m-instruct")[0]
+        folder = Path(spec).expanduser()
+        if (folder / "config.json").is_file():
+            return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder))
+        for name in preset_names():
+            cfg, hf = load_preset(name)
+            if hf.get("hf_repo") == spec:
+                return cfg
+    except (FileNotFoundError, ValueError) as e:
+        raise TrainConfigError(f"--plan: model {spec}: {e}") from None
+    raise TrainConfigError(f"--plan: model {spec}: no config without downloading it (use preset:NAME, a configs/models "
+                           "preset's hf_repo, or a local folder with config.json)")
+
+
+def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: int, response_len: int, loss_cfg,
+                       optimizer_cfg, grad_accum: int = 1):
+    """(the train step AOT-compiled on abstract shapes over `mesh`, abstract params): `rows` global rows
+    of P prompt + N response tokens; nothing is allocated."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from diffpo_jax.data.loader import BATCH_KEYS
+    from diffpo_jax.model import abstract_model
+    from diffpo_jax.sharding import batch_sharding, param_shardings
+    from diffpo_jax.training.step import abstract_state, make_optimizer, make_train_step, state_shardings
+
+    graphdef, state = nnx.split(abstract_model(model_cfg))
+    abstract_params = nnx.to_pure_dict(state)
+    tx, schedule = make_optimizer(optimizer_cfg, total_steps=1000)
+    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(state, mesh)), abstract_params, mesh)
+    train_step = make_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh, grad_accum)
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, prompt_len if k.startswith("prompt") else response_len),
+                                bool if k.endswith("mask") else jnp.int32, sharding=batch_sharding(mesh, 2))
+        for k in BATCH_KEYS
+    }  # fmt: skip
+    return train_step.lower(abstract_state(tx, abstract_params, shardings), batch).compile(), abstract_params
+
+
+def memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled program: argument, output, alias, temp, peak."""
+    m = compiled.memory_analysis()
+    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
+           "temp": m.temp_size_in_bytes}
+    return out | {"peak": out["argument"] + out["output"] - out["alias"] + out["temp"]}
+
+
+def simulate_devices(n: int) -> None:
+    """Make jax start with `n` CPU devices (before its first device query; no effect after it)."""
+    import os
+
+    import jax
+
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    jax.config.update("jax_platforms", "cpu")
+
+
+def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, Any]:
+    """Check `cfg` against `topology` and, with `compile`, AOT-compile its train step on that many of
+    jax's devices (the CLI simulates them). Returns the figures `lines` prints; raises TrainConfigError."""
+    from diffpo_jax.sharding import resolve_mesh_shape
+
+    devices, hosts = parse_topology(topology)
+    try:
+        shape = resolve_mesh_shape(cfg.mesh, devices)
+    except ValueError as e:
+        raise TrainConfigError(f"config: mesh: {e}") from None
+    cfg = fit_to_mesh(cfg, shape, devices // hosts)
+    model_cfg = model_config(cfg.model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    shards = shape[0] * shape[1]
+    micro = cfg.global_batch_size // cfg.grad_accum
+    out = {"topology": topology, "devices": devices, "hosts": hosts, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+           "grad_accum": cfg.grad_accum, "rows_per_micro_batch": micro, "rows_per_device": micro // shards,
+           "rows_per_host": cfg.global_batch_size // hosts,
+           "tokens_per_step": cfg.global_batch_size * (cfg.prompt_len + 2 * cfg.response_len)}  # fmt: skip
+    if compile:
+        import jax
+        from flax import nnx
+
+        from diffpo_jax.model import abstract_model
+        from diffpo_jax.sharding import indivisible_dims, make_mesh
+
+        if len(jax.devices()) < devices:
+            raise TrainConfigError(f"--plan {topology}: jax has {len(jax.devices())} devices (simulated devices are "
+                                   "set up by the CLI before jax starts)")
+        mesh = make_mesh(shape, jax.devices()[:devices])
+        compiled, params = compile_train_step(
+            model_cfg, mesh, rows=cfg.global_batch_size, prompt_len=cfg.prompt_len, response_len=cfg.response_len,
+            loss_cfg=cfg.loss, optimizer_cfg=cfg.optimizer, grad_accum=cfg.grad_accum,
+        )
+        out["params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        out["replicated"] = indivisible_dims(nnx.state(abstract_model(model_cfg)), mesh)
+        out["memory"] = memory(compiled)
+    return out
+
+
+def lines(p: dict[str, Any]) -> list[str]:
+    """The plan as the CLI prints it."""
+    mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
+    out = [f"plan {p['topology']}: {p['devices']} devices on {p['hosts']} host(s), mesh {mesh}",
+           f"  batch: {p['grad_accum']} micro-batch(es) of {p['rows_per_micro_batch']} rows, {p['rows_per_device']} "
+           f"row(s) per data-parallel device, {p['rows_per_host']} rows per host per step, "
+           f"{p['tokens_per_step']:,} tokens per step (P + 2N per row)"]  # fmt: skip
+    if "memory" in p:
+        m = p["memory"]
+        size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        out.append(f"  model: {p['params'] / 1e6:,.1f}M params; per device (XLA, AOT): state + batch "
+                   f"{size(m['argument'])}, temp {size(m['temp'])}, peak {size(m['peak'])}")
+        if p["replicated"]:
+            out.append(f"  replicated (mesh axes do not divide them): {'; '.join(p['replicated'])}")
+    return out
