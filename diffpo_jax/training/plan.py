@@ -154,7 +154,8 @@ def lines(p: dict[str, Any]) -> list[str]:
     if "memory" in p:
         m = p["memory"]
         size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
-        out.append(f"  model: {p['params'] / 1e6:,.1f}M params; per device (XLA, AOT): state + batch "
+        params = f"{p['params'] / 1e9:.2f}B" if p["params"] >= 1e9 else f"{p['params'] / 1e6:.1f}M"
+        out.append(f"  model: {params} params; per device (XLA, AOT): state + batch "
                    f"{size(m['argument'])}, temp {size(m['temp'])}, peak {size(m['peak'])}")
         if p["replicated"]:
             out.append(f"  replicated (mesh axes do not divide them): {'; '.join(p['replicated'])}")
