@@ -69,3 +69,35 @@ def test_score_speed_tiny(smollm2, tmp_path):
                             "--results", str(results)])  # fmt: skip
     assert out["max_abs_diff"] < score_speed.TOLERANCE and out["tokens"] > 10 * 20
     assert "| diffpo-jax Scorer | 10 |" in results.read_text()
+
+
+def test_accelerator_check_dry_run_prints_every_step():
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "bench" / "accelerator_check.sh"
+    run = lambda *a: subprocess.run(["bash", str(script), *a], capture_output=True, text=True, cwd=root)  # noqa: E731
+    out = run("--dry-run", "--python", "py", "--install", "cuda12", "--model", "my model")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "+ py -m pip install -q -r requirements.txt -r requirements-test.txt 'jax[cuda12]'",
+        "+ py -m pip install -q --no-deps -e .",
+        "+ py -c 'import jax; d = jax.devices(); print(d); assert d[0].platform != '\\''cpu'\\'', "
+        "'\\''no accelerator: jax sees only the CPU'\\'''",
+        "+ py -m diffpo_jax.verify --model 'my model' --dtype float32",
+        "+ py -m diffpo_jax.verify --model 'my model' --dtype bfloat16",
+        "+ py -m bench.refine_speed --model 'my model'",
+        "+ py -m bench.train_speed --model 'my model'",
+        "+ py -m bench.score_speed --model 'my model'",
+        "accelerator_check: done; the sections of bench/RESULTS.md name the device",
+    ]
+    assert run("--install", "rocm").returncode == 2
+    # every module it names runs here (their --help), so a renamed benchmark fails this test
+    for module in ("diffpo_jax.verify", "bench.refine_speed", "bench.train_speed", "bench.score_speed"):
+        subprocess.run([sys.executable, "-m", module, "--help"], check=True, capture_output=True, cwd=root)
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    lint = subprocess.run([shellcheck, "-x", "bench/accelerator_check.sh"], cwd=root, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
