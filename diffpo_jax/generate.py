@@ -2,7 +2,8 @@
 
   python -m diffpo_jax.generate --input prompts.jsonl --output drafts.jsonl [--model BASE]
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
-      [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16] [--overwrite]
+      [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16]
+      [--on-error stop|skip] [--overwrite]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
@@ -13,7 +14,8 @@ batch_size * K rows, the K samples of a prompt in the same call.
 Sampling is reproducible and per row: sample k of turn t of input record i (0-based) draws with the key
 fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
 a resumed run gives the same outputs, and sample 0 of K is the K = 1 draft of the same seed. Output is
-streamed and resumed as in `refine`; bad input exits 2 with a one-line message.
+streamed and resumed as in `refine`; bad input exits 2 with a one-line message, or with `--on-error skip`
+goes out as the input record plus `error` (as in `refine`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from diffpo_jax.sources import ModelSourceError
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
 # outputs do not depend on it)
 RESUME_OPTIONS = ("model", "format", "temperature", "top_p", "max_new_tokens", "num_samples", "seed", "model_id",
-                  "dtype")
+                  "dtype", "on_error")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
+                         "or write it out with an `error` field and go on")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
@@ -105,12 +110,15 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def history(_rec, _turn, result):
         return result[1][0].text
 
-    decode_records(decoder, records, out, decode, history, build, progress, batch_size=args.batch_size)
+    skipped = decode_records(decoder, records, out, decode, history, build, progress, batch_size=args.batch_size,
+                             on_error=args.on_error)
+    bar.update(skipped)
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start
     return {
         "records": len(records),
+        "skipped": skipped,
         "turns_generated": totals["rows"],
         "tokens": totals["tokens"],
         "seconds": round(elapsed, 1),

@@ -3,10 +3,13 @@
   python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
-      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--overwrite]
+      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--on-error stop|skip]
+      [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
-OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message.
+OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
+record's prompt is checked before the first forward, and with `--on-error skip` a record that cannot be
+refined is written out with an `error` field instead (counted in the summary).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial
 RESUME_OPTIONS = ("model", "format", "history", "max_new_tokens", "max_iterations", "hold_draft_prefix", "dtype",
-                  "trajectory")
+                  "trajectory", "on_error")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trajectory", action="store_true",
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
+                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
+                         "or write it out with an `error` field and go on")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
     args = ap.parse_args(argv)
@@ -100,12 +106,14 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def history(rec, turn, output):
         return output.text if args.history == "refined" else rec.drafts[turn]
 
-    decode_records(decoder, records, out, decode, history, build, progress)
+    skipped = decode_records(decoder, records, out, decode, history, build, progress, on_error=args.on_error)
+    bar.update(skipped)
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start
     return {
         "records": len(records),
+        "skipped": skipped,
         "turns_refined": totals["rows"],
         "tokens": totals["tokens"],
         "passes": totals["passes"],

@@ -223,3 +223,33 @@ def test_generate_cli_alpaca_eval_greedy(smollm2, greedy_refs, tmp_path):
     generate_cli.run(args, smollm2)
     out = json.loads((tmp_path / "out.json").read_text())
     assert out == [{"instruction": p, "dataset": "x", "output": t, "generator": "smol"} for p, (_, t) in zip(PROMPTS[:2], greedy_refs)]
+
+
+def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path, monkeypatch):
+    """10,000 records, the last one past the context: the run stops naming its line before any forward
+    (the decoder is never called). With --on-error skip a bad record goes out in its place with `error`,
+    the others are refined, and the summary counts it."""
+    from diffpo_jax.decoding.batching import Decoder
+
+    rows = [{"id": i, "prompt": f"Say {i}.", "draft": "Sure."} for i in range(9999)] + [{"prompt": "word " * 9000, "draft": ""}]
+    big = write_jsonl(tmp_path / "big.jsonl", rows)
+    common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("decoded before every record was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(Decoder, "refine", no_decoding)
+        with pytest.raises(FormatError, match=r"big.jsonl:10000: turn 1: prompt is \d+ tokens"):
+            refine_cli.run(refine_cli.parse_args(["--input", str(big), "--output", str(tmp_path / "b.jsonl"), *common]), smollm2)
+    assert not (tmp_path / "b.jsonl").exists()
+
+    small = write_jsonl(tmp_path / "small.jsonl", [rows[0], rows[-1], rows[1]])
+    out = tmp_path / "s.jsonl"
+    summary = refine_cli.run(refine_cli.parse_args(["--input", str(small), "--output", str(out), "--on-error", "skip",
+                                                    *common]), smollm2)  # fmt: skip
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g.get("id") for g in got] == [0, None, 1] and "refined" in got[0] and "refined" in got[2]
+    assert got[1]["prompt"] == rows[-1]["prompt"] and "refined" not in got[1]
+    assert got[1]["error"].startswith(f"{small}:2: turn 1: prompt is ")
+    assert summary["skipped"] == 1 and summary["turns_refined"] == 2

@@ -179,6 +179,9 @@ class Decoder:
         return outputs
 
 
+ON_ERROR = ("stop", "skip")
+
+
 def decode_records(
     decoder: Decoder,
     records: list[Record],
@@ -189,36 +192,57 @@ def decode_records(
     progress: Callable[[list[R]], None],
     *,
     batch_size: int | None = None,
-) -> None:
+    on_error: str = "stop",
+) -> int:
     """Decode the records `out` does not hold yet, batch_size records at a time (default: the decoder's
-    batch_size) and turn by turn.
+    batch_size) and turn by turn; returns how many were skipped.
 
     decode(record indices, turn, records, prompt ids) -> one result (an Output, or what the caller makes of
     Outputs) per record for that turn, the indices being the records' 0-based positions in `records`;
     history(record, turn, result) -> the assistant text later turns see; build(record, results per turn)
     -> the output record, appended to `out` in input order; progress(results) after each decode call.
+
+    Every record's first turn is checked before any decoding (a prompt too long for the context fails in
+    seconds, not hours in). A record that fails (any turn): on_error "stop" raises a FormatError naming
+    it; "skip" writes it out in its place as the input record plus `error` (the message), and goes on.
     """
-    for where, prompt in ((r.where, r.prompt) for r in records[out.done :]):
-        _prompt_tokens(decoder, where, 0, prompt)  # fail fast on a first turn that does not fit
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    errors: dict[int, str] = {}
+
+    def fail(i: int, turn: int, e: ContextError) -> None:
+        message = f"{records[i].where}: turn {turn + 1}: {e}"
+        if on_error == "stop":
+            raise FormatError(message)
+        errors[i] = message
+
+    for i in range(out.done, len(records)):
+        try:
+            decoder.prompt_tokens(records[i].prompt)
+        except ContextError as e:
+            fail(i, 0, e)
     size = decoder.batch_size if batch_size is None else batch_size
     for start in range(out.done, len(records), size):
-        batch = records[start : start + size]
-        outputs: list[list[R]] = [[] for _ in batch]
-        answers: list[list[str]] = [[] for _ in batch]
-        for turn in range(max(r.num_turns for r in batch)):
-            live = [i for i, r in enumerate(batch) if turn < r.num_turns]
-            ids = [_prompt_tokens(decoder, batch[i].where, turn, turn_prompt(batch[i], turn, answers[i])) for i in live]
-            results = decode([start + i for i in live], turn, [batch[i] for i in live], ids)
+        indices = range(start, min(start + size, len(records)))
+        outputs: dict[int, list[R]] = {i: [] for i in indices}
+        answers: dict[int, list[str]] = {i: [] for i in indices}
+        for turn in range(max(records[i].num_turns for i in indices)):
+            live, ids = [], []
+            for i in indices:
+                if i in errors or turn >= records[i].num_turns:
+                    continue
+                try:
+                    ids.append(decoder.prompt_tokens(turn_prompt(records[i], turn, answers[i])))
+                    live.append(i)
+                except ContextError as e:
+                    fail(i, turn, e)
+            if not live:
+                continue
+            results = decode(live, turn, [records[i] for i in live], ids)
             for i, res in zip(live, results):
                 outputs[i].append(res)
-                answers[i].append(history(batch[i], turn, res))
+                answers[i].append(history(records[i], turn, res))
             progress(results)
-        for rec, outs in zip(batch, outputs):
-            out.append(build(rec, outs))
-
-
-def _prompt_tokens(decoder: Decoder, where: str, turn: int, prompt: str | Messages) -> list[int]:
-    try:
-        return decoder.prompt_tokens(prompt)
-    except ContextError as e:
-        raise FormatError(f"{where}: turn {turn + 1}: {e}") from None
+        for i in indices:
+            out.append(dict(records[i].raw, error=errors[i]) if i in errors else build(records[i], outputs[i]))
+    return len(errors)
