@@ -24,7 +24,7 @@ from diffpo_jax import distributed
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import ModelSourceError, load_model
-from diffpo_jax.weights.checkpoint import check_out_dir, save_params
+from diffpo_jax.weights.checkpoint import check_out_dir, save_params, source_generation_config
 from diffpo_jax.weights.export import export_checkpoint
 
 
@@ -39,7 +39,8 @@ def from_hf(model: str | None, out_dir: str | Path, *, dtype: str = "float32", o
     out_dir = Path(out_dir).absolute()
     check_out_dir(out_dir, overwrite)  # before the (possibly long) load
     loaded = load_model(model, dtype=dtype, mesh=mesh)
-    return save_params(out_dir, loaded.cfg, nnx.state(loaded.model), loaded.tokenizer, overwrite=overwrite)
+    return save_params(out_dir, loaded.cfg, nnx.state(loaded.model), loaded.tokenizer, overwrite=overwrite,
+                       generation=source_generation_config(loaded.source))
 
 
 def main(argv: list[str] | None = None) -> int:

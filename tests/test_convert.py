@@ -379,3 +379,20 @@ def test_cli_end_to_end_in_a_subprocess(tiny_llama_dir, tmp_path):
         assert step.returncode == 0 and step.stdout == f"wrote {target}\n" and step.stderr == "", step.stderr
     exported, source = hf_tensors(out), hf_tensors(tiny_llama_dir)
     assert all(np.array_equal(exported[n], t.astype(ml_dtypes.bfloat16)) for n, t in source.items())
+
+
+def test_generation_config_survives_hf_to_orbax_to_hf(tiny_llama_dir, tmp_path):
+    """The source's generation_config.json (sampling defaults, several eos ids) is carried into the Orbax
+    model dir and out again in the HF export, unchanged; the decoders' stop tokens read it there too."""
+    from diffpo_jax.decoding.batching import stop_token_ids
+    from diffpo_jax.weights.checkpoint import read_orbax_config
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_dir, src)
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    orbax_dir = convert.from_hf(str(src), tmp_path / "orbax")
+    assert json.loads((orbax_dir / "generation_config.json").read_text()) == generation
+    exported = export_checkpoint(orbax_dir, tmp_path / "hf")
+    assert json.loads((exported / "generation_config.json").read_text()) == generation
+    assert 7 in stop_token_ids(read_orbax_config(orbax_dir), None, str(orbax_dir))

@@ -14,8 +14,6 @@ the known end-of-turn tokens present in the vocabulary. Texts are decoded withou
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import jax
@@ -28,6 +26,7 @@ from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_p
 from diffpo_jax.decoding.jacobi import jacobi_decode
 from diffpo_jax.decoding.sampler import generate
 from diffpo_jax.sources import LoadedModel, ModelSourceError
+from diffpo_jax.weights.checkpoint import source_generation_config
 
 MIN_PROMPT_BUCKET = 32
 R = TypeVar("R")  # what a decode_records callback returns per record
@@ -43,18 +42,16 @@ def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
 
 
 def stop_token_ids(cfg: ModelConfig, tok: Any, source: str) -> tuple[int, ...]:
-    """eos ids of the model config, the tokenizer and SOURCE/generation_config.json (a model dir, when the
-    source is one), plus the chat template's end-of-turn token."""
+    """eos ids of the model config, the tokenizer and the source's generation_config.json (an HF folder or
+    an Orbax dir carrying it), plus the chat template's end-of-turn token."""
     ids = list(cfg.eos_token_ids)
     if tok is not None:
         if tok.eos_token_id is not None:
             ids.append(tok.eos_token_id)
         if getattr(tok, "chat_template", None):
             ids.append(end_of_turn_id(tok))
-    gen = Path(source) / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    eos = (source_generation_config(source) or {}).get("eos_token_id")
+    ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
     return tuple(sorted(set(int(i) for i in ids)))
 
 

@@ -81,6 +81,7 @@ from diffpo_jax.training.step import (
 from diffpo_jax.weights.checkpoint import (
     TrainCheckpoints,
     read_orbax_config,
+    source_generation_config,
     write_model_files,
 )
 
@@ -451,7 +452,7 @@ def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
         say(f"resuming {run_dir} from step {start}")
         return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
-    write_model_files(run_dir, loaded.cfg, loaded.tokenizer)
+    write_model_files(run_dir, loaded.cfg, loaded.tokenizer, source_generation_config(loaded.source))
     say(f"model {loaded.source} -> {run_dir}")
     return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
 

@@ -34,6 +34,7 @@ from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import param_shardings
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 PARAMS = "params"
 CHECKPOINTS = "checkpoints"
 
@@ -102,8 +103,9 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path
 # ---------------------------------------------------------------- model dirs
 
 
-def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any) -> None:
-    """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype) and the tokenizer's files."""
+def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any, generation: dict | None = None) -> None:
+    """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype), the tokenizer's files and, when
+    given, generation_config.json (the source model's, carried through Orbax dirs to the HF export)."""
     if not is_main_process():
         return
     out_dir = Path(out_dir)
@@ -111,13 +113,27 @@ def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any) -> 
     (out_dir / CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
+    if generation is not None:
+        (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def save_params(out_dir: str | Path, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False) -> Path:
-    """Write a model dir: config.json, tokenizer files and `params/` (written from every process's shards)."""
+def source_generation_config(source: str | Path) -> dict | None:
+    """The generation_config.json beside a model's weights (an HF folder, or an Orbax dir's model files);
+    None when there is none (GGUF files, random presets)."""
+    path = Path(source)
+    if is_orbax_dir(path):
+        path = model_files_dir(path)
+    f = path / GENERATION_CONFIG
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def save_params(out_dir: str | Path, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False,
+                generation: dict | None = None) -> Path:
+    """Write a model dir: config.json, tokenizer files, generation_config.json (when given) and `params/`
+    (written from every process's shards)."""
     out_dir = Path(out_dir).absolute()
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
-        write_model_files(tmp, cfg, tokenizer)
+        write_model_files(tmp, cfg, tokenizer, generation)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS, _pure(params))
         checkpointer.wait_until_finished()

@@ -1,7 +1,8 @@
 """Params -> an HF folder that `transformers` loads as LlamaForCausalLM / Gemma2ForCausalLM.
 
 The folder: `model.safetensors` (or `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`
-past `max_shard_size`), `config.json` (`cfg.to_hf()`), `generation_config.json` and the tokenizer's
+past `max_shard_size`), `config.json` (`cfg.to_hf()`), `generation_config.json` (the source model's, carried
+through the Orbax dirs, else the config's token ids) and the tokenizer's
 files (chat template included). Tensor names and layouts come from `weight_specs(cfg)` / `WeightSpec.to_hf`,
 the same table the loader reads with; tied embeddings write no `lm_head`.
 
@@ -35,6 +36,7 @@ from diffpo_jax.weights.checkpoint import (
     model_files_dir,
     read_orbax_config,
     restore_params,
+    source_generation_config,
     staged_dir,
     write_model_files,
 )
@@ -145,8 +147,10 @@ def export_hf(
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    generation: dict | None = None,
 ) -> Path:
-    """Write `params` (nnx.State or pure dict, any sharding) as an HF folder in `dtype` (default: cfg.param_dtype)."""
+    """Write `params` (nnx.State or pure dict, any sharding) as an HF folder in `dtype` (default: cfg.param_dtype);
+    generation_config.json is `generation` (the source model's) or, without one, the config's token ids."""
     dtype = dtype or cfg.param_dtype
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -154,9 +158,7 @@ def export_hf(
     out_dir = Path(out_dir).absolute()
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(tmp, cfg, params, dtype, max_bytes)
-        write_model_files(tmp, cfg.replace(param_dtype=dtype), tokenizer)
-        if is_main_process():
-            (tmp / "generation_config.json").write_text(json.dumps(generation_config(cfg), indent=2) + "\n")
+        write_model_files(tmp, cfg.replace(param_dtype=dtype), tokenizer, generation or generation_config(cfg))
     return out_dir
 
 
@@ -177,4 +179,5 @@ def export_checkpoint(
     cfg = read_orbax_config(ckpt)
     params = restore_params(ckpt, cfg, mesh)
     tokenizer = tokenizer_from_dir(model_files_dir(ckpt))
-    return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite)
+    return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite,
+                     generation=source_generation_config(ckpt))
