@@ -101,3 +101,16 @@ def test_accelerator_check_dry_run_prints_every_step():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     lint = subprocess.run([shellcheck, "-x", "bench/accelerator_check.sh"], cwd=root, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
+
+
+def test_pass_cost_smollm2(tmp_path):
+    """Every refined answer equals AR greedy (checked inside), and both tables come out."""
+    from bench import pass_cost
+
+    results = tmp_path / "RESULTS.md"
+    out = pass_cost.main(["--prompts", "1", "--max-new-tokens", "4", "--windows", "1,3", "--rows", "1,2",
+                          "--results", str(results)])
+    assert [r[0] for r in out["windows"]] == [1, 3] and out["windows"][0][1] == 1.0  # W = 1: one pass per token
+    assert sorted(out["matmul"]) == [1, 2] and out["step"] > 0 and out["bound"] > 0
+    text = results.read_text()
+    assert "<!-- begin pass_cost -->" in text and "| window W | passes / token |" in text and "| M rows |" in text
