@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from etils import epath
 
 FAMILIES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
@@ -192,10 +193,10 @@ class ModelConfig:
         return hf
 
 
-def read_hf_config(path: Path) -> dict[str, Any]:
-    """Read a config.json, with errors that name the file."""
+def read_hf_config(path: str | Path | epath.Path) -> dict[str, Any]:
+    """Read a config.json (a local path or URL), with errors that name the file."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no config.json") from None
     except json.JSONDecodeError as e:

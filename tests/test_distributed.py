@@ -45,6 +45,11 @@ def test_two_processes_share_one_mesh():
     # 8 devices hold 0..7 across both processes; each process sees the global sum.
     for i in (0, 1):
         assert f"[p{i}] process {i}/2 devices 8 sum 28.0" in result.stdout
+        assert f"[p{i}] fetched /nonexistent/snapshot" in result.stdout
+    # both processes on one host: process 0 downloads, process 1 reads its cache after the barrier
+    calls = sorted(line for line in result.stdout.splitlines() if "snapshot_download" in line)
+    assert calls == ["[p0] snapshot_download org/model local_files_only=False",
+                     "[p1] snapshot_download org/model local_files_only=True"], result.stdout
 
 
 def test_a_dead_process_stops_the_others():

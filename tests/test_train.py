@@ -246,7 +246,7 @@ def test_run_dir_is_a_model_for_refine_and_convert(reference, tiny_init_dir, tmp
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(nnx.state(trained.model)), jax.tree.leaves(nnx.state(initial.model)))]
     assert min(moved) > 0  # every parameter was trained
-    assert convert.main(["to-hf", str(reference), str(tmp_path / "hf")]) == 0
+    assert convert.main(["to-hf", str(reference), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids = np.array([trained.tokenizer("The capital of Australia is Canberra.")["input_ids"]])
     with torch.no_grad():

@@ -30,12 +30,12 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from diffpo_jax.jsonl import JsonlError, read_jsonl
+from diffpo_jax.paths import as_path, remove_tree, written_locally
 
 DATA_FILE = "trajectories-train.array_record-00000-of-00001"
 MANIFEST = "manifest.json"
@@ -273,7 +273,7 @@ def build(
     also holds the entries of `extra` (how the sources were made)."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    out = Path(out_dir).expanduser()
+    out = as_path(out_dir)
     if out.exists() and not overwrite:
         raise TrajectoryDataError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     records, manifest = collect(
@@ -282,29 +282,30 @@ def build(
     manifest.update(extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_tree(tmp)
     try:
         tmp.mkdir()
-        writer = ArrayRecordWriter(str(tmp / DATA_FILE), "group_size:1")
-        for record in records:
-            writer.write(_canonical(record).encode())
-        writer.close()
+        with written_locally(tmp) as local:  # array_record writes local files only
+            writer = ArrayRecordWriter(os.fspath(local / DATA_FILE), "group_size:1")
+            for record in records:
+                writer.write(_canonical(record).encode())
+            writer.close()
         (tmp / MANIFEST).write_text(json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old)
+            remove_tree(old)
         else:
             tmp.rename(out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
     return manifest
 
 
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a built dataset directory."""
-    path = Path(data_dir).expanduser() / MANIFEST
+    path = as_path(data_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:

@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -59,6 +60,7 @@ from diffpo_jax.data.trajectories import MANIFEST, build
 from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import Transformer, abstract_model
+from diffpo_jax.paths import as_path, is_url, local_dir, sync
 from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
 from diffpo_jax.sources import (
     LoadedModel,
@@ -269,20 +271,17 @@ def init_model(spec: str, *, seed: int, dtype: str, param_dtype: str, mesh) -> L
     return load_model(spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
 
-def prepare_data(data: str, run_dir: Path) -> Path:
-    """A built dataset dir as is; a source (file or hub id) is built into RUN_DIR/data once."""
-    path = Path(data).expanduser()
-    if (path / MANIFEST).is_file():
-        return path
-    built = run_dir / "data"
-    if not (built / MANIFEST).is_file():
-        if is_main_process():
-            build([data], built)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("diffpo_jax.train:data")
-    return built
+def prepare_data(data: str, run_dir: epath.Path) -> epath.Path:
+    """The local dir to read the dataset from: a built dataset dir, or a source (file or hub id) built
+    into RUN_DIR/data once; either may be a URL, read from this host's copy (paths.local_dir)."""
+    path = as_path(data)
+    if not (path / MANIFEST).is_file():
+        path = run_dir / "data"
+        if not (path / MANIFEST).is_file():
+            if is_main_process():
+                build([data], path)
+            sync("diffpo_jax.train:data")
+    return local_dir(path)
 
 
 # ---------------------------------------------------------------- metrics
@@ -298,20 +297,27 @@ def _step_of(line: str) -> float:
 
 class MetricsLog:
     """metrics.jsonl and TensorBoard scalars, on process 0 only. Opened at `start_step`: lines of later
-    steps (left by an interrupted run) are dropped first, and TensorBoard purges them."""
+    steps (left by an interrupted run) are dropped first, and TensorBoard purges them. A local file is
+    appended to; an object in a store (a URL run dir), which cannot be appended to, is rewritten whole
+    at each line (a few MB at most)."""
 
-    def __init__(self, run_dir: Path, start_step: int, tensorboard: bool):
+    def __init__(self, run_dir: epath.Path, start_step: int, tensorboard: bool):
         self.enabled = is_main_process()
         self.path = run_dir / "metrics.jsonl"
-        self._file = self._tb = None
+        self._file = self._tb = self._lines = None
         if not self.enabled:
             return
+        kept = []
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
+        if is_url(self.path):
+            self._lines = kept
+            self.path.write_text("".join(line + "\n" for line in kept))
+        else:
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
-        self._file = self.path.open("a")
+            self._file = self.path.open("a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -320,8 +326,12 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        else:
+            self._lines.append(json.dumps(record))
+            self.path.write_text("".join(line + "\n" for line in self._lines))
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -376,7 +386,7 @@ def any_process(flag: bool) -> bool:
 
 @dataclasses.dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: epath.Path
     start_step: int  # the step resumed from (0 for a fresh run)
     step: int  # the last step done
     total_steps: int
@@ -430,7 +440,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def check_resume_config(cfg: TrainConfig, run_dir: Path, allow: tuple[str, ...] = ()) -> None:
+def check_resume_config(cfg: TrainConfig, run_dir: epath.Path, allow: tuple[str, ...] = ()) -> None:
     """Stop a resume whose config changes keys other than RESUMABLE_KEYS and `allow` (module doc)."""
     path = run_dir / TRAIN_CONFIG
     if not path.is_file():
@@ -446,7 +456,7 @@ def check_resume_config(cfg: TrainConfig, run_dir: Path, allow: tuple[str, ...] 
         )
 
 
-def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
+def _start_model(cfg: TrainConfig, run_dir: epath.Path, start: int, mesh, say):
     """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`."""
     if start:
         say(f"resuming {run_dir} from step {start}")
@@ -457,7 +467,7 @@ def _start_model(cfg: TrainConfig, run_dir: Path, start: int, mesh, say):
     return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
 
 
-def _split(cfg: TrainConfig, data_dir: Path, run_dir: Path) -> tuple[list[int] | None, list[dict] | None]:
+def _split(cfg: TrainConfig, data_dir: epath.Path, run_dir: epath.Path) -> tuple[list[int] | None, list[dict] | None]:
     """(training record indices, held-out records); (None, None) without evaluation."""
     if not cfg.eval.holdout_prompts:
         return None, None
@@ -477,7 +487,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     `allow_config_change`: keys (or sections) a resume may change beyond RESUMABLE_KEYS."""
     say = log if is_main_process() else (lambda _: None)
     mesh, cfg = _check_mesh(validate(cfg))
-    run_dir = Path(cfg.output_dir).expanduser().absolute()
+    run_dir = as_path(cfg.output_dir)  # a URL stays one (paths.py)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpoints)

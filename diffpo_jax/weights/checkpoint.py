@@ -10,7 +10,8 @@ Layouts (every Orbax dir carries the HF `config.json` and tokenizer files of its
 Restores build targets of `jax.ShapeDtypeStruct`s carrying the shardings wanted now, so a checkpoint
 loads onto any device count or mesh, never needing the one it was saved on. Writes of whole dirs go to
 a temp dir beside the destination, renamed at the end (`staged_dir`): an interrupted write never
-leaves a dir that looks complete. In a multi-host run every process calls these functions (saves and
+leaves a dir that looks complete (on object stores the rename is a copy, see paths.py). Paths may be
+URLs (`gs://...`, paths.py): they reach Orbax unchanged. In a multi-host run every process calls these functions (saves and
 restores are collective); only process 0 writes the files beside the arrays.
 """
 
@@ -18,19 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-from pathlib import Path
+import os
 from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
+from etils import epath
 from jax.sharding import SingleDeviceSharding
 
 from diffpo_jax.config import ModelConfig, read_hf_config
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import abstract_model
+from diffpo_jax.paths import as_path, remove_tree, sync, written_locally
 from diffpo_jax.sharding import param_shardings
 
 CONFIG = "config.json"
@@ -41,11 +42,6 @@ CHECKPOINTS = "checkpoints"
 
 class CheckpointError(ValueError):
     """An Orbax dir that cannot be read or an output dir that cannot be written; str() names the path."""
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 def _pure(params: Any) -> dict:
@@ -65,7 +61,7 @@ def _like(target: Any, pure: dict) -> Any:
 # ---------------------------------------------------------------- output dirs
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: epath.Path, overwrite: bool) -> None:
     """Refuse an existing, non-empty `out_dir` unless `overwrite`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
@@ -74,64 +70,65 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterator[epath.Path]:
     """A temp dir beside `out_dir` to write into; renamed to `out_dir` when the block succeeds and
     removed when it fails. An existing `out_dir` is replaced only after the new one is complete."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     if is_main_process():
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
+        remove_tree(tmp)  # left by an interrupted run
         tmp.mkdir(parents=True)
-    _sync(f"staged_dir:start:{out_dir}")
+    sync(f"staged_dir:start:{out_dir}")
     try:
         yield tmp
-        _sync(f"staged_dir:done:{out_dir}")
+        sync(f"staged_dir:done:{out_dir}")
     except BaseException:
         if is_main_process():
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
         raise
     if is_main_process():
         old = out_dir.with_name(f".{out_dir.name}.old")
         if out_dir.exists():
             out_dir.rename(old)
         tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    _sync(f"staged_dir:renamed:{out_dir}")
+        remove_tree(old)
+    sync(f"staged_dir:renamed:{out_dir}")
 
 
 # ---------------------------------------------------------------- model dirs
 
 
-def write_model_files(out_dir: str | Path, cfg: ModelConfig, tokenizer: Any, generation: dict | None = None) -> None:
+def write_model_files(out_dir: str | os.PathLike, cfg: ModelConfig, tokenizer: Any, generation: dict | None = None) -> None:
     """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype), the tokenizer's files and, when
     given, generation_config.json (the source model's, carried through Orbax dirs to the HF export)."""
     if not is_main_process():
         return
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CONFIG).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        with written_locally(out_dir) as local:
+            tokenizer.save_pretrained(os.fspath(local))
     if generation is not None:
         (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def source_generation_config(source: str | Path) -> dict | None:
+def source_generation_config(source: str | os.PathLike) -> dict | None:
     """The generation_config.json beside a model's weights (an HF folder, or an Orbax dir's model files);
     None when there is none (GGUF files, random presets)."""
-    path = Path(source)
+    path = as_path(source)
     if is_orbax_dir(path):
         path = model_files_dir(path)
     f = path / GENERATION_CONFIG
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def save_params(out_dir: str | Path, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False,
-                generation: dict | None = None) -> Path:
+def save_params(out_dir: str | os.PathLike, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False,
+                generation: dict | None = None) -> epath.Path:
     """Write a model dir: config.json, tokenizer files, generation_config.json (when given) and `params/`
     (written from every process's shards)."""
-    out_dir = Path(out_dir).absolute()
+    out_dir = as_path(out_dir)
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         write_model_files(tmp, cfg, tokenizer, generation)
         checkpointer = ocp.StandardCheckpointer()
@@ -141,7 +138,7 @@ def save_params(out_dir: str | Path, cfg: ModelConfig, params: Any, tokenizer: A
     return out_dir
 
 
-def _layout(path: Path) -> tuple[str, Path] | None:
+def _layout(path: epath.Path) -> tuple[str, epath.Path] | None:
     """("model" | "run" | "step", the dir holding config.json), or None for anything else."""
     if path.parent.name == CHECKPOINTS and (path / PARAMS).is_dir():
         return "step", path.parent.parent
@@ -152,14 +149,15 @@ def _layout(path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def is_orbax_dir(path: str | Path) -> bool:
+def is_orbax_dir(path: str | os.PathLike) -> bool:
     """True for a model dir, a train run dir or one of its step dirs."""
-    return Path(path).is_dir() and _layout(Path(path).absolute()) is not None
+    path = as_path(path)
+    return path.is_dir() and _layout(path) is not None
 
 
-def _checked_layout(path: str | Path) -> tuple[str, Path, Path]:
-    """(kind, absolute path, dir holding config.json); a CheckpointError for anything else."""
-    path = Path(path).absolute()
+def _checked_layout(path: str | os.PathLike) -> tuple[str, epath.Path, epath.Path]:
+    """(kind, absolute path or URL, dir holding config.json); a CheckpointError for anything else."""
+    path = as_path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such directory")
     layout = _layout(path) if path.is_dir() else None
@@ -171,12 +169,17 @@ def _checked_layout(path: str | Path) -> tuple[str, Path, Path]:
     return layout[0], path, layout[1]
 
 
-def model_files_dir(path: str | Path) -> Path:
+def is_train_run(path: str | os.PathLike) -> bool:
+    """True for a train run dir or one of its step dirs (a CheckpointError for what is no Orbax dir)."""
+    return _checked_layout(path)[0] != "model"
+
+
+def model_files_dir(path: str | os.PathLike) -> epath.Path:
     """The dir holding config.json and the tokenizer files of an Orbax dir."""
     return _checked_layout(path)[2]
 
 
-def params_dir(path: str | Path) -> Path:
+def params_dir(path: str | os.PathLike) -> epath.Path:
     """The Orbax params checkpoint inside a model dir, step dir, or a run dir's latest step."""
     kind, path, _ = _checked_layout(path)
     if kind != "run":
@@ -187,7 +190,7 @@ def params_dir(path: str | Path) -> Path:
     return path / CHECKPOINTS / str(max(steps)) / PARAMS
 
 
-def read_orbax_config(path: str | Path) -> ModelConfig:
+def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
     """The model config of an Orbax dir; `param_dtype` is the dtype the params were stored in."""
     config = model_files_dir(path) / CONFIG
     hf = read_hf_config(config)
@@ -195,7 +198,7 @@ def read_orbax_config(path: str | Path) -> ModelConfig:
     return cfg.replace(param_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32")
 
 
-def restore_params(path: str | Path, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+def restore_params(path: str | os.PathLike, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
     """The params of an Orbax dir as an nnx.State, each array restored straight onto its sharding under
     `mesh` (`param_shardings`), or onto the first local device when `mesh` is None, in `cfg.param_dtype`."""
     where = params_dir(path)
@@ -223,8 +226,8 @@ class TrainCheckpoints:
     """RUN_DIR/checkpoints: params, optimizer state and data-iterator state, every `every` steps,
     the last `keep` kept. Saves are asynchronous when `async_save` (call `wait` before reading them)."""
 
-    def __init__(self, run_dir: str | Path, *, every: int, keep: int, async_save: bool = True):
-        self.directory = Path(run_dir).absolute() / CHECKPOINTS
+    def __init__(self, run_dir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
+        self.directory = as_path(run_dir) / CHECKPOINTS
         self.every = every
         # The schedule is decided here (`save`), not by Orbax, whose default also saves a run's first step.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)

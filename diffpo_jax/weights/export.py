@@ -7,32 +7,39 @@ files (chat template included). Tensor names and layouts come from `weight_specs
 the same table the loader reads with; tied embeddings write no `lm_head`.
 
 Params may be sharded over any mesh: each tensor (one layer of a stacked parameter at a time) is
-gathered on its own, so the host holds at most one shard file's tensors, never the whole model. In a
-multi-host run every process takes part in the gathers and only process 0 writes. The folder is
-written to a temp dir beside `out_dir` and renamed at the end.
+brought to the host on its own, so the host holds at most one shard file's tensors, never the whole
+model. In one process a tensor's shards are copied to the host and assembled there (no device holds
+more than its own shard); in a multi-host run every process takes part in a gather of it (replicated
+over the devices, one tensor at a time) and only process 0 writes. The folder is written to a temp dir
+beside `out_dir` and renamed at the end; `out_dir` may be a URL (paths.py).
+Dtype: `export_checkpoint` writes a model dir in its stored dtype and a train run / step dir (fp32
+master weights) in bfloat16, unless told otherwise (float32, bfloat16 or float16).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import re
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.distributed import is_main_process
+from diffpo_jax.paths import as_path, written_locally
 from diffpo_jax.sources import tokenizer_from_dir
 from diffpo_jax.weights.checkpoint import (
     check_out_dir,
+    is_train_run,
     model_files_dir,
     read_orbax_config,
     restore_params,
@@ -42,7 +49,7 @@ from diffpo_jax.weights.checkpoint import (
 )
 from diffpo_jax.weights.hf import WeightSpec, weight_specs
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -64,22 +71,21 @@ def hf_tensors(cfg: ModelConfig) -> list[tuple[str, WeightSpec, int | None]]:
 
 
 @functools.lru_cache
-def _gather_fn(out_sharding: jax.sharding.Sharding, stacked: bool):
-    """jit: a whole parameter, or one layer of a stacked one, replicated onto `out_sharding`."""
+def _gather_fn(out_sharding: jax.sharding.Sharding | None, stacked: bool):
+    """jit: a whole parameter, or one layer of a stacked one, onto `out_sharding` (None: as XLA shards it)."""
     if stacked:
         return jax.jit(lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), out_shardings=out_sharding)
     return jax.jit(lambda a: a, out_shardings=out_sharding)
 
 
 def host_tensor(x: jax.Array, layer: int | None) -> np.ndarray:
-    """`x` (or its layer `layer`) as a host array. A collective when `x` spans processes: every process
-    calls it; each gets the full tensor from one of its own devices."""
+    """`x` (or its layer `layer`) as a host array (module doc). A collective when `x` spans processes:
+    every process calls it; each gets the full tensor from one of its own devices."""
+    if x.is_fully_addressable:  # one process: shards to the host, assembled there
+        return np.asarray(x if layer is None else _gather_fn(None, True)(x, np.int32(layer)))
     s = x.sharding
     replicated = NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
-    if layer is None:
-        y = _gather_fn(replicated, False)(x)
-    else:
-        y = _gather_fn(replicated, True)(x, np.int32(layer))
+    y = _gather_fn(replicated, False)(x) if layer is None else _gather_fn(replicated, True)(x, np.int32(layer))
     return np.asarray(y.addressable_data(0))
 
 
@@ -104,7 +110,7 @@ def _at(tree: dict, path: tuple[str, ...]) -> Any:
     return tree
 
 
-def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, max_shard_size: int) -> None:
+def write_safetensors(out_dir: os.PathLike, cfg: ModelConfig, params: Any, dtype: str, max_shard_size: int) -> None:
     """The safetensors file(s) (and index when sharded) of `params` (an nnx.State or its pure dict)."""
     params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     np_dtype = DTYPES[dtype]
@@ -114,6 +120,7 @@ def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, 
     ]
     weight_map, total = {}, 0
     bar = tqdm(total=sum(map(len, shards)), desc="export", unit="tensor", disable=None if is_main_process() else True)
+    out_dir = as_path(out_dir)
     for file, shard in zip(files, shards):
         tensors = {}
         for name, spec, layer in shard:
@@ -123,7 +130,8 @@ def write_safetensors(out_dir: Path, cfg: ModelConfig, params: Any, dtype: str, 
             total += tensors[name].nbytes
             bar.update()
         if is_main_process():
-            save_file(tensors, out_dir / file, metadata={"format": "pt"})
+            with written_locally(out_dir) as local:  # safetensors writes local files only
+                save_file(tensors, os.fspath(local / file), metadata={"format": "pt"})
     bar.close()
     if is_main_process() and len(files) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -139,7 +147,7 @@ def generation_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def export_hf(
-    out_dir: str | Path,
+    out_dir: str | os.PathLike,
     cfg: ModelConfig,
     params: Any,
     tokenizer: Any = None,
@@ -148,14 +156,14 @@ def export_hf(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     generation: dict | None = None,
-) -> Path:
+) -> epath.Path:
     """Write `params` (nnx.State or pure dict, any sharding) as an HF folder in `dtype` (default: cfg.param_dtype);
     generation_config.json is `generation` (the source model's) or, without one, the config's token ids."""
     dtype = dtype or cfg.param_dtype
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-    out_dir = Path(out_dir).absolute()
+    out_dir = as_path(out_dir)
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         write_safetensors(tmp, cfg, params, dtype, max_bytes)
         write_model_files(tmp, cfg.replace(param_dtype=dtype), tokenizer, generation or generation_config(cfg))
@@ -163,20 +171,22 @@ def export_hf(
 
 
 def export_checkpoint(
-    ckpt: str | Path,
-    out_dir: str | Path,
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     mesh: jax.sharding.Mesh | None = None,
-) -> Path:
+) -> epath.Path:
     """An Orbax model dir, train run dir (latest step) or step dir -> an HF folder (see `export_hf`).
-    Params are restored onto `mesh` (one device when None); dtype defaults to the stored one."""
-    out_dir = Path(out_dir).absolute()
+    Params are restored onto `mesh` (one device when None); dtype defaults to the stored one for a model
+    dir and to bfloat16 for a train run or step dir (module doc)."""
+    out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)  # before the (possibly long) restore
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     cfg = read_orbax_config(ckpt)
+    dtype = dtype or ("bfloat16" if is_train_run(ckpt) else cfg.param_dtype)
     params = restore_params(ckpt, cfg, mesh)
     tokenizer = tokenizer_from_dir(model_files_dir(ckpt))
     return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite,

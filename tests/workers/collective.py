@@ -1,5 +1,6 @@
 """A multi-process worker for tests: start jax.distributed from the DIFFPO_* environment, sum a
-globally sharded array, print it; with `die`, process 1 dies at once and the others keep working."""
+globally sharded array, print it; fetch a hub model through a stand-in for huggingface_hub that prints
+its calls (one download per host); with `die`, process 1 dies at once and the others keep working."""
 
 import os
 import sys
@@ -9,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffpo_jax import distributed
+import huggingface_hub
+
+from diffpo_jax import distributed, sources
 from diffpo_jax.sharding import batch_sharding, make_mesh
 
 distributed.initialize()
@@ -18,6 +21,15 @@ local = np.arange(jax.local_device_count(), dtype=np.float32) + jax.local_device
 x = jax.make_array_from_process_local_data(batch_sharding(mesh, 1), local)
 total = jax.jit(jnp.sum)(x)
 print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} sum {float(total)}", flush=True)
+
+
+def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+    print(f"snapshot_download {repo_id} local_files_only={local_files_only}", flush=True)
+    return "/nonexistent/snapshot"
+
+
+huggingface_hub.snapshot_download = snapshot_download
+print(f"fetched {sources._download('org/model')}", flush=True)
 if "die" in sys.argv[1:]:
     if jax.process_index() == 1:
         os._exit(9)

@@ -1,0 +1,129 @@
+"""URL paths (gs://...) reach Orbax and the project's writers unchanged, and a run over them equals a local
+run. A local directory stands in for the bucket: every etils.epath operation on gs:// is redirected
+there (etils' own mock_epath), and Orbax, which would reach GCS through TensorStore, is wrapped to
+record the path it is given before working on the same local directory. No network."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from etils.epath import testing as epath_testing
+
+from diffpo_jax.data.trajectories import build
+from diffpo_jax.paths import as_path
+from diffpo_jax.sources import load_model
+from diffpo_jax.training.trainer import load_config, train
+from diffpo_jax.weights.export import export_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "gs://bucket"
+CONFIG = dict(
+    global_batch_size=8, prompt_len=48, response_len=8, num_epochs=2, seed=0, save_every=2, max_steps=4,
+    keep_checkpoints=2, log_every=1, tensorboard=False, async_checkpoints=False,
+    loss={"con_weight": 1.0, "con_positions": "draft", "chunk": 4},
+    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.0},
+    eval={"holdout_prompts": 2, "every": 2, "max_rows": 4, "batch_size": 4, "block_size": 4},
+)
+
+
+def test_as_path_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert os.fspath(as_path("gs://bucket/run") / "checkpoints") == "gs://bucket/run/checkpoints"
+    assert os.fspath(as_path("s3://b/x")) == "s3://b/x"
+    assert os.fspath(as_path("run")) == str(tmp_path / "run")
+    assert os.fspath(as_path("~/run")) == os.path.expanduser("~/run")
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """(local dir standing in for gs://bucket, the paths Orbax was given). Also: a fresh cache dir and
+    cwd, so a URL turned into a local path (./gs:/bucket/...) would show."""
+    store = tmp_path / "store"
+    (store / "bucket").mkdir(parents=True)
+    given = []
+
+    def local(p):
+        s = os.fspath(p)
+        return str(store / s[len("gs://"):]) if s.startswith("gs://") else p
+
+    def redirect(fn, path, *args, **kwargs):
+        return fn(local(path), *(local(a) if isinstance(a, (str, os.PathLike)) else a for a in args), **kwargs)
+
+    class Manager(ocp.CheckpointManager):
+        def __init__(self, directory, *args, **kwargs):
+            given.append(os.fspath(directory))
+            super().__init__(local(directory), *args, **kwargs)
+
+    class Checkpointer(ocp.StandardCheckpointer):
+        def save(self, directory, *args, **kwargs):
+            given.append(os.fspath(directory))
+            return super().save(local(directory), *args, **kwargs)
+
+        def restore(self, directory, *args, **kwargs):
+            given.append(os.fspath(directory))
+            return super().restore(local(directory), *args, **kwargs)
+
+    steps = ocp.utils.checkpoint_steps
+    monkeypatch.setattr(ocp, "CheckpointManager", Manager)
+    monkeypatch.setattr(ocp, "StandardCheckpointer", Checkpointer)
+    monkeypatch.setattr(ocp.utils, "checkpoint_steps", lambda d, *a, **k: steps(local(d), *a, **k))
+    monkeypatch.setenv("DIFFPO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    names = ["open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs", "mkdir",
+             "remove", "replace", "rmtree", "stat"]
+    with epath_testing.mock_epath(**{name: redirect for name in names}):
+        yield store / "bucket", given
+    assert not list((tmp_path / "cwd").rglob("*")), "a URL became a local path"
+
+
+@pytest.mark.slow
+def test_train_load_and_export_over_urls_equal_local(bucket, tiny_init_dir, tmp_path):
+    store, given = bucket
+    examples = str(ROOT / "examples" / "trajectories.jsonl")
+    build([examples], f"{BUCKET}/data")  # the dataset in the bucket (array_record written locally, copied)
+    build([examples], tmp_path / "data")
+    assert (store / "data" / "manifest.json").read_bytes() == (tmp_path / "data" / "manifest.json").read_bytes()
+
+    runs = {}
+    for where, out, data in (("url", f"{BUCKET}/run", f"{BUCKET}/data"), ("local", tmp_path / "run", tmp_path / "data")):
+        config_file = tmp_path / "tiny-test.yaml"
+        config_file.write_text(json.dumps(dict(CONFIG, model=str(tiny_init_dir), data=str(data))))  # JSON is YAML
+        cfg = load_config(config_file, [f"output_dir={out}"])
+        runs[where] = train(cfg, log=lambda _: None)
+    assert os.fspath(runs["url"].run_dir) == f"{BUCKET}/run"
+    assert f"{BUCKET}/run/checkpoints" in given  # Orbax got the URL itself
+    url_lines = (store / "run" / "metrics.jsonl").read_text().splitlines()
+    local_lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    drop = ("step_time_s", "tokens_per_s", "eval_seconds")
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]  # noqa: E731
+    assert strip(url_lines) == strip(local_lines)
+    assert [m["step"] for m in strip(url_lines)] == [0, 1, 2, 3, 4]
+    assert [m["step"] for m in strip(url_lines) if "eval_ar" in m] == [0, 2, 4]
+    for name in ("config.json", "tokenizer.json", "train_config.json", "eval_ids.json"):
+        assert (store / "run" / name).is_file(), name
+    assert sorted(p.name for p in (store / "run" / "checkpoints").iterdir()) == ["2", "4"]
+
+    from_url, from_local = load_model(f"{BUCKET}/run"), load_model(str(tmp_path / "run"))
+    assert f"{BUCKET}/run/checkpoints/4/params" in given
+    assert from_url.tokenizer.chat_template == from_local.tokenizer.chat_template
+    for a, b in zip(*(jax_leaves(m) for m in (from_url, from_local))):
+        np.testing.assert_array_equal(a, b)
+
+    export_checkpoint(f"{BUCKET}/run", f"{BUCKET}/hf")
+    export_checkpoint(tmp_path / "run", tmp_path / "hf")
+    local_files = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert sorted(p.name for p in (store / "hf").iterdir()) == local_files and "model.safetensors" in local_files
+    for name in local_files:
+        assert (store / "hf" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"  # a run dir's default
+
+
+def jax_leaves(loaded):
+    import jax
+    from flax import nnx
+
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(loaded.model))]
