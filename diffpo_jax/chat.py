@@ -40,3 +40,10 @@ def end_of_turn_id(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither an end-of-turn token in its chat template nor an eos id")
     return int(tokenizer.eos_token_id)
+
+
+def pad_id(tokenizer: Any, end_of_turn: int) -> int:
+    """The id that fills rows past their end, in training batches and in decoding alike (so a model
+    trained on a pad tail sees the same one when it refines): the tokenizer's pad id, else the
+    end-of-turn id (`end_of_turn_id`)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn)

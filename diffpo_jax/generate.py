@@ -3,7 +3,7 @@
   python -m diffpo_jax.generate --input prompts.jsonl --output drafts.jsonl [--model BASE]
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
       [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16]
-      [--on-error stop|skip] [--overwrite]
+      [--mesh D,F,T] [--on-error stop|skip] [--overwrite]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
@@ -15,7 +15,7 @@ Sampling is reproducible and per row: sample k of turn t of input record i (0-ba
 fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
 a resumed run gives the same outputs, and sample 0 of K is the K = 1 draft of the same seed. Output is
 streamed and resumed as in `refine`; bad input exits 2 with a one-line message, or with `--on-error skip`
-goes out as the input record plus `error` (as in `refine`).
+goes out as the input record plus `error` (as in `refine`). `--mesh` and `--dtype` as in `refine`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 from diffpo_jax.data.formats import (
     FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records, sampled_output,
 )  # fmt: skip
+from diffpo_jax.decoding import devices
 from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt (> 1: jsonl `samples`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    devices.add_arguments(ap)
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
                          "or write it out with an `error` field and go on")
@@ -73,13 +74,16 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder, decode_records
     from diffpo_jax.sources import load_model
 
+    args.dtype = devices.default_dtype(args.dtype)  # resolved before it is recorded for resuming
+    mesh = devices.decode_mesh(args.mesh)
+    devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
     out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
-    loaded = loaded or load_model(args.model, dtype=args.dtype)
+    loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
     model_id = args.model_id or Path(loaded.source).stem
     k = args.num_samples
-    decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens)
+    decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0}
     bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="generate", dynamic_ncols=True)
     start = time.perf_counter()
@@ -117,6 +121,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     out.finish()
     elapsed = time.perf_counter() - start
     return {
+        "devices": devices.describe(mesh),
         "records": len(records),
         "skipped": skipped,
         "turns_generated": totals["rows"],
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (FormatError, ModelSourceError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))

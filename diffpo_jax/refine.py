@@ -3,13 +3,15 @@
   python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
-      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--on-error stop|skip]
-      [--overwrite]
+      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
+      [--on-error stop|skip] [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
 record's prompt is checked before the first forward, and with `--on-error skip` a record that cannot be
-refined is written out with an `error` field instead (counted in the summary).
+refined is written out with an `error` field instead (counted in the summary). Devices and dtype
+(`--mesh`, `--dtype`; defaults: all local devices data-parallel and bfloat16 on GPU/TPU, one device and
+float32 on CPU): decoding/devices.py; the summary names them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check_output_path, read_records, refined_output
+from diffpo_jax.decoding import devices
 from diffpo_jax.sources import ModelSourceError
 
 
@@ -48,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-realign", dest="realign", action="store_false", help="no n-gram re-alignment to the draft")
     ap.add_argument("--trajectory", action="store_true",
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    devices.add_arguments(ap)
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
                          "or write it out with an `error` field and go on")
@@ -74,11 +77,14 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder, decode_records
     from diffpo_jax.sources import load_model
 
+    args.dtype = devices.default_dtype(args.dtype)  # resolved before it is recorded for resuming
+    mesh = devices.decode_mesh(args.mesh)
+    devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
     out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
-    loaded = loaded or load_model(args.model, dtype=args.dtype)
-    decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
+    decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
     bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="refine", dynamic_ncols=True)
     start = time.perf_counter()
@@ -112,6 +118,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     out.finish()
     elapsed = time.perf_counter() - start
     return {
+        "devices": devices.describe(mesh),
         "records": len(records),
         "skipped": skipped,
         "turns_refined": totals["rows"],
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (FormatError, ModelSourceError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     show(args.output, args.format, args.show)

@@ -227,6 +227,23 @@ def test_batches_follow_the_contract(tok, example_dir):
         next(loader)
 
 
+def test_a_tokenizer_without_pad_pads_with_end_of_turn_in_training_and_decoding(tok, example_dir):
+    """Training's pad tail is what the decoder pads with (chat.pad_id): without a pad token, the
+    end-of-turn token, not eos (the loader once used eos, so a model trained there saw another tail)."""
+    import copy
+
+    from diffpo_jax.chat import pad_id
+
+    no_pad = copy.deepcopy(tok)
+    no_pad.pad_token = None
+    eot = end_of_turn_id(no_pad)
+    assert no_pad.pad_token_id is None and eot != no_pad.eos_token_id
+    batch = next(make_loader(example_dir, no_pad, global_batch_size=8, prompt_len=72, response_len=72, seed=0))
+    assert pad_id(no_pad, eot) == eot
+    assert set(batch["best"][~batch["best_mask"]].tolist()) == {eot}  # after each response's own end-of-turn
+    assert set(batch["prompt"][~batch["prompt_mask"]].tolist()) == {eot}
+
+
 def test_worse_draws_are_seeded_and_cover_all_others(tok, example_dir):
     assert worse_choice(0, 1, 2, 4) == worse_choice(0, 1, 2, 4)
     assert {worse_choice(0, epoch, 7, 4) for epoch in range(40)} == {0, 1, 2, 3}

@@ -253,3 +253,36 @@ def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path,
     assert got[1]["prompt"] == rows[-1]["prompt"] and "refined" not in got[1]
     assert got[1]["error"].startswith(f"{small}:2: turn 1: prompt is ")
     assert summary["skipped"] == 1 and summary["turns_refined"] == 2
+
+
+# ------------------------------------------------------------------------------------------ devices
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", [refine_cli, generate_cli], ids=["refine", "generate"])
+def test_outputs_are_byte_identical_on_any_mesh(cli, tiny_init_dir, tmp_path):
+    """Rows data-parallel over 8 devices, fsdp- and tensor-sharded weights (the KV cache sharded with the
+    heads): the same output file as one device; the summary names the devices and mesh."""
+    rows = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
+            for i in range(12)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    outputs = {}
+    for mesh, described in [("1,1,1", "1 (cpu), mesh data=1 fsdp=1 tensor=1"), ("8,1,1", "8 (cpu), mesh data=8 fsdp=1 tensor=1"),
+                            ("2,2,2", "8 (cpu), mesh data=2 fsdp=2 tensor=2"), ("1,1,2", "2 (cpu), mesh data=1 fsdp=1 tensor=2")]:
+        out = tmp_path / f"out-{mesh}.jsonl"
+        args = cli.parse_args(["--input", str(inp), "--output", str(out), "--model", str(tiny_init_dir), "--mesh", mesh,
+                               "--max-new-tokens", "12", "--batch-size", "8"]
+                              + (["--block-size", "4"] if cli is refine_cli else ["--temperature", "0.7"]))
+        assert cli.run(args)["devices"] == described
+        outputs[mesh] = out.read_bytes()
+    assert len(outputs["1,1,1"].splitlines()) == len(rows)
+    assert all(o == outputs["1,1,1"] for o in outputs.values())
+
+
+def test_a_mesh_the_batch_or_devices_cannot_make_is_one_line(tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "b"}])
+    for mesh, message in [("3,1,1", "error: batch size 8 does not split over the mesh's 3 data x fsdp devices"),
+                          ("16,1,1", "error: --mesh: mesh shape [16, 1, 1] needs 16 devices, have 8")]:
+        rc = refine_cli.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mesh", mesh, "--model", "preset-free"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(message), err

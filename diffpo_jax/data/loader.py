@@ -8,7 +8,7 @@ One batch row per record: the prompt through the model's chat template, y(T) ("b
 b = global_batch_size // shard_count rows per process. A response is its tokens followed by the
 chat template's end-of-turn token (`end_of_turn_id`), cut to N tokens when longer (the end-of-turn
 token is then lost); a prompt longer than P keeps its last P tokens. Both are counted in
-`loader.stats`, per row served. Padding uses the tokenizer's pad id (its eos id if it has none).
+`loader.stats`, per row served. Padding uses `chat.pad_id` (the tokenizer's pad id, else its end-of-turn id), as decoding does.
 
 Records: all of the dataset's, or the `indices` given (the trainer's training split, see
 training/evaluation.py); n below counts those.
@@ -39,7 +39,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from diffpo_jax.chat import end_of_turn_id, prompt_ids, response_ids
+from diffpo_jax.chat import end_of_turn_id, pad_id, prompt_ids, response_ids
 from diffpo_jax.data.trajectories import TrajectoryDataError, read_manifest
 
 BATCH_KEYS = ("prompt", "prompt_mask", "best", "best_mask", "worse", "worse_mask")
@@ -75,8 +75,7 @@ class RecordEncoder:
             eot = end_of_turn_id(tokenizer)
         except ValueError as e:
             raise TrajectoryDataError(str(e)) from None
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(tokenizer, prompt_len, response_len, eot if pad is None else int(pad), eot)
+        return cls(tokenizer, prompt_len, response_len, pad_id(tokenizer, eot), eot)
 
     def prompt(self, prompt) -> tuple[np.ndarray, np.ndarray, bool]:
         ids = prompt_ids(self.tokenizer, prompt)

@@ -7,7 +7,9 @@ is padded to static shapes so nothing recompiles across batches:
   prompts    right-padded to a power of two (at least 32);
   drafts     right-padded/cut to max_new_tokens + block_size (the only draft tokens the decoder reads).
 A prompt whose length plus max_new_tokens exceeds the model's context is a `ContextError` (never
-silently truncated). Stop tokens: the config's and tokenizer's eos ids, the generation config's, and
+silently truncated). With a `mesh` (decoding/devices.py) every call's rows are split over its data x fsdp
+devices (batch_size must be a multiple of them) and the model runs under it as in training (params
+placed by `load_model(..., mesh=mesh)`); each row's answer does not depend on the mesh. Stop tokens: the config's and tokenizer's eos ids, the generation config's, and
 the known end-of-turn tokens present in the vocabulary. Texts are decoded without the stop token.
 """
 
@@ -16,15 +18,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, TypeVar
 
+import contextlib
+
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from diffpo_jax.chat import Messages, end_of_turn_id, prompt_ids, response_ids
+from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.jacobi import jacobi_decode
+from diffpo_jax.decoding.devices import check_rows
 from diffpo_jax.decoding.sampler import generate
+from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import LoadedModel, ModelSourceError
 from diffpo_jax.weights.checkpoint import source_generation_config
 
@@ -65,18 +72,19 @@ class Output:
 
 
 class Decoder:
-    def __init__(self, loaded: LoadedModel, *, batch_size: int, max_new_tokens: int):
+    def __init__(self, loaded: LoadedModel, *, batch_size: int, max_new_tokens: int, mesh: Mesh | None = None):
+        if mesh is not None:
+            check_rows(mesh, batch_size)
         if loaded.tokenizer is None:
             raise ModelSourceError(f"{loaded.source}: no tokenizer files beside the weights")
         self.loaded, self.tokenizer = loaded, loaded.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise ModelSourceError(f"{loaded.source}: the tokenizer has no chat template")
         self.graphdef, self.state = nnx.split(loaded.model)
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens, self.mesh = batch_size, max_new_tokens, mesh
         self.stop_tokens = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
         self.end_of_turn = end_of_turn_id(self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.end_of_turn)
+        self.pad_id = pad_id(self.tokenizer, self.end_of_turn)
 
     # ------------------------------------------------------------------ tokens
 
@@ -113,6 +121,15 @@ class Decoder:
             out[i, : len(r)], lens[i] = r, len(r)
         return out, lens
 
+    def _put(self, *arrays) -> tuple:
+        """Batch-major inputs split over the mesh's data x fsdp devices (as they are without a mesh)."""
+        if self.mesh is None:
+            return arrays
+        return tuple(jax.device_put(x, batch_sharding(self.mesh, x.ndim)) for x in arrays)
+
+    def _under_mesh(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
+
     # ------------------------------------------------------------------ decoding
 
     def refine(
@@ -133,12 +150,13 @@ class Decoder:
         n = self.max_new_tokens
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
         d, dlen = self._pad(drafts, n + block_size)
-        r = jacobi_decode(
-            self.graphdef, self.state, p, plen, d, dlen,
-            block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-            max_iterations=n if max_iterations is None else max_iterations,
-            hold_draft_prefix=hold_draft_prefix, realign=realign, trajectory=trajectory,
-        )  # fmt: skip
+        with self._under_mesh():
+            r = jacobi_decode(
+                self.graphdef, self.state, *self._put(p, plen, d, dlen),
+                block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+                max_iterations=n if max_iterations is None else max_iterations,
+                hold_draft_prefix=hold_draft_prefix, realign=realign, trajectory=trajectory,
+            )  # fmt: skip
         r = jax.device_get(r)
         outputs = []
         for i in range(len(prompts)):
@@ -163,11 +181,12 @@ class Decoder:
         assert 0 < len(prompts) == len(keys) <= self.batch_size
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
         padded_keys = keys[np.r_[np.arange(len(prompts)), np.zeros(self.batch_size - len(prompts), int)]]
-        g = generate(
-            self.graphdef, self.state, p, plen, padded_keys,
-            max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
-            stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-        )  # fmt: skip
+        with self._under_mesh():
+            g = generate(
+                self.graphdef, self.state, *self._put(p, plen, padded_keys),
+                max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
+                stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+            )  # fmt: skip
         g = jax.device_get(g)
         outputs = []
         for i in range(len(prompts)):

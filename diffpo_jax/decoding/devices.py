@@ -1,0 +1,80 @@
+"""Where the decoding CLIs (refine, generate) run: the mesh of this process's devices and the dtype.
+
+`--mesh D,F,T` is a (data, fsdp, tensor) mesh over the local devices, sharded through the same logical
+axis table as training (sharding.LOGICAL_RULES): batch rows split over data x fsdp, parameters over
+fsdp and tensor (tensor: attention heads, MLP and with them the KV cache). Default: every local device
+on the data axis (rows data-parallel, parameters replicated) on GPU/TPU; one device on CPU, whose
+"devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores.
+`--dtype` default: bfloat16 on GPU/TPU, float32 on CPU. In bfloat16 a W-token Jacobi pass and a one-token
+AR step round differently, so refinement equals the bfloat16 greedy decode only up to those roundings
+(README, "Refining answers").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+from jax.sharding import Mesh
+
+from diffpo_jax.sharding import MESH_AXES, make_mesh
+
+DTYPES = ("float32", "bfloat16")
+
+
+class MeshError(ValueError):
+    """A --mesh the devices cannot make, or a batch that does not split over it; str() is the message."""
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="activations and weights (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    ap.add_argument("--mesh", metavar="D,F,T", type=parse_mesh, default=None,
+                    help="(data, fsdp, tensor) mesh over this process's devices, one entry may be -1 "
+                         "(default: all devices on data on GPU/TPU, one device on CPU)")
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or any(x == 0 or x < -1 for x in shape) or shape.count(-1) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected D,F,T (positive integers, at most one -1)")
+    return shape
+
+
+def accelerated() -> bool:
+    return jax.default_backend() != "cpu"
+
+
+def default_dtype(dtype: str | None) -> str:
+    return dtype or ("bfloat16" if accelerated() else "float32")
+
+
+def decode_mesh(shape: tuple[int, int, int] | None) -> Mesh:
+    """The mesh of `--mesh` (default: module doc) over this process's devices (the first D*F*T of them
+    when the shape has no -1); a MeshError names a shape the devices cannot make."""
+    devices = jax.local_devices()
+    if shape is None:
+        shape = (-1, 1, 1) if accelerated() else (1, 1, 1)
+    if -1 not in shape:
+        devices = devices[: math.prod(shape)]  # a mesh may use some of the devices (make_mesh says if too few)
+    try:
+        return make_mesh(shape, devices=devices)
+    except ValueError as e:
+        raise MeshError(f"--mesh: {e}") from None
+
+
+def check_rows(mesh: Mesh, batch_size: int) -> None:
+    """A MeshError unless `batch_size` rows split over the mesh's data x fsdp devices."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise MeshError(f"batch size {batch_size} does not split over the mesh's {shards} data x fsdp devices "
+                        "(pass a multiple, or another --mesh)")
+
+
+def describe(mesh: Mesh) -> str:
+    """e.g. '8 (cpu), mesh data=8 fsdp=1 tensor=1' (the summary's `devices`)."""
+    return f"{mesh.size} ({mesh.devices.flat[0].platform}), mesh " + " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
