@@ -16,6 +16,8 @@
 #   3. bench.refine_speed with its defaults (Jacobi refine vs the official loop, transformers generate, AR)
 #   4. bench.train_speed (the train step vs a PyTorch CLLM-style step)
 #   5. bench.score_speed (reward scoring vs transformers' sequence classifier)
+#   6. bench.bf16_agreement (bf16 Jacobi vs bf16 AR and fp32 greedy, token agreement)
+#   7. bench.refine_speed --mixed (refine's sorted-window scheduling vs input order, mixed lengths)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -63,4 +65,6 @@ step "$python" -m diffpo_jax.verify "${model[@]}" --dtype bfloat16
 step "$python" -m bench.refine_speed "${model[@]}"
 step "$python" -m bench.train_speed "${model[@]}"
 step "$python" -m bench.score_speed "${model[@]}"
+step "$python" -m bench.bf16_agreement "${model[@]}"
+step "$python" -m bench.refine_speed "${model[@]}" --mixed
 echo "accelerator_check: done; the sections of bench/RESULTS.md name the device"

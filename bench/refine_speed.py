@@ -27,6 +27,15 @@ separately as (first call - steady call) on the first prompt. Forward passes: ja
 passes, official = iterations, generate = one per answer token. Torch runs with all cores
 (`--torch-threads`, default: all cores, os.cpu_count()); XLA's CPU backend uses all cores by default.
 A model without tokenizer files (tests' tiny models) gets random prompt ids.
+
+`--mixed` measures the record scheduling of `python -m diffpo_jax.refine` instead (section
+refine_mixed): `--mixed-records` records (default 64) from bench/data/self_distill_prompts.jsonl with
+prompts and answers spread over about 4x (0, 2, 5 or 9 context sentences before the question; answers
+asked for in 1, 2, 4 or 8 sentences), in a shuffled order; drafts are the model's own temperature-0.7
+answers (`generate`); then `refine` (batch 8, block 16) over the file with `--sort-window 1` (batches of
+consecutive records, the old schedule) and the default window (batches of one prompt bucket and
+similar drafts), each run twice, the second (compiled) run timed: records/s and the ratio, and the two
+output files must be byte-identical.
 """
 
 from __future__ import annotations
@@ -57,6 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: all cores")
     ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    ap.add_argument("--mixed", action="store_true", help="measure refine's record scheduling instead (module doc)")
+    ap.add_argument("--mixed-records", type=int, default=64)
     args = ap.parse_args(argv)
     args.block_sizes = [int(b) for b in args.block_sizes.split(",")]
     if args.official_block < args.max_new_tokens:
@@ -171,6 +182,8 @@ def check(name: str, answers: list[list[int]], reference: list[list[int]]) -> in
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.mixed:
+        return mixed(args, argv)
     import jax
     import torch
     from flax import nnx
@@ -277,6 +290,71 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 HEADERS = ["method", "drafts", "block", "realign", "wall s", "forwards", "fwd/token", "tokens/s", "compile s", "equal"]
+
+
+MIXED_PROMPTS = Path(__file__).resolve().parent / "data" / "self_distill_prompts.jsonl"
+CONTEXT = "This question comes from a curious student who reads a lot about science."
+ANSWER = ("Answer in one sentence.", "Answer in two sentences.", "Answer in four sentences.", "Answer in eight sentences.")
+
+
+def mixed_records(count: int, seed: int) -> list[dict]:
+    """`count` prompts with 0, 2, 5 or 9 context sentences and answers asked in 1-8 sentences, shuffled."""
+    topics = [json.loads(line)["prompt"].split("?")[0] + "?" for line in MIXED_PROMPTS.read_text().splitlines()
+              if json.loads(line)["id"].endswith("-0")]
+    rng = np.random.default_rng(seed)
+    rows = [{"id": i, "prompt": " ".join([CONTEXT] * (0, 2, 5, 9)[i % 4] + [topics[i % len(topics)], ANSWER[(i // 4) % 4]])}
+            for i in range(count)]
+    return [rows[i] for i in rng.permutation(count)]
+
+
+def mixed(args, argv) -> dict:
+    """The refine_mixed section (module doc)."""
+    import tempfile
+
+    from diffpo_jax import generate as generate_cli
+    from diffpo_jax import refine as refine_cli
+    from diffpo_jax.sources import load_model
+
+    loaded = load_model(args.model)
+    machine = common.machine()
+    work = Path(tempfile.mkdtemp(prefix="refine_mixed-"))
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in mixed_records(args.mixed_records, args.seed)))
+    common_args = ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "8"]
+    drafts = work / "drafts.jsonl"
+    generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(drafts), "--temperature",
+                                              str(args.draft_temperature), "--seed", str(args.seed), *common_args]), loaded)
+    rows = [json.loads(line) for line in drafts.read_text().splitlines()]
+    draft_tokens = [len(loaded.tokenizer(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
+    runs = {}
+    for attempt in ("compile", "timed"):
+        for name, window in (("input order (--sort-window 1)", "1"), ("sorted windows (default)", "256")):
+            out = work / f"refined-{window}.jsonl"
+            out.unlink(missing_ok=True)
+            summary = refine_cli.run(refine_cli.parse_args(["--input", str(drafts), "--output", str(out), "--block-size",
+                                                            "16", "--sort-window", window, *common_args]), loaded)
+            runs[name] = summary | {"bytes": out.read_bytes()}
+            print(f"{attempt} {name}: {summary}", flush=True)
+    (old, new) = runs.values()
+    equal = old["bytes"] == new["bytes"]
+    rows_out = [[name, r["seconds"], args.mixed_records / r["seconds"], r["passes_per_token"], r["tokens"]]
+                for name, r in runs.items()]
+    ratio = old["seconds"] / new["seconds"]
+    body = [common.header("Refine scheduling on mixed lengths (bench/refine_speed.py --mixed)", "bench.refine_speed",
+                          argv, machine),
+            f"{args.mixed_records} records, drafts {min(draft_tokens)}-{max(draft_tokens)} tokens (the model's own "
+            f"temperature-{args.draft_temperature} answers), max_new_tokens {args.max_new_tokens}, batch 8, block 16; "
+            "the second of two runs each (compiled).\n",
+            common.table(["schedule", "seconds", "records/s", "passes/token", "tokens"], rows_out),
+            f"\nsorted windows over input order: **{ratio:.2f}x** records/s; output files byte-identical: "
+            f"**{'yes' if equal else 'NO'}**."]
+    text = "\n".join(body)
+    print(text)
+    if str(args.results) != "-":
+        common.write_section(args.results, "refine_mixed", text)
+    if not equal:
+        raise SystemExit("refine_mixed: the two schedules wrote different files")
+    return {"ratio": ratio, "equal": equal}
 
 
 def summarize(results: dict, args) -> list[list]:

@@ -3,7 +3,7 @@
   python -m diffpo_jax.generate --input prompts.jsonl --output drafts.jsonl [--model BASE]
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
       [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16]
-      [--mesh D,F,T] [--on-error stop|skip] [--overwrite]
+      [--mesh D,F,T] [--sort-window 256] [--on-error stop|skip] [--overwrite]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
@@ -51,11 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     devices.add_arguments(ap)
+    ap.add_argument("--sort-window", type=int, default=256, metavar="N",
+                    help="decode N records at a time in batches of similar prompt length, written in input "
+                         "order (default 256; <= --batch-size: batches of consecutive records)")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
                          "or write it out with an `error` field and go on")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     args = ap.parse_args(argv)
+    args.dtype = devices.default_dtype(args.dtype)  # the resolved dtype is what a resumed run must share
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
         ap.error("--max-new-tokens, --batch-size and --num-samples must be >= 1")
     if args.num_samples > 1 and args.format != "jsonl":
@@ -71,10 +75,10 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from diffpo_jax.decoding.batching import Decoder, decode_records
+    from diffpo_jax.decoding.batching import Decoder
+    from diffpo_jax.record_loop import decode_records
     from diffpo_jax.sources import load_model
 
-    args.dtype = devices.default_dtype(args.dtype)  # resolved before it is recorded for resuming
     mesh = devices.decode_mesh(args.mesh)
     devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     k = args.num_samples
     decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0}
-    bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="generate", dynamic_ncols=True)
+    turn_counts = [r.num_turns for r in records]  # the bar counts decoded turns (records come out a window at a time)
+    bar = tqdm(total=sum(turn_counts), initial=sum(turn_counts[: out.done]), unit="turn", desc="generate", dynamic_ncols=True)
     start = time.perf_counter()
 
     def row_key(record, turn, sample):
@@ -103,9 +108,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         totals["rows"] += len(outputs)
         totals["tokens"] += sum(o.stats["tokens"] for o in outputs)
         bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.1f}")
+        bar.update(len(results))
 
     def build(rec, turns):
-        bar.update(1)
         if k == 1:
             return generated_output(args.format, rec, [samples[0].text for _, samples in turns], model_id)
         ((i, samples),) = turns  # jsonl: one turn
@@ -115,8 +120,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         return result[1][0].text
 
     skipped = decode_records(decoder, records, out, decode, history, build, progress, batch_size=args.batch_size,
-                             on_error=args.on_error)
-    bar.update(skipped)
+                             on_error=args.on_error, window=args.sort_window)
+    bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start

@@ -4,7 +4,7 @@
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
       [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
-      [--on-error stop|skip] [--overwrite]
+      [--sort-window 256] [--on-error stop|skip] [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import textwrap
 import time
 from pathlib import Path
 
-from diffpo_jax.data.formats import FORMATS, FormatError, ResumableOutput, check_output_path, read_records, refined_output
+from diffpo_jax.data.formats import (
+    FORMATS, FormatError, ResumableOutput, check_output_path, read_output, read_records, refined_output, refined_pairs,
+)  # fmt: skip
 from diffpo_jax.decoding import devices
 from diffpo_jax.sources import ModelSourceError
 
@@ -52,12 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trajectory", action="store_true",
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
     devices.add_arguments(ap)
+    ap.add_argument("--sort-window", type=int, default=256, metavar="N",
+                    help="decode N records at a time in batches of similar prompt and draft length, written in input "
+                         "order (default 256; <= --batch-size: batches of consecutive records)")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
                          "or write it out with an `error` field and go on")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
     args = ap.parse_args(argv)
+    args.dtype = devices.default_dtype(args.dtype)  # the resolved dtype is what a resumed run must share
     for name in ("block_size", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -74,10 +79,10 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     """Refine args.input into args.output; returns the summary. `loaded`: an already loaded model to use instead of args.model."""
     from tqdm import tqdm
 
-    from diffpo_jax.decoding.batching import Decoder, decode_records
+    from diffpo_jax.decoding.batching import Decoder
+    from diffpo_jax.record_loop import decode_records
     from diffpo_jax.sources import load_model
 
-    args.dtype = devices.default_dtype(args.dtype)  # resolved before it is recorded for resuming
     mesh = devices.decode_mesh(args.mesh)
     devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
@@ -86,7 +91,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
-    bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="refine", dynamic_ncols=True)
+    turn_counts = [r.num_turns for r in records]  # the bar counts decoded turns (records come out a window at a time)
+    bar = tqdm(total=sum(turn_counts), initial=sum(turn_counts[: out.done]), unit="turn", desc="refine", dynamic_ncols=True)
     start = time.perf_counter()
 
     def decode(_indices: list[int], turn: int, recs, prompts):
@@ -104,16 +110,17 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             totals["converged"] += o.stats["converged"]
         elapsed = time.perf_counter() - start
         bar.set_postfix(tok_s=f"{totals['tokens'] / elapsed:.1f}", passes_tok=f"{totals['passes'] / max(totals['tokens'], 1):.3f}")
+        bar.update(len(outputs))
 
     def build(rec, outputs):
-        bar.update(1)
         return refined_output(args.format, rec, [o.text for o in outputs], [o.stats for o in outputs])
 
     def history(rec, turn, output):
         return output.text if args.history == "refined" else rec.drafts[turn]
 
-    skipped = decode_records(decoder, records, out, decode, history, build, progress, on_error=args.on_error)
-    bar.update(skipped)
+    skipped = decode_records(decoder, records, out, decode, history, build, progress, on_error=args.on_error,
+                             window=args.sort_window, cost=lambda rec: len(rec.drafts[0]))
+    bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start
@@ -142,20 +149,15 @@ def side_by_side(draft: str, refined: str, width: int = 48) -> str:
 
 
 def show(path: Path, fmt: str, k: int) -> None:
-    text = path.read_text(encoding="utf-8")
-    records = json.loads(text) if fmt == "alpaca_eval" else [json.loads(line) for line in text.splitlines()]
-    for rec in records[:k]:
-        if fmt == "jsonl":
-            prompt, pairs = rec.get("prompt") or rec["messages"][-1]["content"], [(rec["draft"], rec["refined"])]
-        elif fmt == "alpaca_eval":
-            prompt, pairs = rec["instruction"], [(rec["draft"], rec["output"])]
-        else:
-            prompt, pairs = f"question {rec['question_id']}", list(zip(rec["choices"][0]["draft_turns"], rec["choices"][0]["turns"]))
-        print(f"\n=== {prompt}")
+    """The first k records of the output file, drafts and refinements side by side."""
+    for _, rec in read_output(path, fmt)[:k]:
+        title, pairs = refined_pairs(fmt, rec)
+        print(f"\n=== {title}")
         for draft, refined in pairs:
             print(side_by_side(draft, refined))
-        if "stats" in rec:
-            print(f"stats: {rec['stats']}")
+        for key in ("error", "stats"):
+            if key in rec:
+                print(f"{key}: {rec[key]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ Every failure is a `ModelSourceError` whose one-line message names the path and 
 from __future__ import annotations
 
 import dataclasses
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,9 @@ from flax import nnx
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
-from diffpo_jax.weights.checkpoint import CheckpointError, is_orbax_dir, model_files_dir, read_orbax_config, restore_params
+from diffpo_jax.weights.checkpoint import (
+    CheckpointError, is_orbax_dir, model_files_dir, read_orbax_config, restore_params, tokenizer_from_dir,
+)  # fmt: skip
 from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
 
@@ -94,17 +96,6 @@ def load_tokenizer(ckpt: Checkpoint):
     if isinstance(ckpt, GGUFCheckpoint):
         return load_gguf_tokenizer(ckpt.path)
     return tokenizer_from_dir(ckpt.path)
-
-
-def tokenizer_from_dir(path: str | os.PathLike):
-    """The HF tokenizer saved in folder `path` (a URL's files are read from this host's cache), or None
-    when it holds no tokenizer files."""
-    path = local_dir(path)
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:

@@ -92,11 +92,14 @@ def test_accelerator_check_dry_run_prints_every_step():
         "+ py -m bench.refine_speed --model 'my model'",
         "+ py -m bench.train_speed --model 'my model'",
         "+ py -m bench.score_speed --model 'my model'",
+        "+ py -m bench.bf16_agreement --model 'my model'",
+        "+ py -m bench.refine_speed --model 'my model' --mixed",
         "accelerator_check: done; the sections of bench/RESULTS.md name the device",
     ]
     assert run("--install", "rocm").returncode == 2
     # every module it names runs here (their --help), so a renamed benchmark fails this test
-    for module in ("diffpo_jax.verify", "bench.refine_speed", "bench.train_speed", "bench.score_speed"):
+    for module in ("diffpo_jax.verify", "bench.refine_speed", "bench.train_speed", "bench.score_speed",
+                   "bench.bf16_agreement"):
         subprocess.run([sys.executable, "-m", module, "--help"], check=True, capture_output=True, cwd=root)
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     lint = subprocess.run([shellcheck, "-x", "bench/accelerator_check.sh"], cwd=root, capture_output=True, text=True)
@@ -114,3 +117,29 @@ def test_pass_cost_smollm2(tmp_path):
     assert sorted(out["matmul"]) == [1, 2] and out["step"] > 0 and out["bound"] > 0
     text = results.read_text()
     assert "<!-- begin pass_cost -->" in text and "| window W | passes / token |" in text and "| M rows |" in text
+
+
+def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
+    """--mixed: both schedules run twice and their files are byte-identical (checked inside, SystemExit if not)."""
+    results = tmp_path / "RESULTS.md"
+    out = refine_speed.main(["--mixed", "--model", str(tiny_init_dir), "--mixed-records", "16", "--max-new-tokens", "8",
+                             "--results", str(results)])
+    assert out["equal"] and out["ratio"] > 0
+    text = results.read_text()
+    assert "<!-- begin refine_mixed -->" in text and "| sorted windows (default) |" in text
+
+
+def test_bf16_agreement_smollm2(tmp_path):
+    """fp32 Jacobi equals fp32 AR (the control); every pair of the table comes out."""
+    from bench import bf16_agreement
+
+    results = tmp_path / "RESULTS.md"
+    out = bf16_agreement.main(["--prompts", "8", "--max-new-tokens", "6", "--block-size", "4", "--results", str(results)])
+    assert out["float32 Jacobi vs float32 AR"] == (1.0, 1.0) and len(out) == 4
+    assert "<!-- begin bf16_agreement -->" in results.read_text()
+
+
+def test_agreement_counts_the_prefix_before_the_first_difference():
+    from bench.bf16_agreement import agreement
+
+    assert agreement([[1, 2, 3], [1, 9, 3, 4]], [[1, 2, 3], [1, 2, 3, 4]]) == (0.5, (1.0 + 0.25) / 2)

@@ -76,6 +76,22 @@ def test_mt_bench_turns_and_history(tmp_path):
         read_records(answers, "mt_bench", with_drafts=True)
 
 
+def test_refined_pairs_read_back_what_refined_output_wrote(tmp_path):
+    from diffpo_jax.data.formats import refined_output, refined_pairs
+
+    jsonl = read_records(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "P", "draft": "d"}]), "jsonl", with_drafts=True)[0]
+    assert refined_pairs("jsonl", refined_output("jsonl", jsonl, ["r"], [{}])) == ("P", [("d", "r")])
+    assert refined_pairs("jsonl", dict(jsonl.raw, error="too long")) == ("P", [])
+    (tmp_path / "b.json").write_text(json.dumps([{"instruction": "I", "output": "d"}]))
+    alpaca = read_records(tmp_path / "b.json", "alpaca_eval", with_drafts=True)[0]
+    assert refined_pairs("alpaca_eval", refined_output("alpaca_eval", alpaca, ["r"], [{}])) == ("I", [("d", "r")])
+    mt = {"question_id": 3, "model_id": "m", "choices": [{"index": 0, "turns": ["d1", "d2"]}]}
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 3, "turns": ["q1", "q2"]}])
+    rec = read_records(write_jsonl(tmp_path / "m.jsonl", [mt]), "mt_bench", with_drafts=True, questions=questions)[0]
+    assert refined_pairs("mt_bench", refined_output("mt_bench", rec, ["r1", "r2"], [{}, {}])) == (
+        "question 3", [("d1", "r1"), ("d2", "r2")])
+
+
 def test_resumable_output(tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(3)])
     recs = read_records(inp, "jsonl", with_drafts=True)
@@ -286,3 +302,34 @@ def test_a_mesh_the_batch_or_devices_cannot_make_is_one_line(tmp_path, capsys):
         rc = refine_cli.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mesh", mesh, "--model", "preset-free"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith(message), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli", [refine_cli, generate_cli], ids=["refine", "generate"])
+def test_sorted_windows_batch_by_bucket_and_keep_the_output(cli, tiny_init_dir, tmp_path, monkeypatch):
+    """--sort-window: batches of one prompt bucket (and similar drafts), written in input order; the file
+    equals the one decoded in input order (--sort-window 1: batches of consecutive records)."""
+    rows = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (18 * (i % 2)), "draft": "So" + " so" * (5 * (i % 4))}
+            for i in range(16)]  # two prompt buckets, alternating
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    method = "refine" if cli is refine_cli else "sample"
+    original = getattr(Decoder, method)
+    buckets = []
+
+    def recording(self, prompts, *args, **kwargs):
+        buckets.append({bucket(len(p)) for p in prompts})
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, method, recording)
+    outputs = {}
+    for window in ("1", "256"):
+        buckets.clear()
+        out = tmp_path / f"out-{window}.jsonl"
+        cli.run(cli.parse_args(["--input", str(inp), "--output", str(out), "--model", str(tiny_init_dir), "--sort-window",
+                                window, "--max-new-tokens", "8", "--batch-size", "4"]
+                               + (["--block-size", "4"] if cli is refine_cli else [])))  # fmt: skip
+        outputs[window] = out.read_bytes()
+        mixed = sum(len(b) > 1 for b in buckets)
+        assert mixed if window == "1" else not mixed, buckets
+    assert [json.loads(line)["id"] for line in outputs["256"].splitlines()] == list(range(16))
+    assert outputs["256"] == outputs["1"]

@@ -183,6 +183,23 @@ def refined_output(fmt: str, record: Record, refined: list[str], stats: list[dic
     return rec | {"model_id": rec["model_id"] + SUFFIX, "choices": [choice] + rec["choices"][1:], "tstamp": time.time()}
 
 
+def read_output(path: Path, fmt: str) -> list[tuple[str, Any]]:
+    """(where, record) of each record of an output file of `fmt`."""
+    return _json_list(Path(path)) if fmt == "alpaca_eval" else _jsonl(Path(path))
+
+
+def refined_pairs(fmt: str, output: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
+    """(a title, [(draft, refined) per turn]) of a record `refined_output` wrote; no pairs for a record
+    written with an `error` (refine --on-error skip)."""
+    if fmt == "jsonl":
+        title = output.get("prompt") or output["messages"][-1]["content"]
+        return title, [] if "error" in output else [(output["draft"], output["refined"])]
+    if fmt == "alpaca_eval":
+        return output["instruction"], [] if "error" in output else [(output["draft"], output["output"])]
+    choice = output["choices"][0]
+    return f"question {output['question_id']}", [] if "error" in output else list(zip(choice["draft_turns"], choice["turns"]))
+
+
 def generated_output(fmt: str, record: Record, answers: list[str], model_id: str) -> dict[str, Any]:
     """The output record for `record` answered (turn by turn) with `answers` by `model_id`."""
     if fmt == "jsonl":

@@ -16,7 +16,7 @@ the known end-of-turn tokens present in the vocabulary. Texts are decoded withou
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import contextlib
 
@@ -27,7 +27,6 @@ from jax.sharding import Mesh
 
 from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
 from diffpo_jax.config import ModelConfig
-from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.jacobi import jacobi_decode
 from diffpo_jax.decoding.devices import check_rows
 from diffpo_jax.decoding.sampler import generate
@@ -36,7 +35,6 @@ from diffpo_jax.sources import LoadedModel, ModelSourceError
 from diffpo_jax.weights.checkpoint import source_generation_config
 
 MIN_PROMPT_BUCKET = 32
-R = TypeVar("R")  # what a decode_records callback returns per record
 
 
 class ContextError(ValueError):
@@ -193,72 +191,3 @@ class Decoder:
             ids, text = self._text(g.tokens[i], int(g.lengths[i]), bool(g.stopped[i]))
             outputs.append(Output(ids, text, {"tokens": int(g.lengths[i]), "stopped": bool(g.stopped[i])}))
         return outputs
-
-
-ON_ERROR = ("stop", "skip")
-
-
-def decode_records(
-    decoder: Decoder,
-    records: list[Record],
-    out: ResumableOutput,
-    decode: Callable[[list[int], int, list[Record], list[list[int]]], list[R]],
-    history: Callable[[Record, int, R], str],
-    build: Callable[[Record, list[R]], dict[str, Any]],
-    progress: Callable[[list[R]], None],
-    *,
-    batch_size: int | None = None,
-    on_error: str = "stop",
-) -> int:
-    """Decode the records `out` does not hold yet, batch_size records at a time (default: the decoder's
-    batch_size) and turn by turn; returns how many were skipped.
-
-    decode(record indices, turn, records, prompt ids) -> one result (an Output, or what the caller makes of
-    Outputs) per record for that turn, the indices being the records' 0-based positions in `records`;
-    history(record, turn, result) -> the assistant text later turns see; build(record, results per turn)
-    -> the output record, appended to `out` in input order; progress(results) after each decode call.
-
-    Every record's first turn is checked before any decoding (a prompt too long for the context fails in
-    seconds, not hours in). A record that fails (any turn): on_error "stop" raises a FormatError naming
-    it; "skip" writes it out in its place as the input record plus `error` (the message), and goes on.
-    """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    errors: dict[int, str] = {}
-
-    def fail(i: int, turn: int, e: ContextError) -> None:
-        message = f"{records[i].where}: turn {turn + 1}: {e}"
-        if on_error == "stop":
-            raise FormatError(message)
-        errors[i] = message
-
-    for i in range(out.done, len(records)):
-        try:
-            decoder.prompt_tokens(records[i].prompt)
-        except ContextError as e:
-            fail(i, 0, e)
-    size = decoder.batch_size if batch_size is None else batch_size
-    for start in range(out.done, len(records), size):
-        indices = range(start, min(start + size, len(records)))
-        outputs: dict[int, list[R]] = {i: [] for i in indices}
-        answers: dict[int, list[str]] = {i: [] for i in indices}
-        for turn in range(max(records[i].num_turns for i in indices)):
-            live, ids = [], []
-            for i in indices:
-                if i in errors or turn >= records[i].num_turns:
-                    continue
-                try:
-                    ids.append(decoder.prompt_tokens(turn_prompt(records[i], turn, answers[i])))
-                    live.append(i)
-                except ContextError as e:
-                    fail(i, turn, e)
-            if not live:
-                continue
-            results = decode(live, turn, [records[i] for i in live], ids)
-            for i, res in zip(live, results):
-                outputs[i].append(res)
-                answers[i].append(history(records[i], turn, res))
-            progress(results)
-        for i in indices:
-            out.append(dict(records[i].raw, error=errors[i]) if i in errors else build(records[i], outputs[i]))
-    return len(errors)

@@ -62,12 +62,7 @@ from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, is_url, local_dir, sync
 from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
-from diffpo_jax.sources import (
-    LoadedModel,
-    ModelSourceError,
-    load_model,
-    tokenizer_from_dir,
-)
+from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model
 from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
 from diffpo_jax.training.loss import CON_GRADIENTS, CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
@@ -84,6 +79,7 @@ from diffpo_jax.weights.checkpoint import (
     TrainCheckpoints,
     read_orbax_config,
     source_generation_config,
+    tokenizer_from_dir,
     write_model_files,
 )
 

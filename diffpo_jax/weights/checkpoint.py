@@ -31,7 +31,7 @@ from jax.sharding import SingleDeviceSharding
 from diffpo_jax.config import ModelConfig, read_hf_config
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.model import abstract_model
-from diffpo_jax.paths import as_path, remove_tree, sync, written_locally
+from diffpo_jax.paths import as_path, local_dir, remove_tree, sync, written_locally
 from diffpo_jax.sharding import param_shardings
 
 CONFIG = "config.json"
@@ -112,6 +112,17 @@ def write_model_files(out_dir: str | os.PathLike, cfg: ModelConfig, tokenizer: A
             tokenizer.save_pretrained(os.fspath(local))
     if generation is not None:
         (out_dir / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def tokenizer_from_dir(path: str | os.PathLike):
+    """The HF tokenizer saved in folder `path` (a URL's files are read from this host's cache), or None
+    when it holds no tokenizer files."""
+    path = local_dir(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(path))
 
 
 def source_generation_config(source: str | os.PathLike) -> dict | None:

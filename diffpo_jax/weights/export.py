@@ -36,7 +36,6 @@ from tqdm import tqdm
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.paths import as_path, written_locally
-from diffpo_jax.sources import tokenizer_from_dir
 from diffpo_jax.weights.checkpoint import (
     check_out_dir,
     is_train_run,
@@ -45,6 +44,7 @@ from diffpo_jax.weights.checkpoint import (
     restore_params,
     source_generation_config,
     staged_dir,
+    tokenizer_from_dir,
     write_model_files,
 )
 from diffpo_jax.weights.hf import WeightSpec, weight_specs
