@@ -143,3 +143,16 @@ def test_agreement_counts_the_prefix_before_the_first_difference():
     from bench.bf16_agreement import agreement
 
     assert agreement([[1, 2, 3], [1, 9, 3, 4]], [[1, 2, 3], [1, 2, 3, 4]]) == (0.5, (1.0 + 0.25) / 2)
+
+
+def test_export_memory_tiny(tiny_llama_dir, tmp_path):
+    """One process: no device holds more than its shards plus a layer's shard, where the replicated gather
+    holds a whole tensor on every device; both files equal the one-device export (checked inside)."""
+    from bench import export_memory
+
+    results = tmp_path / "RESULTS.md"
+    out = export_memory.main(["--model", str(tiny_llama_dir), "--mesh", "1,8,1", "--max-shard-size", "1MB",
+                              "--results", str(results)])
+    (shards, *_), (replicated, *_) = out.values()
+    assert shards < replicated / 4 and all(r[-1] for r in out.values())
+    assert "<!-- begin export_memory -->" in results.read_text()
