@@ -156,3 +156,11 @@ def test_export_memory_tiny(tiny_llama_dir, tmp_path):
     (shards, *_), (replicated, *_) = out.values()
     assert shards < replicated / 4 and all(r[-1] for r in out.values())
     assert "<!-- begin export_memory -->" in results.read_text()
+
+
+def test_loop_passes_of_the_schedules():
+    from bench.refine_speed import loop_passes
+
+    got = loop_passes([1, 9, 1, 9], draft_chars=[1, 2, 3, 4], buckets=[64, 64, 64, 64], batch=2)
+    assert got == {"input order": 18, "sorted windows (prompt bucket, draft length)": 18,
+                   "oracle: sorted by the refined passes": 10, "row refill bound: all passes / 2 slots": 10.0}
