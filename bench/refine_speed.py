@@ -33,9 +33,9 @@ refine_mixed): `--mixed-records` records (default 64) from bench/data/self_disti
 prompts and answers spread over about 4x (0, 2, 5 or 9 context sentences before the question; answers
 asked for in 1, 2, 4 or 8 sentences), in a shuffled order; drafts are the model's own temperature-0.7
 answers (`generate`); then `refine` (batch 8, block 16) over the file with `--sort-window 1` (batches of
-consecutive records, the old schedule) and the default window (batches of one prompt bucket and
-similar drafts), each run twice, the second (compiled) run timed: records/s and the ratio, and the two
-output files must be byte-identical.
+consecutive records, each until its slowest row is done: the old schedule) and the default window (the
+window's records through 8 slots with row refill), each run twice, the second (compiled) run timed:
+records/s and the ratio, and the two output files must be byte-identical.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def loop_passes(passes: list[int], draft_chars: list[int], buckets: list[int], b
 
     return {
         "input order": total(lambda i: i),
-        "sorted windows (prompt bucket, draft length)": total(lambda i: (buckets[i], draft_chars[i], i)),
+        "batches sorted by prompt bucket and draft length": total(lambda i: (buckets[i], draft_chars[i], i)),
         "oracle: sorted by the refined passes": total(lambda i: passes[i]),
         f"row refill bound: all passes / {batch} slots": sum(passes) / batch,
     }
@@ -346,7 +346,7 @@ def mixed(args, argv) -> dict:
     draft_tokens = [len(loaded.tokenizer(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
     runs = {}
     for attempt in ("compile", "timed"):
-        for name, window in (("input order (--sort-window 1)", "1"), ("sorted windows (default)", "256")):
+        for name, window in (("batches in input order (--sort-window 1)", "1"), ("row refill (default)", "256")):
             out = work / f"refined-{window}.jsonl"
             out.unlink(missing_ok=True)
             summary = refine_cli.run(refine_cli.parse_args(["--input", str(drafts), "--output", str(out), "--block-size",
@@ -366,17 +366,18 @@ def mixed(args, argv) -> dict:
             f"temperature-{args.draft_temperature} answers), max_new_tokens {args.max_new_tokens}, batch 8, block 16; "
             "the second of two runs each (compiled).\n",
             common.table(["schedule", "seconds", "records/s", "passes/token", "tokens"], rows_out),
-            f"\nsorted windows over input order: **{ratio:.2f}x** records/s; output files byte-identical: "
+            f"\nrow refill over batches in input order: **{ratio:.2f}x** records/s; output files byte-identical: "
             f"**{'yes' if equal else 'NO'}**.\n",
             "Why: a batch runs until its slowest row is done, and a pass costs the same however many rows are "
-            "still live, so the wall time follows the sum over batches of the batch's most passes (from the "
-            "per-record passes in the output):\n",
+            "still live, so the wall time of batches follows the sum over batches of the batch's most passes; "
+            "with row refill no slot waits, and the loop runs about all passes / 8 slots (from the per-record "
+            "passes in the output):\n",
             common.table(["batches", "sum of per-batch max passes", "vs input order"],
                          [[k, v, loop["input order"] / v] for k, v in loop.items()]),
-            "\nThe draft's length barely predicts the refined answer's passes (the model's temperature-0.7 "
-            "answer against its greedy one), so sorting gains little of what an oracle order would; refilling "
-            "a finished row's slot with the next record (continuous batching) needs no prediction: its bound "
-            "is the per-record passes summed over the batch's 8 slots."]
+            "\nSorting batches by prompt bucket and draft length (what generate's windows do) gains little: "
+            "the draft's length barely predicts the refined answer's passes (the model's temperature-0.7 answer "
+            "against its greedy one). Row refill needs no prediction; its cost is one prefill per record and a "
+            "return to the host whenever a row finishes."]
     text = "\n".join(body)
     print(text)
     if str(args.results) != "-":

@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
     devices.add_arguments(ap)
     ap.add_argument("--sort-window", type=int, default=256, metavar="N",
-                    help="decode N records at a time in batches of similar prompt and draft length, written in input "
-                         "order (default 256; <= --batch-size: batches of consecutive records)")
+                    help="refine N records at a time through --batch-size slots with row refill (a finished row's "
+                         "slot takes the next record), written in input order (default 256; <= --batch-size: "
+                         "batches of consecutive records, each until its slowest row is done)")
     ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
                     help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
                          "or write it out with an `error` field and go on")
@@ -118,8 +119,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def history(rec, turn, output):
         return output.text if args.history == "refined" else rec.drafts[turn]
 
-    skipped = decode_records(decoder, records, out, decode, history, build, progress, on_error=args.on_error,
-                             window=args.sort_window, cost=lambda rec: len(rec.drafts[0]))
+    # A window's records go to the decoder together: its batch_size slots refine them with row refill
+    # (one batch at a time with --trajectory, or when the window is no larger than a batch).
+    per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
+    skipped = decode_records(decoder, records, out, decode, history, build, progress, batch_size=per_call,
+                             on_error=args.on_error, window=args.sort_window, cost=lambda rec: len(rec.drafts[0]))
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()

@@ -126,7 +126,7 @@ def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
                              "--results", str(results)])
     assert out["equal"] and out["ratio"] > 0
     text = results.read_text()
-    assert "<!-- begin refine_mixed -->" in text and "| sorted windows (default) |" in text
+    assert "<!-- begin refine_mixed -->" in text and "| row refill (default) |" in text
 
 
 def test_bf16_agreement_smollm2(tmp_path):
@@ -162,5 +162,5 @@ def test_loop_passes_of_the_schedules():
     from bench.refine_speed import loop_passes
 
     got = loop_passes([1, 9, 1, 9], draft_chars=[1, 2, 3, 4], buckets=[64, 64, 64, 64], batch=2)
-    assert got == {"input order": 18, "sorted windows (prompt bucket, draft length)": 18,
+    assert got == {"input order": 18, "batches sorted by prompt bucket and draft length": 18,
                    "oracle: sorted by the refined passes": 10, "row refill bound: all passes / 2 slots": 10.0}

@@ -226,3 +226,22 @@ def test_generate_sampling_is_seeded_per_row(setup):
     permuted = generate(graphdef, state, prompts[perm], LENS[perm], keys[perm], **kw)
     np.testing.assert_array_equal(np.asarray(permuted.tokens), a[perm])
     assert not np.array_equal(a[0], a[4])  # rows 0 and 4: one prompt, two keys, two answers
+
+
+@pytest.mark.parametrize("options", [dict(), dict(hold_draft_prefix=3), dict(max_iterations=2)], ids=["plain", "hold", "cap"])
+def test_row_refill_equals_one_batch(setup, options):
+    """jacobi_stream: 8 rows through 3 slots (a finished row's slot takes the next row) give every row the
+    tokens and stats jacobi_decode gives it in one batch of 8, with a held draft prefix and a pass cap."""
+    from diffpo_jax.decoding.jacobi import jacobi_stream
+
+    graphdef, state, prompts, greedy, rng = setup
+    drafts, draft_lens = _drafts(greedy, rng)
+    kwargs = dict(block_size=4, max_new_tokens=N, **options)
+    want = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, **kwargs))
+    got = jacobi_stream(graphdef, state, prompts, LENS, drafts, draft_lens, batch_size=3, **kwargs)
+    for name in ("tokens", "lengths", "stopped", "converged", "passes", "committed"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    if "max_iterations" in options:
+        assert np.all(got.passes == 2) and not np.all(got.converged)
+    else:  # rows finish at different passes, so slots are refilled mid-run
+        assert len(set(want.passes.tolist())) > 1

@@ -23,11 +23,11 @@ import contextlib
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
 from diffpo_jax.config import ModelConfig
-from diffpo_jax.decoding.jacobi import jacobi_decode
+from diffpo_jax.decoding.jacobi import jacobi_decode, jacobi_stream
 from diffpo_jax.decoding.devices import check_rows
 from diffpo_jax.decoding.sampler import generate
 from diffpo_jax.sharding import batch_sharding
@@ -109,11 +109,12 @@ class Decoder:
         ids = tokens[: ends[0] if ends.size else len(tokens)].tolist()
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _pad(self, rows: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
-        """[batch_size, width] right-padded (rows past len(rows) repeat row 0) and lengths."""
-        rows = rows + [rows[0]] * (self.batch_size - len(rows))
-        out = np.full((self.batch_size, width), self.pad_id, np.int32)
-        lens = np.zeros((self.batch_size,), np.int32)
+    def _pad(self, rows: list[list[int]], width: int, count: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[count (default batch_size), width] right-padded (rows past len(rows) repeat row 0) and lengths."""
+        count = self.batch_size if count is None else count
+        rows = rows + [rows[0]] * (count - len(rows))
+        out = np.full((count, width), self.pad_id, np.int32)
+        lens = np.zeros((count,), np.int32)
         for i, r in enumerate(rows):
             r = r[:width]
             out[i, : len(r)], lens[i] = r, len(r)
@@ -124,6 +125,14 @@ class Decoder:
         if self.mesh is None:
             return arrays
         return tuple(jax.device_put(x, batch_sharding(self.mesh, x.ndim)) for x in arrays)
+
+    def _place_state(self, state):
+        """A decoder state's arrays split by row over the mesh's data x fsdp devices (the KV cache's row
+        axis is its second)."""
+        if self.mesh is None:
+            return state
+        rows = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
+        return jax.tree.map(lambda x: jax.device_put(x, rows if x.ndim == 5 else batch_sharding(self.mesh, x.ndim)), state)
 
     def _under_mesh(self):
         return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
@@ -141,20 +150,25 @@ class Decoder:
         realign: bool = True,
         trajectory: bool = False,
     ) -> list[Output]:
-        """Jacobi-refine up to batch_size (prompt ids, draft ids) rows into the model's greedy answers;
-        trajectory: stats["trajectory"] holds the text of the response after each pass (each cut at its
-        first stop or pad token)."""
-        assert 0 < len(prompts) == len(drafts) <= self.batch_size
+        """Jacobi-refine (prompt ids, draft ids) rows into the model's greedy answers: up to batch_size rows
+        in one batch, more through batch_size slots with row refill (`jacobi_stream`: a finished row's
+        slot takes the next row; the answers are the same). trajectory (one batch only):
+        stats["trajectory"] holds the text of the response after each pass (each cut at its first stop
+        or pad token)."""
+        assert 0 < len(prompts) == len(drafts) and (len(prompts) <= self.batch_size or not trajectory)
         n = self.max_new_tokens
-        p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
-        d, dlen = self._pad(drafts, n + block_size)
+        options = dict(block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+                       max_iterations=n if max_iterations is None else max_iterations,
+                       hold_draft_prefix=hold_draft_prefix, realign=realign)  # fmt: skip
+        count = max(len(prompts), self.batch_size)
+        p, plen = self._pad(prompts, bucket(max(map(len, prompts))), count)
+        d, dlen = self._pad(drafts, n + block_size, count)
         with self._under_mesh():
-            r = jacobi_decode(
-                self.graphdef, self.state, *self._put(p, plen, d, dlen),
-                block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-                max_iterations=n if max_iterations is None else max_iterations,
-                hold_draft_prefix=hold_draft_prefix, realign=realign, trajectory=trajectory,
-            )  # fmt: skip
+            if len(prompts) > self.batch_size:
+                r = jacobi_stream(self.graphdef, self.state, p, plen, d, dlen, batch_size=self.batch_size,
+                                  place=self._place_state, **options)
+            else:
+                r = jacobi_decode(self.graphdef, self.state, *self._put(p, plen, d, dlen), trajectory=trajectory, **options)
         r = jax.device_get(r)
         outputs = []
         for i in range(len(prompts)):

@@ -10,8 +10,10 @@ exact inputs, so they are the greedy tokens, and the KV entries this pass wrote 
 exact too; they are committed. The next window is y_{a-1} (the new next_tok), y_a .. y_{W-1}, then draft
 tokens for the offsets past the predictions. A pass commits >= 1 token, so the output is token for token
 the greedy decode, and a window of correct guesses is committed in one pass. Rows end on a stop token
-(kept, the rest padded) or at max_new_tokens, independently; the loop ends when all are done or after
-`max_iterations` passes (unfinished rows: converged = False, their committed tokens are still exact).
+(kept, the rest padded) or at max_new_tokens, independently, or after `max_iterations` passes of their
+own (capped: converged = False, their committed tokens are still exact); the loop ends when all are done.
+Each row is independent of the others, so `jacobi_stream` can run many rows through B slots, starting
+the next row in a slot as soon as its row is done (row refill), with the same answers.
 
 Re-alignment (`realign=True`): when the refinement inserts or deletes tokens, the draft past that point
 is off by a few offsets. After each pass the trailing tokens (next_tok and up to two committed tokens
@@ -33,14 +35,17 @@ as the first response tokens (a stop token among them ends the row).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
-from diffpo_jax.decoding.sampler import is_stop, prefill
-from diffpo_jax.model import Cache
+from diffpo_jax.decoding.sampler import is_stop
+from diffpo_jax.model import Cache, init_cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
 
@@ -59,14 +64,20 @@ class JacobiResult:
 
 @struct.dataclass
 class _State:
+    """The rows being refined; every field but the cache ([L, B, S, Kv, D]) has the row axis first."""
+
     cache: Cache
     tokens: jax.Array  # [B, N] committed response tokens, pad_id past n
     n: jax.Array  # [B]
     window: jax.Array  # [B, W] next_tok, then guesses
     passes: jax.Array
     stopped: jax.Array
-    done: jax.Array
-    it: jax.Array  # passes of the loop so far
+    done: jax.Array  # finished (stop token, max_new_tokens or the pass cap), or no row in this slot
+    capped: jax.Array  # ended by the pass cap (max_iterations), not converged
+    prompt_lens: jax.Array  # [B]
+    drafts: jax.Array  # [B, D]
+    draft_lens: jax.Array  # [B]
+    held_n: jax.Array  # [B] tokens committed from the held draft prefix
     states: jax.Array | None  # trajectory: [B, N, N]
 
 
@@ -135,6 +146,110 @@ def _record_state(s: _State, k: jax.Array, live: jax.Array, draft_at, big_n: int
     return s.states.at[jnp.arange(b), slot].set(seq, mode="drop")
 
 
+def _draft_at(s: _State, offsets: jax.Array, pad_id: int) -> jax.Array:
+    return _take(s.drafts, offsets, offsets < s.draft_lens[:, None], pad_id)
+
+
+def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: int, max_new_tokens: int,
+           pad_id: int, trajectory: bool) -> _State:
+    """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
+    big_n, zeros = max_new_tokens, jnp.zeros((rows,), jnp.int32)
+    return _State(
+        cache=init_cache(cfg, rows, prompt_width + big_n + block_size),
+        tokens=jnp.full((rows, big_n), pad_id, jnp.int32),
+        n=zeros,
+        window=jnp.zeros((rows, block_size), jnp.int32),
+        passes=zeros,
+        stopped=zeros.astype(bool),
+        done=jnp.ones((rows,), bool),
+        capped=zeros.astype(bool),
+        prompt_lens=zeros,
+        drafts=jnp.full((rows, max(draft_width, 1)), pad_id, jnp.int32),
+        draft_lens=zeros,
+        held_n=zeros,
+        states=jnp.full((rows, big_n, big_n), pad_id, jnp.int32) if trajectory else None,
+    )
+
+
+def _fields(s: _State) -> dict:
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if getattr(s, f.name) is not None}
+
+
+def _rows(s: _State, slots: jax.Array) -> _State:
+    """The slots `slots` of `s` (the cache's row axis is its second)."""
+    return s.replace(**{k: jax.tree.map(lambda x: x[:, slots], v) if k == "cache" else v[slots]
+                        for k, v in _fields(s).items()})
+
+
+def _put_rows(s: _State, slots: jax.Array, sub: _State) -> _State:
+    """`s` with its slots `slots` replaced by the rows of `sub`."""
+    return s.replace(**{k: jax.tree.map(lambda x, y: x.at[:, slots].set(y), v, getattr(sub, k)) if k == "cache"
+                        else v.at[slots].set(getattr(sub, k)) for k, v in _fields(s).items()})
+
+
+def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *, hold: int,
+           stop_tokens: tuple[int, ...], pad_id: int) -> _State:
+    """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
+    prompt (and the held draft prefix) written into their cache rows, their state reset, the first
+    window set; the other slots are unchanged."""
+    r, w = slots.shape[0], s.window.shape[1]
+    big_n, j = s.tokens.shape[1], jnp.arange(w)
+    drafts = jnp.pad(drafts, ((0, 0), (0, max(0, s.drafts.shape[1] - drafts.shape[1]))), constant_values=pad_id)
+    sub = _rows(s, slots).replace(
+        tokens=jnp.full((r, big_n), pad_id, jnp.int32), n=jnp.zeros((r,), jnp.int32), passes=jnp.zeros((r,), jnp.int32),
+        stopped=jnp.zeros((r,), bool), done=jnp.zeros((r,), bool), capped=jnp.zeros((r,), bool),
+        prompt_lens=prompt_lens, drafts=drafts[:, : s.drafts.shape[1]], draft_lens=draft_lens,
+    )
+    if sub.states is not None:
+        sub = sub.replace(states=jnp.full_like(sub.states, pad_id))
+    held = _draft_at(sub, jnp.broadcast_to(jnp.arange(hold), (r, hold)), pad_id)
+    held_lens = jnp.minimum(draft_lens, hold)
+    context, context_lens = _append(prompts, prompt_lens, held, held_lens, pad_id) if hold else (prompts, prompt_lens)
+    positions = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape)
+    logits, cache = model(context, positions, positions < context_lens[:, None], sub.cache)
+    last = jnp.take_along_axis(logits, (context_lens - 1)[:, None, None], axis=1)[:, 0]
+    sub = sub.replace(cache=cache)
+    if hold:
+        sub = _commit(sub, held, held_lens, stop_tokens, big_n)
+    first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+    sub = sub.replace(window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n)
+    return _put_rows(s, slots, sub)
+
+
+def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int,
+          realign: bool) -> _State:
+    """Jacobi passes over the live rows until every row is done, or one of the `watch` rows is; a row is
+    capped after `limit` passes."""
+    b, w = s.window.shape
+    big_n, j = s.tokens.shape[1], jnp.arange(w)
+
+    def step(s: _State) -> _State:
+        live = ~s.done
+        positions = s.prompt_lens[:, None] + s.n[:, None] + j
+        logits, cache = model(s.window, positions, jnp.broadcast_to(live[:, None], (b, w)), s.cache)
+        y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        accepted = 1 + jnp.sum(jnp.cumprod(s.window[:, 1:] == y[:, :-1], axis=1), axis=1)
+        new = _commit(s.replace(cache=cache), s.window, accepted, stop_tokens, big_n)
+        src = accepted[:, None] - 1 + j  # index into y of the prediction for offset new.n + j
+        window = jnp.where(src < w, _take(y, src, True, 0), _draft_at(new, new.n[:, None] + j, pad_id))
+        if realign:
+            window = _realign(window, new.tokens, new.n, new.drafts, new.draft_lens)
+        new = new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live)
+        if new.states is not None:
+            new = new.replace(states=_record_state(new, s.passes, live, lambda o: _draft_at(new, o, pad_id), big_n))
+        capped = ~new.done & (new.passes >= limit)
+        return new.replace(done=new.done | capped, capped=new.capped | capped)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s)
+
+
+def _result(s: _State) -> JacobiResult:
+    return JacobiResult(
+        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done & ~s.capped, passes=s.passes,
+        committed=s.n - s.held_n, states=s.states,
+    )
+
+
 @partial(
     jax.jit,
     static_argnames=("graphdef", "block_size", "max_new_tokens", "stop_tokens", "pad_id", "hold_draft_prefix", "realign",
@@ -158,63 +273,90 @@ def jacobi_decode(
     trajectory: bool = False,
 ) -> JacobiResult:
     """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
-    greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes (default
-    max_new_tokens, which always suffices)."""
+    greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes per row
+    (default max_new_tokens, which always suffices)."""
     if not 0 <= hold_draft_prefix <= max_new_tokens:
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
     model = nnx.merge(graphdef, state)
-    prompts, prompt_lens = prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32)
-    drafts, draft_lens = drafts.astype(jnp.int32), draft_lens.astype(jnp.int32)
     b, p = prompts.shape
-    w, big_n = block_size, max_new_tokens
-    if drafts.shape[1] == 0:
-        drafts = jnp.full((b, 1), pad_id, jnp.int32)
-    j = jnp.arange(w)
+    s = _empty(model.cfg, b, p, drafts.shape[1], block_size=block_size, max_new_tokens=max_new_tokens, pad_id=pad_id,
+               trajectory=trajectory)
+    s = _begin(model, s, jnp.arange(b), prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32),
+               drafts.astype(jnp.int32), draft_lens.astype(jnp.int32), hold=hold_draft_prefix,
+               stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+    limit = jnp.asarray(max_new_tokens if max_iterations is None else max_iterations, jnp.int32)
+    s = _loop(model, s, limit, jnp.zeros((b,), bool), stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+    return _result(s)
 
-    def draft_at(offsets):
-        return _take(drafts, offsets, offsets < draft_lens[:, None], pad_id)
 
-    held = draft_at(jnp.broadcast_to(jnp.arange(hold_draft_prefix), (b, hold_draft_prefix)))
-    held_lens = jnp.minimum(draft_lens, hold_draft_prefix)
-    context = _append(prompts, prompt_lens, held, held_lens, pad_id) if hold_draft_prefix else (prompts, prompt_lens)
-    cache, logits = prefill(model, *context, p + big_n + w)
-    zeros = jnp.zeros((b,), jnp.int32)
-    s = _State(
-        cache=cache,
-        tokens=jnp.full((b, big_n), pad_id, jnp.int32),
-        n=zeros,
-        window=jnp.zeros((b, w), jnp.int32),
-        passes=zeros,
-        stopped=zeros.astype(bool),
-        done=zeros.astype(bool),
-        it=jnp.int32(0),
-        states=jnp.full((b, big_n, big_n), pad_id, jnp.int32) if trajectory else None,
+@partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"))
+def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, *, hold_draft_prefix, stop_tokens, pad_id):
+    """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths)."""
+    return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], draft[None],
+                  draft_len[None], hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+
+
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id", "realign"))
+def _advance(graphdef, state, s, limit, watch, *, stop_tokens, pad_id, realign):
+    """Passes until a `watch` slot's row is done (or every slot is)."""
+    return _loop(nnx.merge(graphdef, state), s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+
+
+def jacobi_stream(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: np.ndarray,
+    prompt_lens: np.ndarray,
+    drafts: np.ndarray,
+    draft_lens: np.ndarray,
+    *,
+    batch_size: int,
+    block_size: int,
+    max_new_tokens: int,
+    stop_tokens: tuple[int, ...] = (),
+    pad_id: int = 0,
+    max_iterations: int | None = None,
+    hold_draft_prefix: int = 0,
+    realign: bool = True,
+    place: Callable[[_State], _State] = lambda s: s,
+) -> JacobiResult:
+    """`jacobi_decode` of any number of rows (numpy [R, P], [R, D] and lengths) through `batch_size` slots
+    with row refill (continuous batching): each slot refines one row at a time, and when rows finish the
+    loop returns to the host, which moves their results out and starts the next rows in their slots (one
+    prefill each), so no slot idles while the slowest row of a batch finishes. Each row's answer and
+    stats are the ones `jacobi_decode` gives it; the result (numpy) is in row order. `place`: puts the
+    state where the params are (the decoder's mesh). No trajectory."""
+    if not 0 <= hold_draft_prefix <= max_new_tokens:
+        raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
+    rows = len(prompts)
+    cfg = nnx.merge(graphdef, state).cfg
+    s = place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
+                     max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False))
+    out = JacobiResult(
+        tokens=np.full((rows, max_new_tokens), pad_id, np.int32), lengths=np.zeros(rows, np.int32),
+        stopped=np.zeros(rows, bool), converged=np.zeros(rows, bool), passes=np.zeros(rows, np.int32),
+        committed=np.zeros(rows, np.int32),
     )
-    if hold_draft_prefix:
-        s = _commit(s, held, held_lens, stop_tokens, big_n)
-    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    s = s.replace(window=jnp.where(j == 0, first[:, None], draft_at(s.n[:, None] + j)))
-    held_n = s.n
+    limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
+    slot_row = np.full(batch_size, -1)  # the row each slot refines, -1: none
+    pending = iter(range(rows))
 
-    def step(s: _State) -> _State:
-        live = ~s.done
-        positions = prompt_lens[:, None] + s.n[:, None] + j
-        logits, cache = model(s.window, positions, jnp.broadcast_to(live[:, None], (b, w)), s.cache)
-        y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        accepted = 1 + jnp.sum(jnp.cumprod(s.window[:, 1:] == y[:, :-1], axis=1), axis=1)
-        new = _commit(s.replace(cache=cache), s.window, accepted, stop_tokens, big_n)
-        src = accepted[:, None] - 1 + j  # index into y of the prediction for offset new.n + j
-        window = jnp.where(src < w, _take(y, src, True, 0), draft_at(new.n[:, None] + j))
-        if realign:
-            window = _realign(window, new.tokens, new.n, drafts, draft_lens)
-        new = new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live, it=s.it + 1)
-        if trajectory:
-            new = new.replace(states=_record_state(new, s.passes, live, draft_at, big_n))
-        return new
+    def refill(s: _State, slot: int) -> _State:
+        row = next(pending, None)
+        slot_row[slot] = -1 if row is None else row
+        if row is None:
+            return s
+        return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], drafts[row], draft_lens[row],
+                       hold_draft_prefix=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
 
-    limit = big_n if max_iterations is None else max_iterations
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.it < limit), step, s)
-    return JacobiResult(
-        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done, passes=s.passes, committed=s.n - held_n,
-        states=s.states,
-    )
+    for slot in range(batch_size):
+        s = refill(s, slot)
+    while (slot_row >= 0).any():
+        s = _advance(graphdef, state, s, limit, slot_row >= 0, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+        finished = np.flatnonzero((slot_row >= 0) & np.asarray(s.done))
+        got = jax.device_get(_result(s))
+        for slot in finished:
+            for name in ("tokens", "lengths", "stopped", "converged", "passes", "committed"):
+                getattr(out, name)[slot_row[slot]] = getattr(got, name)[slot]
+            s = refill(s, slot)
+    return out
