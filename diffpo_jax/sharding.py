@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,20 +46,30 @@ RESIDUAL = ("batch", "seq", None)  # logical axes of [B, T, E] activations (the 
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one -1 entry takes the remaining devices.
+    """A (data, fsdp, tensor) mesh over `device_grid`; one -1 entry takes the remaining devices.
 
     Axis types are Auto (jit propagates shardings from the arguments' NamedShardings); jax 0.10's
     `make_mesh` would otherwise default to Explicit.
     """
-    devices = list(devices if devices is not None else jax.devices())
-    mesh = jax.make_mesh(
-        resolve_mesh_shape(shape, len(devices)),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * 3,
-        devices=devices,
-    )
-    check_tensor_within_host(mesh.devices)
-    return mesh
+    grid = device_grid(shape, list(devices if devices is not None else jax.devices()))
+    check_tensor_within_host(grid)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+    """The devices as a (data, fsdp, tensor) grid, laid out by jax's device-mesh helpers (topology-aware
+    on TPU and GPU). Devices of several slices (a multi-slice TPU job: their `slice_index`) make a hybrid
+    mesh: `data` spans the slices over DCN, each slice holds data / slices x fsdp x tensor of the grid,
+    so only the data-parallel gradient reduction crosses slices."""
+    shape = resolve_mesh_shape(shape, len(devices))
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    if shape[0] % slices:
+        raise ValueError(f"mesh shape {list(shape)}: data {shape[0]} is not a multiple of the {slices} slices "
+                         "(data spans the slices)")
+    return mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
+                                                allow_split_physical_axes=True)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:

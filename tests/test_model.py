@@ -180,3 +180,24 @@ def test_the_tensor_axis_must_fit_in_one_host():
     check_tensor_within_host(grid((2, 4, 1), per_host=4))
     with pytest.raises(ValueError, match=r"mesh \[1, 1, 8\]: the tensor axis \(8 devices\) spans processes 0, 1"):
         check_tensor_within_host(grid((1, 1, 8), per_host=4))
+
+
+def test_a_multi_slice_job_gets_a_hybrid_mesh_with_data_across_slices():
+    """Devices of 2 slices (4 each, 2 hosts per slice): `data` spans the slices, fsdp and tensor stay
+    inside one; a data size the slices do not divide is an error; one slice: the plain device mesh."""
+    from types import SimpleNamespace
+
+    from diffpo_jax.sharding import check_tensor_within_host, device_grid
+
+    devices = [SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 2, platform="cpu", device_kind="cpu")
+               for i in range(8)]  # fmt: skip
+    grid = device_grid((-1, 2, 1), devices)
+    assert grid.shape == (4, 2, 1)
+    assert [{d.slice_index for d in grid[k].flat} for k in range(4)] == [{0}, {0}, {1}, {1}]
+    check_tensor_within_host(grid)
+    grid = device_grid((2, 2, 2), devices)
+    assert [{d.slice_index for d in grid[k].flat} for k in range(2)] == [{0}, {1}]
+    with pytest.raises(ValueError, match=r"mesh shape \[1, 8, 1\]: data 1 is not a multiple of the 2 slices"):
+        device_grid((1, 8, 1), devices)
+    one_slice = [SimpleNamespace(**{**vars(d), "slice_index": 0}) for d in devices]
+    assert [d.id for d in device_grid((1, 8, 1), one_slice).flat] == list(range(8))
