@@ -58,11 +58,11 @@ def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] |
 
 def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
     """The devices as a (data, fsdp, tensor) grid, laid out by jax's device-mesh helpers (topology-aware
-    on TPU and GPU). Devices of several slices (a multi-slice TPU job: their `slice_index`) make a hybrid
+    on TPU and GPU). TPU devices of several slices (a multi-slice job: their `slice_index`) make a hybrid
     mesh: `data` spans the slices over DCN, each slice holds data / slices x fsdp x tensor of the grid,
     so only the data-parallel gradient reduction crosses slices."""
     shape = resolve_mesh_shape(shape, len(devices))
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    slices = len({d.slice_index for d in devices}) if devices[0].platform == "tpu" else 1
     if slices == 1:
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     if shape[0] % slices:
