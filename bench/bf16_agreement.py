@@ -75,9 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{args.max_new_tokens}, block {args.block_size}, batch {BATCH}.\n",
         common.table(["decoder", "against", "answers identical", "tokens before the first difference"], rows),
     ])
-    print(body)
-    if str(args.results) != "-":
-        common.write_section(args.results, "bf16_agreement", body)
+    common.report(args.results, "bf16_agreement", body)
     return {f"{a} vs {b}": (i, p) for a, b, i, p in rows}
 
 

@@ -63,6 +63,13 @@ def header(title: str, module: str, argv: Sequence[str] | None, machine_line: st
     return f"## {title}\n\n- date: {now}\n- machine: {machine_line}\n- command: `{command(module, argv)}`\n"
 
 
+def report(path: Path | str, name: str, body: str) -> None:
+    """Print `body` and write it as the NAME section of the results file (not when path is '-')."""
+    print(body)
+    if str(path) != "-":
+        write_section(Path(path), name, body)
+
+
 def write_section(path: Path, name: str, body: str) -> None:
     """Replace (or append) the NAME section of the results file, atomically."""
     path = Path(path)

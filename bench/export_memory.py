@@ -142,9 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         common.table(["gather", "device peak beyond its shards (MiB)", "x largest tensor", "host peak (MiB)",
                       "x largest tensor", "bytes = 1-device export"], rows),
     ])
-    print(body)
-    if str(args.results) != "-":
-        common.write_section(args.results, "export_memory", body)
+    common.report(args.results, "export_memory", body)
     if not all(r[-1] for r in rows):
         raise SystemExit("export_memory: an export differs from the one-device export")
     return {r[0]: r[1:] for r in rows}

@@ -128,9 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          [[w, p, s * 1e3, r, x] for w, p, s, r, x in rows])
     body += "\n\nThe same model's matmuls alone (projections of every layer + lm head, random weights), M rows per call:\n\n"
     body += common.table(["M rows", "ms / call", "vs M = 1"], [[m, s * 1e3, s / mm[1]] for m, s in mm.items()])
-    print(body)
-    if str(args.results) != "-":
-        common.write_section(args.results, "pass_cost", body)
+    common.report(args.results, "pass_cost", body)
     return {"step": step, "bound": bound, "windows": rows, "matmul": mm}
 
 

@@ -379,9 +379,7 @@ def mixed(args, argv) -> dict:
             "against its greedy one). Row refill needs no prediction; its cost is one prefill per record and a "
             "return to the host whenever a row finishes."]
     text = "\n".join(body)
-    print(text)
-    if str(args.results) != "-":
-        common.write_section(args.results, "refine_mixed", text)
+    common.report(args.results, "refine_mixed", text)
     if not equal:
         raise SystemExit("refine_mixed: the two schedules wrote different files")
     return {"ratio": ratio, "equal": equal, "loop_passes": loop}

@@ -134,9 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"length buckets {', '.join(map(str, buckets))} (ours; transformers pads to each batch's longest row)\n"
             + f"- scores equal: max abs difference {diff:.2e}\n"
             + f"- diffpo-jax compile (first pass - steady pass): {first - steady_ours:.1f} s\n\n" + table + "\n")
-    print(body)
-    if str(args.results) != "-":
-        common.write_section(args.results, "score_speed", body)
+    common.report(args.results, "score_speed", body)
     return {"max_abs_diff": diff, "ours_s": steady_ours, "torch_s": steady_torch, "tokens": tokens}
 
 
