@@ -84,18 +84,6 @@ def measure(export, cfg, params, tokenizer, out: Path, max_shard_size: str) -> t
     return max(peak.values(), default=0) / MIB, host / MIB
 
 
-def replicated_host_tensor(x, layer):
-    """The multi-process path of export.host_tensor, used here in one process: replicated onto every device."""
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from diffpo_jax.weights.export import _gather_fn
-
-    replicated = NamedSharding(x.sharding.mesh, PartitionSpec())
-    y = _gather_fn(replicated, False)(x) if layer is None else _gather_fn(replicated, True)(x, np.int32(layer))
-    return np.asarray(y.addressable_data(0))
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.export_memory", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
@@ -123,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     reference = {p.name: p.read_bytes() for p in (work / "one-device").iterdir()}
     rows = []
     for name, host_tensor in (("shards to the host (one process)", export_module.host_tensor),
-                              ("replicated gather (multi-process path)", replicated_host_tensor)):
+                              ("replicated gather (multi-process path)", export_module.replicated_host_tensor)):
         original = export_module.host_tensor
         export_module.host_tensor = host_tensor
         try:

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from diffpo_jax import record_loop
 from diffpo_jax.data.formats import (
     FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records, sampled_output,
 )  # fmt: skip
@@ -51,12 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     devices.add_arguments(ap)
-    ap.add_argument("--sort-window", type=int, default=256, metavar="N",
-                    help="decode N records at a time in batches of similar prompt length, written in input "
-                         "order (default 256; <= --batch-size: batches of consecutive records)")
-    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
-                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
-                         "or write it out with an `error` field and go on")
+    record_loop.add_arguments(ap, "decode N records at a time in batches of similar prompt length, written in input "
+                                  "order (default 256; <= --batch-size: batches of consecutive records)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     args = ap.parse_args(argv)
     args.dtype = devices.default_dtype(args.dtype)  # the resolved dtype is what a resumed run must share
@@ -76,7 +73,6 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from tqdm import tqdm
 
     from diffpo_jax.decoding.batching import Decoder
-    from diffpo_jax.record_loop import decode_records
     from diffpo_jax.sources import load_model
 
     mesh = devices.decode_mesh(args.mesh)
@@ -119,8 +115,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def history(_rec, _turn, result):
         return result[1][0].text
 
-    skipped = decode_records(decoder, records, out, decode, history, build, progress, batch_size=args.batch_size,
-                             on_error=args.on_error, window=args.sort_window)
+    skipped = record_loop.decode_records(decoder, records, out, decode, history, build, progress,
+                                         batch_size=args.batch_size, on_error=args.on_error, window=args.sort_window)
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()

@@ -8,6 +8,7 @@ file formats (data/formats.py) and the `Decoder` (decoding/batching.py); the dec
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Callable, TypeVar
 
 from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
@@ -16,6 +17,14 @@ from diffpo_jax.decoding.batching import ContextError, Decoder, bucket
 R = TypeVar("R")  # what a decode_records callback returns per record
 
 ON_ERROR = ("stop", "skip")
+
+
+def add_arguments(ap: argparse.ArgumentParser, window_help: str) -> None:
+    """--sort-window (what a window is for the CLI: `window_help`) and --on-error."""
+    ap.add_argument("--sort-window", type=int, default=256, metavar="N", help=window_help)
+    ap.add_argument("--on-error", choices=ON_ERROR, default="stop",
+                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
+                         "or write it out with an `error` field and go on")
 
 
 def decode_records(

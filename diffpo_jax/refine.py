@@ -23,6 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from diffpo_jax import record_loop
 from diffpo_jax.data.formats import (
     FORMATS, FormatError, ResumableOutput, check_output_path, read_output, read_records, refined_output, refined_pairs,
 )  # fmt: skip
@@ -53,13 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--trajectory", action="store_true",
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
     devices.add_arguments(ap)
-    ap.add_argument("--sort-window", type=int, default=256, metavar="N",
-                    help="refine N records at a time through --batch-size slots with row refill (a finished row's "
-                         "slot takes the next record), written in input order (default 256; <= --batch-size: "
-                         "batches of consecutive records, each until its slowest row is done)")
-    ap.add_argument("--on-error", choices=["stop", "skip"], default="stop",
-                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
-                         "or write it out with an `error` field and go on")
+    record_loop.add_arguments(ap, "refine N records at a time through --batch-size slots with row refill (a finished row's "
+                                  "slot takes the next record), written in input order (default 256; <= --batch-size: "
+                                  "batches of consecutive records, each until its slowest row is done)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
     args = ap.parse_args(argv)
@@ -81,7 +78,6 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from tqdm import tqdm
 
     from diffpo_jax.decoding.batching import Decoder
-    from diffpo_jax.record_loop import decode_records
     from diffpo_jax.sources import load_model
 
     mesh = devices.decode_mesh(args.mesh)
@@ -122,8 +118,10 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     # A window's records go to the decoder together: its batch_size slots refine them with row refill
     # (one batch at a time with --trajectory, or when the window is no larger than a batch).
     per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
-    skipped = decode_records(decoder, records, out, decode, history, build, progress, batch_size=per_call,
-                             on_error=args.on_error, window=args.sort_window, cost=lambda rec: len(rec.drafts[0]))
+    skipped = record_loop.decode_records(
+        decoder, records, out, decode, history, build, progress, batch_size=per_call, on_error=args.on_error,
+        window=args.sort_window, cost=lambda rec: len(rec.drafts[0]),
+    )
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()

@@ -7,23 +7,23 @@ is padded to static shapes so nothing recompiles across batches:
   prompts    right-padded to a power of two (at least 32);
   drafts     right-padded/cut to max_new_tokens + block_size (the only draft tokens the decoder reads).
 A prompt whose length plus max_new_tokens exceeds the model's context is a `ContextError` (never
-silently truncated). With a `mesh` (decoding/devices.py) every call's rows are split over its data x fsdp
-devices (batch_size must be a multiple of them) and the model runs under it as in training (params
-placed by `load_model(..., mesh=mesh)`); each row's answer does not depend on the mesh. Stop tokens: the config's and tokenizer's eos ids, the generation config's, and
-the known end-of-turn tokens present in the vocabulary. Texts are decoded without the stop token.
+silently truncated). With a `mesh` (decoding/devices.py) every call's rows are split over its data x
+fsdp devices (batch_size must be a multiple of them) and the model runs under it as in training
+(params placed by `load_model(..., mesh=mesh)`); each row's answer does not depend on the mesh. Stop
+tokens: the config's and tokenizer's eos ids, the generation config's, and the known end-of-turn
+tokens present in the vocabulary. Texts are decoded without the stop token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
-
-import contextlib
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
 from diffpo_jax.config import ModelConfig
@@ -126,14 +126,6 @@ class Decoder:
             return arrays
         return tuple(jax.device_put(x, batch_sharding(self.mesh, x.ndim)) for x in arrays)
 
-    def _place_state(self, state):
-        """A decoder state's arrays split by row over the mesh's data x fsdp devices (the KV cache's row
-        axis is its second)."""
-        if self.mesh is None:
-            return state
-        rows = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp")))
-        return jax.tree.map(lambda x: jax.device_put(x, rows if x.ndim == 5 else batch_sharding(self.mesh, x.ndim)), state)
-
     def _under_mesh(self):
         return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
 
@@ -166,7 +158,7 @@ class Decoder:
         with self._under_mesh():
             if len(prompts) > self.batch_size:
                 r = jacobi_stream(self.graphdef, self.state, p, plen, d, dlen, batch_size=self.batch_size,
-                                  place=self._place_state, **options)
+                                  mesh=self.mesh, **options)
             else:
                 r = jacobi_decode(self.graphdef, self.state, *self._put(p, plen, d, dlen), trajectory=trajectory, **options)
         r = jax.device_get(r)

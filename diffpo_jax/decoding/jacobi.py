@@ -37,15 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffpo_jax.decoding.sampler import is_stop
 from diffpo_jax.model import Cache, init_cache
+from diffpo_jax.sharding import batch_sharding
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
 
@@ -187,6 +188,15 @@ def _put_rows(s: _State, slots: jax.Array, sub: _State) -> _State:
                         else v.at[slots].set(getattr(sub, k)) for k, v in _fields(s).items()})
 
 
+def _place(s: _State, mesh: Mesh | None) -> _State:
+    """`s` with its rows split over the mesh's data x fsdp devices (as it is without a mesh)."""
+    if mesh is None:
+        return s
+    cache_rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    return s.replace(**{k: jax.device_put(v, cache_rows) if k == "cache" else
+                        jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in _fields(s).items()})
+
+
 def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *, hold: int,
            stop_tokens: tuple[int, ...], pad_id: int) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
@@ -318,20 +328,20 @@ def jacobi_stream(
     max_iterations: int | None = None,
     hold_draft_prefix: int = 0,
     realign: bool = True,
-    place: Callable[[_State], _State] = lambda s: s,
+    mesh: Mesh | None = None,
 ) -> JacobiResult:
     """`jacobi_decode` of any number of rows (numpy [R, P], [R, D] and lengths) through `batch_size` slots
     with row refill (continuous batching): each slot refines one row at a time, and when rows finish the
     loop returns to the host, which moves their results out and starts the next rows in their slots (one
     prefill each), so no slot idles while the slowest row of a batch finishes. Each row's answer and
-    stats are the ones `jacobi_decode` gives it; the result (numpy) is in row order. `place`: puts the
-    state where the params are (the decoder's mesh). No trajectory."""
+    stats are the ones `jacobi_decode` gives it; the result (numpy) is in row order. `mesh`: the slots
+    are split over its data x fsdp devices, as the decoder's batches are. No trajectory."""
     if not 0 <= hold_draft_prefix <= max_new_tokens:
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
     rows = len(prompts)
     cfg = nnx.merge(graphdef, state).cfg
-    s = place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
-                     max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False))
+    s = _place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
+                      max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False), mesh)
     out = JacobiResult(
         tokens=np.full((rows, max_new_tokens), pad_id, np.int32), lengths=np.zeros(rows, np.int32),
         stopped=np.zeros(rows, bool), converged=np.zeros(rows, bool), passes=np.zeros(rows, np.int32),
@@ -353,8 +363,8 @@ def jacobi_stream(
         s = refill(s, slot)
     while (slot_row >= 0).any():
         s = _advance(graphdef, state, s, limit, slot_row >= 0, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
-        finished = np.flatnonzero((slot_row >= 0) & np.asarray(s.done))
-        got = jax.device_get(_result(s))
+        done, got = jax.device_get((s.done, _result(s)))
+        finished = np.flatnonzero((slot_row >= 0) & done)
         for slot in finished:
             for name in ("tokens", "lengths", "stopped", "converged", "passes", "committed"):
                 getattr(out, name)[slot_row[slot]] = getattr(got, name)[slot]

@@ -11,8 +11,8 @@ Restores build targets of `jax.ShapeDtypeStruct`s carrying the shardings wanted 
 loads onto any device count or mesh, never needing the one it was saved on. Writes of whole dirs go to
 a temp dir beside the destination, renamed at the end (`staged_dir`): an interrupted write never
 leaves a dir that looks complete (on object stores the rename is a copy, see paths.py). Paths may be
-URLs (`gs://...`, paths.py): they reach Orbax unchanged. In a multi-host run every process calls these functions (saves and
-restores are collective); only process 0 writes the files beside the arrays.
+URLs (`gs://...`, paths.py): they reach Orbax unchanged. In a multi-host run every process calls these
+functions (saves and restores are collective); only process 0 writes the files beside the arrays.
 """
 
 from __future__ import annotations

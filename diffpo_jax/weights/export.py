@@ -83,6 +83,12 @@ def host_tensor(x: jax.Array, layer: int | None) -> np.ndarray:
     every process calls it; each gets the full tensor from one of its own devices."""
     if x.is_fully_addressable:  # one process: shards to the host, assembled there
         return np.asarray(x if layer is None else _gather_fn(None, True)(x, np.int32(layer)))
+    return replicated_host_tensor(x, layer)
+
+
+def replicated_host_tensor(x: jax.Array, layer: int | None) -> np.ndarray:
+    """`host_tensor` across processes: the tensor (or layer) replicated onto every device, then read from
+    one of this process's own."""
     s = x.sharding
     replicated = NamedSharding(s.mesh, PartitionSpec()) if isinstance(s, NamedSharding) else s
     y = _gather_fn(replicated, False)(x) if layer is None else _gather_fn(replicated, True)(x, np.int32(layer))
