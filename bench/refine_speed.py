@@ -374,7 +374,7 @@ def mixed(args, argv) -> dict:
             "passes in the output):\n",
             common.table(["batches", "sum of per-batch max passes", "vs input order"],
                          [[k, v, loop["input order"] / v] for k, v in loop.items()]),
-            "\nSorting batches by prompt bucket and draft length (what generate's windows do) gains little: "
+            "\nSorting batches by prompt bucket and draft length (this project's schedule before row refill) gains little: "
             "the draft's length barely predicts the refined answer's passes (the model's temperature-0.7 answer "
             "against its greedy one). Row refill needs no prediction; its cost is one prefill per record and a "
             "return to the host whenever a row finishes."]

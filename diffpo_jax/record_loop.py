@@ -1,7 +1,7 @@
 """The record loop of the decoding CLIs (refine, generate): records in, output records out, in input order.
 
 `decode_records` takes the records an output file does not hold yet, checks every first turn against the
-context before any decoding, forms batches (windows sorted by prompt bucket and cost), decodes them turn
+context before any decoding, forms batches (windows sorted by prompt bucket), decodes them turn
 by turn through the caller's callbacks and appends each record to the `ResumableOutput`. It knows the
 file formats (data/formats.py) and the `Decoder` (decoding/batching.py); the decoders know neither.
 """
@@ -39,7 +39,6 @@ def decode_records(
     batch_size: int | None = None,
     on_error: str = "stop",
     window: int = 0,
-    cost: Callable[[Record], int] | None = None,
 ) -> int:
     """Decode the records `out` does not hold yet, batch_size records at a time (default: the decoder's
     batch_size) and turn by turn; returns how many were skipped.
@@ -54,10 +53,10 @@ def decode_records(
     it; "skip" writes it out in its place as the input record plus `error` (the message), and goes on.
 
     Scheduling: records are taken `window` at a time; within a window, batches are formed in order of
-    the first turn's prompt bucket and then `cost` (e.g. the draft's length), so a batch's prompts share
-    a bucket and its rows tend to finish together instead of waiting for the slowest of a random mix.
-    A window is written out, in input order, when all its records are done (a killed run redoes at most
-    one window). window <= batch_size: batches of consecutive records, as they come.
+    the first turn's prompt bucket, so a batch's prompts share a bucket (a batch_size as large as the
+    window hands the whole window to `decode` at once: refine's row refill). A window is written out, in
+    input order, when all its records are done (a killed run redoes at most one window).
+    window <= batch_size: batches of consecutive records, as they come.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -79,7 +78,7 @@ def decode_records(
     span = max(window, size)
     for start in range(out.done, len(records), span):
         indices = range(start, min(start + span, len(records)))
-        order = sorted(indices, key=lambda i: (bucket(prompt_lens.get(i, 0)), cost(records[i]) if cost else 0, i))
+        order = sorted(indices, key=lambda i: (bucket(prompt_lens.get(i, 0)), i))
         outputs: dict[int, list[R]] = {i: [] for i in indices}
         for lo in range(0, len(order), size):
             _decode_batch(decoder, records, order[lo : lo + size], outputs, decode, history, progress, errors, fail)

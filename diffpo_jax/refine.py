@@ -120,7 +120,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
     skipped = record_loop.decode_records(
         decoder, records, out, decode, history, build, progress, batch_size=per_call, on_error=args.on_error,
-        window=args.sort_window, cost=lambda rec: len(rec.drafts[0]),
+        window=args.sort_window,
     )
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
