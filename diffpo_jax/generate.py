@@ -25,11 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-from diffpo_jax import record_loop
+from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
-    FORMATS, FormatError, ResumableOutput, check_output_path, generated_output, read_records, sampled_output,
+    FORMATS, FormatError, check_output_path, generated_output, read_records, sampled_output,
 )  # fmt: skip
 from diffpo_jax.decoding import devices
+from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     record_loop.add_arguments(ap, "decode N records at a time in batches of similar prompt length, written in input "
                                   "order (default 256; <= --batch-size: batches of consecutive records)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
-    args.dtype = devices.default_dtype(args.dtype)  # the resolved dtype is what a resumed run must share
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
         ap.error("--max-new-tokens, --batch-size and --num-samples must be >= 1")
     if args.num_samples > 1 and args.format != "jsonl":
@@ -75,18 +76,21 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
+    # resolved here, after jax.distributed starts (it must come before any backend call); a resumed run
+    # must share the resolved dtype
+    args.dtype = devices.default_dtype(args.dtype)
     mesh = devices.decode_mesh(args.mesh)
     devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
-    out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
+    out = record_loop.open_output(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
     loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
     model_id = args.model_id or Path(loaded.source).stem
     k = args.num_samples
     decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0}
-    turn_counts = [r.num_turns for r in records]  # the bar counts decoded turns (records come out a window at a time)
-    bar = tqdm(total=sum(turn_counts), initial=sum(turn_counts[: out.done]), unit="turn", desc="generate", dynamic_ncols=True)
+    # the bar counts this process's decoded turns (records come out a window at a time)
+    bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="generate", dynamic_ncols=True)
     start = time.perf_counter()
 
     def row_key(record, turn, sample):
@@ -135,12 +139,14 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize_from_args(args)
         summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    print(f"wrote {args.output}")
+    if distributed.is_main_process():
+        print(f"wrote {args.output}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """The record loop of the decoding CLIs (refine, generate): records in, output records out, in input order.
 
-`decode_records` takes the records an output file does not hold yet, checks every first turn against the
+`open_output` opens the output file for this run's processes; `decode_records` takes the records it leaves
+to this process (one process: those the file does not hold yet), checks every first turn against the
 context before any decoding, forms batches (windows sorted by prompt bucket), decodes them turn
 by turn through the caller's callbacks and appends each record to the `ResumableOutput`. It knows the
 file formats (data/formats.py) and the `Decoder` (decoding/batching.py); the decoders know neither.
@@ -27,6 +28,17 @@ def add_arguments(ap: argparse.ArgumentParser, window_help: str) -> None:
                          "or write it out with an `error` field and go on")
 
 
+def open_output(path, fmt: str, records: list[Record], options: dict[str, Any]) -> ResumableOutput:
+    """The output file of a CLI run, shared by this run's processes (one with a single process): each takes
+    a share of the records no earlier run finished, and process 0 writes the file (formats.ResumableOutput)."""
+    import jax
+
+    from diffpo_jax.paths import sync
+
+    return ResumableOutput(path, fmt, records, options, process=jax.process_index(), processes=jax.process_count(),
+                           barrier=sync)
+
+
 def decode_records(
     decoder: Decoder,
     records: list[Record],
@@ -40,13 +52,13 @@ def decode_records(
     on_error: str = "stop",
     window: int = 0,
 ) -> int:
-    """Decode the records `out` does not hold yet, batch_size records at a time (default: the decoder's
-    batch_size) and turn by turn; returns how many were skipped.
+    """Decode the records `out` leaves to this process (`out.todo`), batch_size records at a time (default:
+    the decoder's batch_size) and turn by turn; returns how many were skipped.
 
     decode(record indices, turn, records, prompt ids) -> one result (an Output, or what the caller makes of
     Outputs) per record for that turn, the indices being the records' 0-based positions in `records`;
     history(record, turn, result) -> the assistant text later turns see; build(record, results per turn)
-    -> the output record, appended to `out` in input order; progress(results) after each decode call.
+    -> the output record, appended to `out`; progress(results) after each decode call.
 
     Every record's first turn is checked before any decoding (a prompt too long for the context fails in
     seconds, not hours in). A record that fails (any turn): on_error "stop" raises a FormatError naming
@@ -69,21 +81,21 @@ def decode_records(
         errors[i] = message
 
     prompt_lens = {}
-    for i in range(out.done, len(records)):
+    for i in out.todo:
         try:
             prompt_lens[i] = len(decoder.prompt_tokens(records[i].prompt))
         except ContextError as e:
             fail(i, 0, e)
     size = decoder.batch_size if batch_size is None else batch_size
     span = max(window, size)
-    for start in range(out.done, len(records), span):
-        indices = range(start, min(start + span, len(records)))
+    for start in range(0, len(out.todo), span):
+        indices = out.todo[start : start + span]
         order = sorted(indices, key=lambda i: (bucket(prompt_lens.get(i, 0)), i))
         outputs: dict[int, list[R]] = {i: [] for i in indices}
         for lo in range(0, len(order), size):
             _decode_batch(decoder, records, order[lo : lo + size], outputs, decode, history, progress, errors, fail)
         for i in indices:
-            out.append(dict(records[i].raw, error=errors[i]) if i in errors else build(records[i], outputs[i]))
+            out.append(i, dict(records[i].raw, error=errors[i]) if i in errors else build(records[i], outputs[i]))
     return len(errors)
 
 

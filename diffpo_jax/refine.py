@@ -23,11 +23,12 @@ import textwrap
 import time
 from pathlib import Path
 
-from diffpo_jax import record_loop
+from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
-    FORMATS, FormatError, ResumableOutput, check_output_path, read_output, read_records, refined_output, refined_pairs,
+    FORMATS, FormatError, check_output_path, read_output, read_records, refined_output, refined_pairs,
 )  # fmt: skip
 from diffpo_jax.decoding import devices
+from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sources import ModelSourceError
 
 
@@ -58,9 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "slot takes the next record), written in input order (default 256; <= --batch-size: "
                                   "batches of consecutive records, each until its slowest row is done)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    distributed.add_arguments(ap)
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
     args = ap.parse_args(argv)
-    args.dtype = devices.default_dtype(args.dtype)  # the resolved dtype is what a resumed run must share
     for name in ("block_size", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -80,16 +81,19 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
+    # resolved here, after jax.distributed starts (it must come before any backend call); a resumed run
+    # must share the resolved dtype
+    args.dtype = devices.default_dtype(args.dtype)
     mesh = devices.decode_mesh(args.mesh)
     devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
-    out = ResumableOutput(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
+    out = record_loop.open_output(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
     loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
-    turn_counts = [r.num_turns for r in records]  # the bar counts decoded turns (records come out a window at a time)
-    bar = tqdm(total=sum(turn_counts), initial=sum(turn_counts[: out.done]), unit="turn", desc="refine", dynamic_ncols=True)
+    # the bar counts this process's decoded turns (records come out a window at a time)
+    bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="refine", dynamic_ncols=True)
     start = time.perf_counter()
 
     def decode(_indices: list[int], turn: int, recs, prompts):
@@ -165,13 +169,16 @@ def show(path: Path, fmt: str, k: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize_from_args(args)
         summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    show(args.output, args.format, args.show)
+    if distributed.is_main_process():
+        show(args.output, args.format, args.show)
     print("\nsummary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    print(f"wrote {args.output}")
+    if distributed.is_main_process():
+        print(f"wrote {args.output}")
     return 0
 
 

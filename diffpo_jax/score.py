@@ -3,15 +3,17 @@
   python -m diffpo_jax.score --model RM --input FILE --output FILE
       [--format jsonl|alpaca_eval|mt_bench|trajectories] [--fields draft,refined] [--questions question.jsonl]
       [--prompt-field prompt] [--responses-field all_generated_responses] [--scores-field all_rm_scores]
-      [--best-of-n] [--label 0] [--batch-size 8] [--dtype float32|bfloat16] [--report FILE.md] [--overwrite]
+      [--best-of-n] [--label 0] [--batch-size 8] [--dtype float32|bfloat16] [--mesh D,F,T] [--report FILE.md]
+      [--overwrite]
 
 RM: an HF folder or hub id of a Llama / Gemma-2 *ForSequenceClassification or of ArmoRM
 (reward/model.py); its own tokenizer and chat template build the input (reward/inputs.py). What each
 format reads and writes: reward/records.py. The summary prints each field's mean score and, when two
 one-answer fields are scored, the paired win rate of the second over the first with a bootstrap 95%
 interval (`--report` writes it as a Markdown table). Results stream to OUTPUT.partial and resume as in
-`refine`; OUTPUT appears by rename at the end. Batches run data-parallel over all local devices. Bad
-input exits 2 with a one-line message naming the file, record and field.
+`refine`; OUTPUT appears by rename at the end. Devices, dtype and several processes as in `refine`
+(decoding/devices.py: `--mesh`, `--dtype`; each process scores its share of the records, process 0 writes
+OUTPUT). Bad input exits 2 with a one-line message naming the file, record and field.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from diffpo_jax.data.formats import FormatError, ResumableOutput, check_output_path
+from diffpo_jax import distributed, record_loop
+from diffpo_jax.data.formats import FormatError, check_output_path
+from diffpo_jax.decoding import devices
+from diffpo_jax.distributed import DistributedError
 from diffpo_jax.reward.records import SCORE_FORMATS
 from diffpo_jax.sources import ModelSourceError
 
@@ -45,9 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--best-of-n", action="store_true", help="jsonl, one list field: keep its best-scored entry")
     ap.add_argument("--label", type=int, default=0, help="classifiers with several labels: the logit that is the score")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--report", type=Path, help="write the summary as a Markdown table")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    devices.add_arguments(ap)
+    distributed.add_arguments(ap)
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
@@ -56,18 +62,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
+def run(args: argparse.Namespace, loaded=None) -> dict:
     """Score args.input into args.output; returns the summary. `loaded`: an already loaded reward model."""
-    import jax
     from tqdm import tqdm
 
     from diffpo_jax.reward.inputs import InputError
     from diffpo_jax.reward.records import Layout, check_best_of_n, check_finite, default_fields, items, read_score_records, scored_output
     from diffpo_jax.reward.scorer import Scorer
     from diffpo_jax.reward.summary import summarize
-    from diffpo_jax.sharding import make_mesh
     from diffpo_jax.sources import load_reward_model
 
+    # resolved here, after jax.distributed starts (it must come before any backend call); a resumed run
+    # must share the resolved dtype
+    args.dtype = devices.default_dtype(args.dtype)
+    mesh = devices.decode_mesh(args.mesh)
     check_output_path(args.input, args.output, args.overwrite)
     records = read_score_records(args.input, args.format, args.questions)
     layout = Layout(args.format, default_fields(args.format, records[0], args.fields),
@@ -75,7 +83,6 @@ def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
     if args.best_of_n:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
-    mesh = mesh or make_mesh((-1, 1, 1), jax.local_devices())
     loaded = loaded or load_reward_model(args.model, dtype=args.dtype, mesh=mesh)
     scorer = Scorer(loaded, batch_size=args.batch_size, label=args.label, mesh=mesh)
     rows_by_record = []
@@ -88,13 +95,13 @@ def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
                 raise FormatError(f"{rec.where}: field '{field}': {e}") from None
         rows_by_record.append(rows)
     options = {k: getattr(args, k) for k in RESUME_OPTIONS} | {"fields": list(layout.fields)}
-    out = ResumableOutput(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
+    out = record_loop.open_output(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
 
-    bar = tqdm(total=len(records), initial=out.done, unit="rec", desc="score", dynamic_ncols=True)
+    bar = tqdm(total=len(out.todo), unit="rec", desc="score", dynamic_ncols=True)  # this process's records
     start, tokens = time.perf_counter(), 0
     chunk = RECORDS_PER_CHUNK * scorer.batch_size
-    for first in range(out.done, len(records), chunk):
-        idx = range(first, min(first + chunk, len(records)))
+    for first in range(0, len(out.todo), chunk):
+        idx = out.todo[first : first + chunk]
         flat = [row for i in idx for row in rows_by_record[i]]
         scores = iter(scorer.score(flat))
         tokens += sum(len(ids) for ids, _ in flat)
@@ -102,13 +109,14 @@ def run(args: argparse.Namespace, loaded=None, mesh=None) -> dict:
             pairs = [(field, next(scores)) for field, _, _ in per_record[i]]
             for field, s in pairs:
                 check_finite(records[i], field, s)
-            out.append(scored_output(layout, records[i], pairs, args.best_of_n))
+            out.append(i, scored_output(layout, records[i], pairs, args.best_of_n))
             bar.update(1)
     bar.close()
-    out.finish()
+    outputs = out.finish()
     elapsed = time.perf_counter() - start
-    return summarize(*_collect(layout, records, out.outputs)) | {
-        "records": len(records), "answers": sum(map(len, per_record)), "seconds": round(elapsed, 2),
+    return summarize(*_collect(layout, records, outputs)) | {
+        "devices": devices.describe(mesh), "records": len(records), "answers": sum(map(len, per_record)),
+        "seconds": round(elapsed, 2),
         "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
     }
 
@@ -131,10 +139,13 @@ def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        distributed.initialize_from_args(args)
         summary = run(args)
-    except (FormatError, ModelSourceError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_main_process():  # the summary covers every process's records: process 0 prints it
+        return 0
     from diffpo_jax.reward.summary import markdown
 
     for field, s in summary["fields"].items():
@@ -142,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if "win_rate" in summary:
         w = summary["win_rate"]
         print(f"win rate of {w['of']} over {w['over']}: {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
-    print(json.dumps({k: summary[k] for k in ("records", "answers", "seconds", "tokens_per_s")}))
+    print(json.dumps({k: summary[k] for k in ("devices", "records", "answers", "seconds", "tokens_per_s")}))
     if args.report:
         args.report.write_text(markdown(summary, f"Scores of {args.input} by {args.model}"), encoding="utf-8")
         print(f"wrote {args.report}")

@@ -56,10 +56,14 @@ stop_all() {
 trap 'stop_all; exit 130' INT TERM
 
 status=0
-for ((left = n; left > 0; left--)); do
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
   finished=""
   code=0
-  wait -n -p finished "${pids[@]}" || code=$?
+  wait -n -p finished "${running[@]}" || code=$?
+  left=()
+  for pid in "${running[@]}"; do [[ "$pid" != "$finished" ]] && left+=("$pid"); done
+  running=("${left[@]}")  # a reaped pid is no job of this shell any more: `wait` must not name it again
   if [[ $code -ne 0 && $status -eq 0 ]]; then
     for ((i = 0; i < n; i++)); do [[ "${pids[$i]}" == "$finished" ]] && who=$i; done
     echo "launch: process ${who:-?} exited with status $code; stopping the others" >&2

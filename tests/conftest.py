@@ -48,6 +48,19 @@ def smollm2_reference(smollm2):
     return AutoModelForCausalLM.from_pretrained(**smollm2.reference, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+@pytest.fixture(scope="session")
+def smol_rm(tmp_path_factory, smollm2):
+    """A random LlamaForSequenceClassification over SmolLM2's vocabulary, saved with SmolLM2's tokenizer
+    (whose pad token is its end-of-turn token <|im_end|>)."""
+    config = tiny.llama_config(tie=True)
+    config.vocab_size, config.pad_token_id = len(smollm2.tokenizer), smollm2.tokenizer.pad_token_id
+    model = tiny.build_classifier(config, 1, seed=3)
+    folder = tmp_path_factory.mktemp("smol_rm")
+    model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder, model, smollm2.tokenizer
+
+
 # ---- training runs (tests/test_train.py, tests/test_distributed.py)
 
 

@@ -231,17 +231,17 @@ def test_checkpoints_resume_across_process_counts(train_config, xla_cache_dir, o
     assert_same_losses(train_losses(run_dir), one_process_run)
 
 
-def pid_of_process(run_dir, process_id: int) -> int:
-    """The pid of the training process with DIFFPO_PROCESS_ID=process_id writing to run_dir."""
+def pid_of_process(arg: str, process_id: int) -> int:
+    """The pid of the process with DIFFPO_PROCESS_ID=process_id that has `arg` on its command line."""
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if f"output_dir={run_dir}".encode() in cmdline and f"DIFFPO_PROCESS_ID={process_id}".encode() in environ:
+        if arg.encode() in cmdline and f"DIFFPO_PROCESS_ID={process_id}".encode() in environ:
             return int(proc.name)
-    raise AssertionError(f"no process {process_id} for {run_dir}")
+    raise AssertionError(f"no process {process_id} with {arg}")
 
 
 @pytest.mark.slow
@@ -261,7 +261,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cac
             break
     else:
         pytest.fail("no step 1 from process 0:\n" + "".join(head))
-    os.kill(pid_of_process(run_dir, 1), signal.SIGTERM)
+    os.kill(pid_of_process(f"output_dir={run_dir}", 1), signal.SIGTERM)
     out = "".join(head) + launcher.communicate(timeout=120)[0]
     assert launcher.returncode == 0, out
     stopped = [line for line in out.splitlines() if line.startswith("[p0] SIGTERM: stopped after step")]
@@ -272,3 +272,87 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cac
     out = train_run(train_config, run_dir, xla_cache_dir, 2, "eval.every=1")
     assert f"resuming {run_dir} from step {step}" in out
     assert_same_losses(train_losses(run_dir), one_process_run)
+
+
+# ----------------------------------------------------------------- decoding CLIs over several processes
+
+DECODE_ROWS = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
+               for i in range(16)]
+
+
+def decode_commands(model, reward_model) -> dict[str, list[str]]:
+    return {
+        "refine": ["diffpo_jax.refine", "--model", str(model), "--max-new-tokens", "12", "--block-size", "4"],
+        "generate": ["diffpo_jax.generate", "--model", str(model), "--max-new-tokens", "12", "--temperature", "0.7"],
+        "score": ["diffpo_jax.score", "--model", str(reward_model), "--fields", "draft"],
+    }
+
+
+def decode_run(processes: int, command: list[str], *args: str, batch_size: int = 4) -> subprocess.CompletedProcess:
+    """`python -m COMMAND ARGS` as one process over one device, or as `processes` x 4 devices, data-parallel."""
+    cmd = [sys.executable, "-m", *command, *args, "--batch-size", str(batch_size)]
+    if processes == 1:
+        return subprocess.run(cmd + ["--mesh", "1,1,1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                              env=dict(launcher_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    return run_local(processes, *cmd, "--mesh", "4,1,1", timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["refine", "generate", "score"])
+def test_decoding_over_two_processes_writes_one_ordered_file(name, tiny_init_dir, smol_rm, tmp_path):
+    """Each of 2 processes x 4 devices decodes its share of the records (every other one) over its own
+    devices; process 0 writes the one output file: byte-identical to one process on one device. (Scores
+    are floats: bit for bit with the same rows per device, 4 here; reward/scorer.py.)"""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in DECODE_ROWS))
+    command = decode_commands(tiny_init_dir, smol_rm[0])[name]
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out-{processes}.jsonl"
+        batch_size = 4 * 4 if name == "score" and processes == 2 else 4
+        result = decode_run(processes, command, "--input", str(inp), "--output", str(out), batch_size=batch_size)
+        assert result.returncode == 0, result.stdout + result.stderr
+        outputs[processes] = out.read_bytes()
+    assert [json.loads(line)["id"] for line in outputs[1].splitlines()] == list(range(len(DECODE_ROWS)))
+    assert outputs[2] == outputs[1]
+    assert not list(tmp_path.glob("*.partial*"))
+    if name != "score":  # score's summary covers every process's records: process 0 prints it
+        for i in (0, 1):
+            assert f"[p{i}] summary: devices 4 (cpu), mesh data=4 fsdp=1 tensor=1, process {i} of 2" in result.stdout
+    assert "[p0] wrote" in result.stdout and "[p1] wrote" not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_with_another_process_count(tiny_init_dir, smol_rm, tmp_path):
+    """SIGKILL to process 1 of 2 mid-run (the launcher then stops process 0): no output file, the records
+    both finished stay in their partial files; a rerun as 3 processes does only the rest and writes the
+    file one process writes."""
+    rows = DECODE_ROWS * 4  # 64 records, windows of 4: process 1 is still decoding when it is killed
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    command = decode_commands(tiny_init_dir, smol_rm[0])["refine"] + ["--input", str(inp), "--sort-window", "4"]
+    want = tmp_path / "one.jsonl"
+    assert decode_run(1, command, "--output", str(want)).returncode == 0
+    out = tmp_path / "out.jsonl"
+    launcher = subprocess.Popen(["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--",
+                                 sys.executable, "-m", *command, "--output", str(out), "--batch-size", "4", "--mesh", "4,1,1"],
+                                env=launcher_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    own = tmp_path / "out.jsonl.partial.1"
+    deadline = time.monotonic() + 240
+    while not (own.exists() and len(own.read_text().splitlines()) >= 1 + 4):  # header + its first window
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0]
+        time.sleep(0.02)
+    os.kill(pid_of_process(str(out), 1), signal.SIGKILL)
+    log = launcher.communicate(timeout=120)[0]
+    assert launcher.returncode != 0, log
+    assert not out.exists()
+    done = sum(1 for f in tmp_path.glob("out.jsonl.partial*") for line in f.read_text().splitlines()[1:]
+               if line.endswith("}"))  # a line cut short by the kill is redone
+    assert 4 <= done < len(rows), log
+    result = run_local(3, sys.executable, "-m", *command, "--output", str(out), "--batch-size", "4", "--mesh", "4,1,1",
+                       timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    redone = [int(line.split("turns_refined ")[1].split(",")[0]) for line in result.stdout.splitlines() if "summary:" in line]
+    assert len(redone) == 3 and sum(redone) == len(rows) - done, result.stdout
+    assert out.read_bytes() == want.read_bytes()
+    assert not list(tmp_path.glob("out.jsonl.partial*"))

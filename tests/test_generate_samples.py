@@ -54,7 +54,7 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
     args = _args(prompts, resumed, *hot, "--batch-size", "3")
     partial = ResumableOutput(resumed, "jsonl", read_records(prompts, "jsonl", with_drafts=False),
                               {k: getattr(args, k) for k in generate_cli.RESUME_OPTIONS})  # fmt: skip
-    partial.append(out[0] | {"samples": ["FROM PARTIAL"] * 4})
+    partial.append(0, out[0] | {"samples": ["FROM PARTIAL"] * 4})
     generate_cli.run(args, loaded)
     lines = resumed.read_text().splitlines()
     assert json.loads(lines[0])["samples"] == ["FROM PARTIAL"] * 4 and lines[1:] == text.splitlines()[1:]

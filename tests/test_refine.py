@@ -97,28 +97,61 @@ def test_resumable_output(tmp_path):
     recs = read_records(inp, "jsonl", with_drafts=True)
     out_path = tmp_path / "out.jsonl"
     out = ResumableOutput(out_path, "jsonl", recs, {"x": 1})
-    out.append({"n": 0})
-    out.append({"n": 1})
+    assert out.todo == [0, 1, 2]
+    out.append(0, {"n": 0})
+    out.append(1, {"n": 1})
     with pytest.raises(FormatError, match="2 of 3 records done"):
         out.finish()
     assert not out_path.exists()
     with (tmp_path / "out.jsonl.partial").open("a") as f:
-        f.write('{"source": "cut sh')  # a run killed mid-line: that record is redone
+        f.write('{"index": 2, "source": "cut sh')  # a run killed mid-line: that record is redone
     with pytest.raises(FormatError, match="other options"):
         ResumableOutput(out_path, "jsonl", recs, {"x": 2})
     other = read_records(write_jsonl(tmp_path / "other.jsonl", [{"prompt": "z", "draft": "d"}] * 3), "jsonl", with_drafts=True)
     with pytest.raises(FormatError, match="record 0 does not match"):
         ResumableOutput(out_path, "jsonl", other, {"x": 1})
+    with pytest.raises(FormatError, match="record index 1 is not in the input's 1 records"):
+        ResumableOutput(out_path, "jsonl", recs[:1], {"x": 1})
     out = ResumableOutput(out_path, "jsonl", recs, {"x": 1})
-    assert out.done == 2 and out.outputs == [{"n": 0}, {"n": 1}]
-    out.append({"n": 2})
-    out.finish()
+    assert out.todo == [2] and out.done == {0: {"n": 0}, 1: {"n": 1}}
+    assert "cut sh" not in (tmp_path / "out.jsonl.partial").read_text()  # the cut line is gone before appends
+    out.append(2, {"n": 2})
+    assert out.finish() == [{"n": i} for i in range(3)]
     assert [json.loads(line) for line in out_path.read_text().splitlines()] == [{"n": i} for i in range(3)]
     assert not (tmp_path / "out.jsonl.partial").exists()
     alpaca = ResumableOutput(tmp_path / "out.json", "alpaca_eval", recs[:1], {})
-    alpaca.append({"output": "x"})
+    alpaca.append(0, {"output": "x"})
     alpaca.finish()
     assert json.loads((tmp_path / "out.json").read_text()) == [{"output": "x"}]
+
+
+def test_resumable_output_over_processes_resumes_with_any_count(tmp_path):
+    """Processes take every P-th record left; each appends to its own partial file, in any order; a rerun with
+    another process count reads them all and shares out the rest; process 0 writes OUT in input order. (The
+    processes run one after another here, so the barriers are no-ops; tests/test_distributed.py runs them
+    as real processes.)"""
+    recs = read_records(write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(7)]),
+                        "jsonl", with_drafts=True)
+    out_path = tmp_path / "out.jsonl"
+
+    def opened(process, processes):
+        return ResumableOutput(out_path, "jsonl", recs, {}, process=process, processes=processes)
+
+    first = [opened(p, 3) for p in range(3)]
+    assert [o.todo for o in first] == [[0, 3, 6], [1, 4], [2, 5]]
+    first[2].append(5, {"n": 5})  # process 2 wrote record 5, then every process was killed
+    first[1].append(1, {"n": 1})
+    assert sorted(f.name for f in tmp_path.glob("out.jsonl.partial*")) == [
+        "out.jsonl.partial", "out.jsonl.partial.1", "out.jsonl.partial.2"]
+    second = [opened(p, 2) for p in range(2)]
+    assert [o.todo for o in second] == [[0, 3, 6], [2, 4]]
+    for o in reversed(second):
+        for i in o.todo:
+            o.append(i, {"n": i})
+    assert second[0].finish() == [{"n": i} for i in range(7)]
+    assert [json.loads(line) for line in out_path.read_text().splitlines()] == [{"n": i} for i in range(7)]
+    assert list(tmp_path.glob("out.jsonl.partial*")) == []
+    assert second[1].finish() == [{"n": i} for i in range(7)]  # the others read OUT once process 0 wrote it
 
 
 def test_bucket():
@@ -205,7 +238,7 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     args = refine_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *common])
     recs = read_records(inp, "jsonl", with_drafts=True)
     partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, {k: getattr(args, k) for k in refine_cli.RESUME_OPTIONS})
-    partial.append(rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
+    partial.append(0, rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
     summary = refine_cli.run(args, smollm2)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == [0, 1, 2] and out[0]["refined"] == "FROM PARTIAL"

@@ -10,24 +10,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tests import tiny
 from diffpo_jax import score as score_cli
 from diffpo_jax.data.trajectories import DATA_FILE, build
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def smol_rm(tmp_path_factory, smollm2):
-    """A random LlamaForSequenceClassification over SmolLM2's vocabulary, saved with SmolLM2's tokenizer
-    (whose pad token is its end-of-turn token <|im_end|>)."""
-    config = tiny.llama_config(tie=True)
-    config.vocab_size, config.pad_token_id = len(smollm2.tokenizer), smollm2.tokenizer.pad_token_id
-    model = tiny.build_classifier(config, 1, seed=3)
-    folder = tmp_path_factory.mktemp("smol_rm")
-    model.save_pretrained(folder)
-    smollm2.tokenizer.save_pretrained(folder)
-    return folder, model, smollm2.tokenizer
 
 
 def reference_score(rm, messages) -> float:
@@ -78,6 +64,17 @@ def test_jsonl_scores_equal_transformers_and_the_summary(smol_rm, tmp_path, caps
     assert again.read_text() == out.read_text()
 
 
+def test_scores_over_8_devices_are_the_bytes_of_one_device(smol_rm, tmp_path, capsys):
+    """The same rows per device (here 1): the same output file bit for bit; the summary names the mesh."""
+    src = write_jsonl(tmp_path / "in.jsonl", ANSWERS * 3)
+    files = []
+    for mesh, batch in (("1,1,1", 1), ("8,1,1", 8)):
+        files.append(tmp_path / f"{mesh}.jsonl")
+        assert score(smol_rm, "--input", src, "--output", files[-1], "--mesh", mesh, "--batch-size", batch) == 0
+        assert f'"devices": "{mesh[0]} (cpu), mesh data={mesh[0]} fsdp=1 tensor=1"' in capsys.readouterr().out
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
 def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, capsys):
     """Killed after two records: OUT.partial holds them, no OUT; the rerun scores only the rest and writes the
     same bytes as an uninterrupted run; a rerun with other options is refused, naming the partial file."""
@@ -88,10 +85,10 @@ def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, c
     assert score(smol_rm, "--input", src, "--output", full) == 0
     append = formats.ResumableOutput.append
 
-    def killed_after_two(self, output):
-        if self.done == 2:
+    def killed_after_two(self, index, output):
+        if len(self.done) == 2:
             raise KeyboardInterrupt
-        append(self, output)
+        append(self, index, output)
 
     monkeypatch.setattr(formats.ResumableOutput, "append", killed_after_two)
     with pytest.raises(KeyboardInterrupt):

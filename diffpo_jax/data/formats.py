@@ -14,9 +14,10 @@ Formats (the same three for both CLIs):
 
 A `Record` is one input record as a conversation: the first turn's prompt, the user messages of later
 turns, and (refine) one draft per turn. `ResumableOutput` streams results to OUT.partial (a header line
-with the run's options, then one line per finished record holding a fingerprint of its input) and
-writes OUT by rename once every record is done; a rerun resumes from the partial file after checking
-that it belongs to the same input and options.
+with the run's options, then one line per finished record holding its index and a fingerprint of its
+input) and writes OUT by rename once every record is done; a rerun resumes from the partial file after
+checking that it belongs to the same input and options. Several processes share one output: each
+appends to its own partial file, and process 0 writes OUT in input order.
 
 Every problem with the input is a `FormatError` whose str() is one line naming the file, the line or
 record, and the field.
@@ -31,7 +32,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from diffpo_jax.chat import Messages, as_messages
 from diffpo_jax.jsonl import JsonlError, read_jsonl
@@ -235,66 +236,95 @@ def _fingerprint(raw: Any) -> str:
 
 
 class ResumableOutput:
-    """OUT.partial while running (header {"options"}, then {"source": fingerprint, "output": record} per
-    finished record); OUT, written to a temp name and renamed, once all records are done."""
+    """OUT.partial while running (header {"options"}, then {"index", "source": fingerprint, "output"} per
+    finished record); OUT, written to a temp name and renamed, once all records are done.
 
-    def __init__(self, path: Path, fmt: str, records: list[Record], options: dict[str, Any]):
-        self.path, self.fmt, self.records = Path(path), fmt, records
-        self.partial = self.path.with_name(self.path.name + ".partial")
-        self.outputs: list[dict] = []
-        header = {"options": options}
-        if self.partial.exists():
-            self._resume(header)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.partial.write_text(json.dumps(header) + "\n", encoding="utf-8")
+    Several processes (`process` of `processes`, with `barrier(name)` a barrier over them; the output's
+    folder shared): process p appends to its own file, OUT.partial (p = 0) or OUT.partial.p; each reads
+    every partial file there at start (what earlier runs finished, with any process count), and takes
+    every processes-th record of the rest as its own (`todo`); `finish` has process 0 write OUT, in input
+    order, from all the partial files."""
+
+    def __init__(self, path: Path, fmt: str, records: list[Record], options: dict[str, Any], *,
+                 process: int = 0, processes: int = 1, barrier: Callable[[str], None] = lambda name: None):
+        self.path, self.fmt, self.records, self.barrier = Path(path), fmt, records, barrier
+        self.process = process
+        self.header = json.loads(json.dumps({"options": options}))  # as it reads back
+        self.partial = self._partial_file(process)
+        done, own_lines = self._read_partials()
+        barrier("resumable-output-read")  # every process has read the files before any writes one
+        self.done: dict[int, dict] = {i: done[i] for i in sorted(done)}
+        self.todo: list[int] = [i for i in range(len(records)) if i not in done][process::processes]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial.write_text("".join(line + "\n" for line in own_lines or [json.dumps(self.header)]), encoding="utf-8")
         self._file = None
 
-    def _resume(self, header: dict) -> None:
-        lines = self.partial.read_text(encoding="utf-8").splitlines()
-        try:
-            rows = [json.loads(line) for line in lines]
-        except json.JSONDecodeError:
-            # Only the last line can be cut short (a run killed mid-write): drop it and redo that record.
-            rows = [json.loads(line) for line in lines[:-1]]
-        if not rows or rows[0] != json.loads(json.dumps(header)):
-            raise FormatError(
-                f"{self.partial}: written by a run with other options ({rows[0] if rows else 'no header'}); "
-                "delete it to start over"
-            )
-        done = rows[1:]
-        if len(done) > len(self.records):
-            raise FormatError(f"{self.partial}: has {len(done)} records, the input only {len(self.records)}")
-        for i, (row, rec) in enumerate(zip(done, self.records)):
-            if row.get("source") != _fingerprint(rec.raw):
-                raise FormatError(f"{self.partial}: record {i} does not match {rec.where}; delete it to start over")
-        self.outputs = [row["output"] for row in done]
-        self.partial.write_text("".join(line + "\n" for line in lines[: 1 + len(done)]), encoding="utf-8")
+    def _partial_file(self, process: int) -> Path:
+        return self.path.with_name(self.path.name + ".partial" + (f".{process}" if process else ""))
 
-    @property
-    def done(self) -> int:
-        return len(self.outputs)
+    def _partial_files(self) -> list[Path]:
+        """OUT.partial and OUT.partial.<p> of any p, whichever exist."""
+        stem = self.path.name + ".partial"
+        if not self.path.parent.is_dir():
+            return []
+        return sorted(f for f in self.path.parent.iterdir()
+                      if f.name == stem or f.name.startswith(stem + ".") and f.name[len(stem) + 1 :].isdigit())
 
-    def append(self, output: dict[str, Any]) -> None:
-        """The output of the next record, in input order; flushed to OUT.partial at once."""
+    def _read_partials(self) -> tuple[dict[int, dict], list[str]]:
+        """The outputs in all partial files by record index, and this process's file's whole lines."""
+        done, own = {}, []
+        for f in self._partial_files():
+            lines = f.read_text(encoding="utf-8").splitlines()
+            try:
+                rows = [json.loads(line) for line in lines]
+            except json.JSONDecodeError:
+                # Only the last line can be cut short (a run killed mid-write): that record is redone.
+                lines = lines[:-1]
+                rows = [json.loads(line) for line in lines]
+            if not rows or rows[0] != self.header:
+                raise FormatError(f"{f}: written by a run with other options ({rows[0] if rows else 'no header'}); "
+                                  "delete it to start over")
+            for row in rows[1:]:
+                i = row.get("index")
+                if not isinstance(i, int) or not 0 <= i < len(self.records):
+                    raise FormatError(f"{f}: record index {i} is not in the input's {len(self.records)} records")
+                if row.get("source") != _fingerprint(self.records[i].raw):
+                    raise FormatError(f"{f}: record {i} does not match {self.records[i].where}; delete it to start over")
+                done[i] = row["output"]
+            if f == self.partial:
+                own = lines
+        return done, own
+
+    def append(self, index: int, output: dict[str, Any]) -> None:
+        """The output of record `index` (0-based in the input); flushed to this process's file at once."""
         if self._file is None:
             self._file = self.partial.open("a", encoding="utf-8")
-        source = _fingerprint(self.records[self.done].raw)
-        self._file.write(json.dumps({"source": source, "output": output}, ensure_ascii=False) + "\n")
+        row = {"index": index, "source": _fingerprint(self.records[index].raw), "output": output}
+        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._file.flush()
-        self.outputs.append(output)
+        self.done[index] = output
 
-    def finish(self) -> None:
-        """Write OUT (all records, input order) by rename and remove OUT.partial."""
+    def finish(self) -> list[dict[str, Any]]:
+        """Write OUT (all records, input order) by rename and remove the partial files; returns the outputs.
+
+        With several processes: after every process's records are written, process 0 writes OUT from all
+        the partial files; every process returns once OUT is there."""
         if self._file is not None:
             self._file.close()
-        if self.done != len(self.records):
-            raise FormatError(f"{self.partial}: {self.done} of {len(self.records)} records done")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        if self.fmt == "alpaca_eval":
-            text = json.dumps(self.outputs, indent=2, ensure_ascii=False) + "\n"
-        else:
-            text = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in self.outputs)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
-        self.partial.unlink()
+        self.barrier("resumable-output-done")
+        if self.process == 0:
+            done, _ = self._read_partials()
+            if len(done) != len(self.records):
+                raise FormatError(f"{self.partial}: {len(done)} of {len(self.records)} records done")
+            outputs = [done[i] for i in range(len(self.records))]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            if self.fmt == "alpaca_eval":
+                text = json.dumps(outputs, indent=2, ensure_ascii=False) + "\n"
+            else:
+                text = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.path)
+            for f in self._partial_files():
+                f.unlink()
+        self.barrier("resumable-output-written")
+        return outputs if self.process == 0 else [o for _, o in read_output(self.path, self.fmt)]

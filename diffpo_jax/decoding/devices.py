@@ -1,4 +1,4 @@
-"""Where the decoding CLIs (refine, generate) run: the mesh of this process's devices and the dtype.
+"""Where the decoding CLIs (refine, generate, score) run: the mesh of this process's devices and the dtype.
 
 `--mesh D,F,T` is a (data, fsdp, tensor) mesh over the local devices, sharded through the same logical
 axis table as training (sharding.LOGICAL_RULES): batch rows split over data x fsdp, parameters over
@@ -8,6 +8,8 @@ on the data axis (rows data-parallel, parameters replicated) on GPU/TPU; one dev
 `--dtype` default: bfloat16 on GPU/TPU, float32 on CPU. In bfloat16 a W-token Jacobi pass and a one-token
 AR step round differently, so refinement equals the bfloat16 greedy decode only up to those roundings
 (README, "Refining answers").
+Several processes (launch/): each decodes its share of the records over its own devices, and process 0
+writes the one output file (record_loop.open_output); the summary says which process it is.
 """
 
 from __future__ import annotations
@@ -76,5 +78,7 @@ def check_rows(mesh: Mesh, batch_size: int) -> None:
 
 
 def describe(mesh: Mesh) -> str:
-    """e.g. '8 (cpu), mesh data=8 fsdp=1 tensor=1' (the summary's `devices`)."""
-    return f"{mesh.size} ({mesh.devices.flat[0].platform}), mesh " + " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+    """e.g. '8 (cpu), mesh data=8 fsdp=1 tensor=1' (the summary's `devices`), then ', process 0 of 2' with
+    several processes (each decodes its share of the records over its own devices)."""
+    text = f"{mesh.size} ({mesh.devices.flat[0].platform}), mesh " + " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+    return text + (f", process {jax.process_index()} of {jax.process_count()}" if jax.process_count() > 1 else "")

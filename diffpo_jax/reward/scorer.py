@@ -1,11 +1,16 @@
 """Scoring token rows with a reward model: length-sorted, fixed-shape batches, data-parallel, one jit.
 
 `Scorer.score(rows)` takes (token ids, gating index) rows in any order and returns one `Score` per row
-in the same order. Rows are sorted by length and cut into batches of `batch_size` rows (a short last
-batch repeats a row), each right-padded to its length bucket: one compilation per bucket. Buckets are
-four per octave (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ...), so padding costs at most 25% (at
-most 14% past the first octave) at four compiled shapes per doubling of the length. With a mesh, the batch is split over all its devices (pure data parallel: `batch_size` is
-rounded up to a multiple of the device count) and the weights are placed by `param_shardings`.
+in the same order. Rows are sorted by length and cut into batches of `batch_size` rows of one length
+bucket (a short last batch repeats a row), right-padded to the bucket: one compilation per bucket.
+Buckets are four per octave (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ...), so padding costs at most
+25% (at most 14% past the first octave) at four compiled shapes per doubling of the length. With a mesh,
+the batch is split over all its devices (pure data parallel: `batch_size` is rounded up to a multiple of
+the device count) and the weights are placed by `param_shardings`.
+
+A row's score depends on how many rows each device holds (XLA blocks its matrix products by it) and on
+nothing else: with the same rows per device it is the same bit for bit on any mesh and with any process
+count (rows do not share a batch across buckets); otherwise it agrees to float32 rounding.
 """
 
 from __future__ import annotations
@@ -74,12 +79,17 @@ class Scorer:
         return ids, (gating_position(ids, self.pattern) if self.pattern is not None else 0)
 
     def score(self, rows: list[tuple[list[int], int]]) -> list[Score]:
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+        """One Score per row, in order. A batch holds rows of one length bucket only, so a row's score does
+        not depend on the rows scored with it (the same bytes however the records are split up)."""
+        by_bucket: dict[int, list[int]] = {}
+        for i in sorted(range(len(rows)), key=lambda i: len(rows[i][0])):
+            by_bucket.setdefault(length_bucket(len(rows[i][0])), []).append(i)
         scores: list[Score | None] = [None] * len(rows)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for i, s in zip(chunk, self._batch([rows[i] for i in chunk])):
-                scores[i] = s
+        for order in by_bucket.values():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                for i, s in zip(chunk, self._batch([rows[i] for i in chunk])):
+                    scores[i] = s
         return scores
 
     def _batch(self, rows: list[tuple[list[int], int]]) -> list[Score]:
