@@ -65,6 +65,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"  # stored weights
     remat: bool = False  # recompute each layer in the backward pass (training memory)
+    attention: str = "auto"  # attention.py: "auto" (cuDNN flash on GPU where it applies, else einsum) | "einsum" | "xla" | "cudnn"
 
     @property
     def query_scale(self) -> float:

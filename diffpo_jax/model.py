@@ -17,7 +17,8 @@ overwritten when their position is decoded again. Each row advances at its own p
 
 Layers are stacked (every parameter under `layers` has a leading layer axis) and run with
 `jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding
-layers) are data: a window-size array scanned with the weights.
+layers) are data: a window-size array scanned with the weights. Attention itself (the einsum reference,
+cuDNN flash on GPU) is attention.py, picked by `ModelConfig.attention`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffpo_jax.attention import attend, choose, softcap_logits
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.sharding import RESIDUAL, constrain
 
@@ -92,10 +94,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
-    return x if cap is None else jnp.tanh(x / cap) * cap
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         e, h, k, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -118,18 +116,14 @@ class Attention(nnx.Module):
         k = apply_rope(k, q_pos, inv_freq)
         keys, values = kv_write(k, v)  # [B, S, Kv, D]
 
-        b, t, h, d = q.shape
-        groups = h // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, keys) * jnp.asarray(cfg.query_scale, dt)
-        logits = _softcap(logits, cfg.attn_logit_softcap)
         delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
         allowed = (delta >= 0) & ((window == 0) | (delta < window))
         if visible is not None:
             allowed = allowed & visible
-        logits = jnp.where(allowed[:, None, None], logits.astype(jnp.float32), -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-        out = constrain(jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d), q_axes)
+        implementation = choose(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_dim, softcap=cfg.attn_logit_softcap)
+        out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
+                     implementation=implementation)
+        out = constrain(out, q_axes)
         return constrain(jnp.einsum("bthd,hde->bte", out, _weight(self.o_proj, dt)), RESIDUAL)
 
 
@@ -261,7 +255,7 @@ class Transformer(nnx.Module):
         head = _weight(self.embed, dt).T if self.cfg.tie_word_embeddings else _weight(self.lm_head, dt)
         logits = jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("head_batch", *[None] * (hidden.ndim - 2), "vocab"))
-        return _softcap(logits, self.cfg.final_logit_softcap)
+        return softcap_logits(logits, self.cfg.final_logit_softcap)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:

@@ -28,6 +28,14 @@ def add_arguments(ap: argparse.ArgumentParser, window_help: str) -> None:
                          "or write it out with an `error` field and go on")
 
 
+def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The options `names` of a CLI run, which a resumed run must share, with the dtype resolved
+    (devices.default_dtype: call it after jax.distributed starts, as it asks the backend)."""
+    from diffpo_jax.decoding.devices import default_dtype
+
+    return {k: default_dtype(args.dtype) if k == "dtype" else getattr(args, k) for k in names}
+
+
 def open_output(path, fmt: str, records: list[Record], options: dict[str, Any]) -> ResumableOutput:
     """The output file of a CLI run, shared by this run's processes (one with a single process): each takes
     a share of the records no earlier run finished, and process 0 writes the file (formats.ResumableOutput)."""

@@ -81,15 +81,13 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    # resolved here, after jax.distributed starts (it must come before any backend call); a resumed run
-    # must share the resolved dtype
-    args.dtype = devices.default_dtype(args.dtype)
     mesh = devices.decode_mesh(args.mesh)
     devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
-    out = record_loop.open_output(args.output, args.format, records, {k: getattr(args, k) for k in RESUME_OPTIONS})
-    loaded = loaded or load_model(args.model, dtype=args.dtype, mesh=mesh)
+    options = record_loop.run_options(args, RESUME_OPTIONS)
+    out = record_loop.open_output(args.output, args.format, records, options)
+    loaded = loaded or load_model(args.model, dtype=options["dtype"], mesh=mesh)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
     # the bar counts this process's decoded turns (records come out a window at a time)

@@ -72,9 +72,6 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.reward.summary import summarize
     from diffpo_jax.sources import load_reward_model
 
-    # resolved here, after jax.distributed starts (it must come before any backend call); a resumed run
-    # must share the resolved dtype
-    args.dtype = devices.default_dtype(args.dtype)
     mesh = devices.decode_mesh(args.mesh)
     check_output_path(args.input, args.output, args.overwrite)
     records = read_score_records(args.input, args.format, args.questions)
@@ -83,7 +80,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     if args.best_of_n:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
-    loaded = loaded or load_reward_model(args.model, dtype=args.dtype, mesh=mesh)
+    options = record_loop.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
+    loaded = loaded or load_reward_model(args.model, dtype=options["dtype"], mesh=mesh)
     scorer = Scorer(loaded, batch_size=args.batch_size, label=args.label, mesh=mesh)
     rows_by_record = []
     for rec, its in zip(records, per_record):
@@ -94,7 +92,6 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             except InputError as e:
                 raise FormatError(f"{rec.where}: field '{field}': {e}") from None
         rows_by_record.append(rows)
-    options = {k: getattr(args, k) for k in RESUME_OPTIONS} | {"fields": list(layout.fields)}
     out = record_loop.open_output(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
 
     bar = tqdm(total=len(out.todo), unit="rec", desc="score", dynamic_ncols=True)  # this process's records

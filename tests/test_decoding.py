@@ -13,6 +13,7 @@ from flax import nnx
 
 from diffpo_jax.decoding import generate, jacobi_decode, sample
 from diffpo_jax.decoding.jacobi import _realign
+from diffpo_jax.model import abstract_model
 from diffpo_jax.sources import load_model
 from tests import tiny
 
@@ -77,6 +78,16 @@ def test_jacobi_equals_greedy(setup, block_size, realign):
     assert passes[2] == math.ceil(N / block_size)  # draft == greedy: one pass per block
     if realign:  # shifted drafts re-seeded from the draft: at most two passes per block
         assert passes[3] <= 2 * math.ceil(N / block_size) and passes[4] <= 2 * math.ceil(N / block_size)
+
+
+def test_jacobi_equals_greedy_with_xla_attention(setup, tiny_llama_dir):
+    """The fused attention's CPU path (attention.py "xla"): AR greedy and Jacobi give the einsum model's tokens."""
+    _, state, prompts, greedy, rng = setup
+    graphdef, _ = nnx.split(abstract_model(load_model(str(tiny_llama_dir)).cfg.replace(attention="xla")))
+    np.testing.assert_array_equal(np.asarray(generate(graphdef, state, prompts, LENS, max_new_tokens=N).tokens), greedy)
+    drafts, draft_lens = _drafts(greedy, rng)
+    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N)
+    np.testing.assert_array_equal(np.asarray(r.tokens), greedy)
 
 
 def test_gemma2_sliding_window(tiny_gemma2_dir):

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from diffpo_jax import generate as generate_cli
+from diffpo_jax import record_loop
 from diffpo_jax.data.formats import FormatError, ResumableOutput, read_records
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Why is the sky blue?", "Name a fruit."]
@@ -53,7 +54,7 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
     resumed = tmp_path / "resumed.jsonl"
     args = _args(prompts, resumed, *hot, "--batch-size", "3")
     partial = ResumableOutput(resumed, "jsonl", read_records(prompts, "jsonl", with_drafts=False),
-                              {k: getattr(args, k) for k in generate_cli.RESUME_OPTIONS})  # fmt: skip
+                              record_loop.run_options(args, generate_cli.RESUME_OPTIONS))  # fmt: skip
     partial.append(0, out[0] | {"samples": ["FROM PARTIAL"] * 4})
     generate_cli.run(args, loaded)
     lines = resumed.read_text().splitlines()
@@ -80,6 +81,6 @@ def test_num_samples_needs_jsonl_and_is_checked_on_resume(loaded, prompts, tmp_p
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and message in err, err
     ResumableOutput(tmp_path / "o.jsonl", "jsonl", read_records(prompts, "jsonl", with_drafts=False),
-                    {k: getattr(_args(prompts, tmp_path / "o.jsonl"), k) for k in generate_cli.RESUME_OPTIONS})  # fmt: skip
+                    record_loop.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS))  # fmt: skip
     with pytest.raises(FormatError, match="other options"):
         generate_cli.run(_args(prompts, tmp_path / "o.jsonl", "--num-samples", "2"), loaded)

@@ -1,4 +1,5 @@
-"""Logit parity with transformers (fp32) on tiny random Llama-3 and Gemma-2, padding, KV cache, sharding."""
+"""Logit parity with transformers (fp32) on tiny random Llama-3 and Gemma-2, padding, KV cache, sharding,
+attention implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 import torch
 from flax import nnx
 
-from diffpo_jax.model import init_cache
+from diffpo_jax.attention import attend, choose
+from diffpo_jax.model import abstract_model, init_cache
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import load_model
 from tests import tiny
@@ -201,3 +203,57 @@ def test_a_multi_slice_job_gets_a_hybrid_mesh_with_data_across_slices():
         device_grid((1, 8, 1), devices)
     one_slice = [SimpleNamespace(**{**vars(d), "slice_index": 0}) for d in devices]
     assert sorted(d.id for d in device_grid((1, 8, 1), one_slice).flat) == list(range(8))
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def with_attention(loaded, implementation: str):
+    """The loaded model's weights under a model whose config picks another attention implementation."""
+    graphdef, _ = nnx.split(abstract_model(loaded.cfg.replace(attention=implementation)))
+    return nnx.merge(graphdef, nnx.state(loaded.model))
+
+
+def test_xla_attention_equals_the_einsum_reference():
+    """jax.nn.dot_product_attention (its XLA path: what the cuDNN kernel is tested against) on grouped
+    heads, a causal + window + segment mask and fully masked (padding) query rows."""
+    rng = np.random.default_rng(0)
+    b, t, s, h, kv, d = 2, 5, 11, 4, 2, 8
+    q, keys, values = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, h, d), (b, s, kv, d), (b, s, kv, d)))
+    q_pos = np.arange(s - t, s)[None].repeat(b, 0)
+    delta = q_pos[:, :, None] - np.arange(s)[None, None]
+    allowed = (delta >= 0) & (delta < 6) & (rng.random((b, t, s)) < 0.8)
+    allowed[1, 2] = False  # a padding query sees nothing
+    ref = attend(q, keys, values, jnp.asarray(allowed), scale=d**-0.5, softcap=None, implementation="einsum")
+    got = attend(q, keys, values, jnp.asarray(allowed), scale=d**-0.5, softcap=None, implementation="xla")
+    assert np.abs(np.asarray(ref)).max() > 0.5
+    np.testing.assert_allclose(np.asarray(got)[allowed.any(-1)], np.asarray(ref)[allowed.any(-1)], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("left", [True, False], ids=["left_pad", "right_pad"])
+def test_xla_attention_model_matches_transformers(tiny_llama_dir, left):
+    model = with_attention(load_model(str(tiny_llama_dir)), "xla")
+    tokens, positions, mask = padded_batch(left)
+    ours = np.asarray(FORWARD(model, tokens, positions, mask, None)[0])
+    ref = reference_logits(tiny_llama_dir, tokens, positions, mask)
+    assert np.abs(ours[mask] - ref[mask]).max() <= 1e-4
+
+
+def test_attention_is_chosen_by_backend_and_model(tiny_gemma2_dir, monkeypatch):
+    """auto: einsum on CPU; on GPU cuDNN flash for bf16 / fp16 without soft-cap and a head_dim it takes.
+    Gemma-2's soft-cap has no fused kernel: asking for one is an error, not a silent change of numerics."""
+    llama = dict(head_dim=64, softcap=None)
+    assert choose("auto", dtype="bfloat16", **llama) == "einsum"  # this machine: CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert choose("auto", dtype="bfloat16", **llama) == "cudnn"
+    assert choose("auto", dtype="float32", **llama) == "einsum"
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=None) == "einsum"
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=50.0) == "einsum"
+    assert choose("einsum", dtype="bfloat16", **llama) == "einsum"
+    with pytest.raises(ValueError, match="must be one of"):
+        choose("flash", dtype="bfloat16", **llama)
+    monkeypatch.undo()
+    gemma = with_attention(load_model(str(tiny_gemma2_dir)), "xla")
+    tokens, positions, mask = padded_batch(True)
+    with pytest.raises(ValueError, match="'xla' has no logit soft-cap"):
+        FORWARD(gemma, tokens, positions, mask, None)

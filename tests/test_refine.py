@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffpo_jax import generate as generate_cli
+from diffpo_jax import record_loop
 from diffpo_jax import refine as refine_cli
 from diffpo_jax.data.formats import FormatError, ResumableOutput, read_records, turn_prompt
 from diffpo_jax.decoding.batching import Decoder, bucket, stop_token_ids
@@ -237,7 +238,7 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
     args = refine_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *common])
     recs = read_records(inp, "jsonl", with_drafts=True)
-    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, {k: getattr(args, k) for k in refine_cli.RESUME_OPTIONS})
+    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, record_loop.run_options(args, refine_cli.RESUME_OPTIONS))
     partial.append(0, rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
     summary = refine_cli.run(args, smollm2)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]

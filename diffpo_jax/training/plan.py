@@ -116,7 +116,8 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
     except ValueError as e:
         raise TrainConfigError(f"config: mesh: {e}") from None
     cfg = fit_to_mesh(cfg, shape, devices // hosts)
-    model_cfg = model_config(cfg.model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    model_cfg = model_config(cfg.model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                                                attention=cfg.attention)
     shards = shape[0] * shape[1]
     micro = cfg.global_batch_size // cfg.grad_accum
     out = {"topology": topology, "devices": devices, "hosts": hosts, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),

@@ -54,6 +54,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffpo_jax.attention import IMPLEMENTATIONS
 from diffpo_jax.config import load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
@@ -101,6 +102,7 @@ class TrainConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"  # stored weights, gradients, optimizer state (fp32 = master weights)
     remat: bool = False  # recompute each layer in the backward pass
+    attention: str = "auto"  # attention implementation (diffpo_jax/attention.py): auto | einsum | xla | cudnn
     seed: int = 0  # data order, y(t) draws, preset: init
     global_batch_size: int = 8  # rows per optimizer update, all processes and micro-batches together
     grad_accum: int = 1  # micro-batches per update; 0 = auto (one row per data x fsdp device per micro-batch)
@@ -124,11 +126,11 @@ class TrainConfig:
 
 _SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
 TRAIN_CONFIG = "train_config.json"
-# Keys a resumed run may change freely: where it runs (mesh, micro-batching, remat: the same updates up
-# to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
+# Keys a resumed run may change freely: where it runs (mesh, micro-batching, remat, attention: the same
+# updates up to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
 RESUMABLE_KEYS = (
-    "output_dir", "mesh", "grad_accum", "remat", "stop_after", "log_every", "save_every", "keep_checkpoints",
+    "output_dir", "mesh", "grad_accum", "remat", "attention", "stop_after", "log_every", "save_every", "keep_checkpoints",
     "async_checkpoints", "tensorboard", "topologies", "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
 )
 
@@ -211,6 +213,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         )
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise TrainConfigError(f"config: max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.attention not in IMPLEMENTATIONS:
+        raise TrainConfigError(f"config: attention must be one of {', '.join(IMPLEMENTATIONS)}, got {cfg.attention!r}")
     if cfg.loss.con_positions not in CON_POSITIONS:
         raise TrainConfigError(f"config: loss.con_positions must be one of {', '.join(CON_POSITIONS)}, "
                                f"got {cfg.loss.con_positions!r}")
@@ -493,7 +497,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
     if is_main_process():  # the config of this start: what the next resume is checked against
         (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat)
+    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.attention)
     abstract = abstract_model(model_cfg)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
     params_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
