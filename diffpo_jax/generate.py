@@ -8,8 +8,8 @@
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
 answers per prompt instead: each record gets `samples` (K strings, no `draft`) and `sample_keys`
-([seed, record index, 0, k] for each sample k). --batch-size counts prompts: a decode call runs
-batch_size * K rows, the K samples of a prompt in the same call.
+([seed, record index, 0, k] for each sample k). --batch-size counts prompts: the decoder runs
+batch_size * K rows at a time, and the rows of a --sort-window go through them with row refill.
 
 Sampling is reproducible and per row: sample k of turn t of input record i (0-based) draws with the key
 fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     devices.add_arguments(ap)
-    record_loop.add_arguments(ap, "decode N records at a time in batches of similar prompt length, written in input "
-                                  "order (default 256; <= --batch-size: batches of consecutive records)")
+    record_loop.add_arguments(ap, "decode N records at a time through --batch-size slots with row refill (a finished "
+                                  "row's slot takes the next record), written in input order (default 256; <= "
+                                  "--batch-size: batches of consecutive records, each until its longest answer is done)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -117,8 +118,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def history(_rec, _turn, result):
         return result[1][0].text
 
+    # A window's records go to the decoder together: its slots decode them with row refill (a finished
+    # row's slot takes the next row), or one batch when the window is no larger than --batch-size.
     skipped = record_loop.decode_records(decoder, records, out, decode, history, build, progress,
-                                         batch_size=args.batch_size, on_error=args.on_error, window=args.sort_window)
+                                         batch_size=max(args.sort_window, args.batch_size), on_error=args.on_error,
+                                         window=args.sort_window)
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()

@@ -74,7 +74,8 @@ def decode_records(
 
     Scheduling: records are taken `window` at a time; within a window, batches are formed in order of
     the first turn's prompt bucket, so a batch's prompts share a bucket (a batch_size as large as the
-    window hands the whole window to `decode` at once: refine's row refill). A window is written out, in
+    window hands the whole window to `decode` at once: the CLIs' row refill; refine --trajectory decodes
+    batch by batch). A window is written out, in
     input order, when all its records are done (a killed run redoes at most one window).
     window <= batch_size: batches of consecutive records, as they come.
     """

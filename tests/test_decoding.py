@@ -256,3 +256,20 @@ def test_row_refill_equals_one_batch(setup, options):
         assert np.all(got.passes == 2) and not np.all(got.converged)
     else:  # rows finish at different passes, so slots are refilled mid-run
         assert len(set(want.passes.tolist())) > 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_generate_row_refill_equals_one_batch(setup, temperature):
+    """generate_stream: 8 rows through 3 slots give every row the tokens generate gives it in one batch
+    (its key decides its samples), rows ending at different steps on a stop token."""
+    from diffpo_jax.decoding.sampler import generate_stream
+
+    graphdef, state, prompts, greedy, _ = setup
+    stop = int(greedy[1, 4])  # ends row 1 (and any row that draws it) early
+    kw = dict(max_new_tokens=N, temperature=temperature, top_p=0.95, stop_tokens=(stop,))
+    keys = jax.random.split(jax.random.key(1), len(prompts))
+    want = jax.device_get(generate(graphdef, state, prompts, LENS, keys, **kw))
+    got = generate_stream(graphdef, state, prompts, LENS, keys, batch_size=3, **kw)
+    for name in ("tokens", "lengths", "stopped"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert want.stopped.any() and len(set(want.lengths.tolist())) > 1  # slots are refilled mid-run

@@ -341,9 +341,9 @@ def test_a_mesh_the_batch_or_devices_cannot_make_is_one_line(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("cli", [refine_cli, generate_cli], ids=["refine", "generate"])
 def test_sorted_windows_batch_by_bucket_and_keep_the_output(cli, tiny_init_dir, tmp_path, monkeypatch):
-    """--sort-window: generate decodes batches of one prompt bucket; refine hands the whole window to the
-    decoder, whose 4 slots refine it with row refill. Either way the file equals the one decoded in input
-    order (--sort-window 1: batches of consecutive records, as they come)."""
+    """--sort-window: both CLIs hand the whole window to the decoder, whose 4 slots decode it with row
+    refill; the file equals the one decoded in input order (--sort-window 1: batches of consecutive
+    records, as they come)."""
     rows = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (18 * (i % 2)), "draft": "So" + " so" * (5 * (i % 4))}
             for i in range(16)]  # two prompt buckets, alternating
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -367,9 +367,7 @@ def test_sorted_windows_batch_by_bucket_and_keep_the_output(cli, tiny_init_dir, 
         mixed = sum(len(b) > 1 for b in buckets)
         if window == "1":
             assert mixed and len(buckets) == 4, buckets
-        elif cli is refine_cli:
-            assert buckets == [{64, 128}], buckets  # one call: the window through the slots
         else:
-            assert not mixed and len(buckets) == 4, buckets
+            assert buckets == [{64, 128}], buckets  # one call: the window through the slots
     assert [json.loads(line)["id"] for line in outputs["256"].splitlines()] == list(range(16))
     assert outputs["256"] == outputs["1"]

@@ -4,6 +4,6 @@ Both are single `jax.jit` functions over a model split once: `graphdef, state = 
 """
 
 from diffpo_jax.decoding.jacobi import JacobiResult, jacobi_decode
-from diffpo_jax.decoding.sampler import Generation, generate, is_stop, prefill, sample
+from diffpo_jax.decoding.sampler import Generation, generate, is_stop, sample
 
-__all__ = ["Generation", "JacobiResult", "generate", "is_stop", "jacobi_decode", "prefill", "sample"]
+__all__ = ["Generation", "JacobiResult", "generate", "is_stop", "jacobi_decode", "sample"]

@@ -29,7 +29,7 @@ from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, respon
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.decoding.jacobi import jacobi_decode, jacobi_stream
 from diffpo_jax.decoding.devices import check_rows
-from diffpo_jax.decoding.sampler import generate
+from diffpo_jax.decoding.sampler import generate, generate_stream
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import LoadedModel, ModelSourceError
 from diffpo_jax.weights.checkpoint import source_generation_config
@@ -180,17 +180,21 @@ class Decoder:
         return outputs
 
     def sample(self, prompts: list[list[int]], keys: jax.Array, *, temperature: float, top_p: float) -> list[Output]:
-        """Sample (greedy when temperature == 0) an answer for each of up to batch_size prompt rows, row i
-        with keys[i] (a key array, one key per prompt)."""
-        assert 0 < len(prompts) == len(keys) <= self.batch_size
-        p, plen = self._pad(prompts, bucket(max(map(len, prompts))))
-        padded_keys = keys[np.r_[np.arange(len(prompts)), np.zeros(self.batch_size - len(prompts), int)]]
+        """Sample (greedy when temperature == 0) an answer for each prompt row, row i with keys[i] (a key
+        array, one key per prompt): up to batch_size rows in one batch, more through batch_size slots with
+        row refill (`generate_stream`; the answers are the same)."""
+        assert 0 < len(prompts) == len(keys)
+        count = max(len(prompts), self.batch_size)
+        p, plen = self._pad(prompts, bucket(max(map(len, prompts))), count)
+        options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
+                       stop_tokens=self.stop_tokens, pad_id=self.pad_id)
         with self._under_mesh():
-            g = generate(
-                self.graphdef, self.state, *self._put(p, plen, padded_keys),
-                max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
-                stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-            )  # fmt: skip
+            if len(prompts) > self.batch_size:
+                g = generate_stream(self.graphdef, self.state, p, plen, keys, batch_size=self.batch_size, mesh=self.mesh,
+                                    **options)
+            else:
+                padded_keys = keys[np.r_[np.arange(len(prompts)), np.zeros(count - len(prompts), int)]]
+                g = generate(self.graphdef, self.state, *self._put(p, plen, padded_keys), **options)
         g = jax.device_get(g)
         outputs = []
         for i in range(len(prompts)):

@@ -35,18 +35,17 @@ as the first response tokens (a stop token among them ends the row).
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from diffpo_jax.decoding import slots as slots_lib
 from diffpo_jax.decoding.sampler import is_stop
 from diffpo_jax.model import Cache, init_cache
-from diffpo_jax.sharding import batch_sharding
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
 
@@ -172,31 +171,6 @@ def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: i
     )
 
 
-def _fields(s: _State) -> dict:
-    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if getattr(s, f.name) is not None}
-
-
-def _rows(s: _State, slots: jax.Array) -> _State:
-    """The slots `slots` of `s` (the cache's row axis is its second)."""
-    return s.replace(**{k: jax.tree.map(lambda x: x[:, slots], v) if k == "cache" else v[slots]
-                        for k, v in _fields(s).items()})
-
-
-def _put_rows(s: _State, slots: jax.Array, sub: _State) -> _State:
-    """`s` with its slots `slots` replaced by the rows of `sub`."""
-    return s.replace(**{k: jax.tree.map(lambda x, y: x.at[:, slots].set(y), v, getattr(sub, k)) if k == "cache"
-                        else v.at[slots].set(getattr(sub, k)) for k, v in _fields(s).items()})
-
-
-def _place(s: _State, mesh: Mesh | None) -> _State:
-    """`s` with its rows split over the mesh's data x fsdp devices (as it is without a mesh)."""
-    if mesh is None:
-        return s
-    cache_rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-    return s.replace(**{k: jax.device_put(v, cache_rows) if k == "cache" else
-                        jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in _fields(s).items()})
-
-
 def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *, hold: int,
            stop_tokens: tuple[int, ...], pad_id: int) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
@@ -205,7 +179,7 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *,
     r, w = slots.shape[0], s.window.shape[1]
     big_n, j = s.tokens.shape[1], jnp.arange(w)
     drafts = jnp.pad(drafts, ((0, 0), (0, max(0, s.drafts.shape[1] - drafts.shape[1]))), constant_values=pad_id)
-    sub = _rows(s, slots).replace(
+    sub = slots_lib.rows(s, slots).replace(
         tokens=jnp.full((r, big_n), pad_id, jnp.int32), n=jnp.zeros((r,), jnp.int32), passes=jnp.zeros((r,), jnp.int32),
         stopped=jnp.zeros((r,), bool), done=jnp.zeros((r,), bool), capped=jnp.zeros((r,), bool),
         prompt_lens=prompt_lens, drafts=drafts[:, : s.drafts.shape[1]], draft_lens=draft_lens,
@@ -223,7 +197,7 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *,
         sub = _commit(sub, held, held_lens, stop_tokens, big_n)
     first = jnp.argmax(last, axis=-1).astype(jnp.int32)
     sub = sub.replace(window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n)
-    return _put_rows(s, slots, sub)
+    return slots_lib.put_rows(s, slots, sub)
 
 
 def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int,
@@ -338,35 +312,16 @@ def jacobi_stream(
     are split over its data x fsdp devices, as the decoder's batches are. No trajectory."""
     if not 0 <= hold_draft_prefix <= max_new_tokens:
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
-    rows = len(prompts)
     cfg = nnx.merge(graphdef, state).cfg
-    s = _place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
-                      max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False), mesh)
-    out = JacobiResult(
-        tokens=np.full((rows, max_new_tokens), pad_id, np.int32), lengths=np.zeros(rows, np.int32),
-        stopped=np.zeros(rows, bool), converged=np.zeros(rows, bool), passes=np.zeros(rows, np.int32),
-        committed=np.zeros(rows, np.int32),
-    )
+    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
+                               max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False), mesh)
     limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
-    slot_row = np.full(batch_size, -1)  # the row each slot refines, -1: none
-    pending = iter(range(rows))
 
-    def refill(s: _State, slot: int) -> _State:
-        row = next(pending, None)
-        slot_row[slot] = -1 if row is None else row
-        if row is None:
-            return s
+    def begin(s: _State, slot: int, row: int) -> _State:
         return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], drafts[row], draft_lens[row],
                        hold_draft_prefix=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
 
-    for slot in range(batch_size):
-        s = refill(s, slot)
-    while (slot_row >= 0).any():
-        s = _advance(graphdef, state, s, limit, slot_row >= 0, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
-        done, got = jax.device_get((s.done, _result(s)))
-        finished = np.flatnonzero((slot_row >= 0) & done)
-        for slot in finished:
-            for name in ("tokens", "lengths", "stopped", "converged", "passes", "committed"):
-                getattr(out, name)[slot_row[slot]] = getattr(got, name)[slot]
-            s = refill(s, slot)
-    return out
+    def advance(s: _State, watch: np.ndarray) -> _State:
+        return _advance(graphdef, state, s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+
+    return JacobiResult(**slots_lib.stream(s, len(prompts), begin=begin, advance=advance, result=_result))

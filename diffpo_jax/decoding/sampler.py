@@ -1,19 +1,19 @@
-"""Autoregressive generation, and the pieces every decoder shares: prefill, sampling, stop handling.
+"""Autoregressive generation, and the pieces every decoder shares: sampling and stop handling.
 
 Every decoder is one `jax.jit` function over the model split once, `graphdef, state = nnx.split(model)`,
 with `graphdef` and the shape-defining options static: calls with the same shapes and options reuse one
 compilation (temperature, top_p, keys and lengths are traced values).
 
-Inputs: prompts right-padded int32 [B, P] with lengths [B] (each >= 1). `prefill` writes the prompts
-into a fresh KV cache (positions 0..len-1, padding masked) and returns the logits at each row's last
-prompt token. Generated token t of a row sits at position len + t.
+Inputs: prompts right-padded int32 [B, P] with lengths [B] (each >= 1). A row starts with a prefill:
+its prompt written into its KV cache rows (positions 0..len-1, padding masked), and its first token
+sampled from the logits at its last prompt token. Generated token t of a row sits at position len + t.
 
-`generate`: one token per `lax.while_loop` step for the whole batch. Each step samples from the current
-logits (greedy when temperature == 0, else temperature + top-p), appends the token to the live rows,
-ends a row on a stop token or at max_new_tokens, and runs the model on the new tokens (finished rows
-masked) for the next logits. The loop ends when every row is done. Sampling keys are per row: token t
-of a row is drawn with fold_in(keys[row], t), so a row's answer depends on its prompt and key only,
-not on the other rows of the batch.
+`generate`: one token per `lax.while_loop` step for every live row. Each step runs the model on the
+rows' last tokens (finished rows masked) and samples the next (greedy when temperature == 0, else
+temperature + top-p); a row ends on a stop token or at max_new_tokens. Sampling keys are per row: token
+t of a row is drawn with fold_in(keys[row], t), so a row's answer depends on its prompt and key only,
+not on the other rows of the batch. `generate_stream` runs any number of rows through B slots with row
+refill (decoding/slots.py), with the same answers.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
-from diffpo_jax.model import Cache, Transformer, init_cache
+from diffpo_jax.decoding import slots as slots_lib
+from diffpo_jax.model import Cache, init_cache
 
 
 @struct.dataclass
@@ -32,15 +35,6 @@ class Generation:
     tokens: jax.Array  # int32 [B, max_new_tokens]; pad_id after each row's end
     lengths: jax.Array  # int32 [B]: tokens generated, the stop token included
     stopped: jax.Array  # bool [B]: the row ended on a stop token (else it hit max_new_tokens)
-
-
-def prefill(model: Transformer, prompts: jax.Array, lengths: jax.Array, cache_len: int) -> tuple[Cache, jax.Array]:
-    """(KV cache of `cache_len` slots holding the prompts, logits [B, V] at each row's last prompt token)."""
-    b, p = prompts.shape
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    cache = init_cache(model.cfg, b, cache_len)
-    logits, cache = model(prompts, positions, positions < lengths[:, None], cache)
-    return cache, jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
 
 def is_stop(tokens: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
@@ -70,12 +64,76 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
 
 @struct.dataclass
 class _State:
+    """The rows being decoded; every field but the cache ([L, B, S, Kv, D]) has the row axis first."""
+
     cache: Cache
-    tokens: jax.Array  # [B, N]
-    t: jax.Array  # steps taken (tokens appended to live rows so far)
-    lengths: jax.Array
+    tokens: jax.Array  # [B, N]; pad_id past each row's tokens
+    t: jax.Array  # [B] tokens appended to the row so far
     stopped: jax.Array
-    done: jax.Array
+    done: jax.Array  # finished (stop token or max_new_tokens), or no row in this slot
+    prompt_lens: jax.Array  # [B]
+    keys: jax.Array  # [B] the rows' sampling keys
+
+
+def _empty(cfg, rows: int, prompt_width: int, *, max_new_tokens: int, pad_id: int) -> _State:
+    """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
+    zeros = jnp.zeros((rows,), jnp.int32)
+    return _State(
+        cache=init_cache(cfg, rows, prompt_width + max_new_tokens),
+        tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
+        t=zeros,
+        stopped=zeros.astype(bool),
+        done=jnp.ones((rows,), bool),
+        prompt_lens=zeros,
+        keys=jax.random.split(jax.random.key(0), rows),
+    )
+
+
+def _append(s: _State, logits: jax.Array, temperature, top_p, stop_tokens: tuple[int, ...]) -> _State:
+    """Each live row appends a token sampled from its logits [B, V] with fold_in(its key, its t)."""
+    big_n = s.tokens.shape[1]
+    tok = sample(logits, jax.vmap(jax.random.fold_in)(s.keys, s.t), temperature, top_p)
+    live = ~s.done
+    stop = live & is_stop(tok, stop_tokens)
+    t = s.t + live
+    return s.replace(
+        tokens=s.tokens.at[jnp.arange(tok.shape[0]), jnp.where(live, s.t, big_n)].set(tok, mode="drop"),
+        t=t,
+        stopped=s.stopped | stop,
+        done=s.done | stop | (t >= big_n),
+    )
+
+
+def _begin(model, s: _State, slots, prompts, prompt_lens, keys, temperature, top_p, *, stop_tokens, pad_id) -> _State:
+    """Slots `slots` (int32 [R]) start decoding rows (prompts [R, P] with lengths, keys [R]): the prompt
+    written into their cache rows, their state reset, the first token appended; other slots unchanged."""
+    r, big_n = slots.shape[0], s.tokens.shape[1]
+    sub = slots_lib.rows(s, slots).replace(
+        tokens=jnp.full((r, big_n), pad_id, jnp.int32), t=jnp.zeros((r,), jnp.int32), stopped=jnp.zeros((r,), bool),
+        done=jnp.zeros((r,), bool), prompt_lens=prompt_lens, keys=keys,
+    )
+    positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
+    logits, cache = model(prompts, positions, positions < prompt_lens[:, None], sub.cache)
+    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    sub = _append(sub.replace(cache=cache), last, temperature, top_p, stop_tokens)
+    return slots_lib.put_rows(s, slots, sub)
+
+
+def _loop(model, s: _State, watch: jax.Array, temperature, top_p, *, stop_tokens) -> _State:
+    """One token per step for the live rows until every row is done, or one of the `watch` rows is."""
+    rows = jnp.arange(s.tokens.shape[0])
+
+    def step(s: _State) -> _State:
+        last = s.tokens[rows, jnp.maximum(s.t - 1, 0)][:, None]
+        positions = (s.prompt_lens + s.t - 1)[:, None]
+        logits, cache = model(last, positions, ~s.done[:, None], s.cache)
+        return _append(s.replace(cache=cache), logits[:, 0], temperature, top_p, stop_tokens)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s)
+
+
+def _result(s: _State) -> Generation:
+    return Generation(tokens=s.tokens, lengths=s.t, stopped=s.stopped)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id"))
@@ -95,38 +153,55 @@ def generate(
     """Autoregressive decoding of up to `max_new_tokens` tokens per row (see the module docstring).
     `keys`: one key per row (a key array [B]), needed only when temperature > 0."""
     model = nnx.merge(graphdef, state)
-    prompts, prompt_lens = prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32)
     b, p = prompts.shape
     keys = jax.random.split(jax.random.key(0), b) if keys is None else keys
-    cache, logits = prefill(model, prompts, prompt_lens, p + max_new_tokens)
+    s = _empty(model.cfg, b, p, max_new_tokens=max_new_tokens, pad_id=pad_id)
+    s = _begin(model, s, jnp.arange(b), prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32), keys, temperature,
+               top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+    return _result(_loop(model, s, jnp.zeros((b,), bool), temperature, top_p, stop_tokens=stop_tokens))
 
-    def append(s: _State, logits: jax.Array) -> _State:
-        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, s.t)
-        tok = sample(logits, step_keys, temperature, top_p)
-        live = ~s.done
-        stop = live & is_stop(tok, stop_tokens)
-        return s.replace(
-            tokens=s.tokens.at[:, s.t].set(jnp.where(live, tok, pad_id)),
-            t=s.t + 1,
-            lengths=s.lengths + live,
-            stopped=s.stopped | stop,
-            done=s.done | stop | (s.t + 1 >= max_new_tokens),
-        )
 
-    def step(s: _State) -> _State:
-        last = jax.lax.dynamic_slice_in_dim(s.tokens, s.t - 1, 1, axis=1)
-        positions = (prompt_lens + s.t - 1)[:, None]
-        logits, cache = model(last, positions, ~s.done[:, None], s.cache)
-        return append(s.replace(cache=cache), logits[:, 0])
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id"))
+def _refill(graphdef, state, s, slot, prompt, prompt_len, key, temperature, top_p, *, stop_tokens, pad_id):
+    """Slot `slot` starts decoding one row (prompt [P] with its length, its key)."""
+    return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], key[None], temperature,
+                  top_p, stop_tokens=stop_tokens, pad_id=pad_id)
 
-    zeros = jnp.zeros((b,), jnp.int32)
-    s = _State(
-        cache=cache,
-        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        t=jnp.int32(0),
-        lengths=zeros,
-        stopped=zeros.astype(bool),
-        done=zeros.astype(bool),
-    )
-    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, append(s, logits))
-    return Generation(tokens=s.tokens, lengths=s.lengths, stopped=s.stopped)
+
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens"))
+def _advance(graphdef, state, s, watch, temperature, top_p, *, stop_tokens):
+    """Steps until a `watch` slot's row is done (or every slot is)."""
+    return _loop(nnx.merge(graphdef, state), s, watch, temperature, top_p, stop_tokens=stop_tokens)
+
+
+def generate_stream(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts: np.ndarray,
+    prompt_lens: np.ndarray,
+    keys: jax.Array,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop_tokens: tuple[int, ...] = (),
+    pad_id: int = 0,
+    mesh: Mesh | None = None,
+) -> Generation:
+    """`generate` of any number of rows (numpy [R, P] and lengths, keys [R]) through `batch_size` slots
+    with row refill (decoding/slots.py): each row's tokens are the ones `generate` gives it (its key
+    decides its samples); the result (numpy) is in row order. `mesh`: the slots split over its data x
+    fsdp devices, as the decoder's batches are."""
+    cfg = nnx.merge(graphdef, state).cfg
+    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], max_new_tokens=max_new_tokens, pad_id=pad_id), mesh)
+    temperature, top_p = np.float32(temperature), np.float32(top_p)
+
+    def begin(s: _State, slot: int, row: int) -> _State:
+        return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], keys[row], temperature, top_p,
+                       stop_tokens=stop_tokens, pad_id=pad_id)
+
+    def advance(s: _State, watch: np.ndarray) -> _State:
+        return _advance(graphdef, state, s, watch, temperature, top_p, stop_tokens=stop_tokens)
+
+    return Generation(**slots_lib.stream(s, len(prompts), begin=begin, advance=advance, result=_result))
