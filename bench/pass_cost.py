@@ -1,7 +1,7 @@
 """What one Jacobi pass costs against one AR step, by window size, and why: the matmuls of M rows.
 
     python -m bench.pass_cost [--model SPEC] [--prompts 8] [--max-new-tokens 32] [--windows 1,2,4,8,16]
-        [--rows 1,2,4,8,16,32] [--results bench/RESULTS.md]
+        [--rows 1,2,4,8,16,32] [--profile] [--results bench/RESULTS.md]
 
 Refinement beats AR decoding when passes per token x (cost of a pass / cost of an AR step) < 1. This
 measures both factors on one machine, one row at a time (the latency case Jacobi decoding is for):
@@ -14,6 +14,9 @@ measures both factors on one machine, one row at a time (the latency case Jacobi
 3. The model's matmuls alone, M rows (a W-token pass multiplies M = W rows by every weight): the
    layers' q/k/v, o, gate/up and down projections chained through num_layers, then the lm head, on
    random weights of the model's shapes; seconds per call against M = 1.
+4. `--profile`: one AR decode of the first prompt and one refinement of its draft at the largest
+   window under jax.profiler: the XLA ops summed per op kind (bench/train_speed.py's `jax_profile`),
+   thread-seconds per generated token: where a step's time goes beyond the matmuls.
 Timings after a warm-up call of each shape. Writes the `pass_cost` section of bench/RESULTS.md.
 """
 
@@ -83,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--windows", default="1,2,4,8,16")
     ap.add_argument("--rows", default="1,2,4,8,16,32", help="M values of the matmul chain (1 first)")
+    ap.add_argument("--profile", action="store_true", help="also profile one AR decode and one refinement (step 4)")
     ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
     args = ap.parse_args(argv)
     import jax
@@ -128,8 +132,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          [[w, p, s * 1e3, r, x] for w, p, s, r, x in rows])
     body += "\n\nThe same model's matmuls alone (projections of every layer + lm head, random weights), M rows per call:\n\n"
     body += common.table(["M rows", "ms / call", "vs M = 1"], [[m, s * 1e3, s / mm[1]] for m, s in mm.items()])
+    profiles = {}
+    if args.profile:
+        from bench.train_speed import jax_profile, profile_table
+
+        w = max(map(int, args.windows.split(",")))
+        profiles = {
+            "AR decode": (jax_profile(lambda: one(prompts[0], 0.0), 10), greedy[0].stats["tokens"]),
+            f"refine, window {w}": (jax_profile(lambda: decoder.refine([prompts[0]], [drafts[0]], block_size=w), 10),
+                                    greedy[0].stats["tokens"]),
+        }
+        for name, (ops, n) in profiles.items():
+            body += (f"\n\nProfile of one {name} of prompt 1 ({n} tokens), XLA ops per kind, thread-ms per token "
+                     "(the host waits in `np.asarray`):\n\n")
+            body += profile_table([(k, 1e3 * t / n, c) for k, t, c in ops], "thread-ms / token")
     common.report(args.results, "pass_cost", body)
-    return {"step": step, "bound": bound, "windows": rows, "matmul": mm}
+    return {"step": step, "bound": bound, "windows": rows, "matmul": mm, "profiles": profiles}
 
 
 if __name__ == "__main__":

@@ -111,12 +111,16 @@ def test_pass_cost_smollm2(tmp_path):
     from bench import pass_cost
 
     results = tmp_path / "RESULTS.md"
-    out = pass_cost.main(["--prompts", "1", "--max-new-tokens", "4", "--windows", "1,3", "--rows", "1,2",
+    out = pass_cost.main(["--prompts", "1", "--max-new-tokens", "4", "--windows", "1,3", "--rows", "1,2", "--profile",
                           "--results", str(results)])
     assert [r[0] for r in out["windows"]] == [1, 3] and out["windows"][0][1] == 1.0  # W = 1: one pass per token
     assert sorted(out["matmul"]) == [1, 2] and out["step"] > 0 and out["bound"] > 0
     text = results.read_text()
     assert "<!-- begin pass_cost -->" in text and "| window W | passes / token |" in text and "| M rows |" in text
+    for name in ("AR decode", "refine, window 3"):  # where a step's time goes: XLA's ops (dots: `dot` or YNNPACK's)
+        ops = [op for op, _, _ in out["profiles"][name][0]]
+        assert any("dot" in op or op.startswith("ynn") for op in ops) and "while" in ops, ops
+        assert f"Profile of one {name} of prompt 1" in text
 
 
 def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
