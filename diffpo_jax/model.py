@@ -124,7 +124,8 @@ class Attention(nnx.Module):
         out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
                      implementation=implementation)
         out = constrain(out, q_axes)
-        return constrain(jnp.einsum("bthd,hde->bte", out, _weight(self.o_proj, dt)), RESIDUAL)
+        b, t, h, d = out.shape
+        return constrain(out.reshape(b, t, h * d) @ _weight(self.o_proj, dt).reshape(h * d, -1), RESIDUAL)
 
 
 class MLP(nnx.Module):
