@@ -67,4 +67,5 @@ step "$python" -m bench.train_speed "${model[@]}"
 step "$python" -m bench.score_speed "${model[@]}"
 step "$python" -m bench.bf16_agreement "${model[@]}"
 step "$python" -m bench.refine_speed "${model[@]}" --mixed
+step "$python" -m bench.pass_cost "${model[@]}" --profile
 echo "accelerator_check: done; the sections of bench/RESULTS.md name the device"

@@ -7,7 +7,7 @@ Refinement beats AR decoding when passes per token x (cost of a pass / cost of a
 measures both factors on one machine, one row at a time (the latency case Jacobi decoding is for):
 1. AR greedy on the first --prompts prompts of bench/data/self_distill_prompts.jsonl: seconds per token
    (one AR step; the prefill amortised over the answer), and the weight-streaming bound of a step:
-   parameter bytes / memory bandwidth (a timed copy of a 512 MiB array, bytes read + written).
+   parameter bytes / the device's memory bandwidth (a 512 MiB array read and written on the device).
 2. Jacobi refinement of the model's own temperature-0.7 samples of the same prompts with a window of W
    tokens, for each W: passes per token, seconds per pass (and in AR steps), refine tokens/s over AR
    tokens/s; every answer must equal the AR answer.
@@ -45,10 +45,18 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 def bandwidth() -> float:
-    """Bytes per second of a 512 MiB host copy (read + write)."""
-    a = np.ones(2**27, np.float32)
-    b = np.empty_like(a)
-    return 2 * a.nbytes / min(timed(lambda: np.copyto(b, a)) for _ in range(3))
+    """Bytes per second the default device's memory streams, a 512 MiB array read and written once: on
+    CPU a numpy copy (XLA:CPU's own elementwise op runs at a fraction of it: it maps a fresh output
+    buffer per call), on a GPU / TPU x + 1 under jit in its HBM."""
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() == "cpu":
+        a, b = np.ones(2**27, np.float32), np.empty(2**27, np.float32)
+        return 2 * a.nbytes / min(timed(lambda: np.copyto(b, a)) for _ in range(3))
+    x = jnp.ones(2**27, jnp.float32)
+    add = jax.jit(lambda x: x + 1.0)
+    return 2 * x.nbytes / min(timed(lambda: add(x).block_until_ready()) for _ in range(3))
 
 
 def matmul_chain_seconds(cfg, rows: int) -> float:

@@ -13,10 +13,11 @@ Implementations (ModelConfig.attention; "auto" picks with `choose`):
   cudnn   jax.nn.dot_product_attention's cuDNN flash kernel (GPU; bf16 / fp16; head_dim a multiple of 8
           and at most 128 here; the mask goes in as an additive bias). No soft-cap: Gemma-2 stays on
           einsum. "auto" picks it on GPU where it applies.
-The Pallas splash kernel (TPU) takes its mask as causal / local windows plus equal-segment ids; it
-cannot say "every segment sees segment 0" (training's packed [prompt, answer A, answer B] rows) nor
-"slot <= query position" over a cache whose rows advance at their own pace (Jacobi decoding), so TPU
-runs einsum, which XLA:TPU fuses.
+Not wired yet: the Pallas splash kernel (TPU). It takes a mask that is static per shape (a numpy
+[T, S] pattern, causal / local windows) plus equal-segment ids. Training's packed [prompt, answer A,
+answer B] rows fit it (a static pattern per (P, N), left padding as a segment of its own), but that
+pattern would have to come from the loss as static data, not as this function's traced `allowed`;
+decoding's per-row cache frontier does not fit it. TPU runs einsum, which XLA:TPU fuses.
 """
 
 from __future__ import annotations
