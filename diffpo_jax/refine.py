@@ -11,7 +11,9 @@ OUTPUT appears by rename when every record is done. Bad input exits 2 with a one
 record's prompt is checked before the first forward, and with `--on-error skip` a record that cannot be
 refined is written out with an `error` field instead (counted in the summary). Devices and dtype
 (`--mesh`, `--dtype`; defaults: all local devices data-parallel and bfloat16 on GPU/TPU, one device and
-float32 on CPU): decoding/devices.py; the summary names them.
+float32 on CPU): decoding/devices.py; the summary names them. Several processes (launch/, or
+--coordinator/--num-processes/--process-id): each refines every P-th record left over its own devices
+and process 0 writes OUTPUT (record_loop.open_output); a rerun resumes with any process count.
 """
 
 from __future__ import annotations
