@@ -12,7 +12,8 @@
 2. Training (RUNS; `--runs` picks some): the smollm2-135m preset (fp32, lr 1e-5, batch 8) with w = 0
    (AR only), w = 1 and w = 0.1 with the KL on the draft's positions, w = 1 and 0.3 with the KL on the
    frontier (training/loss.py), and w = 1 on the draft's positions with the KL gradient projected off
-   the AR gradient where they conflict (`loss.con_gradient=project`, training/step.py); same init, data,
+   the AR gradient where they conflict (`loss.con_gradient=project`, training/step.py), and the KL
+   gradient rescaled to 0.3 times the AR gradient's norm every step (`loss.con_gradient=balance`); same init, data,
    order and steps; `--holdout` prompts held out by the trainer's
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
@@ -48,6 +49,8 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
     "w=0.3, frontier": ("w0.3-frontier", ["loss.con_weight=0.3", "loss.con_positions=frontier"]),
     "w=1, draft, projected": ("w1-draft-proj", ["loss.con_weight=1", "loss.con_positions=draft",
                                                 "loss.con_gradient=project"]),
+    "w=0.3, draft, balanced": ("w0.3-draft-bal", ["loss.con_weight=0.3", "loss.con_positions=draft",
+                                                  "loss.con_gradient=balance"]),
 }
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 

@@ -154,15 +154,29 @@ def test_project_conflict_removes_only_the_opposing_component():
     assert float(stats["con_ar_cos"]) > 0
 
 
+def test_balance_norm_rescales_the_kl_gradient_to_the_ar_norm():
+    from diffpo_jax.training.step import balance_norm
+
+    g_ar = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}  # norm 5
+    scaled, stats = balance_norm({"a": jnp.array([0.0, -1.0]), "b": jnp.array([0.0])}, g_ar)
+    np.testing.assert_allclose(scaled["a"], [0.0, -5.0])
+    np.testing.assert_allclose(scaled["b"], [0.0])
+    assert float(stats["con_ar_cos"]) == 0 and float(stats["ar_grad_norm"]) == 5 and float(stats["con_grad_norm"]) == 1
+    zero, _ = balance_norm({"a": jnp.zeros(2), "b": jnp.zeros(1)}, g_ar)  # no KL gradient: nothing to rescale
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(zero))
+
+
 @slow
-def test_projected_step_uses_the_projected_gradient(tiny_init_dir, trajectories_dir, config_file):
-    """con_gradient=project: the step's gradient norm and cosine equal PCGrad computed by hand from the two
-    terms' own gradients (jax.grad of L_AR and of L_Con), with and without gradient accumulation."""
+@pytest.mark.parametrize("mode", ["project", "balance"])
+def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_dir, config_file, mode):
+    """con_gradient=project / balance: the step's gradient norm, the terms' cosine and norms equal PCGrad /
+    the norm rescaling computed by hand from the two terms' own gradients (jax.grad of L_AR and of L_Con),
+    with and without gradient accumulation."""
     from diffpo_jax.training.loss import diffpo_loss, response_token_losses
-    from diffpo_jax.training.step import project_conflict
+    from diffpo_jax.training.step import ADJUST_CON_GRADIENT
 
     cfg = load_config(config_file, ["output_dir=unused", "loss.con_weight=2.0", "loss.con_positions=frontier",
-                                    "loss.con_gradient=project"])
+                                    f"loss.con_gradient={mode}"])
     loaded = load_model(str(tiny_init_dir))
     graphdef, params = nnx.split(loaded.model)
     params = nnx.to_pure_dict(params)
@@ -180,13 +194,13 @@ def test_projected_step_uses_the_projected_gradient(tiny_init_dir, trajectories_
                              prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=1):
         jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
         g_ar, g_con = term("ar", jbatch), term("con", jbatch)
-        g_proj, stats = project_conflict(g_con, g_ar)
+        g_adjusted, stats = ADJUST_CON_GRADIENT[mode](g_con, g_ar)
         if float(stats["con_ar_cos"]) < 0:
             break
     assert float(stats["con_ar_cos"]) < 0, "no batch of the bundled trajectories has conflicting terms at this init"
-    expect_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_proj)))
+    expect_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_adjusted)))
     summed_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_con)))
-    assert abs(expect_norm / summed_norm - 1) > 1e-3  # the figure below tells a projected step from a plain one
+    assert abs(expect_norm / summed_norm - 1) > 1e-3  # the figure below tells an adjusted step from a plain one
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     abstract = abstract_model(loaded.cfg)
     tx, schedule = make_optimizer(cfg.optimizer, STEPS)

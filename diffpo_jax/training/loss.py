@@ -79,7 +79,7 @@ class LossConfig:
     ar_weight: float = 1.0  # 0 = consistency only (the ablation of bench/consistency.py)
     con_positions: str = "all"  # "all" (paper) | "draft" | "frontier": which positions L_Con covers (module doc)
     con_window: int = 16  # "frontier": positions covered after the first mismatch
-    con_gradient: str = "sum"  # "sum" (paper) | "project": g_Con loses its component against g_AR (training/step.py)
+    con_gradient: str = "sum"  # "sum" (paper) | "project" | "balance": g_Con projected / rescaled (training/step.py)
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
@@ -151,7 +151,7 @@ def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Arra
 
 
 CON_POSITIONS = ("all", "draft", "frontier")
-CON_GRADIENTS = ("sum", "project")
+CON_GRADIENTS = ("sum", "project", "balance")
 
 
 def first_mismatch(batch: Batch) -> jax.Array:

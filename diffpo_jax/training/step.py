@@ -25,8 +25,13 @@ L_Con are taken separately (one forward, two backward passes: `jax.vjp` with eac
 accumulated over the micro-batches, and when they conflict (g_Con . g_AR < 0) g_Con loses its component
 along g_AR before the update ar_weight * g_AR + w * g_Con. So the consistency term can never push
 against the AR term's direction; it only moves the weights where L_AR is indifferent or agrees.
-Metrics gain the cosine of the two full-batch gradients before the projection (`con_ar_cos`) and their
-norms (`ar_grad_norm`, `con_grad_norm`; the balance weight w* = ar_grad_norm / con_grad_norm).
+`loss.con_gradient = "balance"`: the same two gradients, and g_Con is rescaled to the norm of g_AR
+before the update, ar_weight * g_AR + w * (|g_AR| / |g_Con|) * g_Con: w is then the consistency update's
+norm relative to the AR update's, every step, whatever the data makes the KL's scale (bench/RESULTS.md
+measured the fixed-w balance point w* = |g_AR| / |g_Con| at 0.2-0.4 on self-distilled SmolLM2 data and
+1.2 on reward-ranked examples, so one fixed w cannot suit both).
+Both modes add to the metrics the cosine of the two full-batch gradients as they came (`con_ar_cos`) and
+their norms (`ar_grad_norm`, `con_grad_norm`; the balance weight w* = ar_grad_norm / con_grad_norm).
 """
 
 from __future__ import annotations
@@ -50,25 +55,38 @@ from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_los
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
 
 
-PROJECT_METRICS = ("con_ar_cos", "ar_grad_norm", "con_grad_norm")  # con_gradient = "project" only
+TERM_METRICS = ("con_ar_cos", "ar_grad_norm", "con_grad_norm")  # con_gradient "project" / "balance"
 
 
 def metric_names(loss_cfg: LossConfig) -> tuple[str, ...]:
-    return METRICS + (PROJECT_METRICS if loss_cfg.con_gradient == "project" else ())
+    return METRICS + (TERM_METRICS if loss_cfg.con_gradient != "sum" else ())
 
 
 def _vdot(a, b) -> jax.Array:
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _term_stats(dot, ar2, con2) -> dict[str, jax.Array]:
+    return {"con_ar_cos": dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30),
+            "ar_grad_norm": jnp.sqrt(ar2), "con_grad_norm": jnp.sqrt(con2)}
+
+
 def project_conflict(g_con, g_ar) -> tuple[Any, dict[str, jax.Array]]:
     """(g_con without its component along g_ar when the two conflict (negative dot product), the
-    metrics PROJECT_METRICS of the two gradients before the projection): PCGrad's projection."""
+    metrics TERM_METRICS of the two gradients before the projection): PCGrad's projection."""
     dot, ar2, con2 = _vdot(g_con, g_ar), _vdot(g_ar, g_ar), _vdot(g_con, g_con)
     coef = jnp.where(dot < 0, dot / jnp.maximum(ar2, 1e-30), 0.0)
-    stats = {"con_ar_cos": dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30),
-             "ar_grad_norm": jnp.sqrt(ar2), "con_grad_norm": jnp.sqrt(con2)}
-    return jax.tree.map(lambda c, a: c - coef * a, g_con, g_ar), stats
+    return jax.tree.map(lambda c, a: c - coef * a, g_con, g_ar), _term_stats(dot, ar2, con2)
+
+
+def balance_norm(g_con, g_ar) -> tuple[Any, dict[str, jax.Array]]:
+    """(g_con rescaled to the norm of g_ar, the metrics TERM_METRICS of the two gradients as they came)."""
+    dot, ar2, con2 = _vdot(g_con, g_ar), _vdot(g_ar, g_ar), _vdot(g_con, g_con)
+    scale = jnp.sqrt(ar2) / jnp.maximum(jnp.sqrt(con2), 1e-30)
+    return jax.tree.map(lambda c: c * scale, g_con), _term_stats(dot, ar2, con2)
+
+
+ADJUST_CON_GRADIENT = {"project": project_conflict, "balance": balance_norm}
 
 
 @struct.dataclass
@@ -153,7 +171,7 @@ def make_train_step(
         return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    project = loss_cfg.con_gradient == "project"
+    separate = loss_cfg.con_gradient != "sum"  # the two terms' gradients, taken apart (module doc)
 
     def term_grads(params, micro, num_tokens):
         """((L_AR, L_Con), (g_AR, g_Con)) of one micro-batch: one forward, one backward per term."""
@@ -173,7 +191,7 @@ def make_train_step(
 
         def accumulate(carry, micro):
             grads, ar, con = carry
-            if project:
+            if separate:
                 (a, c), (g_ar, g_con) = term_grads(state.params, micro, num_tokens)
                 return ((add(grads[0], g_ar), add(grads[1], g_con)), ar + a, con + c), None
             (_, parts), g = grad_fn(state.params, micro, num_tokens)
@@ -181,11 +199,11 @@ def make_train_step(
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
-        carry = ((zeros, zeros) if project else zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        carry = ((zeros, zeros) if separate else zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, ar, con), _ = jax.lax.scan(accumulate, carry, {k: split(v) for k, v in batch.items()})
         extra = {}
-        if project:
-            g_con, extra = project_conflict(grads[1], grads[0])
+        if separate:
+            g_con, extra = ADJUST_CON_GRADIENT[loss_cfg.con_gradient](grads[1], grads[0])
             grads = jax.tree.map(lambda a, c: loss_cfg.ar_weight * a + loss_cfg.con_weight * c, grads[0], g_con)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
