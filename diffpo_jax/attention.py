@@ -13,30 +13,86 @@ Implementations (ModelConfig.attention; "auto" picks with `choose`):
   cudnn   jax.nn.dot_product_attention's cuDNN flash kernel (GPU; bf16 / fp16; head_dim a multiple of 8
           and at most 128 here; the mask goes in as an additive bias). No soft-cap: Gemma-2 stays on
           einsum. "auto" picks it on GPU where it applies.
-Not wired yet: the Pallas splash kernel (TPU). It takes a mask that is static per shape (a numpy
-[T, S] pattern, causal / local windows) plus equal-segment ids. Training's packed [prompt, answer A,
-answer B] rows fit it (a static pattern per (P, N), left padding as a segment of its own), but that
-pattern would have to come from the loss as static data, not as this function's traced `allowed`;
-decoding's per-row cache frontier does not fit it. TPU runs einsum, which XLA:TPU fuses.
+  splash  the Pallas splash kernel (jax.experimental.pallas.ops.tpu.splash_attention; TPU, interpreted
+          elsewhere, which is how CPU tests check it): flash attention that skips the masked-out blocks,
+          with soft-cap, sliding windows and segments. It needs the mask as a STATIC pattern, which only
+          packed rows give (`Packed`: training's [prompt, best, worse] rows, whose pattern depends on the
+          shapes alone; the row's left padding goes in as segment ids); calls without one (decoding, whose
+          per-row cache frontier is data) run einsum. "auto" picks it on TPU for packed calls with a
+          head_dim that is a multiple of 128 (the TPU lane width).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+from diffpo_jax.sharding import MESH_AXES, logical_to_spec
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
 CUDNN_DTYPES = ("bfloat16", "float16")
+SPLASH_BLOCK = 128  # splash's query / key tile (TPU lanes); packed rows are padded to a multiple of it
 
 
-def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | None) -> str:
-    """The implementation "auto" means for this backend and model: cudnn on GPU where it applies, else einsum."""
+def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | None, packed: bool) -> str:
+    """The implementation for one call (module doc): "auto" means cudnn on GPU where it applies, splash on
+    TPU for packed calls, else einsum; "splash" means einsum for calls that are not packed."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "splash":
+        return "splash" if packed else "einsum"
     if implementation != "auto":
         return implementation
+    backend = jax.default_backend()
     fits_cudnn = softcap is None and dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if jax.default_backend() == "gpu" and fits_cudnn else "einsum"
+    if backend == "gpu" and fits_cudnn:
+        return "cudnn"
+    return "splash" if backend == "tpu" and packed and head_dim % 128 == 0 else "einsum"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Packed:
+    """Rows packed as [shared prefix (segment 0), continuation 1, continuation 2, ...] (model.py, `segments`).
+
+    segments: static int [T], non-decreasing from 0: the layout, the same for every row. real: bool [B, T],
+    False for the prefix's left padding. windows: the model's distinct window sizes (0 = full). The rows'
+    positions must be the layout's (`slot_positions`) minus the row's left padding (what
+    training/loss.py's `sequences` builds): then the mask of every real query is `pattern(window)` over the
+    real keys, a static pattern, which is what splash needs."""
+
+    segments: np.ndarray
+    real: jax.Array
+    windows: tuple[int, ...]
+
+    def __post_init__(self):
+        seg = np.asarray(self.segments)
+        if seg.ndim != 1 or seg[0] != 0 or np.any(np.diff(seg) < 0):
+            raise ValueError(f"packed segments must be a static [T] layout rising from 0, got {seg}")
+
+    def visible(self) -> np.ndarray:
+        """bool [T, T]: a query sees a key of its own segment or of the shared prefix (segment 0)."""
+        seg = np.asarray(self.segments)
+        return (seg[:, None] == seg[None, :]) | (seg[None, :] == 0)
+
+    def slot_positions(self) -> np.ndarray:
+        """int [T]: each slot's position in an unpadded row; every later segment continues the prefix."""
+        seg = np.asarray(self.segments)
+        first = np.searchsorted(seg, seg)  # each slot's segment start
+        prefix = int(np.sum(seg == 0))
+        return np.where(seg == 0, np.arange(len(seg)), prefix + np.arange(len(seg)) - first)
+
+    def pattern(self, window: int) -> np.ndarray:
+        """bool [T, T]: causal in position, within `window` (0: unlimited), and visible."""
+        pos = self.slot_positions()
+        delta = pos[:, None] - pos[None, :]
+        return (delta >= 0) & ((window == 0) | (delta < window)) & self.visible()
 
 
 def softcap_logits(x: jax.Array, cap: float | None) -> jax.Array:
@@ -65,3 +121,54 @@ def _einsum(q, keys, values, allowed, scale, softcap):
     logits = jnp.where(allowed[:, None, None], logits.astype(jnp.float32), -1e30)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
+
+
+def splash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, packed: Packed, window: jax.Array, *,
+                  scale: float, softcap: float | None) -> jax.Array:
+    """`attend` for packed rows through the splash kernel (module doc): q [B, T, H, D], keys / values
+    [B, T, Kv, D], window the layer's (traced; one kernel per distinct window, picked by lax.switch). Equal
+    to einsum on the real query rows; a padding query attends the padding before it (einsum: nothing).
+    Under a (data, fsdp, tensor) mesh it runs per shard (rows over data x fsdp, heads over tensor)."""
+    b, t, h, d = q.shape
+    kv = keys.shape[2]
+    padded = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+    kernels = [_splash_kernel(packed, w, padded, h // kv, softcap) for w in packed.windows]
+    windows = jnp.asarray(packed.windows, jnp.int32)
+    branch = jnp.sum(jnp.where(windows == window, jnp.arange(len(packed.windows)), 0))
+
+    def local(q, keys, values, real):  # one shard: [b, T, H, D], [b, T, Kv, D], [b, T]
+        pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q = jnp.pad((q * jnp.asarray(scale, q.dtype)).reshape(q.shape[0], t, keys.shape[2], -1, d), pad + ((0, 0),))
+        q = q.transpose(0, 2, 3, 1, 4)  # [b, Kv, G, T', D]
+        keys, values = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (keys, values))  # [b, Kv, T', D]
+        ids = jnp.pad(real.astype(jnp.int32), ((0, 0), (0, padded - t)))
+
+        def row(q, keys, values, ids):  # [Kv, G, T', D], [Kv, T', D], [T']
+            segment_ids = splash.SegmentIds(q=ids, kv=ids)
+            per_head = [jax.vmap(functools.partial(k, segment_ids=segment_ids)) for k in kernels]
+            return jax.lax.switch(branch, per_head, q, keys, values)
+
+        out = jax.vmap(row)(q, keys, values, ids)[:, :, :, :t]  # [b, Kv, G, T, D]
+        return out.transpose(0, 3, 1, 2, 4).reshape(out.shape[0], t, -1, d)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
+        return local(q, keys, values, packed.real)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), keys.shape, mesh)
+    row_spec = PartitionSpec(kv_spec[0], None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, row_spec), out_specs=kv_spec,
+                         check_vma=False)(q, keys, values, packed.real)
+
+
+def _splash_kernel(packed: Packed, window: int, padded: int, group: int, softcap: float | None):
+    """The splash kernel of one window over `padded` slots, for `group` query heads per key head: the
+    layout's pattern, plus each padding slot seeing itself (no query row may be empty)."""
+    pattern = np.eye(padded, dtype=bool)
+    t = len(packed.segments)
+    pattern[:t, :t] = packed.pattern(window)
+    block = splash.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
+                              block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
+                              block_kv_dkv_compute=SPLASH_BLOCK, block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
+    mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(pattern)] * group)
+    return splash.make_splash_mqa(mask, block_sizes=block, head_shards=1, q_seq_shards=1,
+                                  attn_logits_soft_cap=softcap, interpret=jax.default_backend() != "tpu")

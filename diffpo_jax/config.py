@@ -65,7 +65,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"  # stored weights
     remat: bool = False  # recompute each layer in the backward pass (training memory)
-    attention: str = "auto"  # attention.py: "auto" (cuDNN flash on GPU where it applies, else einsum) | "einsum" | "xla" | "cudnn"
+    attention: str = "auto"  # attention.py: "auto" (cuDNN flash on GPU / splash on TPU where they apply, else einsum) | "einsum" | "xla" | "cudnn" | "splash"
 
     @property
     def query_scale(self) -> float:

@@ -4,10 +4,12 @@
 
 tokens, positions: int32 [B, T]. mask: bool [B, T], True for real tokens (left or right padding both
 work, since attention is decided by positions, not array slots). cache: a KV-cache dict from
-`init_cache` or None (training / one-shot scoring). segments (no cache): int32 [B, T] or None; a query
-sees a key only if both are in the same segment or the key is in segment 0 (a shared prefix). This
-packs several continuations of one prompt in a row: [prompt (0), answer A (1), answer B (2)] with
-A and B at the same positions gives each answer exactly the context of its own [prompt, answer] row.
+`init_cache` or None (training / one-shot scoring). segments (no cache): a static numpy int [T], the
+same for every row, or None; a query sees a key only if both are in the same segment or the key is in
+segment 0 (a shared prefix). This packs several continuations of one prompt in a row: [prompt (0),
+answer A (1), answer B (2)] with A and B at the same positions gives each answer exactly the context
+of its own [prompt, answer] row. Being static, the layout lets attention use a kernel that needs its
+mask pattern at trace time (splash; attention.py `Packed` states the positions it assumes).
 
 KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. A forward writes each
 real token's keys/values at slot = its position (padding is dropped) and then attends over all S
@@ -18,7 +20,7 @@ overwritten when their position is decoded again. Each row advances at its own p
 Layers are stacked (every parameter under `layers` has a leading layer axis) and run with
 `jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding
 layers) are data: a window-size array scanned with the weights. Attention itself (the einsum reference,
-cuDNN flash on GPU) is attention.py, picked by `ModelConfig.attention`.
+cuDNN flash on GPU, splash on TPU for packed rows) is attention.py, picked by `ModelConfig.attention`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffpo_jax.attention import attend, choose, softcap_logits
+from diffpo_jax.attention import Packed, attend, choose, softcap_logits, splash_attend
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.sharding import RESIDUAL, constrain
 
@@ -103,10 +105,10 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, cfg, (h, d, e), ("q_heads", "head_dim", "embed"), "normal")
         self.cfg = cfg
 
-    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, visible):
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, packed):
         """x: [B, T, E]; q_pos: [B, T]; key_pos: [B, S] positions of the keys attended to (padding keys
         at _FAR); window: scalar int, 0 = unlimited; kv_write(k, v) -> (keys, values) over S slots;
-        visible: bool [B, T, S] (segments) or None."""
+        packed: attention.Packed (segments) or None."""
         cfg, dt = self.cfg, x.dtype
         q_axes, kv_axes = ("batch", "seq", "q_heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
         q = constrain(jnp.einsum("bte,ehd->bthd", x, _weight(self.q_proj, dt)), q_axes)
@@ -116,13 +118,17 @@ class Attention(nnx.Module):
         k = apply_rope(k, q_pos, inv_freq)
         keys, values = kv_write(k, v)  # [B, S, Kv, D]
 
-        delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
-        allowed = (delta >= 0) & ((window == 0) | (delta < window))
-        if visible is not None:
-            allowed = allowed & visible
-        implementation = choose(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_dim, softcap=cfg.attn_logit_softcap)
-        out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
-                     implementation=implementation)
+        implementation = choose(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_dim,
+                                softcap=cfg.attn_logit_softcap, packed=packed is not None)
+        if implementation == "splash":
+            out = splash_attend(q, keys, values, packed, window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap)
+        else:
+            delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
+            allowed = (delta >= 0) & ((window == 0) | (delta < window))
+            if packed is not None:
+                allowed = allowed & packed.visible()
+            out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
+                         implementation=implementation)
         out = constrain(out, q_axes)
         b, t, h, d = out.shape
         return constrain(out.reshape(b, t, h * d) @ _weight(self.o_proj, dt).reshape(h * d, -1), RESIDUAL)
@@ -157,8 +163,8 @@ class Block(nnx.Module):
             self.post_mlp_norm = RMSNorm(cfg, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
 
-    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, visible):
-        h = self.attn(self.input_norm(x), q_pos, key_pos, window, inv_freq, kv_write, visible)
+    def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, packed):
+        h = self.attn(self.input_norm(x), q_pos, key_pos, window, inv_freq, kv_write, packed)
         if self.sandwich:
             x = x + self.post_attn_norm(h)
             return x + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(x)))
@@ -187,7 +193,7 @@ class Transformer(nnx.Module):
         mask: jax.Array | None = None,
         cache: Cache | None = None,
         *,
-        segments: jax.Array | None = None,
+        segments: np.ndarray | None = None,
         return_hidden: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
         """(logits [B, T, V], cache); with return_hidden, the final-normed hidden states [B, T, E] instead
@@ -205,9 +211,7 @@ class Transformer(nnx.Module):
 
         if segments is not None and cache is not None:
             raise ValueError("segments are for cache-free calls (training / scoring)")
-        visible = None
-        if segments is not None:
-            visible = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+        packed = None if segments is None else Packed(segments, mask, tuple(sorted(set(cfg.window_sizes()))))
         if cache is None:
             key_pos = jnp.where(mask, positions, _FAR)
             layer_cache = None
@@ -235,7 +239,7 @@ class Transformer(nnx.Module):
                 written.append((ck, cv))
                 return ck.astype(k.dtype), cv.astype(v.dtype)
 
-            x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write, visible), RESIDUAL)
+            x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write, packed), RESIDUAL)
             return x, (written[0] if written else None)
 
         if cfg.remat:

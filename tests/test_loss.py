@@ -132,7 +132,7 @@ def test_sequences_pack_prompt_best_and_worse_in_one_row():
     # row 1 (prompt of 4 tokens): P - 4 padding columns, prompt positions 0..3, both answers at 4 .. 3 + N
     np.testing.assert_array_equal(mask[1], [False] * (P - 4) + [True] * (4 + 2 * N))
     np.testing.assert_array_equal(positions[1][P - 4 :], np.concatenate([np.arange(4 + N), np.arange(4, 4 + N)]))
-    np.testing.assert_array_equal(segments[1], [0] * P + [1] * N + [2] * N)
+    np.testing.assert_array_equal(segments, [0] * P + [1] * N + [2] * N)  # static: one layout for every row
 
 
 @pytest.fixture(scope="module", params=["tiny_llama_dir", "tiny_gemma2_dir"])

@@ -8,9 +8,9 @@ import pytest
 import torch
 from flax import nnx
 
-from diffpo_jax.attention import attend, choose
+from diffpo_jax.attention import Packed, attend, choose
 from diffpo_jax.model import abstract_model, init_cache
-from diffpo_jax.sharding import make_mesh
+from diffpo_jax.sharding import batch_sharding, make_mesh
 from diffpo_jax.sources import load_model
 from tests import tiny
 
@@ -240,16 +240,25 @@ def test_xla_attention_model_matches_transformers(tiny_llama_dir, left):
 
 
 def test_attention_is_chosen_by_backend_and_model(tiny_gemma2_dir, monkeypatch):
-    """auto: einsum on CPU; on GPU cuDNN flash for bf16 / fp16 without soft-cap and a head_dim it takes.
-    Gemma-2's soft-cap has no fused kernel: asking for one is an error, not a silent change of numerics."""
-    llama = dict(head_dim=64, softcap=None)
+    """auto: einsum on CPU; on GPU cuDNN flash for bf16 / fp16 without soft-cap and a head_dim it takes; on
+    TPU splash for packed (training) calls with a head_dim of whole 128-lane tiles, einsum for decoding.
+    "splash" means einsum where the mask is not static. Gemma-2's soft-cap has no cuDNN kernel: asking for
+    one is an error, not a silent change of numerics."""
+    llama = dict(head_dim=64, softcap=None, packed=False)
     assert choose("auto", dtype="bfloat16", **llama) == "einsum"  # this machine: CPU
+    assert choose("auto", dtype="float32", head_dim=128, softcap=None, packed=True) == "einsum"
+    assert choose("splash", dtype="float32", head_dim=64, softcap=None, packed=True) == "splash"
+    assert choose("splash", dtype="float32", head_dim=64, softcap=None, packed=False) == "einsum"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert choose("auto", dtype="bfloat16", **llama) == "cudnn"
     assert choose("auto", dtype="float32", **llama) == "einsum"
-    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=None) == "einsum"
-    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=50.0) == "einsum"
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=None, packed=False) == "einsum"
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=50.0, packed=True) == "einsum"
     assert choose("einsum", dtype="bfloat16", **llama) == "einsum"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=50.0, packed=True) == "splash"
+    assert choose("auto", dtype="bfloat16", head_dim=256, softcap=50.0, packed=False) == "einsum"
+    assert choose("auto", dtype="bfloat16", head_dim=64, softcap=None, packed=True) == "einsum"
     with pytest.raises(ValueError, match="must be one of"):
         choose("flash", dtype="bfloat16", **llama)
     monkeypatch.undo()
@@ -257,3 +266,73 @@ def test_attention_is_chosen_by_backend_and_model(tiny_gemma2_dir, monkeypatch):
     tokens, positions, mask = padded_batch(True)
     with pytest.raises(ValueError, match="'xla' has no logit soft-cap"):
         FORWARD(gemma, tokens, positions, mask, None)
+
+
+def packed_batch(b: int = 4, p: int = 7, n: int = 12) -> dict:
+    """A loss batch (training/loss.py) whose second row's prompt is left-padded by 3; P + 2N = 31 slots,
+    longer than Gemma-2's window (8) and not a multiple of splash's 128-slot tiles."""
+    rng = np.random.default_rng(2)
+    prompt_mask = np.ones((b, p), bool)
+    prompt_mask[1, :3] = False
+    return {"prompt": rng.integers(3, tiny.VOCAB, (b, p)).astype(np.int32), "prompt_mask": prompt_mask,
+            "best": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32), "best_mask": np.ones((b, n), bool),
+            "worse": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32), "worse_mask": np.ones((b, n), bool)}
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_packed_pattern_is_the_position_mask_on_real_queries(window):
+    """The static pattern splash gets, over the real keys, equals the mask the model builds from the loss's
+    positions and segments, on every real query row; padding query rows see nothing there."""
+    from diffpo_jax.training.loss import sequences
+
+    _, positions, mask, segments = (np.asarray(x) for x in sequences(packed_batch()))
+    packed = Packed(segments, mask, (window,))
+    key_pos = np.where(mask, positions, np.iinfo(np.int32).max // 2)
+    delta = positions[:, :, None] - key_pos[:, None, :]
+    dense = (delta >= 0) & ((window == 0) | (delta < window)) & packed.visible()
+    static = packed.pattern(window)[None] & mask[:, None, :]
+    assert (dense[mask] == static[mask]).all() and not dense[~mask].any()
+    assert static[mask].sum(-1).min() >= 1 and (static[0, 7:19, 19:] == 0).all()  # best never sees worse
+    with pytest.raises(ValueError, match="static \\[T\\] layout rising from 0"):
+        Packed(np.array([1, 1, 2]), mask, (0,))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_splash_loss_and_gradients_equal_einsum(tiny_llama_dir, tiny_gemma2_dir, arch):
+    """Training's packed rows through the splash kernel (interpreted on CPU: the kernel TPUs run): the loss
+    terms and their gradients equal the einsum reference's, on one device and on a (2, 2, 2) mesh (rows
+    over data x fsdp, heads over tensor, through shard_map); a left-padded prompt, and for Gemma-2 the
+    soft-cap and sliding windows shorter than the rows (one kernel per window, picked per layer)."""
+    from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
+
+    folder = tiny_llama_dir if arch == "llama" else tiny_gemma2_dir
+    batch = packed_batch()
+    loss_cfg = LossConfig(con_weight=1.0)
+
+    def terms(model, batch):
+        ce, kl = response_token_losses(model, batch)
+        n = jnp.sum(batch["best_mask"]).astype(jnp.float32)
+        return diffpo_loss(ce, kl, batch, loss_cfg, num_tokens=n)[1]
+
+    def run(implementation, mesh):
+        loaded = load_model(str(folder), mesh=mesh, with_tokenizer=False)
+        graphdef, params = nnx.split(with_attention(loaded, implementation))
+        jbatch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+
+        @jax.jit
+        def f(params, jbatch):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                grads = jax.grad(lambda p: sum(terms(nnx.merge(graphdef, p), jbatch).values()))(params)
+                return terms(nnx.merge(graphdef, params), jbatch), grads
+        parts, grads = f(params, jbatch)
+        return {k: float(v) for k, v in parts.items()}, jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
+
+    one = make_mesh((1, 1, 1), jax.devices()[:1])
+    ref_terms, ref_grads = run("einsum", one)
+    assert ref_terms["con"] > 1e-3
+    for mesh in (one, make_mesh((2, 2, 2))):
+        got_terms, got_grads = run("splash", mesh)
+        for k in ref_terms:
+            assert got_terms[k] == pytest.approx(ref_terms[k], rel=1e-5, abs=1e-6), (k, mesh.shape)
+        for (path, ref), got in zip(jax.tree_util.tree_flatten_with_path(ref_grads)[0], jax.tree.leaves(got_grads)):
+            np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=0, err_msg=f"{path} {mesh.shape}")

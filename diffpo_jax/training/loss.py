@@ -83,9 +83,9 @@ class LossConfig:
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
-def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(tokens, positions, mask, segments), each [b, P + 2N]: rows [prompt, best, worse], segments 0 / 1 / 2,
-    best and worse both at positions prompt length + 0 .. N-1."""
+def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray]:
+    """(tokens, positions, mask) [b, P + 2N] and the static segments [P + 2N]: rows [prompt, best, worse],
+    segments 0 / 1 / 2, best and worse both at positions prompt length + 0 .. N-1."""
     prompt, prompt_mask = batch["prompt"], batch["prompt_mask"]
     b, n = batch["best"].shape
     p = prompt.shape[1]
@@ -94,7 +94,7 @@ def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]
     prompt_pos = jnp.cumsum(prompt_mask, axis=1, dtype=jnp.int32) - 1
     response_pos = prompt_pos[:, -1:] + 1 + jnp.arange(n, dtype=jnp.int32)
     positions = jnp.concatenate([prompt_pos, response_pos, response_pos], axis=1)
-    segments = jnp.broadcast_to(np.repeat(np.arange(3, dtype=np.int32), [p, n, n]), (b, p + 2 * n))
+    segments = np.repeat(np.arange(3, dtype=np.int32), [p, n, n])
     return tokens, positions, mask, segments
 
 

@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"  # stored weights, gradients, optimizer state (fp32 = master weights)
     remat: bool = False  # recompute each layer in the backward pass
-    attention: str = "auto"  # attention implementation (diffpo_jax/attention.py): auto | einsum | xla | cudnn
+    attention: str = "auto"  # attention implementation (diffpo_jax/attention.py): auto | einsum | xla | cudnn | splash
     seed: int = 0  # data order, y(t) draws, preset: init
     global_batch_size: int = 8  # rows per optimizer update, all processes and micro-batches together
     grad_accum: int = 1  # micro-batches per update; 0 = auto (one row per data x fsdp device per micro-batch)
