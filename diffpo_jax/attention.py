@@ -154,6 +154,8 @@ def splash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, packed: Pack
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or tuple(mesh.axis_names) != MESH_AXES:
         return local(q, keys, values, packed.real)
+    # q and the output split their heads as the keys do: query head h belongs to key head h // G, so a
+    # contiguous split of the key heads is one of the query heads.
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), keys.shape, mesh)
     row_spec = PartitionSpec(kv_spec[0], None)
     return jax.shard_map(local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, row_spec), out_specs=kv_spec,
