@@ -47,7 +47,7 @@ def test_eval_and_loss_config_errors(tmp_path):
         load_config(cfg, ["eval.block_size=0"])
     with pytest.raises(TrainConfigError, match=r"loss.con_positions must be one of all, draft, frontier, got 'none'"):
         load_config(cfg, ["loss.con_positions=none"])
-    with pytest.raises(TrainConfigError, match=r"attention must be one of auto, einsum, xla, cudnn, got 'flash'"):
+    with pytest.raises(TrainConfigError, match=r"attention must be one of auto, einsum, xla, cudnn, splash, got 'flash'"):
         load_config(cfg, ["attention=flash"])
     assert load_config(cfg, ["attention=xla"]).attention == "xla"
 
