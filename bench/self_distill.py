@@ -13,7 +13,9 @@
    (AR only), w = 1 and w = 0.1 with the KL on the draft's positions, w = 1 and 0.3 with the KL on the
    frontier (training/loss.py), and w = 1 on the draft's positions with the KL gradient projected off
    the AR gradient where they conflict (`loss.con_gradient=project`, training/step.py), and the KL
-   gradient rescaled to 0.3 times the AR gradient's norm every step (`loss.con_gradient=balance`); same init, data,
+   gradient rescaled to 0.3 times the AR gradient's norm every step on the draft's positions and to 1 times
+   it on the frontier's 16 or 2 positions (`loss.con_gradient=balance`; the latter also at 5x the preset's
+   learning rate); same init, data,
    order and steps; `--holdout` prompts held out by the trainer's
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
@@ -21,7 +23,9 @@
    refined by the decoder `refine` uses (batch 8, block 16), and AR greedy of the same weights on the
    same prompts (batch 8), both timed after a warm-up batch, and both again one row at a time on the
    first 8 of them (the latency case Jacobi decoding is for): passes per token, tokens per pass, refine
-   tokens/s over AR tokens/s, how often the fixed point equals the UNTRAINED model's greedy answer and
+   tokens/s over AR tokens/s, passes per token on as many TRAINING prompts' temperature-0.7 samples
+   (drafts the model was trained on: does the objective teach the skill at all, held-out or not?),
+   how often the fixed point equals the UNTRAINED model's greedy answer and
    the model's own greedy answer (Jacobi decoding is exact, so the latter should be 100%), distinct-
    token fraction (collapse signal), and a few answers side by side.
 Writes the `self-distill` section of bench/RESULTS.md and bench/self_distill.png (held-out passes per
@@ -51,6 +55,13 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
                                                 "loss.con_gradient=project"]),
     "w=0.3, draft, balanced": ("w0.3-draft-bal", ["loss.con_weight=0.3", "loss.con_positions=draft",
                                                   "loss.con_gradient=balance"]),
+    "w=1, frontier, balanced": ("w1-frontier-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
+                                                    "loss.con_gradient=balance"]),
+    "w=1, frontier 2, balanced": ("w1-frontier2-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
+                                                       "loss.con_window=2", "loss.con_gradient=balance"]),
+    "w=1, frontier 2, balanced, lr 5e-5": ("w1-frontier2-bal-lr5e-5", [
+        "loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2", "loss.con_gradient=balance",
+        "optimizer.learning_rate=5e-5"]),
 }
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 
@@ -86,8 +97,10 @@ def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None
     return outputs, time.perf_counter() - start
 
 
-def compare(models: dict[str, str | None], held: list[dict], max_new_tokens: int) -> tuple[dict, dict]:
-    """Per model: refinement and AR figures on the held-out drafts; and the answers per model."""
+def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], max_new_tokens: int
+            ) -> tuple[dict, dict]:
+    """Per model: refinement and AR figures on the held-out drafts, passes per token on the `seen` (training)
+    drafts; and the answers per model."""
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
@@ -99,6 +112,8 @@ def compare(models: dict[str, str | None], held: list[dict], max_new_tokens: int
         prompts = [decoder.prompt_tokens(r["prompt"]) for r in held]
         drafts = [decoder.draft_tokens(r["draft"]) for r in held]
         refined, refine_s = decode_all(decoder, prompts, drafts)
+        refined_seen, _ = decode_all(decoder, [decoder.prompt_tokens(r["prompt"]) for r in seen],
+                                     [decoder.draft_tokens(r["draft"]) for r in seen])
         greedy, ar_s = decode_all(decoder, prompts, None)
         single = Decoder(loaded, batch_size=1, max_new_tokens=max_new_tokens)  # latency: one row at a time
         refined_1, refine_1_s = decode_all(single, prompts[:TIMED], drafts[:TIMED])
@@ -109,6 +124,8 @@ def compare(models: dict[str, str | None], held: list[dict], max_new_tokens: int
         figures[name] = {
             "passes_per_token": passes / tokens,
             "tokens_per_pass": tokens / passes,
+            "seen_passes_per_token": (sum(o.stats["passes"] for o in refined_seen)
+                                      / sum(o.stats["tokens"] for o in refined_seen)),
             "refine_tok_s": tokens / refine_s,
             "ar_tok_s": sum(o.stats["tokens"] for o in greedy) / ar_s,
             "equal_untrained_greedy": sum(o.tokens == g for o, g in zip(refined, reference)) / len(held),
@@ -163,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     held_ids = set(json.loads((next(iter(run_dirs.values())) / "eval_ids.json").read_text()))
     samples = read_records(data.with_name(data.name + ".work") / "t0.7-s0.jsonl", "jsonl", with_drafts=True)
     held = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) in held_ids]
+    seen = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) not in held_ids]
+    seen = seen[: len(held)]
     models = {"untrained": None, **{name: str(d) for name, d in run_dirs.items()}}
-    figures, answers = compare(models, held, n)
+    figures, answers = compare(models, held, seen, n)
 
     section = args.section or ("self-distill-jacobi" if args.jacobi_states else "self-distill")
     png = args.results.with_name(section.replace("-", "_") + ".png")
@@ -175,19 +194,23 @@ def main(argv: list[str] | None = None) -> int:
              f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
              f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
              f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
-             f"{BLOCK}; AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
+             f"{BLOCK} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
+             " AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
              "of them one at a time.\n\n")  # fmt: skip
     rows = []
     for name, f in figures.items():
         curve = curves.get(name) or [next(iter(curves.values()))[0]]  # untrained: the runs' step-0 eval
-        rows.append([name, curve[-1]["eval_ar"], f["passes_per_token"], f["tokens_per_pass"],
+        rows.append([name, curve[-1]["eval_ar"], f["passes_per_token"], f["seen_passes_per_token"], f["tokens_per_pass"],
                      f["refine_tok_s"], f["ar_tok_s"], f["speedup"], f["speedup_1"], f["equal_untrained_greedy"],
                      f["equal_own_greedy"], f["distinct"]])  # fmt: skip
-    body += table(["model", "held-out L_AR", "passes/tok", "tok/pass", "refine tok/s", "AR tok/s",
+    body += table(["model", "held-out L_AR", "passes/tok", "passes/tok (training prompts)", "tok/pass", "refine tok/s", "AR tok/s",
                    "refine / AR (batch 8)", f"refine / AR (batch 1, {TIMED} rows)", "= untrained greedy", "= own greedy", "distinct"], rows)
     base = figures["untrained"]["passes_per_token"]
     body += "\n\nHeld-out passes per token relative to the untrained model: " + ", ".join(
         f"{name} {f['passes_per_token'] / base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
+    seen_base = figures["untrained"]["seen_passes_per_token"]
+    body += "; on the training prompts' samples: " + ", ".join(
+        f"{name} {f['seen_passes_per_token'] / seen_base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
     body += (f"\n\nHeld-out evaluation during training (trainer: the first {2 * args.holdout} (held-out prompt, y(t)) "
              "rows in record order; the held-out L_AR column above is its last figure):\n\n")
     body += table(["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
