@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
              f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
              f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
              f"{BLOCK} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
-             " AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
+             f" AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
              "of them one at a time.\n\n")  # fmt: skip
     rows = []
     for name, f in figures.items():
