@@ -57,6 +57,12 @@ def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | N
     return "splash" if backend == "tpu" and packed and head_dim % 128 == 0 else "einsum"
 
 
+def within_reach(delta, window):
+    """bool: a query sees a key `delta` positions back (causal, and within `window`; 0 = unlimited). Takes
+    traced arrays (the model's mask) and numpy ones (`Packed.pattern`) alike: the one rule for both."""
+    return (delta >= 0) & ((window == 0) | (delta < window))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Packed:
     """Rows packed as [shared prefix (segment 0), continuation 1, continuation 2, ...] (model.py, `segments`).
@@ -92,7 +98,7 @@ class Packed:
         """bool [T, T]: causal in position, within `window` (0: unlimited), and visible."""
         pos = self.slot_positions()
         delta = pos[:, None] - pos[None, :]
-        return (delta >= 0) & ((window == 0) | (delta < window)) & self.visible()
+        return within_reach(delta, window) & self.visible()
 
 
 def softcap_logits(x: jax.Array, cap: float | None) -> jax.Array:

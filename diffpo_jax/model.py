@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffpo_jax.attention import Packed, attend, choose, softcap_logits, splash_attend
+from diffpo_jax.attention import Packed, attend, choose, softcap_logits, splash_attend, within_reach
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.sharding import RESIDUAL, constrain
 
@@ -124,7 +124,7 @@ class Attention(nnx.Module):
             out = splash_attend(q, keys, values, packed, window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap)
         else:
             delta = q_pos[:, :, None] - key_pos[:, None, :]  # [B, T, S]
-            allowed = (delta >= 0) & ((window == 0) | (delta < window))
+            allowed = within_reach(delta, window)
             if packed is not None:
                 allowed = allowed & packed.visible()
             out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
