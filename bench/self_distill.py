@@ -1,14 +1,16 @@
 """Does training make a real model refine its own drafts faster? SmolLM2-135M on its self-distilled trajectories.
 
     python -m bench.self_distill [--steps 120] [--eval-every 40] [--holdout 32] [--max-new-tokens 32]
-        [--jacobi-states K] [--runs NAME ...] [--work out/self_distill] [key=value ...]
+        [--jacobi-states K] [--train-prompts N] [--runs NAME ...] [--work out/self_distill] [key=value ...]
 
 1. Data: `data distill` (diffpo_jax/data/self_distill.py) with the embedded, untrained SmolLM2-135M-
    Instruct on bench/data/self_distill_prompts.jsonl (256 prompts: 4 question templates x 64 topics,
    written for this benchmark): y(T) = its greedy answer, y(0), y(1) = its samples at temperature 1.0
    and 0.7, `--max-new-tokens` tokens each, and with `--jacobi-states K` up to K intermediate Jacobi
    states from each sample to the greedy answer (CLLM's trajectories). Kept in WORK (resumable;
-   reused by a rerun; generate outputs already in WORK/data.work are reused).
+   reused by a rerun; generate outputs already in WORK/data.work are reused). `--train-prompts N`
+   trains on the first N non-held-out prompts only (WORK/data-trainN, built from the same answers): many
+   epochs over few prompts, to ask whether the objective teaches the skill on drafts it has seen.
 2. Training (RUNS; `--runs` picks some): the smollm2-135m preset (fp32, lr 1e-5, batch 8) with w = 0
    (AR only), w = 1 and w = 0.1 with the KL on the draft's positions, w = 1 and 0.3 with the KL on the
    frontier (training/loss.py), and w = 1 on the draft's positions with the KL gradient projected off
@@ -76,6 +78,44 @@ def train_run(overrides: list[str], out: Path, steps: int) -> list[dict]:
         cfg = load_config(ROOT / "configs" / "train" / "smollm2-135m.yaml", [f"output_dir={out}", *overrides])
         train(cfg, log=lambda line: print(f"  {line}", flush=True))
     return [m for m in map(json.loads, metrics.read_text().splitlines()) if "eval_ar" in m]
+
+
+def training_subset(data: Path, holdout: int, n: int) -> Path:
+    """The dataset of `data`'s `holdout` held-out prompts (the trainer's split) and its first `n` other
+    prompts in prompt-file order, built from the same scored answers into data-train{n} (kept)."""
+    from diffpo_jax.data.trajectories import build, record_id
+    from diffpo_jax.training.evaluation import holdout_split, read_records
+
+    out = data.with_name(f"{data.name}-train{n}")
+    if out.exists():
+        return out
+    records = read_records(data)
+    _, held_idx = holdout_split(records, holdout)
+    held = {records[i]["id"] for i in held_idx}
+    keep, lines = set(held), data.with_name(data.name + ".work").joinpath("scored.jsonl").read_text().splitlines()
+    for line in lines:
+        rid = record_id(json.loads(line)["prompt"])
+        if len(keep) == len(held) + n:
+            break
+        keep.add(rid)
+    scored = out.with_name(out.name + ".scored.jsonl")
+    scored.write_text("".join(line + "\n" for line in lines if record_id(json.loads(line)["prompt"]) in keep))
+    extra = json.loads((data / "manifest.json").read_text())["self_distill"]
+    build([str(scored)], out, extra={"self_distill": extra, "subset": f"{holdout} held-out + first {n} prompts of {data}"})
+    return out
+
+
+def held_and_seen(work: Path, run_dir: Path, train_prompts: int = 0) -> tuple[list[dict], list[dict]]:
+    """({prompt, draft} of the temperature-0.7 sample) of the held-out prompts of `run_dir` (its
+    eval_ids.json), and of as many training prompts (at most `train_prompts` when set), in prompt order."""
+    from diffpo_jax.data.formats import read_records
+    from diffpo_jax.data.trajectories import record_id
+
+    held_ids = set(json.loads((run_dir / "eval_ids.json").read_text()))
+    samples = read_records(work / "data.work" / "t0.7-s0.jsonl", "jsonl", with_drafts=True)
+    held = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) in held_ids]
+    seen = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) not in held_ids]
+    return held, seen[: min(len(held), train_prompts or len(held))]
 
 
 def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None) -> tuple[list, float]:
@@ -148,15 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=Path, default=PROMPTS)
     ap.add_argument("--jacobi-states", type=int, default=0)
+    ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
     ap.add_argument("--runs", nargs="*", choices=list(RUNS), help="runs to train (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--section", help="RESULTS.md section (default: self-distill, or self-distill-jacobi)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
     args = ap.parse_args(argv)
-    from diffpo_jax.data.formats import read_records
     from diffpo_jax.data.self_distill import distill
-    from diffpo_jax.data.trajectories import record_id
 
     line = machine()
     n = args.max_new_tokens
@@ -164,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if not data.exists():
         distill(args.prompts, data, temperatures=[1.0, 0.7], max_new_tokens=n, batch_size=16,
                 jacobi_states=args.jacobi_states)
+    if args.train_prompts:
+        data = training_subset(data, args.holdout, args.train_prompts)
     manifest = json.loads((data / "manifest.json").read_text())
     common = [f"data={data}", f"max_steps={args.steps}", "num_epochs=1000", f"response_len={n}", "prompt_len=64",
               "global_batch_size=8", "grad_accum=1", f"eval.holdout_prompts={args.holdout}",
@@ -174,14 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs and name not in args.runs:
             continue
         print(f"train: {name}", flush=True)
-        run_dirs[name] = args.work / folder
+        run_dirs[name] = args.work / (folder + (f"-train{args.train_prompts}" if args.train_prompts else ""))
         curves[name] = train_run(common + overrides, run_dirs[name], args.steps)
 
-    held_ids = set(json.loads((next(iter(run_dirs.values())) / "eval_ids.json").read_text()))
-    samples = read_records(data.with_name(data.name + ".work") / "t0.7-s0.jsonl", "jsonl", with_drafts=True)
-    held = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) in held_ids]
-    seen = [{"prompt": r.prompt, "draft": r.drafts[0]} for r in samples if record_id(r.prompt) not in held_ids]
-    seen = seen[: len(held)]
+    held, seen = held_and_seen(args.work, next(iter(run_dirs.values())), args.train_prompts)
     models = {"untrained": None, **{name: str(d) for name, d in run_dirs.items()}}
     figures, answers = compare(models, held, seen, n)
 
