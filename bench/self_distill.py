@@ -1,7 +1,7 @@
 """Does training make a real model refine its own drafts faster? SmolLM2-135M on its self-distilled trajectories.
 
     python -m bench.self_distill [--steps 120] [--eval-every 40] [--holdout 32] [--max-new-tokens 32]
-        [--jacobi-states K] [--train-prompts N] [--runs NAME ...] [--work out/self_distill] [key=value ...]
+        [--jacobi-states K] [--train-prompts N] [--block 16] [--runs NAME ...] [--work out/self_distill] [key=value ...]
 
 1. Data: `data distill` (diffpo_jax/data/self_distill.py) with the embedded, untrained SmolLM2-135M-
    Instruct on bench/data/self_distill_prompts.jsonl (256 prompts: 4 question templates x 64 topics,
@@ -22,8 +22,8 @@
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
 3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
-   refined by the decoder `refine` uses (batch 8, block 16), and AR greedy of the same weights on the
-   same prompts (batch 8), both timed after a warm-up batch, and both again one row at a time on the
+   refined by the decoder `refine` uses (batch 8, window `--block`, default 16; a finished run is reused,
+   so a rerun with another --block only refines), and AR greedy of the same weights on the same prompts (batch 8), both timed after a warm-up batch, and both again one row at a time on the
    first 8 of them (the latency case Jacobi decoding is for): passes per token, tokens per pass, refine
    tokens/s over AR tokens/s, passes per token on as many TRAINING prompts' temperature-0.7 samples
    (drafts the model was trained on: does the objective teach the skill at all, held-out or not?),
@@ -118,9 +118,10 @@ def held_and_seen(work: Path, run_dir: Path, train_prompts: int = 0) -> tuple[li
     return held, seen[: min(len(held), train_prompts or len(held))]
 
 
-def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None) -> tuple[list, float]:
-    """(outputs, seconds): refine `drafts` (or AR greedy when None) in decoder.batch_size batches, after
-    one untimed warm-up batch."""
+def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None, block: int = BLOCK
+               ) -> tuple[list, float]:
+    """(outputs, seconds): refine `drafts` with a `block`-token window (or AR greedy when None) in
+    decoder.batch_size batches, after one untimed warm-up batch."""
     import jax
 
     b = decoder.batch_size
@@ -129,7 +130,7 @@ def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None
         p = prompts[lo : lo + b]
         if drafts is None:
             return decoder.sample(p, jax.random.split(jax.random.key(0), len(p)), temperature=0.0, top_p=1.0)
-        return decoder.refine(p, drafts[lo : lo + b], block_size=BLOCK)
+        return decoder.refine(p, drafts[lo : lo + b], block_size=block)
 
     run(0)
     start = time.perf_counter()
@@ -137,8 +138,8 @@ def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None
     return outputs, time.perf_counter() - start
 
 
-def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], max_new_tokens: int
-            ) -> tuple[dict, dict]:
+def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], max_new_tokens: int,
+            block: int = BLOCK) -> tuple[dict, dict]:
     """Per model: refinement and AR figures on the held-out drafts, passes per token on the `seen` (training)
     drafts; and the answers per model."""
     from diffpo_jax.decoding.batching import Decoder
@@ -151,12 +152,12 @@ def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], m
         decoder = Decoder(loaded, batch_size=BATCH, max_new_tokens=max_new_tokens)
         prompts = [decoder.prompt_tokens(r["prompt"]) for r in held]
         drafts = [decoder.draft_tokens(r["draft"]) for r in held]
-        refined, refine_s = decode_all(decoder, prompts, drafts)
+        refined, refine_s = decode_all(decoder, prompts, drafts, block)
         refined_seen, _ = decode_all(decoder, [decoder.prompt_tokens(r["prompt"]) for r in seen],
-                                     [decoder.draft_tokens(r["draft"]) for r in seen])
+                                     [decoder.draft_tokens(r["draft"]) for r in seen], block)
         greedy, ar_s = decode_all(decoder, prompts, None)
         single = Decoder(loaded, batch_size=1, max_new_tokens=max_new_tokens)  # latency: one row at a time
-        refined_1, refine_1_s = decode_all(single, prompts[:TIMED], drafts[:TIMED])
+        refined_1, refine_1_s = decode_all(single, prompts[:TIMED], drafts[:TIMED], block)
         greedy_1, ar_1_s = decode_all(single, prompts[:TIMED], None)
         reference = reference or [o.tokens for o in greedy]  # the untrained model comes first
         tokens = sum(o.stats["tokens"] for o in refined)
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=Path, default=PROMPTS)
     ap.add_argument("--jacobi-states", type=int, default=0)
+    ap.add_argument("--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)")
     ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
     ap.add_argument("--runs", nargs="*", choices=list(RUNS), help="runs to train (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
     held, seen = held_and_seen(args.work, next(iter(run_dirs.values())), args.train_prompts)
     models = {"untrained": None, **{name: str(d) for name, d in run_dirs.items()}}
-    figures, answers = compare(models, held, seen, n)
+    figures, answers = compare(models, held, seen, n, args.block)
 
     section = args.section or ("self-distill-jacobi" if args.jacobi_states else "self-distill")
     png = args.results.with_name(section.replace("-", "_") + ".png")
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
              f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
              f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
              f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
-             f"{BLOCK} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
+             f"{args.block} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
              f" AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
              "of them one at a time.\n\n")  # fmt: skip
     rows = []
