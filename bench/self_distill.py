@@ -24,8 +24,9 @@
 3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
    refined by the decoder `refine` uses (batch 8, window `--block`, default 16; a finished run is reused,
    so a rerun with another --block only refines), and AR greedy of the same weights on the same prompts
-   (batch 8), both timed after a warm-up batch, and both again one row at a time on the first 8 of them (the latency case Jacobi decoding is for): passes per token, tokens per pass, refine
-   tokens/s over AR tokens/s, passes per token on as many TRAINING prompts' temperature-0.7 samples
+   (batch 8), both timed after a warm-up batch, and both again one row at a time on the first 8 of them
+   (the latency case Jacobi decoding is for): passes per token, tokens per pass, refine tokens/s over AR
+   tokens/s, passes per token on as many TRAINING prompts' temperature-0.7 samples
    (drafts the model was trained on: does the objective teach the skill at all, held-out or not?),
    how often the fixed point equals the UNTRAINED model's greedy answer and
    the model's own greedy answer (Jacobi decoding is exact, so the latter should be 100%), distinct-
