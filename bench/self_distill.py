@@ -17,7 +17,7 @@
    the AR gradient where they conflict (`loss.con_gradient=project`, training/step.py), and the KL
    gradient rescaled to 0.3 times the AR gradient's norm every step on the draft's positions and to 1 times
    it on the frontier's 16 or 2 positions (`loss.con_gradient=balance`; the latter also at 5x the preset's
-   learning rate); same init, data,
+   learning rate), and w = 1 on the frontier's 2 positions unbalanced; same init, data,
    order and steps; `--holdout` prompts held out by the trainer's
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
@@ -60,6 +60,7 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
                                                   "loss.con_gradient=balance"]),
     "w=1, frontier, balanced": ("w1-frontier-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
                                                     "loss.con_gradient=balance"]),
+    "w=1, frontier 2": ("w1-frontier2", ["loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2"]),
     "w=1, frontier 2, balanced": ("w1-frontier2-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
                                                        "loss.con_window=2", "loss.con_gradient=balance"]),
     "w=1, frontier 2, balanced, lr 5e-5": ("w1-frontier2-bal-lr5e-5", [
