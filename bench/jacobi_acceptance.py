@@ -26,8 +26,6 @@ from pathlib import Path
 from bench.common import RESULTS, header, machine, report, table
 from bench.self_distill import BATCH, BLOCK, held_and_seen
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def settled(tokenizer, ids: list[int], total: int, states: list[str]) -> list[int]:
     """c_k per pass (module doc): answer tokens settled after each state; the last pass settles `total`."""

@@ -94,14 +94,11 @@ def training_subset(data: Path, holdout: int, n: int) -> Path:
     records = read_records(data)
     _, held_idx = holdout_split(records, holdout)
     held = {records[i]["id"] for i in held_idx}
-    keep, lines = set(held), data.with_name(data.name + ".work").joinpath("scored.jsonl").read_text().splitlines()
-    for line in lines:
-        rid = record_id(json.loads(line)["prompt"])
-        if len(keep) == len(held) + n:
-            break
-        keep.add(rid)
+    lines = data.with_name(data.name + ".work").joinpath("scored.jsonl").read_text().splitlines()
+    ids = [record_id(json.loads(line)["prompt"]) for line in lines]
+    keep = held | set([i for i in ids if i not in held][:n])
     scored = out.with_name(out.name + ".scored.jsonl")
-    scored.write_text("".join(line + "\n" for line in lines if record_id(json.loads(line)["prompt"]) in keep))
+    scored.write_text("".join(line + "\n" for line, i in zip(lines, ids) if i in keep))
     extra = json.loads((data / "manifest.json").read_text())["self_distill"]
     build([str(scored)], out, extra={"self_distill": extra, "subset": f"{holdout} held-out + first {n} prompts of {data}"})
     return out

@@ -150,6 +150,21 @@ def test_agreement_counts_the_prefix_before_the_first_difference():
     assert agreement([[1, 2, 3], [1, 9, 3, 4]], [[1, 2, 3], [1, 2, 3, 4]]) == (0.5, (1.0 + 0.25) / 2)
 
 
+def test_settled_tokens_count_what_agrees_with_the_answer_from_then_on():
+    from bench.jacobi_acceptance import settled
+
+    class Pieces:  # token i decodes to PIECES[i]
+        PIECES = ["The", " cat", " sat", " down", "."]
+
+        def decode(self, ids, skip_special_tokens):
+            return "".join(self.PIECES[i] for i in ids)
+
+    answer = [0, 1, 2, 3, 4]  # "The cat sat down.", 6 tokens with the stop token
+    states = ["The dog ran", "The cat sat up", "The cat ran down.", "The cat sat down.", "The cat sat down."]
+    # pass 2 agrees to " sat" by chance; pass 3 changes it, so only "The cat" is settled after pass 2
+    assert settled(Pieces(), answer, 6, states) == [1, 2, 2, 5, 6]
+
+
 def test_export_memory_tiny(tiny_llama_dir, tmp_path):
     """One process: no device holds more than its shards plus a layer's shard, where the replicated gather
     holds a whole tensor on every device; both files equal the one-device export (checked inside)."""
