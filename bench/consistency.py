@@ -1,11 +1,12 @@
 """Does training teach? The loss ablation (paper Table 5 spirit) on a small model, refinement measured.
 
-    python -m bench.consistency [--preset tiny] [--steps 120] [--holdout 8] [--only NAME ...] [key=value ...]
+    python -m bench.consistency [--preset tiny] [--steps 120] [--holdout 8] [--train-rows N] [--only NAME ...]
+        [key=value ...]
 
 Every variant trains the same model from the same init on the same trajectories (the train preset's
 data, `--holdout` prompts held out by the trainer's split) for the same steps, with held-out evaluation
 every `--eval-every` steps (training/evaluation.py). After training, the same evaluator refines the
-y(t) drafts of the TRAINING prompts (every (prompt, y(t)) pair), from y(t) by Jacobi decoding with the
+y(t) drafts of the TRAINING prompts (every (prompt, y(t)) pair, or the first `--train-rows`), from y(t) by Jacobi decoding with the
 trained weights: passes per token, fraction whose fixed point is y(T), distinct-token fraction (the
 collapse signal). Variants: AR only (w = 0), consistency only (no L_AR), w in {1, 10, 100, 1000} with
 the KL on the draft's positions (`loss.con_positions=draft`), the paper's setting (w = 1000 on all
@@ -40,8 +41,9 @@ VARIANTS = {
 }
 
 
-def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
-    """Train one variant into `out`; returns {"curve": eval lines, "train_refine": metrics on training prompts}."""
+def run_variant(preset: str, overrides: list[str], out: Path, train_rows: int) -> dict:
+    """Train one variant into `out`; returns {"curve": eval lines, "train_refine": metrics on the first
+    `train_rows` (training prompt, y(t)) pairs}."""
     from flax import nnx
 
     from diffpo_jax.data.loader import RecordEncoder
@@ -62,7 +64,7 @@ def run_variant(preset: str, overrides: list[str], out: Path) -> dict:
     encoder = RecordEncoder.for_tokenizer(loaded.tokenizer, cfg.prompt_len, cfg.response_len)
     stops = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
     evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, make_mesh(cfg.mesh),
-                              stop_tokens=stops, max_rows=10**6)
+                              stop_tokens=stops, max_rows=train_rows)
     return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state)),
             "lengths": (cfg.prompt_len, cfg.response_len)}
 
@@ -73,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=30)
+    ap.add_argument("--train-rows", type=int, default=10**6,
+                    help="refine the first N (training prompt, y(t)) pairs after training (default: all)")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), metavar="NAME", help="variant names (default: all)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--section", help="RESULTS.md section and plot name (default: consistency-PRESET, consistency.png)")
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and name not in args.only:
                 continue
             print(f"{name}: {overrides}", flush=True)
-            results[name] = run_variant(args.preset, common + overrides, work / f"v{i}")
+            results[name] = run_variant(args.preset, common + overrides, work / f"v{i}", args.train_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     png = args.results.with_name(args.section.replace("-", "_") + ".png" if args.section else "consistency.png")
@@ -103,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     body = header(f"Consistency ablation, preset {args.preset} (bench/consistency.py)", "bench.consistency", argv, line)
     p, n = next(iter(results.values()))["lengths"]
     body += (f"\n{args.steps} steps per variant, P = {p}, N = {n}, same init and data; {args.holdout} prompts held out. Held-out: "
-             "the trainer's eval at the last step. Train prompts: every (prompt, y(t)) pair of the training split "
-             "refined from y(t). passes/tok = Jacobi passes per committed token; = y(T): fixed point is y(T); "
+             "the trainer's eval at the last step. Train prompts: "
+             + ("every" if args.train_rows >= 10**6 else f"the first {args.train_rows}")
+             + " (prompt, y(t)) pair(s) of the training split refined from y(t). passes/tok = Jacobi passes per committed token; = y(T): fixed point is y(T); "
              "distinct = distinct tokens / tokens per answer (collapse: ~1/length).\n\n")
     body += table(["variant", "held-out L_AR at 0", "held-out L_AR", "held-out passes/tok", "held-out distinct",
                    "train L_AR", "train passes/tok", "train = y(T)", "train distinct"], rows)

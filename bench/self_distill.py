@@ -18,7 +18,7 @@
    gradient rescaled to 0.3 times the AR gradient's norm every step on the draft's positions and to 1 times
    it on the frontier's 16 or 2 positions (`loss.con_gradient=balance`; the latter also at 5x the preset's
    learning rate), and w = 1 on the frontier's 2 positions unbalanced; same init, data,
-   order and steps; `--holdout` prompts held out by the trainer's
+   order and steps (default: w = 0, w = 1 and w = 0.1 on the draft's positions); `--holdout` prompts held out by the trainer's
    split, evaluated every `--eval-every` steps (training/evaluation.py: held-out L_AR and Jacobi
    refinement of the held-out y(t) drafts). A run dir that holds a finished run is reused.
 3. Refinement, per model (untrained and each trained one): the held-out prompts' temperature-0.7 samples
@@ -67,6 +67,7 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
         "loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2", "loss.con_gradient=balance",
         "optimizer.learning_rate=5e-5"]),
 }
+DEFAULT_RUNS = ["AR only (w=0)", "w=1, draft", "w=0.1, draft"]  # the presets' objective, w = 0 and w ~ w* of this data
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 
 
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jacobi-states", type=int, default=0)
     ap.add_argument("--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)")
     ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
-    ap.add_argument("--runs", nargs="*", choices=list(RUNS), help="runs to train (default: all)")
+    ap.add_argument("--runs", nargs="*", choices=list(RUNS), default=DEFAULT_RUNS,
+                    help="runs to train (default: %(default)s, ~1 h 45 min on 2 cores with the data)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--section", help="RESULTS.md section (default: self-distill, or self-distill-jacobi)")
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
               "save_every=100000", "tensorboard=false", "log_every=5", *args.overrides]  # fmt: skip
     curves, run_dirs = {}, {}
     for name, (folder, overrides) in RUNS.items():
-        if args.runs and name not in args.runs:
+        if name not in args.runs:
             continue
         print(f"train: {name}", flush=True)
         run_dirs[name] = args.work / (folder + (f"-train{args.train_prompts}" if args.train_prompts else ""))
