@@ -10,8 +10,9 @@ y(t) drafts of the TRAINING prompts (every (prompt, y(t)) pair, or the first `--
 trained weights: passes per token, fraction whose fixed point is y(T), distinct-token fraction (the
 collapse signal). Variants: AR only (w = 0), consistency only (no L_AR), w in {1, 10, 100, 1000} with
 the KL on the draft's positions (`loss.con_positions=draft`), the paper's setting (w = 1000 on all
-positions), and w = 1 / 1000 with the KL gradient projected off the AR gradient where they conflict
-(`loss.con_gradient=project`, training/step.py). Writes its section (`consistency-PRESET`, or
+positions), w = 1 / 1000 with the KL gradient projected off the AR gradient where they conflict
+(`loss.con_gradient=project`, training/step.py), and w = 1 with the KL gradient rescaled to the AR
+gradient's norm every step (`loss.con_gradient=balance`). Writes its section (`consistency-PRESET`, or
 `--section`) of bench/RESULTS.md and bench/consistency.png (or SECTION.png; held-out L_AR and passes per
 token against step, per variant).
 """
@@ -35,6 +36,7 @@ VARIANTS = {
     "w=100 draft": ["loss.con_weight=100", "loss.con_positions=draft"],
     "w=1000 draft": ["loss.con_weight=1000", "loss.con_positions=draft"],
     "w=1000 all (paper)": ["loss.con_weight=1000", "loss.con_positions=all"],
+    "w=1 draft, balanced": ["loss.con_weight=1", "loss.con_positions=draft", "loss.con_gradient=balance"],
     "w=1 draft, projected": ["loss.con_weight=1", "loss.con_positions=draft", "loss.con_gradient=project"],
     "w=1000 draft, projected": ["loss.con_weight=1000", "loss.con_positions=draft", "loss.con_gradient=project"],
     "w=1000 all (paper), projected": ["loss.con_weight=1000", "loss.con_positions=all", "loss.con_gradient=project"],
