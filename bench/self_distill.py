@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)")
     ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
     ap.add_argument("--runs", nargs="*", choices=list(RUNS), default=DEFAULT_RUNS,
-                    help="runs to train (default: %(default)s, ~1 h 45 min on 2 cores with the data)")
+                    help="runs to train (default: %(default)s, ~75 min on 2 cores, data included)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--section", help="RESULTS.md section (default: self-distill, or self-distill-jacobi)")
