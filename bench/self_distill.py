@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jacobi-states", type=int, default=0)
     ap.add_argument("--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)")
     ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
-    ap.add_argument("--runs", nargs="*", choices=list(RUNS), default=DEFAULT_RUNS,
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS,
                     help="runs to train (default: %(default)s, ~75 min on 2 cores, data included)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     ap.add_argument("--results", type=Path, default=RESULTS)
