@@ -3,7 +3,7 @@
   python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
-      [--hold-draft-prefix 0] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
+      [--hold-draft-prefix R | random:R] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
       [--sort-window 256] [--on-error stop|skip] [--overwrite]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
@@ -39,6 +39,28 @@ RESUME_OPTIONS = ("model", "format", "history", "max_new_tokens", "max_iteration
                   "trajectory", "on_error")
 
 
+def hold_spec(text: str) -> int | str:
+    """--hold-draft-prefix: R (int) or "random:R"."""
+    value = text.removeprefix("random:")
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected R or random:R with R an integer >= 0, got {text!r}")
+    return text if text.startswith("random:") else int(value)
+
+
+def hold_max(spec: int | str) -> int:
+    return spec if isinstance(spec, int) else int(spec.removeprefix("random:"))
+
+
+def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
+    """Per record (0-based input index): its held draft tokens under random:R (uniform 0..R, drawn from the
+    index alone, so any batching, process count or resume gives the same), or None for a fixed R."""
+    import numpy as np
+
+    if isinstance(spec, int):
+        return None
+    return [int(np.random.default_rng(i).integers(0, hold_max(spec) + 1)) for i in indices]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="DiffPO model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
@@ -52,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--max-iterations", type=int, help="cap on Jacobi passes per batch (default: max-new-tokens)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--hold-draft-prefix", type=int, default=0, help="keep the first R draft tokens fixed")
+    ap.add_argument("--hold-draft-prefix", type=hold_spec, default=0, metavar="R | random:R",
+                    help="keep the first R draft tokens fixed; random:R: a uniform 0..R per record, drawn from its "
+                         "index (the official DiffPO script holds random:12)")
     ap.add_argument("--no-realign", dest="realign", action="store_false", help="no n-gram re-alignment to the draft")
     ap.add_argument("--trajectory", action="store_true",
                     help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
@@ -67,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("block_size", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.hold_draft_prefix <= args.max_new_tokens:
+    if not 0 <= hold_max(args.hold_draft_prefix) <= args.max_new_tokens:
         ap.error("--hold-draft-prefix must be in [0, --max-new-tokens]")
     if args.max_iterations is not None and args.max_iterations < 1:
         ap.error("--max-iterations must be >= 1")
@@ -96,11 +120,12 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="refine", dynamic_ncols=True)
     start = time.perf_counter()
 
-    def decode(_indices: list[int], turn: int, recs, prompts):
+    def decode(indices: list[int], turn: int, recs, prompts):
         drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
         return decoder.refine(
             prompts, drafts, block_size=args.block_size, max_iterations=args.max_iterations,
-            hold_draft_prefix=args.hold_draft_prefix, realign=args.realign, trajectory=args.trajectory,
+            hold_draft_prefix=hold_max(args.hold_draft_prefix), hold_lens=hold_lens(args.hold_draft_prefix, indices),
+            realign=args.realign, trajectory=args.trajectory,
         )  # fmt: skip
 
     def progress(outputs):

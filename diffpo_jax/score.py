@@ -1,13 +1,16 @@
 """python -m diffpo_jax.score: reward-model scores for the answers generate / refine write, or for trajectories.
 
-  python -m diffpo_jax.score --model RM --input FILE --output FILE
+  python -m diffpo_jax.score (--model RM | --reward MODULE:FUNCTION) --input FILE --output FILE
       [--format jsonl|alpaca_eval|mt_bench|trajectories] [--fields draft,refined] [--questions question.jsonl]
       [--prompt-field prompt] [--responses-field all_generated_responses] [--scores-field all_rm_scores]
       [--best-of-n] [--label 0] [--batch-size 8] [--dtype float32|bfloat16] [--mesh D,F,T] [--report FILE.md]
       [--overwrite]
 
 RM: an HF folder or hub id of a Llama / Gemma-2 *ForSequenceClassification or of ArmoRM
-(reward/model.py); its own tokenizer and chat template build the input (reward/inputs.py). What each
+(reward/model.py); its own tokenizer and chat template build the input (reward/inputs.py). Or
+`--reward`: a Python reward function, `package.module:function` or `path/to/file.py:function`, called
+TRL-style as function(prompts=[...], completions=[...]) -> one float per answer (reward/functions.py;
+examples/rewards/vader.py is one); --batch-size answers per call, no devices. What each
 format reads and writes: reward/records.py. The summary prints each field's mean score and, when two
 one-answer fields are scored, the paired win rate of the second over the first with a bootstrap 95%
 interval (`--report` writes it as a Markdown table). Results stream to OUTPUT.partial and resume as in
@@ -28,17 +31,20 @@ from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import FormatError, check_output_path
 from diffpo_jax.decoding import devices
 from diffpo_jax.distributed import DistributedError
+from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.reward.records import SCORE_FORMATS
 from diffpo_jax.sources import ModelSourceError
 
-RESUME_OPTIONS = ("model", "format", "fields", "prompt_field", "responses_field", "scores_field", "best_of_n",
+RESUME_OPTIONS = ("model", "reward", "format", "fields", "prompt_field", "responses_field", "scores_field", "best_of_n",
                   "label", "dtype")
 RECORDS_PER_CHUNK = 16  # batches of rows scored between appends to OUTPUT.partial
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.score", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="reward model: HF folder or hub id")
+    scorer = ap.add_mutually_exclusive_group(required=True)
+    scorer.add_argument("--model", help="reward model: HF folder or hub id")
+    scorer.add_argument("--reward", metavar="MODULE:FUNCTION", help="a Python reward function (module or file.py path)")
     ap.add_argument("--input", type=Path, required=True)
     ap.add_argument("--output", type=Path, required=True)
     ap.add_argument("--format", choices=SCORE_FORMATS, default="jsonl")
@@ -66,6 +72,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     """Score args.input into args.output; returns the summary. `loaded`: an already loaded reward model."""
     from tqdm import tqdm
 
+    from diffpo_jax.reward.functions import FunctionScorer
     from diffpo_jax.reward.inputs import InputError
     from diffpo_jax.reward.records import Layout, check_best_of_n, check_finite, default_fields, items, read_score_records, scored_output
     from diffpo_jax.reward.scorer import Scorer
@@ -81,8 +88,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
     options = record_loop.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
-    loaded = loaded or load_reward_model(args.model, dtype=options["dtype"], mesh=mesh)
-    scorer = Scorer(loaded, batch_size=args.batch_size, label=args.label, mesh=mesh)
+    if args.reward:
+        scorer = FunctionScorer(args.reward, batch_size=args.batch_size)
+    else:
+        loaded = loaded or load_reward_model(args.model, dtype=options["dtype"], mesh=mesh)
+        scorer = Scorer(loaded, batch_size=args.batch_size, label=args.label, mesh=mesh)
     rows_by_record = []
     for rec, its in zip(records, per_record):
         rows = []
@@ -100,8 +110,13 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     for first in range(0, len(out.todo), chunk):
         idx = out.todo[first : first + chunk]
         flat = [row for i in idx for row in rows_by_record[i]]
-        scores = iter(scorer.score(flat))
-        tokens += sum(len(ids) for ids, _ in flat)
+        try:
+            scores = iter(scorer.score(flat))
+        except RewardFunctionError as e:  # name the record and field of the row to blame
+            i, (field, _, _) = [(i, it) for i in idx for it in per_record[i]][e.row]
+            raise FormatError(f"{records[i].where}: field '{field}': {e}") from None
+        if not args.reward:
+            tokens += sum(len(ids) for ids, _ in flat)
         for i in idx:
             pairs = [(field, next(scores)) for field, _, _ in per_record[i]]
             for field, s in pairs:
@@ -114,8 +129,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     return summarize(*_collect(layout, records, outputs)) | {
         "devices": devices.describe(mesh), "records": len(records), "answers": sum(map(len, per_record)),
         "seconds": round(elapsed, 2),
-        "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1),
-    }
+    } | ({} if args.reward else {"tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
 
 
 def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[str, str] | None]:
@@ -138,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.initialize_from_args(args)
         summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError, DistributedError, RewardFunctionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not distributed.is_main_process():  # the summary covers every process's records: process 0 prints it
@@ -150,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if "win_rate" in summary:
         w = summary["win_rate"]
         print(f"win rate of {w['of']} over {w['over']}: {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
-    print(json.dumps({k: summary[k] for k in ("devices", "records", "answers", "seconds", "tokens_per_s")}))
+    print(json.dumps({k: summary[k] for k in ("devices", "records", "answers", "seconds", "tokens_per_s") if k in summary}))
     if args.report:
-        args.report.write_text(markdown(summary, f"Scores of {args.input} by {args.model}"), encoding="utf-8")
+        args.report.write_text(markdown(summary, f"Scores of {args.input} by {args.model or args.reward}"), encoding="utf-8")
         print(f"wrote {args.report}")
     print(f"wrote {args.output}")
     return 0

@@ -147,6 +147,22 @@ def test_hold_draft_prefix(setup):
     assert held_lens[0] == r_hold and held_lens[1] == 0 and tokens[0, :3].tolist() != greedy[0, :3].tolist()
 
 
+def test_per_row_held_prefix_equals_fixed_holds(setup):
+    """hold_lens: each row holds its own number of draft tokens (the official script's random 0..12), and
+    gets exactly the answer and stats of a run holding that many tokens in every row."""
+    graphdef, state, prompts, greedy, rng = setup
+    drafts, draft_lens = _drafts(greedy, rng)
+    holds = np.array([0, 3, 1, 2, 3, 0, 2, 1], np.int32)
+    kwargs = dict(block_size=4, max_new_tokens=N, hold_draft_prefix=3)
+    got = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, hold_lens=holds, **kwargs))
+    for r_hold in range(4):
+        want = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens,
+                                            **kwargs | dict(hold_draft_prefix=r_hold)))
+        rows = holds == r_hold
+        for name in ("tokens", "lengths", "passes", "committed"):
+            np.testing.assert_array_equal(getattr(got, name)[rows], getattr(want, name)[rows], err_msg=name)
+
+
 def test_iteration_cap_and_no_recompile(setup):
     """max_iterations caps the passes (rows marked not converged; what they committed is still the greedy
     prefix); new values of every traced input reuse the compilation of test_jacobi_equals_greedy."""
@@ -239,7 +255,9 @@ def test_generate_sampling_is_seeded_per_row(setup):
     assert not np.array_equal(a[0], a[4])  # rows 0 and 4: one prompt, two keys, two answers
 
 
-@pytest.mark.parametrize("options", [dict(), dict(hold_draft_prefix=3), dict(max_iterations=2)], ids=["plain", "hold", "cap"])
+@pytest.mark.parametrize("options", [dict(), dict(hold_draft_prefix=3), dict(max_iterations=2),
+                                     dict(hold_draft_prefix=3, hold_lens=np.array([3, 0, 1, 2, 3, 2, 1, 0]))],
+                         ids=["plain", "hold", "cap", "hold-per-row"])
 def test_row_refill_equals_one_batch(setup, options):
     """jacobi_stream: 8 rows through 3 slots (a finished row's slot takes the next row) give every row the
     tokens and stats jacobi_decode gives it in one batch of 8, with a held draft prefix and a pass cap."""

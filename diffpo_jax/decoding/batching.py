@@ -139,6 +139,7 @@ class Decoder:
         block_size: int,
         max_iterations: int | None = None,
         hold_draft_prefix: int = 0,
+        hold_lens: list[int] | None = None,
         realign: bool = True,
         trajectory: bool = False,
     ) -> list[Output]:
@@ -146,8 +147,9 @@ class Decoder:
         in one batch, more through batch_size slots with row refill (`jacobi_stream`: a finished row's
         slot takes the next row; the answers are the same). trajectory (one batch only):
         stats["trajectory"] holds the text of the response after each pass (each cut at its first stop
-        or pad token)."""
+        or pad token). hold_lens: per row, hold this many (<= hold_draft_prefix) draft tokens instead."""
         assert 0 < len(prompts) == len(drafts) and (len(prompts) <= self.batch_size or not trajectory)
+        assert hold_lens is None or (len(hold_lens) == len(prompts) and max(hold_lens) <= hold_draft_prefix)
         n = self.max_new_tokens
         options = dict(block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
                        max_iterations=n if max_iterations is None else max_iterations,
@@ -155,12 +157,15 @@ class Decoder:
         count = max(len(prompts), self.batch_size)
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))), count)
         d, dlen = self._pad(drafts, n + block_size, count)
+        holds = np.full((count,), hold_draft_prefix, np.int32)
+        holds[: len(prompts)] = holds[: len(prompts)] if hold_lens is None else hold_lens
         with self._under_mesh():
             if len(prompts) > self.batch_size:
                 r = jacobi_stream(self.graphdef, self.state, p, plen, d, dlen, batch_size=self.batch_size,
-                                  mesh=self.mesh, **options)
+                                  mesh=self.mesh, hold_lens=holds, **options)
             else:
-                r = jacobi_decode(self.graphdef, self.state, *self._put(p, plen, d, dlen), trajectory=trajectory, **options)
+                r = jacobi_decode(self.graphdef, self.state, *self._put(p, plen, d, dlen), hold_lens=self._put(holds)[0],
+                                  trajectory=trajectory, **options)
         r = jax.device_get(r)
         outputs = []
         for i in range(len(prompts)):

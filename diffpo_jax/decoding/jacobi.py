@@ -30,7 +30,8 @@ past the window): the intermediate states y(1), y(2), ... on the way from the dr
 that CLLM trains its consistency loss on (`data distill --jacobi-states`).
 
 `hold_draft_prefix=R`: the first R draft tokens are fixed: prefilled as part of the prompt and returned
-as the first response tokens (a stop token among them ends the row).
+as the first response tokens (a stop token among them ends the row). `hold_lens` (int32 [B], each <= R)
+holds fewer in some rows: the official DiffPO script holds a random 0..12 tokens per answer.
 """
 
 from __future__ import annotations
@@ -171,11 +172,11 @@ def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: i
     )
 
 
-def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *, hold: int,
+def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, hold_lens, *, hold: int,
            stop_tokens: tuple[int, ...], pad_id: int) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
-    prompt (and the held draft prefix) written into their cache rows, their state reset, the first
-    window set; the other slots are unchanged."""
+    prompt (and the held draft prefix: hold_lens [R] <= hold tokens of each row) written into their cache
+    rows, their state reset, the first window set; the other slots are unchanged."""
     r, w = slots.shape[0], s.window.shape[1]
     big_n, j = s.tokens.shape[1], jnp.arange(w)
     drafts = jnp.pad(drafts, ((0, 0), (0, max(0, s.drafts.shape[1] - drafts.shape[1]))), constant_values=pad_id)
@@ -187,7 +188,7 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, *,
     if sub.states is not None:
         sub = sub.replace(states=jnp.full_like(sub.states, pad_id))
     held = _draft_at(sub, jnp.broadcast_to(jnp.arange(hold), (r, hold)), pad_id)
-    held_lens = jnp.minimum(draft_lens, hold)
+    held_lens = jnp.minimum(draft_lens, jnp.minimum(hold_lens, hold))
     context, context_lens = _append(prompts, prompt_lens, held, held_lens, pad_id) if hold else (prompts, prompt_lens)
     positions = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape)
     logits, cache = model(context, positions, positions < context_lens[:, None], sub.cache)
@@ -253,12 +254,13 @@ def jacobi_decode(
     pad_id: int = 0,
     max_iterations: int | jax.Array | None = None,
     hold_draft_prefix: int = 0,
+    hold_lens: jax.Array | None = None,
     realign: bool = True,
     trajectory: bool = False,
 ) -> JacobiResult:
     """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
     greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes per row
-    (default max_new_tokens, which always suffices)."""
+    (default max_new_tokens, which always suffices); hold_lens [B]: per-row held tokens (default R)."""
     if not 0 <= hold_draft_prefix <= max_new_tokens:
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
     model = nnx.merge(graphdef, state)
@@ -266,18 +268,24 @@ def jacobi_decode(
     s = _empty(model.cfg, b, p, drafts.shape[1], block_size=block_size, max_new_tokens=max_new_tokens, pad_id=pad_id,
                trajectory=trajectory)
     s = _begin(model, s, jnp.arange(b), prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32),
-               drafts.astype(jnp.int32), draft_lens.astype(jnp.int32), hold=hold_draft_prefix,
-               stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+               drafts.astype(jnp.int32), draft_lens.astype(jnp.int32), _hold_lens(hold_lens, b, hold_draft_prefix),
+               hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
     limit = jnp.asarray(max_new_tokens if max_iterations is None else max_iterations, jnp.int32)
     s = _loop(model, s, limit, jnp.zeros((b,), bool), stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
     return _result(s)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"))
-def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, *, hold_draft_prefix, stop_tokens, pad_id):
-    """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths)."""
+def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, hold_draft_prefix,
+            stop_tokens, pad_id):
+    """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths; hold_len held tokens)."""
     return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], draft[None],
-                  draft_len[None], hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+                  draft_len[None], hold_len[None], hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+
+
+def _hold_lens(hold_lens, rows: int, hold: int) -> jax.Array:
+    """Per-row held-prefix lengths: `hold_lens` as int32, or `hold` for every row."""
+    return jnp.full((rows,), hold, jnp.int32) if hold_lens is None else jnp.asarray(hold_lens, jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id", "realign"))
@@ -301,6 +309,7 @@ def jacobi_stream(
     pad_id: int = 0,
     max_iterations: int | None = None,
     hold_draft_prefix: int = 0,
+    hold_lens: np.ndarray | None = None,
     realign: bool = True,
     mesh: Mesh | None = None,
 ) -> JacobiResult:
@@ -316,10 +325,11 @@ def jacobi_stream(
     s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
                                max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False), mesh)
     limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
+    holds = np.full((len(prompts),), hold_draft_prefix, np.int32) if hold_lens is None else np.asarray(hold_lens, np.int32)
 
     def begin(s: _State, slot: int, row: int) -> _State:
         return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], drafts[row], draft_lens[row],
-                       hold_draft_prefix=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+                       holds[row], hold_draft_prefix=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
 
     def advance(s: _State, watch: np.ndarray) -> _State:
         return _advance(graphdef, state, s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
