@@ -332,7 +332,7 @@ def _examples(prompts, held, samples, sample_rewards, refiners) -> list[str]:
     setup = list(SETUPS)[-1]
     refined = refiners[name][f"{setup} | R=0"]
     out = [f"## {EXAMPLES} held-out examples ({setup}; refined by {name}, R=0)", ""]
-    for j in range(EXAMPLES):
+    for j in range(min(EXAMPLES, len(held))):
         i, rw = held[j], sample_rewards[setup][j]
         b4 = int(np.argmax(rw[:4]))
         out += [f"**{prompts[i]}**", "", table(["draft", "Best-of-4", "refined"], [[
