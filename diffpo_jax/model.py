@@ -214,10 +214,8 @@ class Transformer(nnx.Module):
         packed = None if segments is None else Packed(segments, mask, tuple(sorted(set(cfg.window_sizes()))))
         if cache is None:
             key_pos = jnp.where(mask, positions, _FAR)
-            layer_cache = None
         else:
             key_pos = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
-            layer_cache = (cache["k"], cache["v"])
         # Padding tokens are written to slot S, which the scatter drops.
         write_slot = jnp.where(mask, positions, jnp.iinfo(jnp.int32).max)
         rows = jnp.arange(tokens.shape[0])[:, None]
@@ -226,25 +224,30 @@ class Transformer(nnx.Module):
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
         windows = jnp.asarray(cfg.window_sizes(), jnp.int32)
 
-        def body(x, xs):
-            state, window, kv = xs
+        # The cache rides in the scan's carry, not its xs/ys: each layer writes its new keys/values into
+        # the one stacked buffer in place (a loop-carried scatter), so a forward holds one cache, not the
+        # input stack plus a freshly stacked output (and the decode loops can donate it).
+        def body(carry, xs):
+            x, kv, layer = carry
+            state, window = xs
             block = nnx.merge(graphdef, state)
             written = []
 
             def kv_write(k, v):
                 if kv is None:
                     return k, v
-                ck = kv[0].at[rows, write_slot].set(k.astype(kv[0].dtype), mode="drop")
-                cv = kv[1].at[rows, write_slot].set(v.astype(kv[1].dtype), mode="drop")
+                ck = kv[0].at[layer, rows, write_slot].set(k.astype(kv[0].dtype), mode="drop")
+                cv = kv[1].at[layer, rows, write_slot].set(v.astype(kv[1].dtype), mode="drop")
                 written.append((ck, cv))
-                return ck.astype(k.dtype), cv.astype(v.dtype)
+                return ck[layer].astype(k.dtype), cv[layer].astype(v.dtype)
 
             x = constrain(block(x, positions, key_pos, window, inv_freq, kv_write, packed), RESIDUAL)
-            return x, (written[0] if written else None)
+            return (x, written[0] if written else kv, layer + 1), None
 
         if cfg.remat:
             body = jax.checkpoint(body)
-        x, new_kv = jax.lax.scan(body, x, (layer_state, windows, layer_cache))
+        kv = None if cache is None else (cache["k"], cache["v"])
+        (x, new_kv, _), _ = jax.lax.scan(body, (x, kv, jnp.int32(0)), (layer_state, windows))
 
         x = self.final_norm(x)
         new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}

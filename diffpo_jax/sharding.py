@@ -43,6 +43,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 RESIDUAL = ("batch", "seq", None)  # logical axes of [B, T, E] activations (the residual stream)
+KV_CACHE = ("layers", "batch", "seq", "kv_heads", "head_dim")  # the decoders' KV cache [L, B, S, Kv, D]
 
 
 def make_mesh(shape: Sequence[int] = (1, -1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -159,8 +160,8 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch-major arrays: the batch split over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Batch-major arrays: the batch split over its mesh axes (LOGICAL_RULES["batch"]), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
 
 
 def host_array(x: jax.Array) -> np.ndarray:

@@ -154,20 +154,24 @@ def _draft_at(s: _State, offsets: jax.Array, pad_id: int) -> jax.Array:
 def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: int, max_new_tokens: int,
            pad_id: int, trajectory: bool) -> _State:
     """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
-    big_n, zeros = max_new_tokens, jnp.zeros((rows,), jnp.int32)
+    big_n = max_new_tokens
+
+    def zeros():  # a buffer per field: the decode loops donate the state, field by field
+        return jnp.zeros((rows,), jnp.int32)
+
     return _State(
         cache=init_cache(cfg, rows, prompt_width + big_n + block_size),
         tokens=jnp.full((rows, big_n), pad_id, jnp.int32),
-        n=zeros,
+        n=zeros(),
         window=jnp.zeros((rows, block_size), jnp.int32),
-        passes=zeros,
-        stopped=zeros.astype(bool),
+        passes=zeros(),
+        stopped=zeros().astype(bool),
         done=jnp.ones((rows,), bool),
-        capped=zeros.astype(bool),
-        prompt_lens=zeros,
+        capped=zeros().astype(bool),
+        prompt_lens=zeros(),
         drafts=jnp.full((rows, max(draft_width, 1)), pad_id, jnp.int32),
-        draft_lens=zeros,
-        held_n=zeros,
+        draft_lens=zeros(),
+        held_n=zeros(),
         states=jnp.full((rows, big_n, big_n), pad_id, jnp.int32) if trajectory else None,
     )
 
@@ -191,14 +195,15 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, ho
     held_lens = jnp.minimum(draft_lens, jnp.minimum(hold_lens, hold))
     context, context_lens = _append(prompts, prompt_lens, held, held_lens, pad_id) if hold else (prompts, prompt_lens)
     positions = jnp.broadcast_to(jnp.arange(context.shape[1], dtype=jnp.int32), context.shape)
-    logits, cache = model(context, positions, positions < context_lens[:, None], sub.cache)
-    last = jnp.take_along_axis(logits, (context_lens - 1)[:, None, None], axis=1)[:, 0]
+    hidden, cache = model(context, positions, positions < context_lens[:, None], sub.cache, return_hidden=True)
+    last = model.head(jnp.take_along_axis(hidden, (context_lens - 1)[:, None, None], axis=1)[:, 0])  # [R, V]: the
+    # last position only, never [R, P, V] (Gemma-2: 256k vocabulary entries per prompt position)
     sub = sub.replace(cache=cache)
     if hold:
         sub = _commit(sub, held, held_lens, stop_tokens, big_n)
     first = jnp.argmax(last, axis=-1).astype(jnp.int32)
     sub = sub.replace(window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n)
-    return slots_lib.put_rows(s, slots, sub)
+    return slots_lib.constrain_state(slots_lib.put_rows(s, slots, sub))
 
 
 def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int,
@@ -225,7 +230,7 @@ def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: 
         capped = ~new.done & (new.passes >= limit)
         return new.replace(done=new.done | capped, capped=new.capped | capped)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s)
+    return slots_lib.constrain_state(jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s))
 
 
 def _result(s: _State) -> JacobiResult:
@@ -275,7 +280,7 @@ def jacobi_decode(
     return _result(s)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"))
+@partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"), donate_argnames=("s",))
 def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, hold_draft_prefix,
             stop_tokens, pad_id):
     """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths; hold_len held tokens)."""
@@ -288,7 +293,7 @@ def _hold_lens(hold_lens, rows: int, hold: int) -> jax.Array:
     return jnp.full((rows,), hold, jnp.int32) if hold_lens is None else jnp.asarray(hold_lens, jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id", "realign"))
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id", "realign"), donate_argnames=("s",))
 def _advance(graphdef, state, s, limit, watch, *, stop_tokens, pad_id, realign):
     """Passes until a `watch` slot's row is done (or every slot is)."""
     return _loop(nnx.merge(graphdef, state), s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)

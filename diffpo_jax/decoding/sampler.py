@@ -77,14 +77,16 @@ class _State:
 
 def _empty(cfg, rows: int, prompt_width: int, *, max_new_tokens: int, pad_id: int) -> _State:
     """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
-    zeros = jnp.zeros((rows,), jnp.int32)
+    def zeros():  # a buffer per field: the decode loops donate the state, field by field
+        return jnp.zeros((rows,), jnp.int32)
+
     return _State(
         cache=init_cache(cfg, rows, prompt_width + max_new_tokens),
         tokens=jnp.full((rows, max_new_tokens), pad_id, jnp.int32),
-        t=zeros,
-        stopped=zeros.astype(bool),
+        t=zeros(),
+        stopped=zeros().astype(bool),
         done=jnp.ones((rows,), bool),
-        prompt_lens=zeros,
+        prompt_lens=zeros(),
         keys=jax.random.split(jax.random.key(0), rows),
     )
 
@@ -113,10 +115,11 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, keys, temperature, top
         done=jnp.zeros((r,), bool), prompt_lens=prompt_lens, keys=keys,
     )
     positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
-    logits, cache = model(prompts, positions, positions < prompt_lens[:, None], sub.cache)
-    last = jnp.take_along_axis(logits, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    hidden, cache = model(prompts, positions, positions < prompt_lens[:, None], sub.cache, return_hidden=True)
+    last = model.head(jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0])  # the last
+    # position's logits only, never [R, P, V]
     sub = _append(sub.replace(cache=cache), last, temperature, top_p, stop_tokens)
-    return slots_lib.put_rows(s, slots, sub)
+    return slots_lib.constrain_state(slots_lib.put_rows(s, slots, sub))
 
 
 def _loop(model, s: _State, watch: jax.Array, temperature, top_p, *, stop_tokens) -> _State:
@@ -129,7 +132,7 @@ def _loop(model, s: _State, watch: jax.Array, temperature, top_p, *, stop_tokens
         logits, cache = model(last, positions, ~s.done[:, None], s.cache)
         return _append(s.replace(cache=cache), logits[:, 0], temperature, top_p, stop_tokens)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s)
+    return slots_lib.constrain_state(jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s))
 
 
 def _result(s: _State) -> Generation:
@@ -161,14 +164,14 @@ def generate(
     return _result(_loop(model, s, jnp.zeros((b,), bool), temperature, top_p, stop_tokens=stop_tokens))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id"))
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id"), donate_argnames=("s",))
 def _refill(graphdef, state, s, slot, prompt, prompt_len, key, temperature, top_p, *, stop_tokens, pad_id):
     """Slot `slot` starts decoding one row (prompt [P] with its length, its key)."""
     return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], key[None], temperature,
                   top_p, stop_tokens=stop_tokens, pad_id=pad_id)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stop_tokens"))
+@partial(jax.jit, static_argnames=("graphdef", "stop_tokens"), donate_argnames=("s",))
 def _advance(graphdef, state, s, watch, temperature, top_p, *, stop_tokens):
     """Steps until a `watch` slot's row is done (or every slot is)."""
     return _loop(nnx.merge(graphdef, state), s, watch, temperature, top_p, stop_tokens=stop_tokens)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffpo_jax.sharding import batch_sharding
+from diffpo_jax.sharding import KV_CACHE, constrain, logical_to_spec
 
 S = TypeVar("S")  # a decoder's loop state
 
@@ -39,13 +39,30 @@ def put_rows(s: S, slots: jax.Array, sub: S) -> S:
                         else v.at[slots].set(getattr(sub, k)) for k, v in fields(s).items()})
 
 
+def _axes(name: str, x) -> tuple[str | None, ...]:
+    """A state field's logical axes: the cache's, or the slot axis first and the rest replicated."""
+    return KV_CACHE if name == "cache" else ("batch", *[None] * (x.ndim - 1))
+
+
 def place(s: S, mesh: Mesh | None) -> S:
-    """`s` with its slots split over the mesh's data x fsdp devices (as it is without a mesh)."""
+    """`s` with its slots split over the mesh's batch devices and the cache's heads over `tensor` (the
+    logical-axis table), as `constrain` pins the decoders' outputs: one sharding in and out, so the jitted
+    loop and refill compile once (as it is without a mesh)."""
     if mesh is None:
         return s
-    cache_rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
-    return s.replace(**{k: jax.device_put(v, cache_rows) if k == "cache" else
-                        jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in fields(s).items()})
+
+    def put(name, x):
+        spec = tuple(logical_to_spec(_axes(name, x), x.shape, mesh))
+        while spec and spec[-1] is None:  # the form jit gives its outputs (P('data', None) would recompile)
+            spec = spec[:-1]
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return s.replace(**{k: jax.tree.map(lambda x: put(k, x), v) for k, v in fields(s).items()})
+
+
+def constrain_state(s: S) -> S:
+    """`s` pinned to `place`'s shardings under the current mesh (sharding.constrain; unchanged without one)."""
+    return s.replace(**{k: jax.tree.map(lambda x: constrain(x, _axes(k, x)), v) for k, v in fields(s).items()})
 
 
 def stream(s: S, num_rows: int, *, begin: Callable[[S, int, int], S], advance: Callable[[S, np.ndarray], S],

@@ -1,0 +1,80 @@
+"""How much memory do the decode loops hold besides their state? compile().memory_analysis() of the jitted
+Jacobi and AR loops (`_advance`, the row-refill loop; `jacobi_decode` / `generate`, one batch) and of the
+prefill (`_refill`, one row), on a small-vocabulary config where the KV cache dominates.
+
+    python -m bench.decode_memory [--preset tiny-llama] [--batch 8] [--prompt 256] [--new 256] [--block 16]
+
+Prints, per function: temp bytes (buffers XLA allocates besides arguments and outputs) in units of one
+KV cache (k + v), and the bytes of the output aliased to donated arguments (in units of the state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def analyse(preset: str = "tiny-llama", batch: int = 8, prompt: int = 256, new: int = 256, block: int = 16,
+            vocab: int | None = None, layers: int | None = 8) -> dict[str, dict[str, float]]:
+    from diffpo_jax.config import load_preset
+    from diffpo_jax.decoding import jacobi, sampler
+    from diffpo_jax.model import Transformer
+
+    cfg, _ = load_preset(preset)
+    if vocab:
+        cfg = cfg.replace(vocab_size=vocab)
+    if layers:  # a real model's depth: one layer's slice of the cache is then a small part of it
+        cfg = cfg.replace(num_layers=layers)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    out = {}
+
+    def record(name, compiled, state_tree, cache_tree):
+        m = compiled.memory_analysis()
+        cache = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache_tree))
+        size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_tree))
+        out[name] = {"temp_caches": m.temp_size_in_bytes / cache, "alias_states": m.alias_size_in_bytes / size,
+                     "cache_bytes": cache}
+
+    js = jax.eval_shape(lambda: jacobi._empty(cfg, batch, prompt, new + block, block_size=block, max_new_tokens=new,
+                                               pad_id=0, trajectory=False))
+    kw = dict(stop_tokens=(2,), pad_id=0)
+    record("jacobi _advance", jacobi._advance.lower(graphdef, state, js, np.int32(new), np.zeros(batch, bool),
+                                                    realign=True, **kw).compile(), js, js.cache)
+    record("jacobi _refill", jacobi._refill.lower(graphdef, state, js, np.int32(0), i32(prompt), np.int32(1),
+                                                  i32(new + block), np.int32(1), np.int32(0), hold_draft_prefix=0,
+                                                  **kw).compile(), js, js.cache)
+    record("jacobi_decode", jacobi.jacobi_decode.lower(graphdef, state, i32(batch, prompt), i32(batch),
+                                                       i32(batch, new + block), i32(batch), block_size=block,
+                                                       max_new_tokens=new, **kw).compile(), js, js.cache)
+    ss = jax.eval_shape(lambda: sampler._empty(cfg, batch, prompt, max_new_tokens=new, pad_id=0))
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+    record("sampler _advance", sampler._advance.lower(graphdef, state, ss, np.zeros(batch, bool), 0.7, 1.0,
+                                                      stop_tokens=(2,)).compile(), ss, ss.cache)
+    record("generate", sampler.generate.lower(graphdef, state, i32(batch, prompt), i32(batch), keys,
+                                              max_new_tokens=new, **kw).compile(), ss, ss.cache)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.decode_memory", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny-llama")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--vocab", type=int, help="override the preset's vocabulary size")
+    ap.add_argument("--layers", type=int, default=8, help="override the preset's depth (default 8)")
+    args = ap.parse_args(argv)
+    for name, m in analyse(args.preset, args.batch, args.prompt, args.new, args.block, args.vocab, args.layers).items():
+        print(f"{name:18s} temp {m['temp_caches']:.2f} caches  aliased {m['alias_states']:.2f} states  "
+              f"(cache {m['cache_bytes'] / 2**20:.2f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
