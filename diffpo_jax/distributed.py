@@ -7,6 +7,15 @@ Every CLI calls `initialize()` first, before touching a device. What it does, in
     Open MPI): what `launch/tpu_pod.sh` and `launch/gpu_slurm.sbatch` set;
   - otherwise one process, and nothing to start.
 
+Devices per process (`DIFFPO_LOCAL_DEVICE_IDS`): our launchers start one process per host, which must
+take all of its host's GPUs; but under SLURM JAX assumes one process per GPU and, unless told otherwise,
+restricts each process to GPU number SLURM_LOCALID (GPU 0 of 8 with one task per node). So with one
+SLURM task per node (SLURM_NTASKS_PER_NODE=1, or as many tasks as nodes) `initialize` passes all the
+node's GPUs (`local_device_ids`: as many as CUDA_VISIBLE_DEVICES lists, else SLURM_GPUS_ON_NODE; JAX
+numbers them from 0 after CUDA_VISIBLE_DEVICES). Several tasks per node keep JAX's one GPU per task.
+`DIFFPO_LOCAL_DEVICE_IDS=task` keeps JAX's default anyway, `=0,1,2,3` names the devices; JAX's own
+JAX_LOCAL_DEVICE_IDS, when set, is left to JAX. Off SLURM, or with no GPU count known, JAX's default stands.
+
 A process that dies must not leave the others hanging: the coordination service notices missing
 heartbeats after `heartbeat_timeout_s` and terminates the survivors with an error naming the dead
 task ("another task died"); start-up itself gives up after `init_timeout_s`.
@@ -24,6 +33,9 @@ ENV_NUM_PROCESSES = "DIFFPO_NUM_PROCESSES"
 ENV_PROCESS_ID = "DIFFPO_PROCESS_ID"
 ENV_MODE = "DIFFPO_DISTRIBUTED"
 ENV_HEARTBEAT = "DIFFPO_HEARTBEAT_TIMEOUT_S"
+ENV_LOCAL_DEVICES = "DIFFPO_LOCAL_DEVICE_IDS"
+# what JAX's SLURM detection needs (jax/_src/clusters/slurm_cluster.py): it then sets one device per task
+_SLURM = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 
 class DistributedError(RuntimeError):
@@ -38,6 +50,46 @@ def _env_int(name: str) -> int | None:
         return int(value)
     except ValueError:
         raise DistributedError(f"{name}={value!r}: not an integer") from None
+
+
+def _slurm_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def _slurm_tasks_per_node() -> int | None:
+    """Tasks on each node of this SLURM step; None when the environment does not say."""
+    per_node = _slurm_int("SLURM_NTASKS_PER_NODE")
+    if per_node is not None:
+        return per_node
+    tasks, nodes = _slurm_int("SLURM_NTASKS"), _slurm_int("SLURM_STEP_NUM_NODES") or _slurm_int("SLURM_NNODES")
+    return -(-tasks // nodes) if tasks and nodes else None
+
+
+def _node_gpus() -> int | None:
+    """The GPUs this process may use: those CUDA_VISIBLE_DEVICES lists, else SLURM_GPUS_ON_NODE."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    return _slurm_int("SLURM_GPUS_ON_NODE")
+
+
+def local_device_ids() -> list[int] | None:
+    """`local_device_ids` for jax.distributed.initialize (module doc): a list, or None for JAX's default."""
+    value = os.environ.get(ENV_LOCAL_DEVICES, "").strip()
+    if value == "task" or os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    if value:
+        try:
+            return [int(d) for d in value.split(",")]
+        except ValueError:
+            raise DistributedError(f"{ENV_LOCAL_DEVICES}={value!r}: expected 'task' or ids like 0,1,2,3") from None
+    if not all(name in os.environ for name in _SLURM) or _slurm_tasks_per_node() != 1:
+        return None
+    gpus = _node_gpus()
+    if not gpus:
+        return None  # no GPUs (a CPU job), or none known
+    return list(range(gpus))
 
 
 def initialize(
@@ -75,12 +127,14 @@ def initialize(
             raise DistributedError(f"process id {process_id} is outside 0..{num_processes - 1}")
     if heartbeat_timeout_s is None:
         heartbeat_timeout_s = _env_int(ENV_HEARTBEAT) or 60
+    devices = local_device_ids()
     # Cross-process collectives on CPU devices (a no-op for accelerators).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=num_processes,
         process_id=process_id,
+        local_device_ids=devices,
         initialization_timeout=init_timeout_s,
         heartbeat_timeout_seconds=heartbeat_timeout_s,
     )

@@ -94,6 +94,80 @@ def test_single_process_needs_nothing(monkeypatch):
     assert distributed.initialize() is False
 
 
+SLURM_ENV = dict(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NNODES="2",
+                 SLURM_STEP_NUM_NODES="2", SLURM_STEP_NODELIST="gpu[001-002]", SLURM_NTASKS_PER_NODE="1",
+                 SLURM_GPUS_ON_NODE="8", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", DIFFPO_DISTRIBUTED="auto")
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch):
+    """A 2-node SLURM step with 8 GPUs per node: returns the kwargs jax.distributed.initialize gets (nothing starts)."""
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "DIFFPO_", "JAX_LOCAL_DEVICE_IDS")) or name == "CUDA_VISIBLE_DEVICES":
+            monkeypatch.delenv(name)
+    for name, value in SLURM_ENV.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(distributed.jax.config, "update", lambda *args: None)  # no gloo switch in this process
+
+    def kwargs():
+        calls.clear()
+        assert distributed.initialize() is True
+        (call,) = calls
+        return call
+    return kwargs
+
+
+def test_one_slurm_task_per_node_takes_all_its_gpus(fake_slurm, monkeypatch):
+    """JAX's SLURM detection alone would give each process [SLURM_LOCALID] = GPU 0 of 8 (issue 29)."""
+    from jax._src import clusters
+
+    assert clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)[1:] == (2, 1, [0])
+    call = fake_slurm()
+    assert call["local_device_ids"] == list(range(8))
+    assert (call["coordinator_address"], call["num_processes"], call["process_id"]) == (None, None, None)  # JAX's
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")  # 2 tasks on 2 nodes: one per node too
+    assert fake_slurm()["local_device_ids"] == list(range(8))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # half a node: JAX numbers them 0..3
+    assert fake_slurm()["local_device_ids"] == [0, 1, 2, 3]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert fake_slurm()["local_device_ids"] == list(range(8))  # SLURM_GPUS_ON_NODE
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE")
+    assert fake_slurm()["local_device_ids"] is None  # no GPUs known (a CPU job)
+
+
+def test_one_slurm_task_per_gpu_keeps_jax_default(fake_slurm, monkeypatch):
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    assert fake_slurm()["local_device_ids"] is None  # JAX then takes [SLURM_LOCALID]
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")  # 16 tasks on 2 nodes
+    assert fake_slurm()["local_device_ids"] is None
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("DIFFPO_LOCAL_DEVICE_IDS", "task")  # the explicit opt-out
+    assert fake_slurm()["local_device_ids"] is None
+    monkeypatch.setenv("DIFFPO_LOCAL_DEVICE_IDS", "0,1")
+    assert fake_slurm()["local_device_ids"] == [0, 1]
+    monkeypatch.setenv("DIFFPO_LOCAL_DEVICE_IDS", "gpu0")
+    with pytest.raises(distributed.DistributedError, match="DIFFPO_LOCAL_DEVICE_IDS='gpu0'"):
+        fake_slurm()
+    monkeypatch.delenv("DIFFPO_LOCAL_DEVICE_IDS")
+    monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "3")  # JAX's own setting is JAX's to read
+    assert fake_slurm()["local_device_ids"] is None
+
+
+def test_no_slurm_passes_no_device_ids(fake_slurm, monkeypatch):
+    for name in SLURM_ENV:
+        if name.startswith("SLURM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("DIFFPO_COORDINATOR", "localhost:1234")
+    monkeypatch.setenv("DIFFPO_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DIFFPO_PROCESS_ID", "1")
+    call = fake_slurm()
+    assert call["local_device_ids"] is None and call["coordinator_address"] == "localhost:1234"
+
+
 SCRIPTS = ["local_multiprocess.sh", "tpu_pod.sh", "gpu_slurm.sbatch", "common.sh"]
 
 

@@ -15,6 +15,7 @@ from etils.epath import testing as epath_testing
 from diffpo_jax.data.trajectories import build
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import load_model
+from diffpo_jax.training import trainer
 from diffpo_jax.training.trainer import load_config, train
 from diffpo_jax.weights.export import export_checkpoint
 
@@ -78,6 +79,82 @@ def bucket(tmp_path, monkeypatch):
     with epath_testing.mock_epath(**{name: redirect for name in names}):
         yield store / "bucket", given
     assert not list((tmp_path / "cwd").rglob("*")), "a URL became a local path"
+
+
+def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_path, monkeypatch):
+    """metrics.jsonl in a bucket (issue 29) is not rewritten whole at each line (O(steps^2) bytes, and
+    more than GCS's one write per second per object) but into parts, each written at most once per flush
+    interval: O(steps / interval) writes, O(steps) bytes; a reopening merges what a killed run left, and
+    after close() the object holds every line. A local dir counts what goes into the fake bucket; a
+    fake clock advances 1 s per step."""
+    monkeypatch.setattr(trainer, "PART_LINES", 100)
+    store = tmp_path / "store"
+    (store / "bucket" / "run").mkdir(parents=True)
+    now, writes = [0.0], []  # (object, time, characters)
+
+    def local(p):
+        s = os.fspath(p)
+        return str(store / s[len("gs://"):]) if s.startswith("gs://") else p
+
+    def redirect(fn, path, *args, **kwargs):
+        return fn(local(path), *args, **kwargs)
+
+    class Counted:
+        def __init__(self, f, name):
+            self.f, self.name = f, name
+
+        def write(self, data):
+            writes.append((self.name, now[0], len(data)))
+            return self.f.write(data)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(fn, path, mode="r"):
+        f = fn(local(path), mode)
+        return Counted(f, os.fspath(path).rsplit("/", 1)[1]) if mode[0] in "wa" else f
+
+    def glob(fn, pattern):  # the bucket's names, not the local dir's
+        return [BUCKET + p[len(str(store / "bucket")):] for p in fn(local(pattern))]
+
+    def line(step, loss=1.0):
+        return json.dumps({"step": step, "loss": loss, "note": "x" * 40})
+
+    run_dir, obj = as_path(f"{BUCKET}/run"), store / "bucket" / "run"
+    # a run killed at step 7 after a checkpoint at step 5: its newest lines were in a part
+    (obj / "metrics.jsonl").write_text("".join(line(i, 0.0) + "\n" for i in range(1, 6)))
+    (obj / "metrics.jsonl.part-000000004").write_text("".join(line(i) + "\n" for i in range(4, 8)))
+    with epath_testing.mock_epath(open=open_, glob=glob, **{n: redirect for n in ("exists", "remove", "stat")}):
+        log = trainer.MetricsLog(run_dir, start_step=5, tensorboard=False, flush_every_s=30, clock=lambda: now[0])
+        assert (obj / "metrics.jsonl").read_text().splitlines() == [line(1, 0.0), line(2, 0.0), line(3, 0.0),
+                                                                    line(4), line(5)]  # a part's line wins
+        assert sorted(p.name for p in obj.iterdir()) == ["metrics.jsonl"]
+        del writes[:]
+        n = 2000
+        for step in range(6, 6 + n):
+            now[0] += 1.0
+            log.write(json.loads(line(step)))
+        parts = sorted(p.name for p in obj.iterdir() if p.name != "metrics.jsonl")
+        assert n / 130 < len(parts) <= n / 100 and parts[0] == "metrics.jsonl.part-000000006"  # ~100 lines each
+        log.flush()  # what the trainer does at a checkpoint: every line in the bucket now
+        in_bucket = [x for p in ["metrics.jsonl", *parts] for x in (obj / p).read_text().splitlines()]
+        assert in_bucket == [line(1, 0.0), line(2, 0.0), line(3, 0.0)] + [line(i) for i in range(4, 6 + n)]
+        log.close()
+        log.close()
+    assert sorted(p.name for p in obj.iterdir()) == ["metrics.jsonl"]
+    lines = (obj / "metrics.jsonl").read_text()
+    assert lines.splitlines() == in_bucket
+    size = len(lines)
+    assert len(writes) <= n / 30 + 2  # one per 30 s, flush(), close(): not one per line
+    for name in {w[0] for w in writes}:
+        times = [t for w, t, _ in writes if w == name]
+        assert all(b - a >= 30 for a, b in zip(times, times[1:-1])), name  # the last: flush() or close()
+    # each part is written ~100 / 30 times, then metrics.jsonl once: a fixed multiple of the file, where
+    # rewriting it whole every 30 s would upload n / 60 ~ 33 times it
+    assert sum(w[2] for w in writes) < 6 * size
 
 
 @pytest.mark.slow

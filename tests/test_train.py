@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -33,6 +34,7 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
+from diffpo_jax.training import trainer
 from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -303,6 +305,54 @@ def test_resume_refuses_a_changed_config_unless_allowed(config_file, tmp_path, c
     assert train_cli.main(run + ["optimizer.learning_rate=1e-3", "--allow-config-change", "optimizer"]) == 0
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["optimizer"]["learning_rate"] == 1e-3
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
+    """SIGTERM during a step after which an evaluation is due: the loop stops after that step without
+    evaluating (the grace period is for the checkpoint), writes its metrics and saves it. Fakes around
+    trainer._loop: no model, no devices."""
+    monkeypatch.setattr(trainer, "global_batch", lambda batch, mesh: batch)
+    cfg = load_config(None, ["data=d", "output_dir=o", "log_every=1", "save_every=100", "eval.every=1"])
+    events, steps = [], []
+
+    def train_step(state, batch):
+        steps.append(len(steps) + 1)
+        if steps[-1] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # while step 2 is in flight
+        return state, dict(loss=1.0, ar=1.0, con=0.0, grad_norm=1.0, lr=1e-3)
+
+    class Loader:
+        stats = {}
+
+        def __next__(self):
+            return {}
+
+        def get_state(self):
+            return {}
+
+    class Checkpoints:
+        def save(self, step, params, opt_state, data, force=False):
+            if force:  # save_every=100: no save is due before
+                events.append(("save", step))
+            return force
+
+    class Metrics:
+        def write(self, record):
+            events.append(("metrics", record["step"], "eval_ar" in record))
+
+        def flush(self):
+            events.append(("flush",))
+
+    def evaluate(params):
+        events.append(("eval",))
+        return dict(eval_ar=1.0, eval_con=0.0, eval_passes_per_token=1.0, eval_equal_best=1.0, eval_distinct=1.0,
+                    eval_seconds=0.0)
+
+    state = types.SimpleNamespace(params=None, opt_state=None)
+    history, step, stopped = trainer._loop(cfg, state, train_step, Loader(), None, Checkpoints(), Metrics(), evaluate,
+                                           0, 5, lambda _: None)
+    assert (step, stopped, [m["step"] for m in history]) == (2, True, [1, 2])
+    assert events == [("eval",), ("metrics", 1, True), ("metrics", 2, False), ("save", 2), ("flush",)]
 
 
 def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):

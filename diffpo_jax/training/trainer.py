@@ -10,7 +10,8 @@ Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RU
                                    `keep_checkpoints` kept; written asynchronously
   metrics.jsonl                    one line per step (process 0); held-out evaluation (`eval` section)
                                    adds its eval_* metrics to the lines of the steps it ran after
-                                   (step 0: before the first update)
+                                   (step 0: before the first update); in a bucket, the newest lines
+                                   are in metrics.jsonl.part-* until the run ends (MetricsLog)
   eval_ids.json                    the held-out record ids (when eval.holdout_prompts > 0)
   tensorboard/                     event files with the same scalars (process 0)
   data/                            the built dataset, when `data` is a source file rather than a built dir
@@ -23,8 +24,9 @@ ones are written, so the logs read like one uninterrupted run. The config must b
 difference stops with a one-line TrainConfigError naming the keys unless they are in
 `allow_config_change` (`--allow-config-change KEY,...`; a section name allows all its keys); the
 accepted config is then written as the new train_config.json. SIGTERM (e.g. TPU preemption) stops
-after the step in flight, saves a checkpoint, waits for it and returns `stopped=True`; with several
-processes, a SIGTERM to any one of them stops all of them after the same step (`any_process`).
+after the step in flight, skips an evaluation due after it (the grace period is for the checkpoint),
+saves a checkpoint, waits for it and returns `stopped=True`; with several processes, a SIGTERM to any
+one of them stops all of them after the same step (`any_process`).
 
 Models (`model`): anything `sources.load_model` accepts, or `preset:NAME`: the architecture of
 configs/models/NAME.yaml, randomly initialised (`seed`), paired with the embedded SmolLM2's tokenizer
@@ -119,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     log_every: int = 10  # steps between progress lines (metrics.jsonl gets every step)
+    metrics_flush_s: float = 30.0  # a bucket's metrics.jsonl: at most one write per this many seconds (MetricsLog)
     tensorboard: bool = True
     # DEVICES[/HOSTS] [key=value ...] this config is meant for: documentation that `--plan` can check
     topologies: tuple[str, ...] = ()
@@ -131,7 +134,8 @@ TRAIN_CONFIG = "train_config.json"
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
 RESUMABLE_KEYS = (
     "output_dir", "mesh", "grad_accum", "remat", "attention", "stop_after", "log_every", "save_every", "keep_checkpoints",
-    "async_checkpoints", "tensorboard", "topologies", "eval.every", "eval.max_rows", "eval.batch_size", "eval.block_size",
+    "async_checkpoints", "tensorboard", "metrics_flush_s", "topologies", "eval.every", "eval.max_rows", "eval.batch_size",
+    "eval.block_size",
 )
 
 
@@ -205,6 +209,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 "keep_checkpoints", "log_every"):
         if getattr(cfg, key) < 1:
             raise TrainConfigError(f"config: {key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.metrics_flush_s < 0:
+        raise TrainConfigError(f"config: metrics_flush_s must be >= 0, got {cfg.metrics_flush_s}")
     if cfg.grad_accum < 0:
         raise TrainConfigError(f"config: grad_accum must be >= 1, or 0 (auto), got {cfg.grad_accum}")
     if cfg.grad_accum and cfg.global_batch_size % cfg.grad_accum:
@@ -295,25 +301,46 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-class MetricsLog:
-    """metrics.jsonl and TensorBoard scalars, on process 0 only. Opened at `start_step`: lines of later
-    steps (left by an interrupted run) are dropped first, and TensorBoard purges them. A local file is
-    appended to; an object in a store (a URL run dir), which cannot be appended to, is rewritten whole
-    at each line (a few MB at most)."""
+PART_LINES = 1000  # lines per part object of a bucket's metrics.jsonl (MetricsLog)
 
-    def __init__(self, run_dir: epath.Path, start_step: int, tensorboard: bool):
+
+class MetricsLog:
+    """metrics.jsonl (one line per step) and TensorBoard scalars, on process 0 only. Opened at `start_step`:
+    lines of later steps (left by an interrupted run) are dropped first, and TensorBoard purges them.
+
+    A local file is appended to at each line. An object in a store (a URL run dir) cannot be appended to,
+    and rewriting it whole at each line uploads O(steps^2) bytes, at more than the one write per second
+    GCS allows an object. There lines are kept and written at most every `flush_every_s` seconds, at
+    `flush()` (the trainer's checkpoints and SIGTERM stop) and at `close()`, into part objects
+    `metrics.jsonl.part-<first step>` of about PART_LINES lines (a write replaces only the newest part):
+    O(steps) bytes in all. close() writes the whole metrics.jsonl once and removes the parts; a run
+    killed before that leaves them, and the next opening merges them in (a part's line replaces a line
+    of the same step: a close cut short between the two leaves both)."""
+
+    def __init__(self, run_dir: epath.Path, start_step: int, tensorboard: bool, flush_every_s: float = 30.0,
+                 clock=time.monotonic):
         self.enabled = is_main_process()
         self.path = run_dir / "metrics.jsonl"
+        self.flush_every_s, self._clock = flush_every_s, clock
         self._file = self._tb = self._lines = None
+        self._part, self._parts, self._dirty = [], [], False  # the newest part's lines, the parts written
         if not self.enabled:
             return
-        kept = []
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
         if is_url(self.path):
-            self._lines = kept
-            self.path.write_text("".join(line + "\n" for line in kept))
+            stale = sorted(self.path.parent.glob(f"{self.path.name}.part-*"), key=lambda p: p.name)
+            by_step = {}
+            for source in ([self.path] if self.path.exists() else []) + stale:
+                for line in source.read_text().splitlines():
+                    by_step[_step_of(line)] = line
+            self._lines = [line for step, line in by_step.items() if step <= start_step]
+            self.path.write_text("".join(line + "\n" for line in self._lines))
+            for part in stale:
+                part.unlink()
+            self._last = clock()
         else:
+            kept = []
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= start_step]
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -326,23 +353,47 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        line = json.dumps(record)
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(line + "\n")
             self._file.flush()
         else:
-            self._lines.append(json.dumps(record))
-            self.path.write_text("".join(line + "\n" for line in self._lines))
+            if not self._part:
+                self._parts.append(self.path.with_name(f"{self.path.name}.part-{record['step']:09d}"))
+            self._lines.append(line)
+            self._part.append(line)
+            self._dirty = True
+            if self._clock() - self._last >= self.flush_every_s:
+                self.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                     self._tb.add_scalar(tag, value, record["step"])
 
+    def flush(self) -> None:
+        """Write the lines not written yet (a bucket's; a local file has them all already)."""
+        if self._dirty:
+            self._parts[-1].write_text("".join(line + "\n" for line in self._part))
+            self._dirty = False
+            if len(self._part) >= PART_LINES:
+                self._part = []
+            self._last = self._clock()
+
     def close(self) -> None:
+        """Everything written; in a bucket, metrics.jsonl whole and no parts. Safe to call twice."""
         if self._file is not None:
             self._file.close()
+            self._file = None
+        if self._parts:
+            self.path.write_text("".join(line + "\n" for line in self._lines))
+            for part in self._parts:
+                if part.exists():
+                    part.unlink()
+            self._part, self._parts, self._dirty = [], [], False
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def progress_line(m: dict[str, Any], total: int) -> str:
@@ -533,16 +584,18 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
         f"{loader.steps_per_epoch} steps/epoch, steps {start}..{total}, batch {cfg.global_batch_size} "
         f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
     )
-    metrics_log = MetricsLog(run_dir, start, cfg.tensorboard)
-    if evaluate and not start:
-        record = {"step": 0, **evaluate(state.params)}
-        metrics_log.write(record)
-        say(eval_line(record))
-    history, step, stopped = _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate,
-                                   start, total, say)
-    checkpoints.wait()
-    checkpoints.close()
-    metrics_log.close()
+    metrics_log = MetricsLog(run_dir, start, cfg.tensorboard, cfg.metrics_flush_s)
+    try:
+        if evaluate and not start:
+            record = {"step": 0, **evaluate(state.params)}
+            metrics_log.write(record)
+            say(eval_line(record))
+        history, step, stopped = _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate,
+                                       start, total, say)
+        checkpoints.wait()
+        checkpoints.close()
+    finally:
+        metrics_log.close()  # the lines not written yet, also when a step failed
     if stopped:
         say(f"SIGTERM: stopped after step {step}/{total}, checkpoint saved; rerun the same command to resume")
     elif step < total:
@@ -579,17 +632,20 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
                       **{f"data_{k}": v for k, v in loader.stats.items()}}
             if step % cfg.log_every == 0 or step == total:
                 say(progress_line(record, total))
-            if evaluate and (step == total or (cfg.eval.every and step % cfg.eval.every == 0)):
+            # checked before an evaluation due now, which a stop skips: SIGTERM's grace is for the checkpoint
+            stop = any_process(sigterm.raised)
+            if evaluate and not stop and (step == total or (cfg.eval.every and step % cfg.eval.every == 0)):
                 record.update(evaluate(state.params))
                 say(eval_line(record))
             last = time.perf_counter()
             history.append(record)
             metrics_log.write(record)
-            stop = any_process(sigterm.raised)
             final = step == end or stop
             if checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=final):
                 saved = step
+                metrics_log.flush()  # a checkpoint's lines are written with it: a resume from it has them all
         stopped = stop and step < total
         if stopped and saved != step:
             checkpoints.save(step, state.params, state.opt_state, loader.get_state(), force=True)
+            metrics_log.flush()
     return history, step, stopped
