@@ -216,3 +216,26 @@ def load_preset(name_or_path: str) -> tuple[ModelConfig, dict[str, Any]]:
         raise FileNotFoundError(f"{path}: no such model preset (presets: {', '.join(preset_names())})")
     hf = yaml.safe_load(path.read_text())
     return ModelConfig.from_hf(hf, source=str(path)), hf
+
+
+PRESET = "preset:"  # a train `model` of configs/models/NAME.yaml, randomly initialised (training/trainer.py)
+
+
+def config_without_weights(spec: str) -> ModelConfig:
+    """The config of model `spec` without downloading anything (the --plan options): `preset:NAME` (sized
+    to the embedded tokenizer, as the trainer's random init is), `embedded`/None, a local folder or run dir
+    with a config.json, or a hub id that a configs/models preset names as its `hf_repo`. ValueError else."""
+    if spec is None or spec in ("", "embedded"):
+        return load_preset("smollm2-135m-instruct")[0]
+    if spec.startswith(PRESET):
+        vocab = load_preset("smollm2-135m-instruct")[0].vocab_size
+        return load_preset(spec[len(PRESET):])[0].replace(vocab_size=vocab)
+    folder = Path(spec).expanduser()
+    if (folder / "config.json").is_file():
+        return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder))
+    for name in preset_names():
+        cfg, hf = load_preset(name)
+        if spec in (hf.get("hf_repo"), name):
+            return cfg
+    raise ValueError(f"model {spec}: no config without downloading it (use preset:NAME, a configs/models preset "
+                     "or its hf_repo, or a local folder with config.json)")

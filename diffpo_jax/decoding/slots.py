@@ -44,20 +44,23 @@ def _axes(name: str, x) -> tuple[str | None, ...]:
     return KV_CACHE if name == "cache" else ("batch", *[None] * (x.ndim - 1))
 
 
-def place(s: S, mesh: Mesh | None) -> S:
-    """`s` with its slots split over the mesh's batch devices and the cache's heads over `tensor` (the
-    logical-axis table), as `constrain` pins the decoders' outputs: one sharding in and out, so the jitted
-    loop and refill compile once (as it is without a mesh)."""
-    if mesh is None:
-        return s
-
-    def put(name, x):
+def place_shardings(s: S, mesh: Mesh) -> S:
+    """The NamedSharding of every array of `s` (arrays or ShapeDtypeStructs): its slots split over the
+    mesh's batch devices and the cache's heads over `tensor` (the logical-axis table), in the form jit
+    gives its outputs (no trailing None: P('data', None) would compile a second time)."""
+    def one(name, x):
         spec = tuple(logical_to_spec(_axes(name, x), x.shape, mesh))
-        while spec and spec[-1] is None:  # the form jit gives its outputs (P('data', None) would recompile)
+        while spec and spec[-1] is None:
             spec = spec[:-1]
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+        return NamedSharding(mesh, PartitionSpec(*spec))
 
-    return s.replace(**{k: jax.tree.map(lambda x: put(k, x), v) for k, v in fields(s).items()})
+    return s.replace(**{k: jax.tree.map(lambda x: one(k, x), v) for k, v in fields(s).items()})
+
+
+def place(s: S, mesh: Mesh | None) -> S:
+    """`s` at `place_shardings`, which `constrain_state` pins the decoders' outputs to: one sharding in and
+    out, so the jitted loop and refill compile once (as it is without a mesh)."""
+    return s if mesh is None else jax.tree.map(jax.device_put, s, place_shardings(s, mesh))
 
 
 def constrain_state(s: S) -> S:

@@ -22,8 +22,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from diffpo_jax.config import ModelConfig, load_preset, preset_names
-from diffpo_jax.training.trainer import PRESET, TrainConfig, TrainConfigError, fit_to_mesh
+from diffpo_jax.config import ModelConfig, config_without_weights
+from diffpo_jax.training.trainer import TrainConfig, TrainConfigError, fit_to_mesh
 
 GIB = 1024**3
 
@@ -41,24 +41,11 @@ def parse_topology(text: str) -> tuple[int, int]:
 
 
 def model_config(spec: str) -> ModelConfig:
-    """The config of train model `spec` without its weights (module doc)."""
+    """The config of train model `spec` without its weights (config.config_without_weights)."""
     try:
-        if spec.startswith(PRESET):  # sized to the embedded tokenizer, as trainer.random_model does
-            vocab = load_preset("smollm2-135m-instruct")[0].vocab_size
-            return load_preset(spec[len(PRESET):])[0].replace(vocab_size=vocab)
-        if spec in ("", "embedded"):
-            return load_preset("smollm2-135m-instruct")[0]
-        folder = Path(spec).expanduser()
-        if (folder / "config.json").is_file():
-            return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder))
-        for name in preset_names():
-            cfg, hf = load_preset(name)
-            if hf.get("hf_repo") == spec:
-                return cfg
+        return config_without_weights(spec)
     except (FileNotFoundError, ValueError) as e:
-        raise TrainConfigError(f"--plan: model {spec}: {e}") from None
-    raise TrainConfigError(f"--plan: model {spec}: no config without downloading it (use preset:NAME, a configs/models "
-                           "preset's hf_repo, or a local folder with config.json)")
+        raise TrainConfigError(f"--plan: {e}") from None
 
 
 def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: int, response_len: int, loss_cfg,

@@ -57,7 +57,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffpo_jax.attention import IMPLEMENTATIONS
-from diffpo_jax.config import load_preset
+from diffpo_jax.config import PRESET, load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
 from diffpo_jax.decoding.batching import stop_token_ids
@@ -86,7 +86,6 @@ from diffpo_jax.weights.checkpoint import (
     write_model_files,
 )
 
-PRESET = "preset:"
 
 
 class TrainConfigError(ValueError):

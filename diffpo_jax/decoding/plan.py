@@ -1,0 +1,168 @@
+"""Will this decode fit? `refine|generate --plan DEVICES[/HOSTS] --device-memory GIB`, no weights loaded.
+
+Without weights or data, the decode loop (`_advance`: the Jacobi passes of `refine`, the AR steps of
+`generate`) and the one-row prefill of row refill (`_refill`) are compiled ahead of time over DEVICES / HOSTS
+simulated CPU devices (one process's share: each process decodes its own records over its own devices)
+with abstract shapes: the slots' state ([L, B, S, Kv, D] KV cache with S = prompt + max new tokens
+(+ block)), the weights as the decoder shards them. XLA's memory analysis gives per-device bytes; peak =
+argument + output - alias + temp of the larger of the two programs. The largest batch that fits comes
+from two compiles (the state grows linearly in the rows) and is rounded down to a multiple of the
+data x fsdp devices. As for `train --plan`, the figures are XLA:CPU's for the same sharded program, a
+guide to the accelerator's. One correction: XLA:CPU runs bfloat16 matmuls by converting the weights to
+float32 (a float32 copy of every weight in temp, which an accelerator never makes: SmolLM2's bf16 forward
+shows 1.6x its weights in temp, the fp32 one 3%), so a bfloat16 plan compiles the float32 program and
+halves its bytes (its fp32 logits, counted at half, are a small part).
+
+Layout: `--mesh` when given; otherwise the smallest tensor-parallel degree t (a divisor of the local
+devices and of the KV heads) whose peak at the requested batch fits the device memory, devices / t on
+`data` (the runtime default, all devices on `data` with replicated weights, is t = 1): Gemma-2-9B's 18.5 GB
+of bf16 weights cannot sit replicated on a 16 GiB TPU v5e chip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GIB = 1024**3
+HEADROOM = 0.9  # of the device memory a plan may fill (allocator fragmentation, runtime buffers)
+
+
+def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, max_new_tokens: int, block: int):
+    """{"loop": compiled _advance, "refill": compiled _refill} of `kind` ("refine" | "generate") for `rows`
+    slots over `mesh`, on abstract shapes (nothing allocated)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from diffpo_jax.decoding import jacobi, sampler
+    from diffpo_jax.decoding import slots as slots_lib
+    from diffpo_jax.model import abstract_model
+    from diffpo_jax.sharding import param_shardings
+
+    graphdef, state = nnx.split(abstract_model(model_cfg))
+    shardings = param_shardings(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    if kind == "refine":
+        empty = lambda: jacobi._empty(model_cfg, rows, prompt_len, max_new_tokens + block, block_size=block,  # noqa: E731
+                                      max_new_tokens=max_new_tokens, pad_id=0, trajectory=False)
+    else:
+        empty = lambda: sampler._empty(model_cfg, rows, prompt_len, max_new_tokens=max_new_tokens, pad_id=0)  # noqa: E731
+    placed = jax.eval_shape(lambda: empty())
+    shard_of = slots_lib.place_shardings(placed, mesh)
+    s = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), placed, shard_of)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        if kind == "refine":
+            kw = dict(stop_tokens=(1,), pad_id=0)
+            loop = jacobi._advance.lower(graphdef, state, s, np.int32(1), np.zeros(rows, bool), realign=True, **kw)
+            refill = jacobi._refill.lower(graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1),
+                                          i32(max_new_tokens + block), np.int32(1), np.int32(0), hold_draft_prefix=0, **kw)
+        else:
+            key = jax.eval_shape(lambda: jax.random.key(0))
+            loop = sampler._advance.lower(graphdef, state, s, np.zeros(rows, bool), 0.7, 1.0, stop_tokens=(1,))
+            refill = sampler._refill.lower(graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1), key, 0.7, 1.0,
+                                           stop_tokens=(1,), pad_id=0)
+    return {"loop": loop.compile(), "refill": refill.compile()}
+
+
+def peak_bytes(compiled: dict) -> int:
+    """The larger per-device peak (argument + output - alias + temp) of the loop and the refill."""
+    def one(c):
+        m = c.memory_analysis()
+        return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+    return max(one(c) for c in compiled.values())
+
+
+def tensor_degrees(model_cfg, local_devices: int) -> list[int]:
+    """Tensor-parallel degrees to try: divisors of the local device count that divide the KV heads."""
+    return [t for t in range(1, local_devices + 1) if local_devices % t == 0 and model_cfg.num_kv_heads % t == 0]
+
+
+def plan(model_cfg, *, devices: int, hosts: int = 1, kind: str, batch: int, prompt_len: int, max_new_tokens: int,
+         block: int = 32, device_memory_gib: float | None = None, mesh_shape: tuple[int, int, int] | None = None
+         ) -> dict[str, Any]:
+    """Per-device memory of decoding `batch` rows (per process) over DEVICES / HOSTS local devices, the
+    layout (module doc) and the largest batch that fits `device_memory_gib`. Raises ValueError."""
+    import jax
+
+    from diffpo_jax.sharding import make_mesh, resolve_mesh_shape
+
+    local = devices // hosts
+    if devices % hosts or local < 1:
+        raise ValueError(f"--plan {devices}/{hosts}: DEVICES must be a positive multiple of HOSTS")
+    if len(jax.devices()) < local:
+        raise ValueError(f"--plan: jax has {len(jax.devices())} devices (the CLI simulates them before jax starts)")
+    budget = None if device_memory_gib is None else device_memory_gib * GIB * HEADROOM
+    half = model_cfg.dtype == "bfloat16"  # compiled in float32, bytes halved (module doc)
+    compiled_cfg = model_cfg.replace(dtype="float32", param_dtype="float32") if half else model_cfg
+
+    def measure(shape, rows):
+        mesh = make_mesh(shape, jax.devices()[:local])
+        peak = peak_bytes(compile_decode(compiled_cfg, mesh, kind=kind, rows=rows, prompt_len=prompt_len,
+                                         max_new_tokens=max_new_tokens, block=block))
+        return peak // 2 if half else peak
+
+    if mesh_shape is not None:
+        candidates = [resolve_mesh_shape(mesh_shape, local)]
+    else:
+        candidates = [(local // t, 1, t) for t in tensor_degrees(model_cfg, local)]
+    chosen = None
+    for shape in candidates:
+        shards = shape[0] * shape[1]
+        rows = max(shards, batch - batch % shards)
+        peak = measure(shape, rows)
+        chosen = (shape, rows, peak)
+        if budget is None or peak <= budget or mesh_shape is not None:
+            break
+    shape, rows, peak = chosen
+    out = {"devices": devices, "hosts": hosts, "kind": kind, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+           "batch": rows, "peak": peak, "fits": budget is None or peak <= budget, "device_memory_gib": device_memory_gib,
+           "default_layout": mesh_shape is None}
+    if budget is not None:
+        out["max_batch"] = largest_batch(lambda b: measure(shape, b), shape[0] * shape[1], rows, peak, budget)
+    return out
+
+
+def largest_batch(peak_at, shards: int, rows: int, peak: int, budget: float, compiles: int = 6) -> int:
+    """The largest multiple of `shards` rows whose peak_at(rows) <= budget, given peak_at(rows) = peak: secant
+    steps on the (nearly linear, slightly convex) peak from (rows, 2 rows), then bisection between the
+    largest batch seen to fit and the smallest seen not to; at most `compiles` more compiles."""
+    fits, over = ({rows: peak} if peak <= budget else {}), ({} if peak <= budget else {rows: peak})
+    a, pa = rows, peak
+    b = 2 * rows
+    for _ in range(compiles):
+        b = max(shards, b - b % shards)
+        if b in fits or b in over:
+            break
+        pb = peak_at(b)
+        (fits if pb <= budget else over)[b] = pb
+        lo, hi = max(fits, default=0), min(over, default=None)
+        if hi is not None and hi - lo <= max(shards, lo // 32):
+            break
+        slope = (pb - pa) / (b - a) if b != a else 0
+        guess = int(b + (budget - pb) / slope) if slope > 0 else 2 * b
+        if hi is not None and not lo < guess < hi:  # the secant left the bracket: bisect
+            guess = (lo + hi) // 2
+        a, pa, b = b, pb, guess
+    return max(fits, default=0)
+
+
+    return out
+
+
+def lines(p: dict[str, Any]) -> list[str]:
+    """The plan as the CLIs print it."""
+    size = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
+    how = "(smallest tensor-parallel degree that fits)" if p["default_layout"] else "(--mesh)"
+    out = [f"plan {p['kind']} {p['devices']}/{p['hosts']}: per process {p['devices'] // p['hosts']} devices, "
+           f"mesh {mesh} {how}",
+           f"  batch {p['batch']}: peak {size(p['peak'])} per device (XLA, AOT: weights, slot state and the larger "
+           f"of the decode loop and the refill)"]
+    if "max_batch" in p:
+        out.append(f"  device memory {p['device_memory_gib']} GiB ({HEADROOM:.0%} usable): "
+                   f"{'fits' if p['fits'] else 'does NOT fit'}; largest batch that fits: {p['max_batch']}")
+    return out
+

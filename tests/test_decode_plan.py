@@ -1,0 +1,48 @@
+"""`refine|generate --plan`: the AOT memory of decoding, the layout it picks, the largest batch that fits."""
+
+import pytest
+
+from diffpo_jax.config import load_preset
+from diffpo_jax.decoding import plan
+
+DECODE_PRESETS = ["smollm2-135m-instruct", "llama-3.2-1b-instruct", "gemma-2-2b-it", "llama-3-8b-instruct",
+                  "gemma-2-9b-it"]
+
+
+def test_default_layout_is_the_smallest_tensor_degree_that_fits():
+    cfg = load_preset("tiny-llama")[0]
+    roomy = plan.plan(cfg, devices=8, kind="refine", batch=8, prompt_len=64, max_new_tokens=32, block=8,
+                      device_memory_gib=1.0)
+    assert roomy["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and roomy["fits"]
+    tight = plan.plan(cfg, devices=8, kind="refine", batch=8, prompt_len=64, max_new_tokens=32, block=8,
+                      device_memory_gib=roomy["peak"] * 0.8 / plan.GIB / plan.HEADROOM)
+    assert tight["mesh"]["tensor"] == 2  # tiny-llama's 2 KV heads: the largest degree there is
+    given = plan.plan(cfg, devices=8, kind="generate", batch=8, prompt_len=64, max_new_tokens=32,
+                      device_memory_gib=1.0, mesh_shape=(2, 4, 1))
+    assert given["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and not given["default_layout"]
+
+
+def test_the_largest_batch_fits_and_one_more_step_does_not():
+    cfg = load_preset("tiny-llama")[0]
+    kw = dict(devices=8, kind="refine", prompt_len=64, max_new_tokens=32, block=8)
+    p = plan.plan(cfg, batch=8, device_memory_gib=0.02, **kw)
+    most = p["max_batch"]
+    assert most >= 8 and most % 8 == 0
+    budget = 0.02 * plan.GIB * plan.HEADROOM
+    assert plan.plan(cfg, batch=most, **kw)["peak"] <= budget
+    assert plan.plan(cfg, batch=most + most // 16, **kw)["peak"] > budget  # within 1/16 of the limit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", DECODE_PRESETS)
+def test_every_decode_preset_plans_on_one_8_gpu_node(preset):
+    """bf16 on 8 x 80 GiB: each preset fits at batch 48 with 1,024 prompt and 256 new tokens; Gemma-2-9B
+    on 8 x 16 GiB (TPU v5e) does not fit replicated, so the default layout goes tensor-parallel."""
+    cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="bfloat16")
+    kw = dict(devices=8, kind="refine", batch=48, prompt_len=1024, max_new_tokens=256, block=32)
+    p = plan.plan(cfg, device_memory_gib=80, **kw)
+    assert p["fits"] and p["max_batch"] >= 48, p
+    if preset == "gemma-2-9b-it":
+        assert p["mesh"]["tensor"] == 1 and 17 * plan.GIB < p["peak"] < 24 * plan.GIB  # 18.5 GB of weights + 2.5 GiB cache
+        small = plan.plan(cfg, device_memory_gib=16, **kw)
+        assert small["mesh"]["tensor"] > 1 and small["fits"], small
