@@ -18,6 +18,8 @@
 #   5. bench.score_speed (reward scoring vs transformers' sequence classifier)
 #   6. bench.bf16_agreement (bf16 Jacobi vs bf16 AR and fp32 greedy, token agreement)
 #   7. bench.refine_speed --mixed (refine's sorted-window scheduling vs input order, mixed lengths)
+#   8. bench.pass_cost --profile (a W-token Jacobi pass against the AR step)
+#   9. bench.decode_memory (the decode loops' temp and donated-state aliasing on the accelerator's compiler)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -68,4 +70,5 @@ step "$python" -m bench.score_speed "${model[@]}"
 step "$python" -m bench.bf16_agreement "${model[@]}"
 step "$python" -m bench.refine_speed "${model[@]}" --mixed
 step "$python" -m bench.pass_cost "${model[@]}" --profile
+step "$python" -m bench.decode_memory
 echo "accelerator_check: done; the sections of bench/RESULTS.md name the device"

@@ -95,12 +95,13 @@ def test_accelerator_check_dry_run_prints_every_step():
         "+ py -m bench.bf16_agreement --model 'my model'",
         "+ py -m bench.refine_speed --model 'my model' --mixed",
         "+ py -m bench.pass_cost --model 'my model' --profile",
+        "+ py -m bench.decode_memory",
         "accelerator_check: done; the sections of bench/RESULTS.md name the device",
     ]
     assert run("--install", "rocm").returncode == 2
     # every module it names runs here (their --help), so a renamed benchmark fails this test
     for module in ("diffpo_jax.verify", "bench.refine_speed", "bench.train_speed", "bench.score_speed",
-                   "bench.bf16_agreement", "bench.pass_cost"):
+                   "bench.bf16_agreement", "bench.pass_cost", "bench.decode_memory"):
         subprocess.run([sys.executable, "-m", module, "--help"], check=True, capture_output=True, cwd=root)
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     lint = subprocess.run([shellcheck, "-x", "bench/accelerator_check.sh"], cwd=root, capture_output=True, text=True)
