@@ -291,3 +291,19 @@ def test_generate_row_refill_equals_one_batch(setup, temperature):
     for name in ("tokens", "lengths", "stopped"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
     assert want.stopped.any() and len(set(want.lengths.tolist())) > 1  # slots are refilled mid-run
+
+
+def test_refine_random_hold_is_drawn_from_the_record_index():
+    """refine --hold-draft-prefix random:R: each record's held tokens, uniform in 0..R, depend on its input
+    index alone (any batching, process count or resume gives the same)."""
+    from diffpo_jax import refine as refine_cli
+
+    args = refine_cli.parse_args(["--input", "i", "--output", "o", "--hold-draft-prefix", "random:12"])
+    holds = refine_cli.hold_lens(args.hold_draft_prefix, list(range(200)))
+    assert refine_cli.hold_max(args.hold_draft_prefix) == 12 and set(holds) == set(range(13))
+    assert refine_cli.hold_lens("random:12", [7, 3]) == [holds[7], holds[3]]
+    assert refine_cli.hold_lens(5, [0, 1]) is None and refine_cli.parse_args(["--input", "i", "--output", "o",
+                                                                               "--hold-draft-prefix", "5"]).hold_draft_prefix == 5
+    for bad in ("random:x", "-1", "random:"):
+        with pytest.raises(SystemExit):
+            refine_cli.parse_args(["--input", "i", "--output", "o", "--hold-draft-prefix", bad])
