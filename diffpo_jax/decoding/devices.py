@@ -2,9 +2,11 @@
 
 `--mesh D,F,T` is a (data, fsdp, tensor) mesh over the local devices, sharded through the same logical
 axis table as training (sharding.LOGICAL_RULES): batch rows split over data x fsdp, parameters over
-fsdp and tensor (tensor: attention heads, MLP and with them the KV cache). Default: every local device
-on the data axis (rows data-parallel, parameters replicated) on GPU/TPU; one device on CPU, whose
-"devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores.
+fsdp and tensor (tensor: attention heads, MLP and with them the KV cache). Default on GPU/TPU: every
+local device on the data axis (rows data-parallel, parameters replicated), unless the weights would
+fill more than WEIGHT_SHARE of a device's memory (`memory_stats()`): then the smallest tensor-parallel
+degree that brings them under it (`default_shape`; the CLIs say so; `--plan` gives the whole picture).
+One device on CPU, whose "devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores.
 `--dtype` default: bfloat16 on GPU/TPU, float32 on CPU. In bfloat16 a W-token Jacobi pass and a one-token
 AR step round differently, so refinement equals the bfloat16 greedy decode only up to those roundings
 (README, "Refining answers").
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import jax
 from jax.sharding import Mesh
@@ -23,6 +26,7 @@ from jax.sharding import Mesh
 from diffpo_jax.sharding import MESH_AXES, make_mesh
 
 DTYPES = ("float32", "bfloat16")
+WEIGHT_SHARE = 0.6  # of a device's memory the default layout lets the weights take (the rest: cache, activations)
 
 
 class MeshError(ValueError):
@@ -55,18 +59,60 @@ def default_dtype(dtype: str | None) -> str:
     return dtype or ("bfloat16" if accelerated() else "float32")
 
 
-def decode_mesh(shape: tuple[int, int, int] | None) -> Mesh:
-    """The mesh of `--mesh` (default: module doc) over this process's devices (the first D*F*T of them
-    when the shape has no -1); a MeshError names a shape the devices cannot make."""
+def default_shape(weight_bytes: int, num_kv_heads: int, devices: int, device_bytes: int | None
+                  ) -> tuple[tuple[int, int, int], str | None]:
+    """The default (data, fsdp, tensor) shape on an accelerator and why, when it is not all-data: the
+    smallest tensor degree t (dividing the devices and the KV heads) with weight_bytes / t within
+    WEIGHT_SHARE of device_bytes (None: unknown, all-data)."""
+    if device_bytes:
+        for t in range(1, devices + 1):
+            if devices % t == 0 and num_kv_heads % t == 0 and weight_bytes / t <= WEIGHT_SHARE * device_bytes:
+                why = None if t == 1 else (
+                    f"weights of {weight_bytes / 2**30:.1f} GiB do not fit replicated in {WEIGHT_SHARE:.0%} of "
+                    f"{device_bytes / 2**30:.1f} GiB per device: tensor-parallel over {t} devices")
+                return (devices // t, 1, t), why
+    return (devices, 1, 1), None
+
+
+def device_memory() -> int | None:
+    """Bytes of memory of this process's first device, where the backend reports it (GPU, TPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def decode_mesh(shape: tuple[int, int, int] | None, model: str | None = None, dtype: str | None = None) -> Mesh:
+    """The mesh of `--mesh` (default: module doc; `model`, the --model spec, sizes the weights when its
+    config is known without downloading) over this process's devices (the first D*F*T of them when the
+    shape has no -1); a MeshError names a shape the devices cannot make."""
     devices = jax.local_devices()
-    if shape is None:
-        shape = (-1, 1, 1) if accelerated() else (1, 1, 1)
+    if shape is None and not accelerated():
+        shape = (1, 1, 1)
+    elif shape is None:
+        weights, kv_heads = _weights(model, default_dtype(dtype))
+        shape, why = default_shape(weights, kv_heads, len(devices), device_memory())
+        if why:
+            print(f"mesh: {why} (--mesh sets another layout; --plan shows what fits)", file=sys.stderr)
     if -1 not in shape:
         devices = devices[: math.prod(shape)]  # a mesh may use some of the devices (make_mesh says if too few)
     try:
         return make_mesh(shape, devices=devices)
     except ValueError as e:
         raise MeshError(f"--mesh: {e}") from None
+
+
+def _weights(model: str | None, dtype: str) -> tuple[int, int]:
+    """(weight bytes in `dtype`, KV heads) of model `model`, or (0, 1) when its config is not at hand."""
+    from flax import nnx
+
+    from diffpo_jax.config import config_without_weights
+    from diffpo_jax.model import abstract_model
+
+    try:
+        cfg = config_without_weights(model)
+    except (FileNotFoundError, ValueError):
+        return 0, 1
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model(cfg))))
+    return count * jax.numpy.dtype(dtype).itemsize, cfg.num_kv_heads
 
 
 def check_rows(mesh: Mesh, batch_size: int) -> None:
