@@ -53,7 +53,8 @@ def test_the_runtime_default_goes_tensor_parallel_when_weights_do_not_fit():
 
     gib = 2**30
     assert default_shape(int(18.5e9), 8, 8, 80 * gib) == ((8, 1, 1), None)  # Gemma-2-9B bf16 on 80 GB: replicated
-    shape, why = default_shape(int(18.5e9), 8, 8, 16 * gib)  # on 16 GiB chips (TPU v5e): 18.5 GB / 2 > 9.6 GiB
-    assert shape == (2, 1, 4) and "tensor-parallel over 4 devices" in why
+    shape, why = default_shape(int(18.5e9), 8, 8, 16 * gib)  # on 16 GiB chips (TPU v5e): 8.6 GiB each over 2
+    assert shape == (4, 1, 2) and "tensor-parallel over 2 devices" in why
+    assert default_shape(int(18.5e9), 8, 8, 12 * gib)[0] == (2, 1, 4)
     assert default_shape(int(18.5e9), 8, 8, None) == ((8, 1, 1), None)  # no memory figure: all-data
     assert default_shape(100 * gib, 2, 8, 16 * gib)[0] == (8, 1, 1)  # no degree divides 2 KV heads enough
