@@ -20,13 +20,20 @@ A process that dies must not leave the others hanging: the coordination service 
 heartbeats after `heartbeat_timeout_s` and terminates the survivors with an error naming the dead
 task ("another task died"); start-up itself gives up after `init_timeout_s`.
 On CPU, cross-process collectives use gloo (what the multi-process tests run on).
+
+Several processes writing one output (a decode's OUTPUT, a training run dir) need a folder they all see:
+a bucket URL or a shared filesystem. `check_shared_folder` makes sure at start-up, in seconds, rather
+than process 0 failing after all the work (or each host resuming from different files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Callable
 
 import jax
+import numpy as np
 
 ENV_COORDINATOR = "DIFFPO_COORDINATOR"
 ENV_NUM_PROCESSES = "DIFFPO_NUM_PROCESSES"
@@ -156,3 +163,47 @@ def initialize_from_args(args) -> bool:
 def is_main_process() -> bool:
     """Process 0 writes metrics, logs and exports; every process takes part in collectives."""
     return jax.process_index() == 0
+
+
+def _process_allgather(x: np.ndarray) -> np.ndarray:
+    """[every process's x], stacked in process order (a collective: also a barrier)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def check_shared_folder(token, what: str, *, process: int | None = None, processes: int | None = None,
+                        gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+    """With several processes, fail at once unless every process sees the folder of `token` (an
+    epath.Path) as process 0 does: process 0 writes a random nonce to `token`, every process reads it
+    back and compares with process 0's nonce (sent by an all-gather, not the folder), the verdicts are
+    all-gathered and process 0 removes `token`. Every process then raises the same one-line
+    DistributedError naming `what` (e.g. "--output PATH") and the first process that did not see it.
+    Nothing with one process. `process`, `processes`, `gather` (an all-gather of int32 arrays): JAX's
+    by default; tests simulate processes with their own."""
+    process = jax.process_index() if process is None else process
+    processes = jax.process_count() if processes is None else processes
+    if processes == 1:
+        return
+    gather = gather or _process_allgather
+    nonce = np.frombuffer(os.urandom(16), np.int32)
+    if process == 0:
+        with contextlib.suppress(OSError):  # then process 0 does not see its file: reported below, everywhere
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(nonce.tobytes().hex())
+    want = np.asarray(gather(nonce), np.int32)[0].tobytes().hex()  # after process 0 wrote
+    try:
+        seen = token.read_text() == want
+    except OSError:
+        seen = False
+    seen_by = np.asarray(gather(np.asarray([seen], np.int32))).reshape(-1)
+    if process == 0:
+        with contextlib.suppress(OSError):
+            token.unlink()
+    blind = [p for p in range(processes) if not seen_by[p]]
+    if blind and blind[0] == 0:
+        raise DistributedError(f"{what}: process 0 cannot write {token} and read it back")
+    if blind:
+        raise DistributedError(f"{what}: process {blind[0]} does not see the file process 0 wrote there "
+                               f"({token.name}); several processes need a shared folder (a bucket URL or a shared "
+                               "filesystem)")

@@ -32,6 +32,7 @@ from diffpo_jax.data.formats import (
 )  # fmt: skip
 from diffpo_jax.decoding import devices
 from diffpo_jax.distributed import DistributedError
+from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
@@ -43,8 +44,8 @@ RESUME_OPTIONS = ("model", "format", "temperature", "top_p", "max_new_tokens", "
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="base model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
-    ap.add_argument("--input", type=Path, required=True)
-    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--input", type=as_path, required=True)
+    ap.add_argument("--output", type=as_path, required=True)
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any, Iterator
+
+from etils import epath
 
 
 class JsonlError(ValueError):
     """A line that is not UTF-8 or not JSON; str() is 'PATH:LINE: problem'."""
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """("PATH:LINE", value) for each non-blank line, streamed. OSError (e.g. a missing file) passes through."""
-    with open(path, "rb") as f:
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """("PATH:LINE", value) for each non-blank line of a local file or a URL (etils.epath), streamed.
+    OSError (e.g. a missing file) passes through."""
+    with epath.Path(path).open("rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")

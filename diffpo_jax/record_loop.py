@@ -36,13 +36,25 @@ def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, A
     return {k: default_dtype(args.dtype) if k == "dtype" else getattr(args, k) for k in names}
 
 
+def check_output(path) -> None:
+    """Several processes: fail in seconds unless all see the folder of the output file `path` (local or
+    URL), with the token file OUTPUT.shared-check (distributed.check_shared_folder); nothing with one."""
+    from diffpo_jax.distributed import check_shared_folder
+    from diffpo_jax.paths import as_path
+
+    path = as_path(path)
+    check_shared_folder(path.with_name(path.name + ".shared-check"), f"--output {path}")
+
+
 def open_output(path, fmt: str, records: list[Record], options: dict[str, Any]) -> ResumableOutput:
-    """The output file of a CLI run, shared by this run's processes (one with a single process): each takes
-    a share of the records no earlier run finished, and process 0 writes the file (formats.ResumableOutput)."""
+    """The output file (local or URL) of a CLI run, shared by this run's processes (one with a single
+    process): each takes a share of the records no earlier run finished, and process 0 writes the file
+    (formats.ResumableOutput). Checks first that the processes share its folder (`check_output`)."""
     import jax
 
     from diffpo_jax.paths import sync
 
+    check_output(path)
     return ResumableOutput(path, fmt, records, options, process=jax.process_index(), processes=jax.process_count(),
                            barrier=sync)
 

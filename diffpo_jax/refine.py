@@ -23,7 +23,6 @@ import itertools
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
@@ -31,6 +30,7 @@ from diffpo_jax.data.formats import (
 )  # fmt: skip
 from diffpo_jax.decoding import devices
 from diffpo_jax.distributed import DistributedError
+from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
 
 
@@ -64,10 +64,10 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="DiffPO model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
-    ap.add_argument("--input", type=Path, required=True)
-    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--input", type=as_path, required=True)
+    ap.add_argument("--output", type=as_path, required=True)
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
-    ap.add_argument("--questions", type=Path, help="mt_bench: FastChat question.jsonl")
+    ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
     ap.add_argument("--history", choices=["refined", "draft"], default="refined",
                     help="mt_bench: the turn-1 answer turn 2 sees (draft = the official script)")
     ap.add_argument("--block-size", type=int, default=32)
@@ -179,7 +179,7 @@ def side_by_side(draft: str, refined: str, width: int = 48) -> str:
     return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
 
 
-def show(path: Path, fmt: str, k: int) -> None:
+def show(path, fmt: str, k: int) -> None:
     """The first k records of the output file, drafts and refinements side by side."""
     for _, rec in read_output(path, fmt)[:k]:
         title, pairs = refined_pairs(fmt, rec)

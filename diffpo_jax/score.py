@@ -25,12 +25,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import FormatError, check_output_path
 from diffpo_jax.decoding import devices
 from diffpo_jax.distributed import DistributedError
+from diffpo_jax.paths import as_path
 from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.reward.records import SCORE_FORMATS
 from diffpo_jax.sources import ModelSourceError
@@ -45,18 +45,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scorer = ap.add_mutually_exclusive_group(required=True)
     scorer.add_argument("--model", help="reward model: HF folder or hub id")
     scorer.add_argument("--reward", metavar="MODULE:FUNCTION", help="a Python reward function (module or file.py path)")
-    ap.add_argument("--input", type=Path, required=True)
-    ap.add_argument("--output", type=Path, required=True)
+    ap.add_argument("--input", type=as_path, required=True)
+    ap.add_argument("--output", type=as_path, required=True)
     ap.add_argument("--format", choices=SCORE_FORMATS, default="jsonl")
     ap.add_argument("--fields", help="comma-separated answer fields (default: the format's answer fields present)")
-    ap.add_argument("--questions", type=Path, help="mt_bench: FastChat question.jsonl")
+    ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
     ap.add_argument("--prompt-field", default="prompt", help="trajectories: the prompt field")
     ap.add_argument("--responses-field", default="all_generated_responses", help="trajectories: the responses list")
     ap.add_argument("--scores-field", default="all_rm_scores", help="trajectories: the scores list written")
     ap.add_argument("--best-of-n", action="store_true", help="jsonl, one list field: keep its best-scored entry")
     ap.add_argument("--label", type=int, default=0, help="classifiers with several labels: the logit that is the score")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--report", type=Path, help="write the summary as a Markdown table")
+    ap.add_argument("--report", type=as_path, help="write the summary as a Markdown table")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     devices.add_arguments(ap)
     distributed.add_arguments(ap)
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
     options = record_loop.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
+    record_loop.check_output(args.output)  # several processes: a shared folder, before the model loads
     if args.reward:
         scorer = FunctionScorer(args.reward, batch_size=args.batch_size)
     else:

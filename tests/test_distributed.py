@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -92,6 +94,111 @@ def test_single_process_needs_nothing(monkeypatch):
     for name in ("DIFFPO_COORDINATOR", "DIFFPO_NUM_PROCESSES", "DIFFPO_PROCESS_ID", "DIFFPO_DISTRIBUTED"):
         monkeypatch.delenv(name, raising=False)
     assert distributed.initialize() is False
+
+
+class Processes:
+    """n processes simulated by threads of this one: jax.process_index() is the thread's, and
+    distributed's all-gather meets the other threads' at a barrier (nothing else is collective here)."""
+
+    def __init__(self, n, monkeypatch):
+        self.n, self.local, self.values = n, threading.local(), {}
+        self.barrier = threading.Barrier(n, timeout=60)
+        monkeypatch.setattr(jax, "process_index", lambda: self.local.process)
+        monkeypatch.setattr(jax, "process_count", lambda: n)
+        monkeypatch.setattr(distributed, "_process_allgather", self.gather)
+
+    def gather(self, x):
+        self.values[self.local.process] = np.asarray(x)
+        self.barrier.wait()
+        out = np.stack([self.values[p] for p in range(self.n)])
+        self.barrier.wait()
+        return out
+
+    def run(self, fn):
+        """[fn(p) or the exception it raised, for each process p], run at once."""
+        results = [None] * self.n
+
+        def body(p):
+            self.local.process = p
+            try:
+                results[p] = fn(p)
+            except Exception as e:  # noqa: BLE001
+                results[p] = e
+
+        threads = [threading.Thread(target=body, args=(p,)) for p in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return results
+
+
+SHARED_ERROR = ("process 1 does not see the file process 0 wrote there ({}); several processes need a shared folder "
+                "(a bucket URL or a shared filesystem)")
+
+
+def test_an_output_folder_the_processes_do_not_share_fails_at_once(tmp_path, monkeypatch):
+    """Issue 29: without a shared folder process 0 failed only after all the decoding (and a resume saw
+    other records on each host). Two processes whose --output folders differ (two hosts' local disks)
+    both fail at start-up with one line; a shared folder passes and leaves no token file; one process
+    checks nothing."""
+    from diffpo_jax.record_loop import check_output
+
+    procs = Processes(2, monkeypatch)
+    host = {p: tmp_path / f"host{p}" for p in (0, 1)}
+    assert procs.run(lambda p: check_output(tmp_path / "shared" / "out.jsonl")) == [None, None]
+    assert list((tmp_path / "shared").iterdir()) == []
+    host[1].mkdir()
+    (host[1] / "out.jsonl.shared-check").write_text("a token of another run")  # not process 0's nonce
+    results = procs.run(lambda p: check_output(host[p] / "out.jsonl"))
+    for p, e in enumerate(results):
+        assert isinstance(e, distributed.DistributedError), e
+        assert str(e) == f"--output {host[p] / 'out.jsonl'}: " + SHARED_ERROR.format("out.jsonl.shared-check")
+    assert not (host[0] / "out.jsonl.shared-check").exists()
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    check_output(tmp_path / "one" / "out.jsonl")
+    assert not (tmp_path / "one").exists()  # no token written, no folder made
+
+
+def test_train_with_an_output_dir_the_processes_do_not_share_fails_at_once(tmp_path, monkeypatch):
+    """train() checks output_dir before anything is written (process 0 alone writes the model files and
+    data/ there): two processes with different local run dirs raise the one-line error before the mesh."""
+    from diffpo_jax.training import trainer
+
+    class Checked(Exception):
+        pass
+
+    def checked(cfg):
+        raise Checked
+
+    monkeypatch.setattr(trainer, "_check_mesh", checked)  # what comes after the check: not run here
+    procs = Processes(2, monkeypatch)
+    configs = [trainer.load_config(None, ["data=unused", f"output_dir={tmp_path / f'host{p}/run'}"]) for p in (0, 1)]
+    results = procs.run(lambda p: trainer.train(configs[p], log=lambda _: None))
+    for p, e in enumerate(results):
+        assert isinstance(e, distributed.DistributedError), e
+        assert str(e) == f"output_dir {tmp_path / f'host{p}/run'}: " + SHARED_ERROR.format(".shared-check")
+    assert not (tmp_path / "host1").exists()  # process 1 wrote nothing
+    shared = trainer.load_config(None, ["data=unused", f"output_dir={tmp_path / 'shared'}"])
+    assert [type(e) for e in procs.run(lambda p: trainer.train(shared, log=lambda _: None))] == [Checked, Checked]
+    assert list((tmp_path / "shared").iterdir()) == []
+
+
+def test_two_processes_without_a_shared_output_folder_stop_in_seconds(tmp_path):
+    """The real thing: 2 processes, each with its own --output folder, both exit 2 with the one-line
+    error before any model loads."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "Hi.", "draft": "Hello."}) + "\n")
+    out = f"{tmp_path}/host$DIFFPO_PROCESS_ID/out.jsonl"
+    start = time.monotonic()
+    result = run_local(2, "bash", "-c", f'exec {sys.executable} -m diffpo_jax.refine --input {inp} --output "{out}"',
+                       timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"[p1] error: --output {tmp_path}/host1/out.jsonl: " + SHARED_ERROR.format("out.jsonl.shared-check") in \
+        result.stdout + result.stderr, result.stdout + result.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "host1").exists() and list((tmp_path / "host0").iterdir()) == []
 
 
 SLURM_ENV = dict(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NNODES="2",

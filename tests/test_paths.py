@@ -157,6 +157,71 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
     assert sum(w[2] for w in writes) < 6 * size
 
 
+def test_decoding_clis_read_and_write_urls_as_local_files(bucket, tiny_init_dir, tmp_path):
+    """generate, refine and score with --input/--output/--report in a bucket (issue 29: argparse's Path made
+    `gs://b/x` a local ./gs:/b/x): each writes there, nothing under the cwd (the fixture checks), the same
+    bytes as in a local folder, and no partial or shared-check file is left."""
+    from diffpo_jax import generate, refine, score
+    from diffpo_jax.sources import load_model
+
+    store, _ = bucket
+    loaded = load_model(str(tiny_init_dir))
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n")
+    prompts = "".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(["Hi.", "Name a fruit.", "Why?"]))
+    (tmp_path / "local").mkdir()
+    for folder in (store, tmp_path / "local"):
+        (folder / "in.jsonl").write_text(prompts)
+    for base in (BUCKET, str(tmp_path / "local")):
+        generate.run(generate.parse_args(["--input", f"{base}/in.jsonl", "--output", f"{base}/drafts.jsonl",
+                                          "--temperature", "0", "--max-new-tokens", "4", "--sort-window", "2"]), loaded)
+        refine.run(refine.parse_args(["--input", f"{base}/drafts.jsonl", "--output", f"{base}/refined.jsonl",
+                                      "--max-new-tokens", "4", "--block-size", "4"]), loaded)
+        assert score.main(["--reward", f"{rewards}:length", "--input", f"{base}/refined.jsonl", "--output",
+                           f"{base}/scored.jsonl", "--report", f"{base}/report.md"]) == 0
+    names = ["drafts.jsonl", "in.jsonl", "refined.jsonl", "report.md", "scored.jsonl"]
+    assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir()) == names
+    for name in ("drafts.jsonl", "refined.jsonl", "scored.jsonl"):
+        assert (store / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert [json.loads(x)["id"] for x in (store / "scored.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert not list(Path.cwd().iterdir())  # no ./gs: folder
+
+
+def test_resumable_output_in_a_bucket_grows_by_parts(bucket, tmp_path):
+    """An object cannot be appended to: in a bucket the partial file grows by part objects, one per
+    flush_every_s at most; a rerun reads and merges them, and OUT is the bytes a local folder gets."""
+    from diffpo_jax.data.formats import ResumableOutput, read_records
+
+    store, _ = bucket
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": str(i)}) + "\n" for i in range(4)))
+    records, now = read_records(tmp_path / "in.jsonl", "jsonl", with_drafts=False), [0.0]
+
+    def opened(where):
+        return ResumableOutput(where, "jsonl", records, {"x": 1}, flush_every_s=10, clock=lambda: now[0])
+
+    out = opened(f"{BUCKET}/out.jsonl")
+    assert [p.name for p in store.iterdir()] == ["out.jsonl.partial"]
+    out.append(0, {"n": 0})
+    assert [p.name for p in store.iterdir()] == ["out.jsonl.partial"]  # kept: the last write was < 10 s ago
+    assert len((store / "out.jsonl.partial").read_text().splitlines()) == 1  # the header: never appended to
+    now[0] = 11.0
+    out.append(1, {"n": 1})
+    assert sorted(p.name for p in store.iterdir()) == ["out.jsonl.partial", "out.jsonl.partial.part-000000"]
+    out.append(2, {"n": 2})  # killed before the next part: record 2 is redone
+    out = opened(f"{BUCKET}/out.jsonl")
+    assert out.todo == [2, 3] and out.done == {0: {"n": 0}, 1: {"n": 1}}
+    assert [p.name for p in store.iterdir()] == ["out.jsonl.partial"]  # the part merged in
+    for i in out.todo:
+        out.append(i, {"n": i})
+    assert out.finish() == [{"n": i} for i in range(4)]
+    local = opened(tmp_path / "out.jsonl")
+    for i in range(4):
+        local.append(i, {"n": i})
+    local.finish()
+    assert [p.name for p in store.iterdir()] == ["out.jsonl"]
+    assert (store / "out.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
+
+
 @pytest.mark.slow
 def test_train_load_and_export_over_urls_equal_local(bucket, tiny_init_dir, tmp_path):
     store, given = bucket

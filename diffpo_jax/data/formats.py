@@ -17,7 +17,9 @@ turns, and (refine) one draft per turn. `ResumableOutput` streams results to OUT
 with the run's options, then one line per finished record holding its index and a fingerprint of its
 input) and writes OUT by rename once every record is done; a rerun resumes from the partial file after
 checking that it belongs to the same input and options. Several processes share one output: each
-appends to its own partial file, and process 0 writes OUT in input order.
+appends to its own partial file, and process 0 writes OUT in input order. Every path may be a URL
+(gs://...; etils.epath, paths.as_path): an object cannot be appended to, so there the partial file grows
+by part objects (`ResumableOutput`).
 
 Every problem with the input is a `FormatError` whose str() is one line naming the file, the line or
 record, and the field.
@@ -29,13 +31,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Callable
+
+from etils import epath
 
 from diffpo_jax.chat import Messages, as_messages
 from diffpo_jax.jsonl import JsonlError, read_jsonl
+from diffpo_jax.paths import as_path, is_url
 
 FORMATS = ("jsonl", "alpaca_eval", "mt_bench")
 SUFFIX = "+diffpo"
@@ -71,7 +76,7 @@ def turn_prompt(record: Record, turn: int, answers: list[str]) -> str | Messages
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _jsonl(path: Path) -> list[tuple[str, Any]]:
+def _jsonl(path: epath.Path) -> list[tuple[str, Any]]:
     try:
         return list(read_jsonl(path))
     except OSError as e:
@@ -80,7 +85,7 @@ def _jsonl(path: Path) -> list[tuple[str, Any]]:
         raise FormatError(str(e)) from None
 
 
-def _json_list(path: Path) -> list[tuple[str, Any]]:
+def _json_list(path: epath.Path) -> list[tuple[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
@@ -120,10 +125,11 @@ def _string_list(where: str, value: Any, name: str) -> list[str]:
     return value
 
 
-def read_records(path: Path, fmt: str, *, with_drafts: bool, questions: Path | None = None) -> list[Record]:
-    """The records of `path` in order. with_drafts: refine inputs (each needs its draft(s)); else
-    generate inputs (mt_bench: `path` is question.jsonl). mt_bench refine inputs need `questions`."""
-    path = Path(path)
+def read_records(path: str | os.PathLike, fmt: str, *, with_drafts: bool,
+                 questions: str | os.PathLike | None = None) -> list[Record]:
+    """The records of `path` (local or URL) in order. with_drafts: refine inputs (each needs its draft(s));
+    else generate inputs (mt_bench: `path` is question.jsonl). mt_bench refine inputs need `questions`."""
+    path = as_path(path)
     records = []
     if fmt == "jsonl":
         for where, rec in _jsonl(path):
@@ -145,7 +151,7 @@ def read_records(path: Path, fmt: str, *, with_drafts: bool, questions: Path | N
             if questions is None:
                 raise FormatError("--questions question.jsonl is required with --format mt_bench")
             by_id = {}
-            for where, rec in _jsonl(Path(questions)):
+            for where, rec in _jsonl(as_path(questions)):
                 qid = _field(where, rec, "question_id", (int, str), "an int or string")
                 by_id[qid] = _string_list(where, rec.get("turns"), "turns")
             for where, rec in _jsonl(path):
@@ -184,9 +190,9 @@ def refined_output(fmt: str, record: Record, refined: list[str], stats: list[dic
     return rec | {"model_id": rec["model_id"] + SUFFIX, "choices": [choice] + rec["choices"][1:], "tstamp": time.time()}
 
 
-def read_output(path: Path, fmt: str) -> list[tuple[str, Any]]:
-    """(where, record) of each record of an output file of `fmt`."""
-    return _json_list(Path(path)) if fmt == "alpaca_eval" else _jsonl(Path(path))
+def read_output(path: str | os.PathLike, fmt: str) -> list[tuple[str, Any]]:
+    """(where, record) of each record of an output file of `fmt` (local or URL)."""
+    return _json_list(as_path(path)) if fmt == "alpaca_eval" else _jsonl(as_path(path))
 
 
 def refined_pairs(fmt: str, output: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:
@@ -225,9 +231,11 @@ def sampled_output(record: Record, samples: list[str], sample_keys: list[list[in
 # ------------------------------------------------------------------------------------------ writing
 
 
-def check_output_path(input_path: Path, output_path: Path, overwrite: bool) -> None:
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output that is the input file (the results would replace it) unless `overwrite`."""
-    if not overwrite and Path(output_path).resolve() == Path(input_path).resolve():
+    a, b = os.fspath(as_path(input_path)), os.fspath(as_path(output_path))
+    same = a == b if is_url(a) or is_url(b) else os.path.realpath(a) == os.path.realpath(b)
+    if not overwrite and same:
         raise FormatError(f"{output_path}: is the input file; pass --overwrite to replace it with the results")
 
 
@@ -240,39 +248,53 @@ class ResumableOutput:
     finished record); OUT, written to a temp name and renamed, once all records are done.
 
     Several processes (`process` of `processes`, with `barrier(name)` a barrier over them; the output's
-    folder shared): process p appends to its own file, OUT.partial (p = 0) or OUT.partial.p; each reads
-    every partial file there at start (what earlier runs finished, with any process count), and takes
-    every processes-th record of the rest as its own (`todo`); `finish` has process 0 write OUT, in input
-    order, from all the partial files."""
+    folder shared, which record_loop.open_output checks): process p appends to its own file, OUT.partial
+    (p = 0) or OUT.partial.p; each reads every partial file there at start (what earlier runs finished,
+    with any process count), and takes every processes-th record of the rest as its own (`todo`);
+    `finish` has process 0 write OUT, in input order, from all the partial files.
 
-    def __init__(self, path: Path, fmt: str, records: list[Record], options: dict[str, Any], *,
-                 process: int = 0, processes: int = 1, barrier: Callable[[str], None] = lambda name: None):
-        self.path, self.fmt, self.records, self.barrier = Path(path), fmt, records, barrier
+    OUT a URL: an object cannot be appended to, and rewriting it whole at each record would upload
+    O(records^2) bytes. There the records appended since the last write go, at most every
+    `flush_every_s` seconds (at an append) and at `finish`, into a new part object OUT.partial[.p].part-K
+    (the header, then those lines: each part reads like a partial file), so a killed run redoes at most
+    its last window and `flush_every_s` seconds. A reopening merges a process's parts into its partial
+    file. OUT itself is written directly: an object appears whole when its upload ends, where a rename
+    would be a copy and a delete."""
+
+    def __init__(self, path: str | os.PathLike, fmt: str, records: list[Record], options: dict[str, Any], *,
+                 process: int = 0, processes: int = 1, barrier: Callable[[str], None] = lambda name: None,
+                 flush_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.path, self.fmt, self.records, self.barrier = as_path(path), fmt, records, barrier
         self.process = process
         self.header = json.loads(json.dumps({"options": options}))  # as it reads back
         self.partial = self._partial_file(process)
-        done, own_lines = self._read_partials()
+        self._url, self.flush_every_s, self._clock = is_url(self.path), flush_every_s, clock
+        done, own_rows, own_parts = self._read_partials()
         barrier("resumable-output-read")  # every process has read the files before any writes one
         self.done: dict[int, dict] = {i: done[i] for i in sorted(done)}
         self.todo: list[int] = [i for i in range(len(records)) if i not in done][process::processes]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial.write_text("".join(line + "\n" for line in own_lines or [json.dumps(self.header)]), encoding="utf-8")
+        self.partial.write_text("".join(line + "\n" for line in [json.dumps(self.header), *own_rows]), encoding="utf-8")
+        for part in own_parts:  # merged into the partial file just written
+            part.unlink()
         self._file = None
+        self._pending: list[str] = []  # URL: the lines not in a part yet
+        self._parts, self._last = 0, clock()
 
-    def _partial_file(self, process: int) -> Path:
+    def _partial_file(self, process: int) -> epath.Path:
         return self.path.with_name(self.path.name + ".partial" + (f".{process}" if process else ""))
 
-    def _partial_files(self) -> list[Path]:
-        """OUT.partial and OUT.partial.<p> of any p, whichever exist."""
-        stem = self.path.name + ".partial"
+    def _partial_files(self) -> list[epath.Path]:
+        """OUT.partial and OUT.partial.<p> of any p, and their parts (.part-K), whichever exist."""
         if not self.path.parent.is_dir():
             return []
-        return sorted(f for f in self.path.parent.iterdir()
-                      if f.name == stem or f.name.startswith(stem + ".") and f.name[len(stem) + 1 :].isdigit())
+        name = re.compile(re.escape(self.path.name + ".partial") + r"(\.\d+)?(\.part-\d+)?")
+        return sorted((f for f in self.path.parent.iterdir() if name.fullmatch(f.name)), key=lambda f: f.name)
 
-    def _read_partials(self) -> tuple[dict[int, dict], list[str]]:
-        """The outputs in all partial files by record index, and this process's file's whole lines."""
-        done, own = {}, []
+    def _read_partials(self) -> tuple[dict[int, dict], list[str], list[epath.Path]]:
+        """The outputs in all partial files by record index; this process's record lines (whole ones) and
+        part files."""
+        done, own, own_parts = {}, [], []
         for f in self._partial_files():
             lines = f.read_text(encoding="utf-8").splitlines()
             try:
@@ -291,39 +313,60 @@ class ResumableOutput:
                 if row.get("source") != _fingerprint(self.records[i].raw):
                     raise FormatError(f"{f}: record {i} does not match {self.records[i].where}; delete it to start over")
                 done[i] = row["output"]
-            if f == self.partial:
-                own = lines
-        return done, own
+            if f.name == self.partial.name or f.name.startswith(self.partial.name + ".part-"):
+                own += lines[1:]
+                own_parts += [f] if f.name != self.partial.name else []
+        return done, own, own_parts
 
     def append(self, index: int, output: dict[str, Any]) -> None:
-        """The output of record `index` (0-based in the input); flushed to this process's file at once."""
-        if self._file is None:
-            self._file = self.partial.open("a", encoding="utf-8")
+        """The output of record `index` (0-based in the input); flushed to this process's file at once
+        (a URL's: kept for the next part)."""
         row = {"index": index, "source": _fingerprint(self.records[index].raw), "output": output}
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
+        line = json.dumps(row, ensure_ascii=False)
+        if self._url:
+            self._pending.append(line)
+            self.flush(force=False)
+        else:
+            if self._file is None:
+                self._file = self.partial.open("a", encoding="utf-8")
+            self._file.write(line + "\n")
+            self._file.flush()
         self.done[index] = output
 
+    def flush(self, force: bool = True) -> None:
+        """URL: the lines appended since the last part into a new part object (unless `force` is False
+        and the last was written less than flush_every_s ago). A local file has them all already."""
+        if not self._pending or not force and self._clock() - self._last < self.flush_every_s:
+            return
+        part = self.partial.with_name(f"{self.partial.name}.part-{self._parts:06d}")
+        part.write_text("".join(line + "\n" for line in [json.dumps(self.header), *self._pending]), encoding="utf-8")
+        self._pending, self._parts, self._last = [], self._parts + 1, self._clock()
+
     def finish(self) -> list[dict[str, Any]]:
-        """Write OUT (all records, input order) by rename and remove the partial files; returns the outputs.
+        """Write OUT (all records, input order) by rename (a URL: directly) and remove the partial files;
+        returns the outputs.
 
         With several processes: after every process's records are written, process 0 writes OUT from all
         the partial files; every process returns once OUT is there."""
         if self._file is not None:
             self._file.close()
+        self.flush()
         self.barrier("resumable-output-done")
         if self.process == 0:
-            done, _ = self._read_partials()
+            done, _, _ = self._read_partials()
             if len(done) != len(self.records):
                 raise FormatError(f"{self.partial}: {len(done)} of {len(self.records)} records done")
             outputs = [done[i] for i in range(len(self.records))]
-            tmp = self.path.with_name(self.path.name + ".tmp")
             if self.fmt == "alpaca_eval":
                 text = json.dumps(outputs, indent=2, ensure_ascii=False) + "\n"
             else:
                 text = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs)
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, self.path)
+            if self._url:
+                self.path.write_text(text, encoding="utf-8")
+            else:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(text, encoding="utf-8")
+                tmp.replace(self.path)
             for f in self._partial_files():
                 f.unlink()
         self.barrier("resumable-output-written")

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
+import os
 from typing import Any
 
 from diffpo_jax.chat import Messages, as_messages
 from diffpo_jax.data.formats import FormatError, Record, _jsonl, read_records
+from diffpo_jax.paths import as_path
 from diffpo_jax.reward.scorer import Score
 
 SCORE_FORMATS = ("jsonl", "alpaca_eval", "mt_bench", "trajectories")
@@ -43,12 +44,13 @@ class Layout:
     scores_field: str = "all_rm_scores"
 
 
-def read_score_records(path: Path, fmt: str, questions: Path | None) -> list[Record]:
+def read_score_records(path: str | os.PathLike, fmt: str, questions: str | os.PathLike | None) -> list[Record]:
+    """The records of `path` (local or URL) to score."""
     if fmt == "mt_bench":
         return read_records(path, fmt, with_drafts=True, questions=questions)
     if fmt != "trajectories":
         return read_records(path, fmt, with_drafts=False)
-    records = [Record(rec, where, None, [], []) for where, rec in _jsonl(Path(path))]
+    records = [Record(rec, where, None, [], []) for where, rec in _jsonl(as_path(path))]
     if not records:
         raise FormatError(f"{path}: no records")
     return records

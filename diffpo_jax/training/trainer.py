@@ -26,7 +26,9 @@ difference stops with a one-line TrainConfigError naming the keys unless they ar
 accepted config is then written as the new train_config.json. SIGTERM (e.g. TPU preemption) stops
 after the step in flight, skips an evaluation due after it (the grace period is for the checkpoint),
 saves a checkpoint, waits for it and returns `stopped=True`; with several processes, a SIGTERM to any
-one of them stops all of them after the same step (`any_process`).
+one of them stops all of them after the same step (`any_process`). Several processes need an
+`output_dir` they all see (a bucket URL or a shared filesystem: process 0 alone writes the model files and
+data/, each host its checkpoint shards): checked first, in seconds (distributed.check_shared_folder).
 
 Models (`model`): anything `sources.load_model` accepts, or `preset:NAME`: the architecture of
 configs/models/NAME.yaml, randomly initialised (`seed`), paired with the embedded SmolLM2's tokenizer
@@ -61,7 +63,7 @@ from diffpo_jax.config import PRESET, load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
 from diffpo_jax.decoding.batching import stop_token_ids
-from diffpo_jax.distributed import is_main_process
+from diffpo_jax.distributed import check_shared_folder, is_main_process
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, is_url, local_dir, sync
 from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
@@ -128,6 +130,7 @@ class TrainConfig:
 
 _SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
 TRAIN_CONFIG = "train_config.json"
+SHARED_CHECK = ".shared-check"  # the token file of check_shared_folder, there for a second at start-up
 # Keys a resumed run may change freely: where it runs (mesh, micro-batching, remat, attention: the same
 # updates up to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
@@ -536,8 +539,10 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     """Run (or resume) the job of `cfg`; see module doc. `log` gets the progress lines (process 0);
     `allow_config_change`: keys (or sections) a resume may change beyond RESUMABLE_KEYS."""
     say = log if is_main_process() else (lambda _: None)
-    mesh, cfg = _check_mesh(validate(cfg))
+    cfg = validate(cfg)
     run_dir = as_path(cfg.output_dir)  # a URL stays one (paths.py)
+    check_shared_folder(run_dir / SHARED_CHECK, f"output_dir {run_dir}")  # before anything is written
+    mesh, cfg = _check_mesh(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpoints)
