@@ -4,6 +4,7 @@
       [--format jsonl|alpaca_eval|mt_bench] [--temperature 0.7] [--top-p 1.0] [--max-new-tokens 256]
       [--batch-size 8] [--num-samples 1] [--seed 0] [--model-id NAME] [--dtype float32|bfloat16]
       [--mesh D,F,T] [--sort-window 256] [--on-error stop|skip] [--overwrite]
+  python -m diffpo_jax.generate --plan DEVICES[/HOSTS] [--device-memory GIB] [--model M] [--prompt-len 1024] [options]
 
 jsonl adds `draft`; alpaca_eval sets `output` and `generator`; mt_bench reads FastChat question.jsonl
 and writes answer records (turn 2 sees the generated turn 1). `--num-samples K` > 1 (jsonl only) draws K
@@ -30,7 +31,7 @@ from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
     FORMATS, FormatError, check_output_path, generated_output, read_records, sampled_output,
 )  # fmt: skip
-from diffpo_jax.decoding import devices
+from diffpo_jax.decoding import devices, plan as decode_plan
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
@@ -44,8 +45,8 @@ RESUME_OPTIONS = ("model", "format", "temperature", "top_p", "max_new_tokens", "
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="base model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
-    ap.add_argument("--input", type=as_path, required=True)
-    ap.add_argument("--output", type=as_path, required=True)
+    ap.add_argument("--input", type=as_path, help="required, except with --plan")
+    ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -60,7 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   "--batch-size: batches of consecutive records, each until its longest answer is done)")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     distributed.add_arguments(ap)
+    decode_plan.add_arguments(ap)
     args = ap.parse_args(argv)
+    if not args.plan and (args.input is None or args.output is None):
+        ap.error("--input and --output are required (except with --plan)")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
         ap.error("--max-new-tokens, --batch-size and --num-samples must be >= 1")
     if args.num_samples > 1 and args.format != "jsonl":
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    mesh = devices.decode_mesh(args.mesh)
+    mesh = devices.decode_mesh(args.mesh, args.model, args.dtype)
     devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        return decode_plan.main(args, "generate")
     try:
         distributed.initialize_from_args(args)
         summary = run(args)

@@ -5,6 +5,7 @@
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
       [--hold-draft-prefix R | random:R] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
       [--sort-window 256] [--on-error stop|skip] [--overwrite]
+  python -m diffpo_jax.refine --plan DEVICES[/HOSTS] [--device-memory GIB] [--model M] [--prompt-len 1024] [options]
 
 Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
@@ -28,7 +29,7 @@ from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
     FORMATS, FormatError, check_output_path, read_output, read_records, refined_output, refined_pairs,
 )  # fmt: skip
-from diffpo_jax.decoding import devices
+from diffpo_jax.decoding import devices, plan as decode_plan
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
@@ -64,8 +65,8 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="DiffPO model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
-    ap.add_argument("--input", type=as_path, required=True)
-    ap.add_argument("--output", type=as_path, required=True)
+    ap.add_argument("--input", type=as_path, help="required, except with --plan")
+    ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
     ap.add_argument("--history", choices=["refined", "draft"], default="refined",
@@ -87,7 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     distributed.add_arguments(ap)
     ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
+    decode_plan.add_arguments(ap)
     args = ap.parse_args(argv)
+    if not args.plan and (args.input is None or args.output is None):
+        ap.error("--input and --output are required (except with --plan)")
     for name in ("block_size", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    mesh = devices.decode_mesh(args.mesh)
+    mesh = devices.decode_mesh(args.mesh, args.model, args.dtype)
     devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
@@ -193,6 +197,8 @@ def show(path, fmt: str, k: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plan:
+        return decode_plan.main(args, "refine")
     try:
         distributed.initialize_from_args(args)
         summary = run(args)

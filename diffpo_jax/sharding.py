@@ -167,3 +167,12 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 def host_array(x: jax.Array) -> np.ndarray:
     """Gather a (possibly sharded) array to a host numpy array."""
     return np.asarray(jax.device_get(x))
+
+
+def simulate_devices(n: int) -> None:
+    """Make jax start with `n` CPU devices (before its first device query; no effect after it): the
+    `--plan` options compile for a pod's device count on this machine."""
+    import os
+
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+    jax.config.update("jax_platforms", "cpu")

@@ -55,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plan_main(config: str | None, overrides: list[str], topology: str) -> int:
+    from diffpo_jax.sharding import simulate_devices
     from diffpo_jax.training import plan
 
     try:
-        plan.simulate_devices(plan.parse_topology(topology)[0])
+        simulate_devices(plan.parse_topology(topology)[0])
         # a plan reads no data and writes nothing: placeholders for the two paths a run needs (overrides win)
         cfg = load_config(config, ["data=(plan)", "output_dir=(plan)", *overrides])
         for line in plan.lines(plan.plan(cfg, topology)):

@@ -58,3 +58,20 @@ def test_the_runtime_default_goes_tensor_parallel_when_weights_do_not_fit():
     assert default_shape(int(18.5e9), 8, 8, 12 * gib)[0] == (2, 1, 4)
     assert default_shape(int(18.5e9), 8, 8, None) == ((8, 1, 1), None)  # no memory figure: all-data
     assert default_shape(100 * gib, 2, 8, 16 * gib)[0] == (8, 1, 1)  # no degree divides 2 KV heads enough
+
+
+def test_the_clis_plan_without_weights_or_input(capsys):
+    """`refine --plan 8 --device-memory 16` for Gemma-2-9B (bf16 by default): tensor-parallel, and the line
+    says so; `generate --plan` on the embedded model; a bad topology is one line, exit 2."""
+    import subprocess
+    import sys
+
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True)  # noqa: E731
+    out = run("diffpo_jax.refine", "--plan", "8", "--device-memory", "16", "--model", "google/gemma-2-9b-it",
+              "--batch-size", "16", "--max-new-tokens", "128", "--prompt-len", "512", "--block-size", "16")
+    assert out.returncode == 0, out.stderr
+    assert "tensor 2 (smallest tensor-parallel degree that fits)" in out.stdout and "largest batch that fits" in out.stdout
+    out = run("diffpo_jax.generate", "--plan", "4", "--batch-size", "8", "--max-new-tokens", "32", "--prompt-len", "64")
+    assert out.returncode == 0 and "plan generate 4/1" in out.stdout, out.stderr
+    out = run("diffpo_jax.refine", "--plan", "8/3")
+    assert out.returncode == 2 and out.stderr.strip().endswith("--plan '8/3': expected DEVICES or DEVICES/HOSTS, e.g. 32/8")

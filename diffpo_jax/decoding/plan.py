@@ -21,6 +21,8 @@ of bf16 weights cannot sit replicated on a 16 GiB TPU v5e chip.
 
 from __future__ import annotations
 
+import argparse
+import sys
 from typing import Any
 
 GIB = 1024**3
@@ -166,3 +168,39 @@ def lines(p: dict[str, Any]) -> list[str]:
                    f"{'fits' if p['fits'] else 'does NOT fit'}; largest batch that fits: {p['max_batch']}")
     return out
 
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """--plan, --device-memory and --prompt-len (refine, generate)."""
+    ap.add_argument("--plan", metavar="DEVICES[/HOSTS]",
+                    help="print the AOT-compiled per-device memory of this decode on that many devices (no "
+                         "weights or input; decoding/plan.py), e.g. --plan 8 --device-memory 80")
+    ap.add_argument("--device-memory", type=float, metavar="GIB", help="--plan: memory per device; adds the layout "
+                    "and the largest batch that fit")
+    ap.add_argument("--prompt-len", type=int, default=1024, help="--plan: the prompt bucket (tokens)")
+
+
+def main(args: argparse.Namespace, kind: str) -> int:
+    """The CLIs' --plan: print the plan of decoding args.model with the CLI's options; 0, or 2 with a line."""
+    from diffpo_jax.config import config_without_weights
+    from diffpo_jax.sharding import simulate_devices
+
+    try:
+        devices, _, hosts = args.plan.partition("/")
+        devices, hosts = int(devices), int(hosts or 1)
+        if devices < 1 or hosts < 1 or devices % hosts:
+            raise ValueError
+    except ValueError:
+        print(f"error: --plan {args.plan!r}: expected DEVICES or DEVICES/HOSTS, e.g. 32/8", file=sys.stderr)
+        return 2
+    simulate_devices(devices // hosts)
+    try:
+        dtype = args.dtype or "bfloat16"  # the accelerator default (decoding/devices.py)
+        cfg = config_without_weights(args.model).replace(dtype=dtype, param_dtype=dtype)
+        p = plan(cfg, devices=devices, hosts=hosts, kind=kind, batch=args.batch_size * getattr(args, "num_samples", 1),
+                 prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, block=getattr(args, "block_size", 1),
+                 device_memory_gib=args.device_memory, mesh_shape=args.mesh)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: --plan: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines(p)))
+    return 0

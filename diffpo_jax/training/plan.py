@@ -82,16 +82,6 @@ def memory(compiled) -> dict[str, int]:
     return out | {"peak": out["argument"] + out["output"] - out["alias"] + out["temp"]}
 
 
-def simulate_devices(n: int) -> None:
-    """Make jax start with `n` CPU devices (before its first device query; no effect after it)."""
-    import os
-
-    import jax
-
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
-    jax.config.update("jax_platforms", "cpu")
-
-
 def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, Any]:
     """Check `cfg` against `topology` and, with `compile`, AOT-compile its train step on that many of
     jax's devices (the CLI simulates them). Returns the figures `lines` prints; raises TrainConfigError."""
