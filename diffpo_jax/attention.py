@@ -10,9 +10,14 @@ Implementations (ModelConfig.attention; "auto" picks with `choose`):
           parity test against transformers runs it; the default wherever nothing faster applies.
   xla     jax.nn.dot_product_attention's XLA path (fp32 logits and softmax); equal to einsum to fp32
           rounding, and the CPU-testable stand-in for the fused kernel below.
-  cudnn   jax.nn.dot_product_attention's cuDNN flash kernel (GPU; bf16 / fp16; head_dim a multiple of 8
-          and at most 128 here; the mask goes in as an additive bias). No soft-cap: Gemma-2 stays on
-          einsum. "auto" picks it on GPU where it applies.
+  cudnn   jax.nn.dot_product_attention's cuDNN flash kernel. Preconditions (`cudnn_unfit`, checked from
+          static information before tracing, so a call that cannot run falls back to einsum with a logged
+          reason instead of raising inside XLA): an NVIDIA GPU of compute capability >= 8.0, bf16 / fp16,
+          head_dim a multiple of 8 and at most 128, no soft-cap (Gemma-2 stays on einsum), and even query
+          and key lengths (the mask reaches cuDNN as an additive bias, and JAX rejects a bias over odd
+          lengths when differentiating, which a trace-time check cannot see, so odd lengths always fall
+          back). The mask goes in as a boolean `mask` (XLA: a select, no bias gradient; cuDNN turns it
+          into the bias itself). "auto" picks it on GPU where it applies.
   splash  the Pallas splash kernel (jax.experimental.pallas.ops.tpu.splash_attention; TPU, interpreted
           elsewhere, which is how CPU tests check it): flash attention that skips the masked-out blocks,
           with soft-cap, sliding windows and segments. It needs the mask as a STATIC pattern, which only
@@ -20,12 +25,17 @@ Implementations (ModelConfig.attention; "auto" picks with `choose`):
           shapes alone; the row's left padding goes in as segment ids); calls without one (decoding, whose
           per-row cache frontier is data) run einsum. "auto" picks it on TPU for packed calls with a
           head_dim that is a multiple of 128 (the TPU lane width).
+
+An explicit request whose kernel cannot run the call falls back too (xla with a soft-cap, cudnn off its
+preconditions: einsum), logged once per distinct reason as a warning, since einsum is the reference the
+kernels are tested against: the numerics stay those of the model, only the speed changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -38,23 +48,86 @@ from diffpo_jax.sharding import MESH_AXES, logical_to_spec
 
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "splash")
 CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MIN_CAPABILITY = (8, 0)  # cuDNN flash attention: Ampere or later
 SPLASH_BLOCK = 128  # splash's query / key tile (TPU lanes); packed rows are padded to a multiple of it
 
+log = logging.getLogger(__name__)
 
-def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | None, packed: bool) -> str:
+
+def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | None, packed: bool,
+           lengths: tuple[int, int] | None = None, backend: str | None = None,
+           capability: tuple[int, int] | str | None = None) -> str:
     """The implementation for one call (module doc): "auto" means cudnn on GPU where it applies, splash on
-    TPU for packed calls, else einsum; "splash" means einsum for calls that are not packed."""
+    TPU for packed calls, else einsum; "splash" means einsum for calls that are not packed; an explicit
+    xla / cudnn whose preconditions fail means einsum, with the reason logged. lengths: (T, S), None when
+    not known yet (`attend` checks them again from its arrays); backend / capability: injectable, by
+    default jax.default_backend() and the first device's compute capability (read on GPU only)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "einsum":
+        return "einsum"
     if implementation == "splash":
         return "splash" if packed else "einsum"
-    if implementation != "auto":
-        return implementation
-    backend = jax.default_backend()
-    fits_cudnn = softcap is None and dtype in CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-    if backend == "gpu" and fits_cudnn:
-        return "cudnn"
+    if implementation == "xla":
+        return "xla" if softcap is None else _fall_back("xla", "it has no logit soft-cap", logging.WARNING)
+    backend = backend or jax.default_backend()
+    why = cudnn_unfit(dtype=dtype, head_dim=head_dim, softcap=softcap, lengths=lengths, backend=backend,
+                      capability=capability)
+    if implementation == "cudnn":
+        return "cudnn" if why is None else _fall_back("cudnn", why, logging.WARNING)
+    if backend == "gpu":
+        return "cudnn" if why is None else _fall_back("auto", f"not cudnn, since {why}", logging.INFO)
     return "splash" if backend == "tpu" and packed and head_dim % 128 == 0 else "einsum"
+
+
+def cudnn_unfit(*, dtype: str, head_dim: int, softcap: float | None, lengths: tuple[int, int] | None = None,
+                backend: str | None = None, capability: tuple[int, int] | str | None = None) -> str | None:
+    """Why cuDNN's fused attention cannot run a call (module doc), or None when it can: the checks JAX's
+    cuDNN path makes at lowering (fused_attention_stablehlo.check_is_flash_attention, dtype, device), made
+    here from static information so that the caller can fall back instead."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return f"backend {backend!r} is not a GPU"
+    if softcap is not None:
+        return "cuDNN has no logit soft-cap"
+    if dtype not in CUDNN_DTYPES:
+        return f"dtype {dtype} is not one of {', '.join(CUDNN_DTYPES)}"
+    if head_dim % 8 or head_dim > 128:
+        return f"head_dim {head_dim} is not a multiple of 8 at most 128"
+    if lengths is not None and any(n % 2 for n in lengths):
+        return f"sequence lengths (T, S) = {tuple(lengths)} are not both even (cuDNN's masked kernel needs them)"
+    cc = gpu_capability() if capability is None else capability
+    cc = _parse_capability(cc)
+    if cc is None:
+        return "the GPU reports no CUDA compute capability"
+    if cc < CUDNN_MIN_CAPABILITY:
+        return f"GPU compute capability {cc[0]}.{cc[1]} is below {CUDNN_MIN_CAPABILITY[0]}.{CUDNN_MIN_CAPABILITY[1]}"
+    return None
+
+
+def gpu_capability() -> str | None:
+    """The first device's CUDA compute capability ("9.0"), None where it has none (not an NVIDIA GPU)."""
+    return getattr(jax.devices()[0], "compute_capability", None)
+
+
+def _parse_capability(cc) -> tuple[int, int] | None:
+    """(major, minor) from "9.0" or (9, 0); None for anything else (a ROCm "gfx90a", no capability)."""
+    try:
+        major, minor = (int(x) for x in (cc.split(".") if isinstance(cc, str) else cc))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return major, minor
+
+
+def _fall_back(requested: str, why: str, level: int) -> str:
+    """einsum in place of `requested`, logged once per distinct reason (choose runs once per layer and trace)."""
+    _log_once(level, f"attention {requested!r} falls back to einsum: {why}")
+    return "einsum"
+
+
+@functools.cache
+def _log_once(level: int, message: str) -> None:
+    log.log(level, message)
 
 
 def within_reach(delta, window):
@@ -108,11 +181,15 @@ def softcap_logits(x: jax.Array, cap: float | None) -> jax.Array:
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array, *, scale: float,
            softcap: float | None, implementation: str) -> jax.Array:
-    """Softmax(softcap(scale * q . k)) . v over the allowed keys (module doc); `implementation` not "auto"."""
+    """Softmax(softcap(scale * q . k)) . v over the allowed keys (module doc); `implementation` not "auto".
+    xla / cudnn are checked again against the arrays' static shapes and dtype (`choose`: the sequence
+    lengths are known only here) and fall back to einsum where they cannot run. The mask goes to
+    jax.nn.dot_product_attention as a boolean `mask`, not an additive bias: no bias gradient."""
+    if implementation in ("xla", "cudnn"):
+        implementation = choose(implementation, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
+                                softcap=softcap, packed=False, lengths=(q.shape[1], keys.shape[1]))
     if implementation == "einsum":
         return _einsum(q, keys, values, allowed, scale, softcap)
-    if softcap is not None:
-        raise ValueError(f"attention implementation {implementation!r} has no logit soft-cap (use einsum)")
     return jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], scale=scale,
                                         implementation=implementation)
 
