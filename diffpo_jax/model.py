@@ -11,11 +11,13 @@ answer A (1), answer B (2)] with A and B at the same positions gives each answer
 of its own [prompt, answer] row. Being static, the layout lets attention use a kernel that needs its
 mask pattern at trace time (splash; attention.py `Packed` states the positions it assumes).
 
-KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. A forward writes each
-real token's keys/values at slot = its position (padding is dropped) and then attends over all S
-slots with `slot <= query position` (and the sliding window). Slots past a query's position are never
-read, so stale entries (e.g. Jacobi tokens that were not committed) need no clean-up: they are
-overwritten when their position is decoded again. Each row advances at its own pace.
+KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. With a cache, each
+row's T tokens sit at consecutive positions (positions[:, 0] + t, all below S: the decoders' prefill,
+Jacobi window and AR step); a forward writes their keys/values as one contiguous slice per row
+(`dynamic_update_slice`: no scatter), padding included, and then attends over all S slots with
+`slot <= query position` (and the sliding window). Slots past a query's position are never read, so
+stale entries (padding, Jacobi tokens that were not committed, a finished row's last window) need no
+clean-up: they are overwritten when their position is decoded again. Each row advances at its own pace.
 
 Layers are stacked (every parameter under `layers` has a leading layer axis) and run with
 `jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding
@@ -216,9 +218,7 @@ class Transformer(nnx.Module):
             key_pos = jnp.where(mask, positions, _FAR)
         else:
             key_pos = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
-        # Padding tokens are written to slot S, which the scatter drops.
-        write_slot = jnp.where(mask, positions, jnp.iinfo(jnp.int32).max)
-        rows = jnp.arange(tokens.shape[0])[:, None]
+        starts = positions[:, 0]  # with a cache: each row's first slot (module doc)
 
         graphdef, layer_state = nnx.split(self.layers)
         inv_freq = jnp.asarray(rope_inv_freq(cfg))
@@ -236,8 +236,12 @@ class Transformer(nnx.Module):
             def kv_write(k, v):
                 if kv is None:
                     return k, v
-                ck = kv[0].at[layer, rows, write_slot].set(k.astype(kv[0].dtype), mode="drop")
-                cv = kv[1].at[layer, rows, write_slot].set(v.astype(kv[1].dtype), mode="drop")
+                ck, cv = kv
+                zero = jnp.int32(0)
+                for b in range(k.shape[0]):  # one contiguous slice per row, in place in the carried cache
+                    at = (layer, jnp.int32(b), starts[b], zero, zero)
+                    ck = jax.lax.dynamic_update_slice(ck, k[None, b : b + 1].astype(ck.dtype), at)
+                    cv = jax.lax.dynamic_update_slice(cv, v[None, b : b + 1].astype(cv.dtype), at)
                 written.append((ck, cv))
                 return ck[layer].astype(k.dtype), cv[layer].astype(v.dtype)
 
