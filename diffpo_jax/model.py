@@ -236,12 +236,14 @@ class Transformer(nnx.Module):
             def kv_write(k, v):
                 if kv is None:
                     return k, v
-                ck, cv = kv
-                zero = jnp.int32(0)
-                for b in range(k.shape[0]):  # one contiguous slice per row, in place in the carried cache
-                    at = (layer, jnp.int32(b), starts[b], zero, zero)
-                    ck = jax.lax.dynamic_update_slice(ck, k[None, b : b + 1].astype(ck.dtype), at)
-                    cv = jax.lax.dynamic_update_slice(cv, v[None, b : b + 1].astype(cv.dtype), at)
+                # One contiguous [T, Kv, D] window per row, at (layer, row, its first slot), in place in the
+                # carried cache: one scatter of B windows (not of B x T single slots, and not B unrolled
+                # updates: the program does not grow with the batch).
+                rows = jnp.arange(k.shape[0], dtype=jnp.int32)
+                at = jnp.stack([jnp.full_like(rows, layer), rows, starts.astype(jnp.int32)], axis=1)  # [B, 3]
+                ck, cv = (jax.lax.scatter(c, at, new.astype(c.dtype), _ROW_WINDOWS, indices_are_sorted=True,
+                                          unique_indices=True, mode=jax.lax.GatherScatterMode.CLIP)
+                          for c, new in zip(kv, (k, v)))
                 written.append((ck, cv))
                 return ck[layer].astype(k.dtype), cv[layer].astype(v.dtype)
 
@@ -268,6 +270,11 @@ class Transformer(nnx.Module):
         logits = jnp.matmul(hidden, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ("head_batch", *[None] * (hidden.ndim - 2), "vocab"))
         return softcap_logits(logits, self.cfg.final_logit_softcap)
+
+
+# Cache [L, B, S, Kv, D] <- updates [B, T, Kv, D] at indices [B, 3] = (layer, row, first slot).
+_ROW_WINDOWS = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0, 1),
+                                               scatter_dims_to_operand_dims=(0, 1, 2))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
