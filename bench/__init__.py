@@ -1,1 +1,1 @@
-"""Benchmarks (python -m bench.NAME); results in bench/RESULTS.md."""
+"""Benchmarks (python -m bench.NAME); each run's results in bench/results/, the summary in bench/RESULTS.md."""

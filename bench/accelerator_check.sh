@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The accelerator check: every figure a GPU (or TPU VM) session owes, in one run from a fresh clone,
-# each benchmark writing its own section of bench/RESULTS.md with the device named in it.
+# each benchmark writing its own file in bench/results/ with the device named in it.
 #
 # usage: bench/accelerator_check.sh [--dry-run] [--python PY] [--install cuda12|cuda13|tpu] [--model SPEC]
 #   --python PY     the interpreter (default: .venv/bin/python if present, else python3); it needs this
@@ -71,4 +71,4 @@ step "$python" -m bench.bf16_agreement "${model[@]}"
 step "$python" -m bench.refine_speed "${model[@]}" --mixed
 step "$python" -m bench.pass_cost "${model[@]}" --profile
 step "$python" -m bench.decode_memory
-echo "accelerator_check: done; the sections of bench/RESULTS.md name the device"
+echo "accelerator_check: done; each run's file in bench/results/ names the device"

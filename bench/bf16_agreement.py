@@ -1,7 +1,7 @@
 """How exact is Jacobi refinement in bfloat16? Token agreement of bf16 Jacobi with bf16 AR greedy and with
 fp32 greedy, on the embedded SmolLM2 (or `--model`).
 
-    python -m bench.bf16_agreement [--model SPEC] [--prompts 32] [--max-new-tokens 64] [--block-size 16] [--results bench/RESULTS.md]
+    python -m bench.bf16_agreement [--model SPEC] [--prompts 32] [--max-new-tokens 64] [--block-size 16] [--results DIR]
 
 In exact arithmetic Jacobi decoding returns the greedy answer token for token (decoding/jacobi.py). In
 bf16 a W-token pass and a one-token AR step run the same weights through matmuls of other shapes, so
@@ -10,7 +10,7 @@ token on the answers differ. Drafts: the fp32 model's own temperature-0.7 answer
 `--prompts` prompts of bench/data/self_distill_prompts.jsonl (every 4th: the four question templates
 alike). Per pair of decoders: answers identical, and the mean fraction of the reference answer's tokens
 before the first difference (1.0 when identical). fp32 Jacobi against fp32 AR is the control (1.0).
-Writes the `bf16_agreement` section of bench/RESULTS.md.
+Writes bench/results/bf16_agreement.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     args = ap.parse_args(argv)
     import jax
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
              ("bfloat16 Jacobi", "float32 AR")]
     rows = [[a, b, *agreement(answers[a], answers[b])] for a, b in pairs]
     body = "\n".join([
-        common.header("bf16 agreement of Jacobi refinement (bench/bf16_agreement.py)", "bench.bf16_agreement", argv,
+        common.header("bf16 agreement of Jacobi refinement", "bf16_agreement", "bench.bf16_agreement", argv,
                       common.machine()),
         f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, {len(records)} prompts, drafts = its fp32 temperature-0.7 answers, max_new_tokens "
         f"{args.max_new_tokens}, block {args.block_size}, batch {BATCH}.\n",

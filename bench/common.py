@@ -1,8 +1,10 @@
-"""What every benchmark shares: the machine description, markdown tables, and its section of RESULTS.md.
+"""What every benchmark shares: the machine description, markdown tables, and its results file.
 
-Each benchmark owns one section of `bench/RESULTS.md`, between `<!-- begin NAME -->` and `<!-- end NAME -->`;
-a rerun replaces that section only (the file is rewritten through a temp file and a rename), so the
-hand-written analysis outside the markers survives.
+Each benchmark run writes its results to one file, `bench/results/NAME.md` (NAME: the run's name, the
+script's default or its `--section`), replaced whole at every run, and its figure, if it draws one, to
+`bench/figures/`. bench/RESULTS.md, the hand-written summary, links to them. `--results DIR` (every
+benchmark) writes DIR/NAME.md instead, and the figure to the `figures` folder beside DIR; `--results -`
+prints only.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
@@ -58,32 +60,47 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def header(title: str, module: str, argv: Sequence[str] | None, machine_line: str) -> str:
+def add_results_option(ap) -> None:
+    """The `--results` option every benchmark takes."""
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for the results, one NAME.md per run (default: bench/results; '-': print only)")
+
+
+def header(title: str, name: str, module: str, argv: Sequence[str] | None, machine_line: str) -> str:
+    """The results file's heading, naming the script and the run, with the date, machine and command."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"## {title}\n\n- date: {now}\n- machine: {machine_line}\n- command: `{command(module, argv)}`\n"
+    script = "bench/" + module.rsplit(".", 1)[-1] + ".py"
+    return (f"## {title} ({script}, run {name})\n\n- date: {now}\n- machine: {machine_line}\n"
+            f"- command: `{command(module, argv)}`\n")
 
 
-def report(path: Path | str, name: str, body: str) -> None:
-    """Print `body` and write it as the NAME section of the results file (not when path is '-')."""
+def report(results: Path | str, name: str, body: str) -> None:
+    """Print `body` and write it as run NAME's results file (not when results is '-')."""
     print(body)
-    if str(path) != "-":
-        write_section(Path(path), name, body)
+    if str(results) != "-":
+        write_section(Path(results), name, body)
 
 
-def write_section(path: Path, name: str, body: str) -> None:
-    """Replace (or append) the NAME section of the results file, atomically."""
-    path = Path(path)
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.is_file() else "# Benchmark results\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
+def write_section(results: Path, name: str, body: str) -> Path:
+    """Write `body` as the whole of RESULTS/NAME.md (atomically: a temp file, then a rename); its path."""
+    results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.md"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(body.rstrip("\n") + "\n")
     tmp.replace(path)
+    return path
+
+
+def figure(results: Path | str, name: str, curves: dict[str, list[dict]], passes_title: str, ar_title: str) -> str:
+    """Draw run NAME's eval curves into the `figures` folder beside RESULTS (not when it is '-'); the
+    markdown line that shows it from RESULTS/NAME.md."""
+    file = name.replace("-", "_") + ".png"
+    if str(results) != "-":
+        folder = Path(results).resolve().parent / "figures"
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_eval_curves(curves, folder / file, passes_title, ar_title)
+    return f"![held-out passes per token and L_AR against step](../figures/{file})"
 
 
 def plot_eval_curves(curves: dict[str, list[dict]], path: Path, passes_title: str, ar_title: str) -> None:

@@ -12,9 +12,9 @@ collapse signal). Variants: AR only (w = 0), consistency only (no L_AR), w in {1
 the KL on the draft's positions (`loss.con_positions=draft`), the paper's setting (w = 1000 on all
 positions), w = 1 / 1000 with the KL gradient projected off the AR gradient where they conflict
 (`loss.con_gradient=project`, training/step.py), and w = 1 with the KL gradient rescaled to the AR
-gradient's norm every step (`loss.con_gradient=balance`). Writes its section (`consistency-PRESET`, or
-`--section`) of bench/RESULTS.md and bench/consistency.png (or SECTION.png; held-out L_AR and passes per
-token against step, per variant).
+gradient's norm every step (`loss.con_gradient=balance`). Writes bench/results/NAME.md (NAME:
+`consistency-PRESET`, or `--section`) and bench/figures/NAME.png (dashes as underscores; held-out L_AR and
+passes per token against step, per variant).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench.common import RESULTS, header, machine, plot_eval_curves, table, write_section
+from bench.common import add_results_option, figure, header, machine, report, table
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-rows", type=int,
                     help="refine the first N (training prompt, y(t)) pairs after training (default: all)")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), metavar="NAME", help="variant names (default: all)")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--section", help="RESULTS.md section and plot name (default: consistency-PRESET, consistency.png)")
+    add_results_option(ap)
+    ap.add_argument("--section", help="the run's name: results file and figure (default: consistency-PRESET)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every variant")
     args = ap.parse_args(argv)
     line = machine()
@@ -99,15 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_variant(args.preset, common + overrides, work / f"v{i}", args.train_rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    png = args.results.with_name(args.section.replace("-", "_") + ".png" if args.section else "consistency.png")
-    plot_eval_curves({name: r["curve"] for name, r in results.items()}, png, "refinement cost (lower = faster)",
-                     "held-out L_AR")
+    section = args.section or f"consistency-{args.preset}"
+    plot = figure(args.results, section, {name: r["curve"] for name, r in results.items()},
+                  "refinement cost (lower = faster)", "held-out L_AR")
     rows = []
     for name, r in results.items():
         end, start, t = r["curve"][-1], r["curve"][0], r["train_refine"]
         rows.append([name, start["eval_ar"], end["eval_ar"], end["eval_passes_per_token"], end["eval_distinct"],
                      t["eval_ar"], t["eval_passes_per_token"], t["eval_equal_best"], t["eval_distinct"]])
-    body = header(f"Consistency ablation, preset {args.preset} (bench/consistency.py)", "bench.consistency", argv, line)
+    body = header(f"Consistency ablation, preset {args.preset}", section, "bench.consistency", argv, line)
     p, n = next(iter(results.values()))["lengths"]
     body += (f"\n{args.steps} steps per variant, P = {p}, N = {n}, same init and data; {args.holdout} prompts held out. Held-out: "
              "the trainer's eval at the last step. Train prompts: "
@@ -116,9 +116,8 @@ def main(argv: list[str] | None = None) -> int:
              "committed token; = y(T): fixed point is y(T); distinct = distinct tokens / tokens per answer (collapse: ~1/length).\n\n")
     body += table(["variant", "held-out L_AR at 0", "held-out L_AR", "held-out passes/tok", "held-out distinct",
                    "train L_AR", "train passes/tok", "train = y(T)", "train distinct"], rows)
-    body += f"\n\n![held-out passes per token and L_AR against step]({png.name})\n"
-    print(body)
-    write_section(args.results, args.section or f"consistency-{args.preset}", body)
+    body += f"\n\n{plot}\n"
+    report(args.results, section, body)
     return 0
 
 

@@ -3,12 +3,12 @@ Jacobi and AR loops (`_advance`, the row-refill loop; `jacobi_decode` / `generat
 prefill (`_refill`, one row), on a small-vocabulary config where the KV cache dominates.
 
     python -m bench.decode_memory [--preset tiny-llama] [--batch 8] [--prompt 256] [--new 256] [--block 16]
-        [--vocab V] [--layers 8] [--results bench/RESULTS.md]
+        [--vocab V] [--layers 8] [--results DIR]
 
 Per function: temp bytes (buffers XLA allocates besides arguments and outputs) in units of one KV cache
 (k + v), and the bytes of the output aliased to donated arguments (in units of the state), for the
-backend jax runs on (bench/accelerator_check.sh runs it on the GPU's compiler too). Writes the section
-`decode-memory-BACKEND` of the results file ('-': print only).
+backend jax runs on (bench/accelerator_check.sh runs it on the GPU's compiler too). Writes
+bench/results/decode-memory-BACKEND.md.
 """
 
 from __future__ import annotations
@@ -75,17 +75,16 @@ def main(argv=None) -> None:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--vocab", type=int, help="override the preset's vocabulary size")
     ap.add_argument("--layers", type=int, default=8, help="override the preset's depth (default 8)")
-    ap.add_argument("--results", default=str(common.RESULTS), help="results file ('-': print only)")
+    common.add_results_option(ap)
     args = ap.parse_args(argv)
     figures = analyse(args.preset, args.batch, args.prompt, args.new, args.block, args.vocab, args.layers)
-    backend = jax.default_backend()
+    name = f"decode-memory-{jax.default_backend()}"
     rows = [[name, f"{m['temp_caches']:.2f}", f"{m['alias_states']:.2f}", f"{m['cache_bytes'] / 2**20:.2f}"]
             for name, m in figures.items()]
-    body = common.header(f"Decode memory on {backend} (bench/decode_memory.py)", "bench.decode_memory", argv,
-                         common.machine())
+    body = common.header(f"Decode memory on {jax.default_backend()}", name, "bench.decode_memory", argv, common.machine())
     body += "\n" + common.table(["function", "temp (KV caches)", "output aliased to donated state (states)",
                                  "one KV cache (MiB)"], rows) + "\n"
-    common.report(args.results, f"decode-memory-{backend}", body)
+    common.report(args.results, name, body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Export memory: what `convert to-hf` holds on each device and on the host while it writes a model
 sharded over a mesh, against the largest tensor and the whole model.
 
-    python -m bench.export_memory [--model SPEC] [--mesh 1,8,1] [--max-shard-size 64MB] [--results bench/RESULTS.md]
+    python -m bench.export_memory [--model SPEC] [--mesh 1,8,1] [--max-shard-size 64MB] [--results DIR]
 
 The model (default: the embedded SmolLM2, fp32) is loaded onto `--mesh` (8 simulated CPU devices unless
 XLA_FLAGS says otherwise) and written with `weights.export.export_hf` twice: as the export does it in one
@@ -10,7 +10,7 @@ that a multi-process export uses (each tensor, one layer at a time, replicated o
 device: the peak bytes of live arrays beyond the device's own parameter shards, sampled after every
 tensor (or layer) is gathered and brought over; host: tracemalloc's peak during the export (numpy buffers; safetensors' own
 write buffer is not traced). Both files are compared byte for byte with an export of the same weights
-from one device. Writes the `export_memory` section of bench/RESULTS.md.
+from one device. Writes bench/results/export_memory.md.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
     ap.add_argument("--mesh", default="1,8,1")
     ap.add_argument("--max-shard-size", default="64MB")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     args = ap.parse_args(argv)
     import jax
     from flax import nnx
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows.append([name, device_mib, device_mib / largest, host_mib, host_mib / largest, files == reference])
         print(rows[-1], flush=True)
     body = "\n".join([
-        common.header("Export memory (bench/export_memory.py)", "bench.export_memory", argv, common.machine()),
+        common.header("Export memory", "export_memory", "bench.export_memory", argv, common.machine()),
         f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, fp32, mesh {dict(mesh.shape)} ({mesh.size} devices), "
         f"model {total:.0f} MiB, largest tensor (one layer of a stacked one) {largest:.0f} MiB, shard files "
         f"{args.max_shard_size}.\n",

@@ -9,7 +9,7 @@ examples/trajectories.jsonl), over `--batches` loader batches of 8 rows: L_AR an
 positions after the first mismatch ("frontier", training/loss.py),
 the cosine between g_AR and g_Con, and the balance weight w* = ‖g_AR‖ / ‖g_Con‖: at w = w* both terms
 move the weights equally; at w = 1000 the AR term's share of the gradient is ‖g_AR‖ / (1000 ‖g_Con‖).
-Writes the `gradient-terms` section of bench/RESULTS.md.
+Writes bench/results/gradient-terms.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from flax import nnx
 
 from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
-from bench.common import RESULTS, header, machine, table, write_section
+from bench.common import add_results_option, header, machine, report, table
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"tiny preset (random init)": "preset:tiny-llama", "SmolLM2-135M-Instruct": "embedded"}
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--response-len", type=int, default=32)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    add_results_option(ap)
     args = ap.parse_args(argv)
     from diffpo_jax.data.loader import make_loader
     from diffpo_jax.data.trajectories import MANIFEST, build
@@ -89,14 +89,13 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append([name, src, positions, mean["ar"], mean["con"], mean["g_ar"],
                                  mean["g_con"], mean["cos"], w_star, mean["g_ar"] / (mean["g_ar"] + 1000 * mean["g_con"])])
                     print(rows[-1], flush=True)
-    body = header("Per-term gradients at initialisation (bench/gradient_terms.py)", "bench.gradient_terms", argv, line)
+    body = header("Per-term gradients at initialisation", "gradient-terms", "bench.gradient_terms", argv, line)
     body += (f"\n{args.batches} batches of 8 rows per dataset, P={args.prompt_len}, N={args.response_len}; "
              "means over batches (w*: median). w* = ‖g_AR‖ / ‖g_Con‖; last column: the AR term's share "
              "‖g_AR‖ / (‖g_AR‖ + 1000 ‖g_Con‖) of the gradient at the paper's w (an upper bound).\n\n")
     body += table(["model", "data", "KL positions", "L_AR", "L_Con", "‖g_AR‖", "‖g_Con‖", "cos(g_AR, g_Con)", "w*",
                    "AR share at w=1000"], rows)
-    print(body)
-    write_section(args.results, "gradient-terms", body)
+    report(args.results, "gradient-terms", body)
     return 0
 
 

@@ -15,7 +15,7 @@ one predicted right although the context holds a wrong guess, which is what the 
 So per model and draft set: tokens the first pass commits (the draft's agreeing prefix, realigned) and,
 over the later passes, the share committing >= 2, >= 3, >= 4 tokens and their mean: the acceptance at
 offsets 1, 2, 3 past the frontier.
-Writes the NAME section of bench/RESULTS.md (default jacobi-acceptance).
+Writes bench/results/NAME.md (NAME: `--section`, default jacobi-acceptance).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.common import RESULTS, header, machine, report, table
+from bench.common import add_results_option, header, machine, report, table
 from bench.self_distill import BATCH, BLOCK, held_and_seen
 
 
@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=Path, nargs="+", required=True, help="trained run dirs (the first one's held-out ids)")
     ap.add_argument("--train-prompts", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--section", default="jacobi-acceptance")
+    add_results_option(ap)
+    ap.add_argument("--section", default="jacobi-acceptance", help="the run's name: its results file (default: %(default)s)")
     args = ap.parse_args(argv)
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, drafts in (("held-out", held), ("training prompts", seen)):
             rows.append([name, f"{label} ({len(drafts)})", *summary(*commits(decoder, drafts))])
             print(rows[-1], flush=True)
-    body = header("Jacobi acceptance per pass (bench/jacobi_acceptance.py)", "bench.jacobi_acceptance", argv, line)
+    body = header("Jacobi acceptance per pass", args.section, "bench.jacobi_acceptance", argv, line)
     body += ("\nTemperature-0.7 samples refined from the draft (batch 8, block 16, realign on); a pass commits the "
              "token after the settled prefix for free, each further one is predicted right after a wrong guess.\n\n")
     body += table(["model", "drafts", "first pass: tokens", "later passes", ">= 2 tokens", ">= 3", ">= 4",

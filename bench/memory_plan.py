@@ -3,7 +3,7 @@ from ahead-of-time compilation on abstract shapes (no weights are ever allocated
 
   python -m bench.memory_plan [--models gemma-2-2b-it,gemma-2-9b-it,llama-3-8b-instruct]
       [--meshes 1x8x1,1x4x2,1x32x1,1x8x4] [--prompt-len 256] [--response-len 256] [--chunk 128]
-      [--results bench/RESULTS.md]
+      [--results DIR]
 
 The mesh is simulated: XLA_FLAGS=--xla_force_host_platform_device_count=32 is set before jax is imported
 (when run as a script that is the first to import jax; imported as a library it changes nothing), and a DATAxFSDPxTENSOR mesh takes the first devices. For
@@ -35,7 +35,6 @@ if __name__ == "__main__" and "jax" not in sys.modules:  # simulated devices: se
 import argparse  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from bench import common  # noqa: E402
@@ -53,7 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--response-len", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=128, help="loss lm-head chunk (LossConfig.chunk; 0 = all at once)")
     ap.add_argument("--no-remat", dest="remat", action="store_false")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     args = ap.parse_args(argv)
     args.models = args.models.split(",")
     try:
@@ -131,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows.append(row)
             print(common.table(HEADERS, [row]).splitlines()[-1], flush=True)
     if str(args.results) != "-":
-        head = common.header("Memory plan (bench/memory_plan.py)", "bench.memory_plan", argv, machine)
+        head = common.header("Memory plan", "memory_plan", "bench.memory_plan", argv, machine)
         setup = (f"- bf16 activations, fp32 params / grads / AdamW moments, remat {'on' if args.remat else 'off'}, "
                  f"loss lm-head chunk {args.chunk}; per row P = {args.prompt_len} prompt + N = {args.response_len} "
                  f"response tokens (best and worse packed after one prompt: P + 2N per row); one row per data-parallel shard\n")  # fmt: skip

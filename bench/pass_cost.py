@@ -1,7 +1,7 @@
 """What one Jacobi pass costs against one AR step, by window size, and why: the matmuls of M rows.
 
     python -m bench.pass_cost [--model SPEC] [--prompts 8] [--max-new-tokens 32] [--windows 1,2,4,8,16]
-        [--rows 1,2,4,8,16,32] [--profile] [--results bench/RESULTS.md]
+        [--rows 1,2,4,8,16,32] [--profile] [--results DIR]
 
 Refinement beats AR decoding when passes per token x (cost of a pass / cost of an AR step) < 1. This
 measures both factors on one machine, one row at a time (the latency case Jacobi decoding is for):
@@ -17,7 +17,7 @@ measures both factors on one machine, one row at a time (the latency case Jacobi
 4. `--profile`: one AR decode of the first prompt and one refinement of its draft at the largest
    window under jax.profiler: the XLA ops summed per op kind (bench/train_speed.py's `jax_profile`),
    thread-seconds per generated token: where a step's time goes beyond the matmuls.
-Timings after a warm-up call of each shape. Writes the `pass_cost` section of bench/RESULTS.md.
+Timings after a warm-up call of each shape. Writes bench/results/pass_cost.md.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--windows", default="1,2,4,8,16")
     ap.add_argument("--rows", default="1,2,4,8,16,32", help="M values of the matmul chain (1 first)")
     ap.add_argument("--profile", action="store_true", help="also profile one AR decode and one refinement (step 4)")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     args = ap.parse_args(argv)
     import jax
     from flax import nnx
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows.append([w, passes / tokens, seconds / passes, seconds / passes / step, ar_s / seconds])
     mm = {m: matmul_chain_seconds(loaded.cfg, m) for m in map(int, args.rows.split(","))}
 
-    body = common.header("Jacobi pass cost against the AR step (bench/pass_cost.py)", "bench.pass_cost", argv, line)
+    body = common.header("Jacobi pass cost against the AR step", "pass_cost", "bench.pass_cost", argv, line)
     body += (f"\n- model {loaded.source}, fp32, batch 1, {len(prompts)} prompts, {tokens} answer tokens; drafts: the model's "
              f"temperature-0.7 samples; every refined answer equals AR greedy\n"
              f"- AR step: {step * 1e3:.1f} ms per token; weight-streaming bound {bound * 1e3:.1f} ms "

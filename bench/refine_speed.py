@@ -2,7 +2,7 @@
 transformers' greedy `generate` and diffpo-jax's own AR greedy decoder, on the same model and prompts.
 
   python -m bench.refine_speed [--model SPEC] [--prompts 8] [--max-new-tokens 128]
-      [--block-sizes 16,32,64,128,256] [--official-block 256] [--results bench/RESULTS.md]
+      [--block-sizes 16,32,64,128,256] [--official-block 256] [--results DIR]
 
 Methods (all batch 1, one prompt at a time, fp32, the same prompt tokens):
   jacobi      diffpo-jax `jacobi_decode` (KV cache, window = block size), with and without re-alignment
@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--draft-temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: all cores")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     ap.add_argument("--mixed", action="store_true", help="measure refine's record scheduling instead (module doc)")
     ap.add_argument("--mixed-records", type=int, default=64)
     args = ap.parse_args(argv)
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(common.table(HEADERS, rows), flush=True)
 
     summary = summarize(results, args)
-    body = [common.header("Refine speed (bench/refine_speed.py)", "bench.refine_speed", argv, machine)]
+    body = [common.header("Refine speed", "refine_speed", "bench.refine_speed", argv, machine)]
     body.append(f"- {len(prompts)} prompts, max_new_tokens {n_new}, batch 1, fp32, model {loaded.source}; "
                 f"answer tokens {results[('jax_ar', '-', '-', '-')]['tokens']}\n")  # fmt: skip
     body += [common.table(HEADERS, rows), "", common.table(["comparison", "ratio (x faster)"], summary), ""]
@@ -360,8 +360,8 @@ def mixed(args, argv) -> dict:
     rows_out = [[name, r["seconds"], args.mixed_records / r["seconds"], r["passes_per_token"], r["tokens"]]
                 for name, r in runs.items()]
     ratio = old["seconds"] / new["seconds"]
-    body = [common.header("Refine scheduling on mixed lengths (bench/refine_speed.py --mixed)", "bench.refine_speed",
-                          argv, machine),
+    body = [common.header("Refine scheduling on mixed lengths", "refine_mixed", "bench.refine_speed", argv,
+                          machine),
             f"{args.mixed_records} records, drafts {min(draft_tokens)}-{max(draft_tokens)} tokens (the model's own "
             f"temperature-{args.draft_temperature} answers), max_new_tokens {args.max_new_tokens}, batch 8, block 16; "
             "the second of two runs each (compiled).\n",

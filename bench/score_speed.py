@@ -1,7 +1,7 @@
 """Reward scoring speed: diffpo-jax's `Scorer` against transformers' sequence classifier on the same weights.
 
   python -m bench.score_speed [--model SPEC] [--answers 64] [--batch-size 8] [--torch-threads N]
-      [--results bench/RESULTS.md]
+      [--results DIR]
 
 The reward model is --model's decoder (default: the embedded SmolLM2-135M) with a random `score` head
 (Linear(hidden -> 1), seed 0), saved as an HF *ForSequenceClassification folder, so both sides load the
@@ -39,7 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="steady passes (best is reported)")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: all cores")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     return ap.parse_args(argv)
 
 
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         [["diffpo-jax Scorer", len(rows), tokens, steady_ours, tokens / steady_ours, steady_torch / steady_ours],
          ["transformers sequence classifier", len(rows), tokens, steady_torch, tokens / steady_torch, 1.0]],
     )
-    body = (common.header("Reward scoring speed (bench/score_speed.py)", "bench.score_speed", argv, machine)
+    body = (common.header("Reward scoring speed", "score_speed", "bench.score_speed", argv, machine)
             + f"- reward model: {base.source} decoder + random score head; batch {args.batch_size}, fp32, "
               f"length buckets {', '.join(map(str, buckets))} (ours; transformers pads to each batch's longest row)\n"
             + f"- scores equal: max abs difference {diff:.2e}\n"

@@ -31,10 +31,10 @@
    how often the fixed point equals the UNTRAINED model's greedy answer and
    the model's own greedy answer (Jacobi decoding is exact, so the latter should be 100%), distinct-
    token fraction (collapse signal), and a few answers side by side.
-Writes the `self-distill` section of bench/RESULTS.md and bench/self_distill.png (held-out passes per
-token and L_AR against step, every run); with --jacobi-states, `self-distill-jacobi` and
-bench/self_distill_jacobi.png; `--section NAME` names another section (and NAME.png) so a run of some
-of the RUNS can sit beside the full one.
+Writes bench/results/self-distill.md and bench/figures/self_distill.png (held-out passes per token and
+L_AR against step, every run); with --jacobi-states, bench/results/self-distill-jacobi.md and
+bench/figures/self_distill_jacobi.png; `--section NAME` names the run otherwise (NAME.md, and NAME.png
+with dashes as underscores) so a run of some of the RUNS can sit beside the full one.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, header, machine, plot_eval_curves, table, write_section
+from bench.common import add_results_option, figure, header, machine, report, table
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "bench" / "data" / "self_distill_prompts.jsonl"
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS,
                     help="runs to train (default: %(default)s, ~75 min on 2 cores, data included)")
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
-    ap.add_argument("--results", type=Path, default=RESULTS)
-    ap.add_argument("--section", help="RESULTS.md section (default: self-distill, or self-distill-jacobi)")
+    add_results_option(ap)
+    ap.add_argument("--section", help="the run's name: results file and figure (default: self-distill, or self-distill-jacobi)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
     args = ap.parse_args(argv)
     from diffpo_jax.data.self_distill import distill
@@ -226,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     figures, answers = compare(models, held, seen, n, args.block)
 
     section = args.section or ("self-distill-jacobi" if args.jacobi_states else "self-distill")
-    png = args.results.with_name(section.replace("-", "_") + ".png")
-    plot_eval_curves(curves, png, "refining own samples (lower = faster)", "held-out L_AR on the greedy answers")
+    plot = figure(args.results, section, curves, "refining own samples (lower = faster)",
+                  "held-out L_AR on the greedy answers")
     title = "Self-distillation on SmolLM2-135M" + (f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else "")
-    body = header(f"{title} (bench/self_distill.py)", "bench.self_distill", argv, line)
+    body = header(title, section, "bench.self_distill", argv, line)
     body += (f"\nData: {manifest['kept']} prompts ({manifest['responses_per_prompt']['total']} distinct responses;"
              f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
              f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
@@ -256,12 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     body += table(["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
                   [[name, m["step"], m["eval_ar"], m["eval_con"], m["eval_passes_per_token"], m["eval_equal_best"],
                     m["eval_distinct"]] for name, curve in curves.items() for m in curve])  # fmt: skip
-    body += f"\n\n![held-out passes per token and L_AR against step]({png.name})\n\nAnswers (held-out, refined from the temperature-0.7 sample):\n"
+    body += f"\n\n{plot}\n\nAnswers (held-out, refined from the temperature-0.7 sample):\n"
     for i, rec in enumerate(held[:SHOW]):
         body += f"\n- **{rec['prompt']}**\n  - draft: {json.dumps(rec['draft'])}\n"
         body += "".join(f"  - {name}: {json.dumps(answers[name][i])}\n" for name in models)
-    print(body)
-    write_section(args.results, section, body)
+    report(args.results, section, body)
     return 0
 
 

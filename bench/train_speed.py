@@ -2,7 +2,7 @@
 PyTorch CLLM-style step (bench/torch_step.py) on the same model, weights and batch.
 
   python -m bench.train_speed [--model SPEC] [--batch 2] [--prompt-len 64] [--response-len 128]
-      [--steps 3] [--profile] [--results bench/RESULTS.md]
+      [--steps 3] [--profile] [--results DIR]
 
 Both run fp32 on one device (JAX: a 1x1x1 mesh; torch: `--torch-threads`, default all cores), no remat,
 the same AdamW (lr 1e-5 constant, no weight decay) after clipping the global gradient norm to 1, and
@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="profile one more step of each and print the top ops")
     ap.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="default: all cores")
-    ap.add_argument("--results", type=Path, default=common.RESULTS, help="results file ('-': don't write)")
+    common.add_results_option(ap)
     return ap.parse_args(argv)
 
 
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if loss_rel > 1e-3:
         print(f"!!! LOSS MISMATCH: diffpo-jax {a} vs PyTorch {b} on the same weights and batch", flush=True)
     if str(args.results) != "-":
-        head = common.header("Train-step speed (bench/train_speed.py)", "bench.train_speed", argv, machine)
+        head = common.header("Train-step speed", "train_speed", "bench.train_speed", argv, machine)
         common.write_section(args.results, "train_speed", f"{head}- model {loaded.source}, {tokens} tokens per step\n\n{text}")
     return {"results": results, "ratio": ratio, "loss_rel": loss_rel, "profiles": profiles}
 

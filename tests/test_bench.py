@@ -1,13 +1,13 @@
 """Smoke tests of the benchmarks on tiny configs: each main() runs in-process and its own checks hold.
 
-Not timed: the figures themselves are in bench/RESULTS.md.
+Not timed: the figures themselves are in bench/results/ (summary: bench/RESULTS.md).
 """
 
-from bench import memory_plan, refine_speed, train_speed
+from bench import common, memory_plan, refine_speed, train_speed
 
 
 def test_refine_speed_tiny(tiny_llama_dir, tmp_path):
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = refine_speed.main([
         "--model", str(tiny_llama_dir), "--prompts", "2", "--max-new-tokens", "8", "--block-sizes", "8",
         "--official-block", "8", "--results", str(results),
@@ -22,13 +22,15 @@ def test_refine_speed_tiny(tiny_llama_dir, tmp_path):
     assert r[("jax_ar", "-", "-", "-")]["forwards"] == r[("hf_generate", "-", "-", "-")]["forwards"] == tokens
     # A draft equal to the answer, in one window: one prefill and one pass per prompt.
     assert r[("jacobi", "greedy", 8, True)]["forwards"] == 2 * 2
-    text = results.read_text()
-    assert "<!-- begin refine_speed -->" in text and "| official | sampled | 8 |" in text
+    text = (results / "refine_speed.md").read_text()
+    assert text.startswith("## Refine speed (bench/refine_speed.py, run refine_speed)\n")
+    assert "| official | sampled | 8 |" in text
 
 
 def test_train_speed_tiny(tiny_llama_dir, tmp_path):
-    results = tmp_path / "RESULTS.md"
-    results.write_text("# kept\n\nhand-written analysis\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "train_speed.md").write_text("the previous run\n<!-- end train_speed -->\n")
     out = train_speed.main(["--model", str(tiny_llama_dir), "--batch", "2", "--prompt-len", "8", "--response-len", "8",
                             "--steps", "1", "--profile", "--results", str(results)])  # fmt: skip
     assert out["loss_rel"] < 1e-4  # same weights and batch: the two steps compute the same loss
@@ -39,13 +41,13 @@ def test_train_speed_tiny(tiny_llama_dir, tmp_path):
     assert not any(k.startswith("$") or "::" in k for k in jax_ops), jax_ops
     assert "aten::mm" in torch_ops or "aten::addmm" in torch_ops, torch_ops
     assert all(out["profiles"][name][0][1] > 0 for name in ("jax", "torch"))  # largest first, timed
-    text = results.read_text()
-    assert text.startswith("# kept\n\nhand-written analysis\n") and "<!-- end train_speed -->" in text
+    text = (results / "train_speed.md").read_text()  # replaced whole
+    assert text.startswith("## Train-step speed (bench/train_speed.py, run train_speed)\n") and "previous" not in text
     assert "One profiled step each" in text and "| `aten::" in text
 
 
 def test_memory_plan_tiny(tmp_path):
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = memory_plan.main(["--models", "tiny-llama", "--meshes", "1x2x2", "--prompt-len", "8", "--response-len", "8",
                             "--chunk", "4", "--results", str(results)])  # fmt: skip
     r = out[("tiny-llama", (1, 2, 2))]
@@ -53,7 +55,7 @@ def test_memory_plan_tiny(tmp_path):
     assert r["alias"] > 0 and r["argument"] >= r["alias"]
     assert r["argument"] >= 3 * 4 * r["params"] / 4 * 0.9
     assert r["flops"] > 0 and r["rows"] == 2
-    assert "| tiny-llama | 1x2x2 |" in results.read_text()
+    assert "| tiny-llama | 1x2x2 |" in (results / "memory_plan.md").read_text()
 
 
 def test_score_speed_tiny(smollm2, tmp_path):
@@ -64,11 +66,11 @@ def test_score_speed_tiny(smollm2, tmp_path):
     config.vocab_size = len(smollm2.tokenizer)
     lm = tiny.save(config, tmp_path / "lm")
     smollm2.tokenizer.save_pretrained(lm)
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = score_speed.main(["--model", str(lm), "--answers", "10", "--batch-size", "4", "--repeats", "1",
                             "--results", str(results)])  # fmt: skip
     assert out["max_abs_diff"] < score_speed.TOLERANCE and out["tokens"] > 10 * 20
-    assert "| diffpo-jax Scorer | 10 |" in results.read_text()
+    assert "| diffpo-jax Scorer | 10 |" in (results / "score_speed.md").read_text()
 
 
 def test_accelerator_check_dry_run_prints_every_step():
@@ -96,7 +98,7 @@ def test_accelerator_check_dry_run_prints_every_step():
         "+ py -m bench.refine_speed --model 'my model' --mixed",
         "+ py -m bench.pass_cost --model 'my model' --profile",
         "+ py -m bench.decode_memory",
-        "accelerator_check: done; the sections of bench/RESULTS.md name the device",
+        "accelerator_check: done; each run's file in bench/results/ names the device",
     ]
     assert run("--install", "rocm").returncode == 2
     # every module it names runs here (their --help), so a renamed benchmark fails this test
@@ -112,13 +114,13 @@ def test_pass_cost_smollm2(tmp_path):
     """Every refined answer equals AR greedy (checked inside), and both tables come out."""
     from bench import pass_cost
 
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = pass_cost.main(["--prompts", "1", "--max-new-tokens", "4", "--windows", "1,3", "--rows", "1,2", "--profile",
                           "--results", str(results)])
     assert [r[0] for r in out["windows"]] == [1, 3] and out["windows"][0][1] == 1.0  # W = 1: one pass per token
     assert sorted(out["matmul"]) == [1, 2] and out["step"] > 0 and out["bound"] > 0
-    text = results.read_text()
-    assert "<!-- begin pass_cost -->" in text and "| window W | passes / token |" in text and "| M rows |" in text
+    text = (results / "pass_cost.md").read_text()
+    assert "run pass_cost)" in text and "| window W | passes / token |" in text and "| M rows |" in text
     for name in ("AR decode", "refine, window 3"):  # where a step's time goes: XLA's ops (dots: `dot` or YNNPACK's)
         ops = [op for op, _, _ in out["profiles"][name][0]]
         assert any("dot" in op or op.startswith("ynn") for op in ops) and "while" in ops, ops
@@ -127,22 +129,22 @@ def test_pass_cost_smollm2(tmp_path):
 
 def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
     """--mixed: both schedules run twice and their files are byte-identical (checked inside, SystemExit if not)."""
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = refine_speed.main(["--mixed", "--model", str(tiny_init_dir), "--mixed-records", "16", "--max-new-tokens", "8",
                              "--results", str(results)])
     assert out["equal"] and out["ratio"] > 0
-    text = results.read_text()
-    assert "<!-- begin refine_mixed -->" in text and "| row refill (default) |" in text
+    text = (results / "refine_mixed.md").read_text()
+    assert "(bench/refine_speed.py, run refine_mixed)" in text and "| row refill (default) |" in text
 
 
 def test_bf16_agreement_smollm2(tmp_path):
     """fp32 Jacobi equals fp32 AR (the control); every pair of the table comes out."""
     from bench import bf16_agreement
 
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = bf16_agreement.main(["--prompts", "8", "--max-new-tokens", "6", "--block-size", "4", "--results", str(results)])
     assert out["float32 Jacobi vs float32 AR"] == (1.0, 1.0) and len(out) == 4
-    assert "<!-- begin bf16_agreement -->" in results.read_text()
+    assert (results / "bf16_agreement.md").is_file()
 
 
 def test_agreement_counts_the_prefix_before_the_first_difference():
@@ -171,12 +173,12 @@ def test_export_memory_tiny(tiny_llama_dir, tmp_path):
     holds a whole tensor on every device; both files equal the one-device export (checked inside)."""
     from bench import export_memory
 
-    results = tmp_path / "RESULTS.md"
+    results = tmp_path / "results"
     out = export_memory.main(["--model", str(tiny_llama_dir), "--mesh", "1,8,1", "--max-shard-size", "1MB",
                               "--results", str(results)])
     (shards, *_), (replicated, *_) = out.values()
     assert shards < replicated / 4 and all(r[-1] for r in out.values())
-    assert "<!-- begin export_memory -->" in results.read_text()
+    assert (results / "export_memory.md").read_text().startswith("## Export memory (bench/export_memory.py, run")
 
 
 def test_loop_passes_of_the_schedules():
@@ -185,3 +187,23 @@ def test_loop_passes_of_the_schedules():
     got = loop_passes([1, 9, 1, 9], draft_chars=[1, 2, 3, 4], buckets=[64, 64, 64, 64], batch=2)
     assert got == {"input order": 18, "batches sorted by prompt bucket and draft length": 18,
                    "oracle: sorted by the refined passes": 10, "row refill bound: all passes / 2 slots": 10.0}
+
+
+def test_each_run_writes_its_own_file_and_its_figure_beside_the_folder(tmp_path, capsys):
+    results = tmp_path / "results"
+    head = common.header("A title", "run-1", "bench.some_bench", ["--x", "a b"], "a machine")
+    assert head.startswith("## A title (bench/some_bench.py, run run-1)\n")
+    assert "- command: `python -m bench.some_bench --x 'a b'`" in head
+    common.report(results, "run-1", head + "first\n")
+    common.report(results, "run-1", head + "second\n")  # a rerun replaces the whole file
+    common.report(results, "run-2", "other\n")
+    assert (results / "run-1.md").read_text() == head + "second\n"
+    assert (results / "run-2.md").read_text() == "other\n"
+    common.report("-", "run-3", "printed only\n")
+    assert "printed only" in capsys.readouterr().out
+    assert sorted(p.name for p in results.iterdir()) == ["run-1.md", "run-2.md"]
+    curves = {"a run": [{"step": 0, "eval_passes_per_token": 1.0, "eval_ar": 2.0}]}
+    link = common.figure(results, "run-1", curves, "passes", "L_AR")
+    assert link.endswith("(../figures/run_1.png)") and (tmp_path / "figures" / "run_1.png").is_file()
+    assert common.figure("-", "run-4", curves, "passes", "L_AR").endswith("(../figures/run_4.png)")
+    assert not (tmp_path / "figures" / "run_4.png").exists()
