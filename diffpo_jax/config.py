@@ -33,6 +33,25 @@ class RopeScaling:
     original_max_position_embeddings: int
 
 
+# The projections a LoRA adapter can target, by module (HF's and PEFT's names): attention, MLP.
+LORA_TARGETS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the projections `target_modules` (the `lora` section of a train config):
+    W x + (alpha / rank) B A x, as PEFT computes it. rank 0 = no adapters (full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # only 0: flax's nnx.LoRA, which the model uses, has no dropout
+    target_modules: tuple[str, ...] = LORA_TARGETS["attn"] + LORA_TARGETS["mlp"]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str  # "llama" | "gemma2": only used to pick the HF class on export.
@@ -65,6 +84,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / matmuls
     param_dtype: str = "float32"  # stored weights
     remat: bool = False  # recompute each layer in the backward pass (training memory)
+    lora: LoraConfig | None = None  # adapters beside the targeted projections (model.py); None: none
     attention: str = "auto"  # attention.py: "auto" (cuDNN flash on GPU / splash on TPU where they apply, else einsum) | "einsum" | "xla" | "cudnn" | "splash"
 
     @property

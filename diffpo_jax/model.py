@@ -23,9 +23,15 @@ Layers are stacked (every parameter under `layers` has a leading layer axis) and
 `jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding
 layers) are data: a window-size array scanned with the weights. Attention itself (the einsum reference,
 cuDNN flash on GPU, splash on TPU for packed rows) is attention.py, picked by `ModelConfig.attention`.
+
+LoRA: with `ModelConfig.lora`, each targeted projection NAME gets an `nnx.LoRA` adapter `NAME_lora`
+beside it (built in the layer's constructor, so stacked and scanned like the rest), and its output
+gains (alpha / rank) x A B (`_add_adapters`, `_adapted`; lora.py trains, merges and exports them).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from diffpo_jax.attention import Packed, attend, choose, softcap_logits, splash_attend, within_reach
-from diffpo_jax.config import ModelConfig
+from diffpo_jax.config import LORA_TARGETS, ModelConfig
 from diffpo_jax.sharding import RESIDUAL, constrain
 
 Cache = dict[str, jax.Array]
@@ -54,6 +60,35 @@ def _weight(p: nnx.Param, dtype) -> jax.Array:
     """A parameter in the activation dtype, cast where it is stored (in its own sharding under a mesh),
     so FSDP gathers can move `dtype` (bf16) rather than the fp32 master copy."""
     return constrain(p[...].astype(dtype), p.get_metadata()["logical_axes"])
+
+
+IN_DIMS = {"o_proj": 2}  # leading dims of a projection that are its input (1 for the others)
+
+
+def _add_adapters(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, kind: str) -> None:
+    """With `cfg.lora`, an `nnx.LoRA` adapter `NAME_lora` beside each targeted projection NAME of
+    `module` (kind: "attn" | "mlp"): A [in, rank] (he-uniform), B [rank, out] (zeros), fp32, with the
+    projection's own logical axes on in / out (so they shard like it), in and out flattened as HF's
+    Linear has them (q_proj [E, H, D]: in E, out H * D)."""
+    if cfg.lora is None:
+        return
+    module.lora_scale = cfg.lora.scale
+    for name in LORA_TARGETS[kind]:
+        if name in cfg.lora.target_modules:
+            w = getattr(module, name)
+            k, axes = IN_DIMS.get(name, 1), w.get_metadata()["logical_axes"]
+            lora = nnx.LoRA(math.prod(w.shape[:k]), cfg.lora.rank, math.prod(w.shape[k:]), dtype=cfg.dtype,
+                            param_dtype=jnp.float32, rngs=rngs, a_metadata={"logical_axes": (axes[0], None)},
+                            b_metadata={"logical_axes": (None, axes[k])})
+            setattr(module, f"{name}_lora", lora)
+
+
+def _adapted(module: nnx.Module, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+    """`y` (projection NAME of `x`) plus its adapter's scale * x A B, when it has one."""
+    lora = getattr(module, f"{name}_lora", None)
+    if lora is None:
+        return y
+    return y + (lora(x) * module.lora_scale).reshape(y.shape).astype(y.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -106,6 +141,7 @@ class Attention(nnx.Module):
         self.v_proj = _param(rngs, cfg, (e, k, d), ("embed", "kv_heads", "head_dim"), "normal")
         self.o_proj = _param(rngs, cfg, (h, d, e), ("q_heads", "head_dim", "embed"), "normal")
         self.cfg = cfg
+        _add_adapters(self, cfg, rngs, "attn")
 
     def __call__(self, x, q_pos, key_pos, window, inv_freq, kv_write, packed):
         """x: [B, T, E]; q_pos: [B, T]; key_pos: [B, S] positions of the keys attended to (padding keys
@@ -113,9 +149,9 @@ class Attention(nnx.Module):
         packed: attention.Packed (segments) or None."""
         cfg, dt = self.cfg, x.dtype
         q_axes, kv_axes = ("batch", "seq", "q_heads", "head_dim"), ("batch", "seq", "kv_heads", "head_dim")
-        q = constrain(jnp.einsum("bte,ehd->bthd", x, _weight(self.q_proj, dt)), q_axes)
-        k = constrain(jnp.einsum("bte,ekd->btkd", x, _weight(self.k_proj, dt)), kv_axes)
-        v = constrain(jnp.einsum("bte,ekd->btkd", x, _weight(self.v_proj, dt)), kv_axes)
+        q = constrain(_adapted(self, "q_proj", x, jnp.einsum("bte,ehd->bthd", x, _weight(self.q_proj, dt))), q_axes)
+        k = constrain(_adapted(self, "k_proj", x, jnp.einsum("bte,ekd->btkd", x, _weight(self.k_proj, dt))), kv_axes)
+        v = constrain(_adapted(self, "v_proj", x, jnp.einsum("bte,ekd->btkd", x, _weight(self.v_proj, dt))), kv_axes)
         q = apply_rope(q, q_pos, inv_freq)
         k = apply_rope(k, q_pos, inv_freq)
         keys, values = kv_write(k, v)  # [B, S, Kv, D]
@@ -133,7 +169,8 @@ class Attention(nnx.Module):
                          implementation=implementation)
         out = constrain(out, q_axes)
         b, t, h, d = out.shape
-        return constrain(out.reshape(b, t, h * d) @ _weight(self.o_proj, dt).reshape(h * d, -1), RESIDUAL)
+        out = out.reshape(b, t, h * d)
+        return constrain(_adapted(self, "o_proj", out, out @ _weight(self.o_proj, dt).reshape(h * d, -1)), RESIDUAL)
 
 
 class MLP(nnx.Module):
@@ -143,13 +180,15 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, cfg, (e, m), ("embed", "mlp"), "normal")
         self.down_proj = _param(rngs, cfg, (m, e), ("mlp", "embed"), "normal")
         self.activation = cfg.activation
+        _add_adapters(self, cfg, rngs, "mlp")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt, hidden_axes = x.dtype, ("batch", "seq", "mlp")
-        gate = constrain(x @ _weight(self.gate_proj, dt), hidden_axes)
+        gate = constrain(_adapted(self, "gate_proj", x, x @ _weight(self.gate_proj, dt)), hidden_axes)
         gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        up = constrain(x @ _weight(self.up_proj, dt), hidden_axes)
-        return constrain((gate * up) @ _weight(self.down_proj, dt), RESIDUAL)
+        up = constrain(_adapted(self, "up_proj", x, x @ _weight(self.up_proj, dt)), hidden_axes)
+        hidden = gate * up
+        return constrain(_adapted(self, "down_proj", hidden, hidden @ _weight(self.down_proj, dt)), RESIDUAL)
 
 
 class Block(nnx.Module):

@@ -209,11 +209,13 @@ def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
     return cfg.replace(param_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32")
 
 
-def restore_params(path: str | os.PathLike, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> nnx.State:
+def restore_params(path: str | os.PathLike, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None,
+                   which: nnx.filterlib.Filter = nnx.Param) -> nnx.State:
     """The params of an Orbax dir as an nnx.State, each array restored straight onto its sharding under
-    `mesh` (`param_shardings`), or onto the first local device when `mesh` is None, in `cfg.param_dtype`."""
+    `mesh` (`param_shardings`), or onto the first local device when `mesh` is None, in `cfg.param_dtype`.
+    `which`: the params of a model of `cfg` that the dir holds (nnx.LoRAParam: a LoRA run's adapters)."""
     where = params_dir(path)
-    abstract = nnx.state(abstract_model(cfg))
+    abstract = nnx.state(abstract_model(cfg), which)
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(abstract))
