@@ -8,7 +8,8 @@ values of keys that change what is trained stop it, unless --allow-config-change
 saves and exits 0.
 
 Overrides: `key=value` for top-level keys (`max_steps=20`, `mesh=[2,2,2]`, `output_dir=runs/x`) and
-`loss.KEY` / `optimizer.KEY` (`optimizer.learning_rate=1e-5`); values are YAML. --model SPEC is the
+`loss.KEY` / `optimizer.KEY` / `eval.KEY` / `lora.KEY` (`optimizer.learning_rate=1e-5`, `lora.rank=16`:
+LoRA adapters on a frozen base, ARCHITECTURE.md "LoRA"); values are YAML. --model SPEC is the
 same as model=SPEC: anything --model accepts elsewhere, or preset:NAME (a random model, see
 training/trainer.py). Exit 2 on bad config, model or data, with a one-line message.
 `--plan DEVICES[/HOSTS]` only checks the config against that topology and prints the AOT-compiled

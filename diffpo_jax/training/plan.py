@@ -50,28 +50,33 @@ def model_config(spec: str) -> ModelConfig:
 
 def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: int, response_len: int, loss_cfg,
                        optimizer_cfg, grad_accum: int = 1):
-    """(the train step AOT-compiled on abstract shapes over `mesh`, abstract params): `rows` global rows
-    of P prompt + N response tokens; nothing is allocated."""
+    """(the train step AOT-compiled on abstract shapes over `mesh`, abstract trained params): `rows` global
+    rows of P prompt + N response tokens; nothing is allocated. With `model_cfg.lora` the adapters train
+    and the base is frozen, as in the trainer."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from diffpo_jax.data.loader import BATCH_KEYS
+    from diffpo_jax.lora import split_trainable
     from diffpo_jax.model import abstract_model
     from diffpo_jax.sharding import batch_sharding, param_shardings
     from diffpo_jax.training.step import abstract_state, make_optimizer, make_train_step, state_shardings
 
     graphdef, state = nnx.split(abstract_model(model_cfg))
-    abstract_params = nnx.to_pure_dict(state)
+    trained, frozen = split_trainable(state, model_cfg)
+    abstract_params = nnx.to_pure_dict(trained)
     tx, schedule = make_optimizer(optimizer_cfg, total_steps=1000)
-    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(state, mesh)), abstract_params, mesh)
+    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(trained, mesh)), abstract_params, mesh,
+                                nnx.to_pure_dict(param_shardings(frozen, mesh)))
     train_step = make_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh, grad_accum)
     batch = {
         k: jax.ShapeDtypeStruct((rows, prompt_len if k.startswith("prompt") else response_len),
                                 bool if k.endswith("mask") else jnp.int32, sharding=batch_sharding(mesh, 2))
         for k in BATCH_KEYS
     }  # fmt: skip
-    return train_step.lower(abstract_state(tx, abstract_params, shardings), batch).compile(), abstract_params
+    target = abstract_state(tx, abstract_params, shardings, nnx.to_pure_dict(frozen))
+    return train_step.lower(target, batch).compile(), abstract_params
 
 
 def memory(compiled) -> dict[str, int]:
@@ -94,7 +99,7 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
         raise TrainConfigError(f"config: mesh: {e}") from None
     cfg = fit_to_mesh(cfg, shape, devices // hosts)
     model_cfg = model_config(cfg.model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                                                attention=cfg.attention)
+                                                attention=cfg.attention, lora=cfg.lora if cfg.lora.rank else None)
     shards = shape[0] * shape[1]
     micro = cfg.global_batch_size // cfg.grad_accum
     out = {"topology": topology, "devices": devices, "hosts": hosts, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
@@ -117,6 +122,7 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
             loss_cfg=cfg.loss, optimizer_cfg=cfg.optimizer, grad_accum=cfg.grad_accum,
         )
         out["params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        out["lora_rank"] = cfg.lora.rank
         out["replicated"] = indivisible_dims(nnx.state(abstract_model(model_cfg)), mesh)
         out["memory"] = memory(compiled)
     return out
@@ -133,7 +139,8 @@ def lines(p: dict[str, Any]) -> list[str]:
         m = p["memory"]
         size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
         params = f"{p['params'] / 1e9:.2f}B" if p["params"] >= 1e9 else f"{p['params'] / 1e6:.1f}M"
-        out.append(f"  model: {params} params; per device (XLA, AOT): state + batch "
+        lora = f" trained (LoRA rank {p['lora_rank']} adapters, the base frozen)" if p.get("lora_rank") else ""
+        out.append(f"  model: {params} params{lora}; per device (XLA, AOT): state + batch "
                    f"{size(m['argument'])}, temp {size(m['temp'])}, peak {size(m['peak'])}")
         if p["replicated"]:
             out.append(f"  replicated (mesh axes do not divide them): {'; '.join(p['replicated'])}")

@@ -8,8 +8,12 @@
 
 Parameters live in `TrainState.params` as a plain nested dict of arrays (`nnx.to_pure_dict`, the
 on-disk format of weights/checkpoint.py), each with its `param_shardings` sharding; the model is
-`nnx.merge(graphdef, params)` inside the step. Optimizer state takes the shardings of the parameters
+`nnx.merge(graphdef, frozen, params)` inside the step. Optimizer state takes the shardings of the parameters
 it mirrors (Adam's mu / nu), scalars are replicated. The batch is split over (data, fsdp).
+LoRA (lora.py): `params` are the adapters alone, so only they get gradients and optimizer state, and
+`TrainState.frozen` holds the base (sharded as in full fine-tuning, passed through every step as it
+came); without LoRA `frozen` is empty. Both loss terms, the consistency teacher pass included, run
+the one adapted model.
 
 Precision: parameters, gradients and optimizer state are in `param_dtype` (fp32 = master weights),
 activations in the model config's `dtype` (e.g. bf16; the model casts weights at use); the loss's
@@ -48,6 +52,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffpo_jax.data.loader import BATCH_KEYS
+from diffpo_jax.lora import union
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
@@ -92,8 +97,14 @@ ADJUST_CON_GRADIENT = {"project": project_conflict, "balance": balance_norm}
 @struct.dataclass
 class TrainState:
     step: jax.Array  # int32 []: optimizer updates applied so far
-    params: dict  # nested dict of arrays (nnx.to_pure_dict of the model's params)
+    params: dict  # the trained params: nested dict of arrays (nnx.to_pure_dict of the model's params)
     opt_state: Any  # optax state over `params`
+    frozen: dict = struct.field(default_factory=dict)  # the params not trained (LoRA: the base), or {}
+
+
+def model_params(state: TrainState) -> dict:
+    """All the model's params, trained and frozen, as one nested dict (what `nnx.merge(graphdef, ...)` takes)."""
+    return union(state.frozen, state.params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,27 +133,34 @@ def make_optimizer(opt: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
     return optax.chain(clip, adamw), schedule
 
 
-def state_shardings(tx: optax.GradientTransformation, params_sharding: dict, abstract_params: dict, mesh: Mesh) -> TrainState:
-    """The TrainState's shardings: params as given, optimizer moments like their params, scalars replicated."""
+def state_shardings(tx: optax.GradientTransformation, params_sharding: dict, abstract_params: dict, mesh: Mesh,
+                    frozen_sharding: dict | None = None) -> TrainState:
+    """The TrainState's shardings: params (and frozen params) as given, optimizer moments like their
+    params, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding, transform_non_params=lambda _: replicated)
-    return TrainState(step=replicated, params=params_sharding, opt_state=opt)
+    return TrainState(step=replicated, params=params_sharding, opt_state=opt, frozen=frozen_sharding or {})
 
 
-def abstract_state(tx: optax.GradientTransformation, abstract_params: dict, shardings: TrainState) -> TrainState:
-    """ShapeDtypeStructs with shardings for every TrainState leaf: restore targets."""
-    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, jax.eval_shape(tx.init, abstract_params))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+def abstract_state(tx: optax.GradientTransformation, abstract_params: dict, shardings: TrainState,
+                   abstract_frozen: dict | None = None) -> TrainState:
+    """ShapeDtypeStructs with shardings for every TrainState leaf (restore targets: the checkpointed
+    step, params and optimizer state; `frozen` only when `abstract_frozen` is given)."""
+    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, jax.eval_shape(tx.init, abstract_params),
+                        abstract_frozen or {})
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                        shardings if abstract_frozen else shardings.replace(frozen={}))
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-    """A fresh TrainState (step 0, zero moments) placed on `shardings`; `params` is donated."""
+def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState,
+               frozen: dict | None = None) -> TrainState:
+    """A fresh TrainState (step 0, zero moments) placed on `shardings`; `params` and `frozen` are donated."""
 
-    def init(params):
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    def init(params, frozen):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), frozen)
 
-    return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(params, frozen or {})
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -165,17 +183,18 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
 
-    def loss_fn(params, micro, num_tokens):
+    def loss_fn(params, frozen, micro, num_tokens):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
-            ce, kl = response_token_losses(nnx.merge(graphdef, params), micro, loss_cfg.chunk)
+            ce, kl = response_token_losses(nnx.merge(graphdef, frozen, params), micro, loss_cfg.chunk)
         return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     separate = loss_cfg.con_gradient != "sum"  # the two terms' gradients, taken apart (module doc)
 
-    def term_grads(params, micro, num_tokens):
+    def term_grads(params, frozen, micro, num_tokens):
         """((L_AR, L_Con), (g_AR, g_Con)) of one micro-batch: one forward, one backward per term."""
-        (ar, con), vjp = jax.vjp(lambda p: tuple(loss_fn(p, micro, num_tokens)[1][k] for k in ("ar", "con")), params)
+        (ar, con), vjp = jax.vjp(lambda p: tuple(loss_fn(p, frozen, micro, num_tokens)[1][k] for k in ("ar", "con")),
+                                 params)
         one, zero = jnp.ones_like(ar), jnp.zeros_like(ar)
         return (ar, con), (vjp((one, zero))[0], vjp((zero, one))[0])
 
@@ -192,9 +211,9 @@ def make_train_step(
         def accumulate(carry, micro):
             grads, ar, con = carry
             if separate:
-                (a, c), (g_ar, g_con) = term_grads(state.params, micro, num_tokens)
+                (a, c), (g_ar, g_con) = term_grads(state.params, state.frozen, micro, num_tokens)
                 return ((add(grads[0], g_ar), add(grads[1], g_con)), ar + a, con + c), None
-            (_, parts), g = grad_fn(state.params, micro, num_tokens)
+            (_, parts), g = grad_fn(state.params, state.frozen, micro, num_tokens)
             return (add(grads, g), ar + parts["ar"], con + parts["con"]), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -216,7 +235,7 @@ def make_train_step(
             "lr": jnp.asarray(schedule(state.step), jnp.float32),
             "tokens": num_tokens,
         } | extra
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
 
     batch_shardings = {k: batch_sharding(mesh, 2) for k in BATCH_KEYS}
     return jax.jit(

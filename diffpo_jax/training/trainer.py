@@ -15,6 +15,8 @@ Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RU
   eval_ids.json                    the held-out record ids (when eval.holdout_prompts > 0)
   tensorboard/                     event files with the same scalars (process 0)
   data/                            the built dataset, when `data` is a source file rather than a built dir
+  adapter_config.json              LoRA runs (`lora.rank` > 0): PEFT's config naming the frozen base
+                                   (`model`); checkpoints then hold the adapters alone (lora.py)
 
 Resume: a run started with an `output_dir` that holds a checkpoint continues from its latest step:
 params, optimizer state, step and data-iterator position are restored (onto the current mesh), the
@@ -59,11 +61,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffpo_jax.attention import IMPLEMENTATIONS
-from diffpo_jax.config import PRESET, load_preset
+from diffpo_jax.config import PRESET, LoraConfig, load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
 from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.distributed import check_shared_folder, is_main_process
+from diffpo_jax.lora import TARGETS, base_reference, init_adapters, split_trainable, write_adapter_config
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, is_url, local_dir, sync
 from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
@@ -78,6 +81,7 @@ from diffpo_jax.training.step import (
     init_state,
     make_optimizer,
     make_train_step,
+    model_params,
     state_shardings,
 )
 from diffpo_jax.weights.checkpoint import (
@@ -118,6 +122,7 @@ class TrainConfig:
     loss: LossConfig = LossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     eval: EvalConfig = EvalConfig()  # held-out evaluation (training/evaluation.py); off by default
+    lora: LoraConfig = LoraConfig()  # rank > 0: train adapters only, the base frozen (module doc, lora.py)
     save_every: int = 500  # steps between checkpoints
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
@@ -128,7 +133,7 @@ class TrainConfig:
     topologies: tuple[str, ...] = ()
 
 
-_SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig}
+_SECTIONS = {"loss": LossConfig, "optimizer": OptimizerConfig, "eval": EvalConfig, "lora": LoraConfig}
 TRAIN_CONFIG = "train_config.json"
 SHARED_CHECK = ".shared-check"  # the token file of check_shared_folder, there for a second at start-up
 # Keys a resumed run may change freely: where it runs (mesh, micro-batching, remat, attention: the same
@@ -156,9 +161,9 @@ def _build(cls, values: dict[str, Any], where: str):
             if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(isinstance(v, int) for v in value)):
                 raise TrainConfigError(f"{where}: mesh must be 3 integers [data, fsdp, tensor], got {value!r}")
             value = tuple(value)
-        elif key == "topologies":
+        elif key in ("topologies", "target_modules"):
             if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
-                raise TrainConfigError(f"{where}: topologies must be a list of strings, got {value!r}")
+                raise TrainConfigError(f"{where}: {key} must be a list of strings, got {value!r}")
             value = tuple(value)
         else:
             default = fields[key].default
@@ -239,6 +244,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise TrainConfigError(f"config: loss.con_window must be >= 1, got {cfg.loss.con_window}")
     if cfg.loss.chunk < 0:
         raise TrainConfigError(f"config: loss.chunk must be >= 0, got {cfg.loss.chunk}")
+    return validate_lora(cfg)
+
+
+def validate_lora(cfg: TrainConfig) -> TrainConfig:
+    lora = cfg.lora
+    if lora.rank < 0:
+        raise TrainConfigError(f"config: lora.rank must be >= 0 (0: no LoRA), got {lora.rank}")
+    if not lora.rank:
+        return cfg
+    if lora.alpha <= 0:
+        raise TrainConfigError(f"config: lora.alpha must be > 0, got {lora.alpha}")
+    if lora.dropout:
+        raise TrainConfigError(f"config: lora.dropout must be 0 (flax's nnx.LoRA has no dropout), got {lora.dropout}")
+    if not lora.target_modules or set(lora.target_modules) - set(TARGETS):
+        raise TrainConfigError(f"config: lora.target_modules must be some of {', '.join(TARGETS)}, "
+                               f"got {list(lora.target_modules)}")
+    if cfg.model.startswith(PRESET):
+        raise TrainConfigError(f"config: lora needs a trained base, not {cfg.model} (a random init): save it first "
+                               "(a run or `convert from-hf`) and give its dir as model")
     return cfg
 
 
@@ -499,7 +523,10 @@ def check_resume_config(cfg: TrainConfig, run_dir: epath.Path, allow: tuple[str,
     if not path.is_file():
         return
     free = set(RESUMABLE_KEYS) | set(allow)
-    changes = config_changes(json.loads(path.read_text()), json.loads(json.dumps(dataclasses.asdict(cfg))))
+    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731
+    # keys added since the run started (e.g. the lora section) had their defaults then
+    old = _flat(as_json(TrainConfig())) | _flat(json.loads(path.read_text()))
+    changes = config_changes(old, as_json(cfg))
     blocked = [c for c in changes if c[0] not in free and c[0].split(".")[0] not in free]
     if blocked:
         listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, a, b in blocked)
@@ -510,13 +537,18 @@ def check_resume_config(cfg: TrainConfig, run_dir: epath.Path, allow: tuple[str,
 
 
 def _start_model(cfg: TrainConfig, run_dir: epath.Path, start: int, mesh, say):
-    """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`."""
+    """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`.
+    A LoRA run loads its frozen base from `cfg.model` at every start (its checkpoints hold the adapters)."""
     if start:
         say(f"resuming {run_dir} from step {start}")
-        return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
+        if not cfg.lora.rank:
+            return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
-    write_model_files(run_dir, loaded.cfg, loaded.tokenizer, source_generation_config(loaded.source))
-    say(f"model {loaded.source} -> {run_dir}")
+    if not start:
+        write_model_files(run_dir, loaded.cfg, loaded.tokenizer, source_generation_config(loaded.source))
+        if cfg.lora.rank:
+            write_adapter_config(run_dir, cfg.lora, base_reference(cfg.model))
+        say(f"model {loaded.source} -> {run_dir}")
     return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
 
 
@@ -552,10 +584,12 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
     if is_main_process():  # the config of this start: what the next resume is checked against
         (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat, attention=cfg.attention)
+    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
+                                  attention=cfg.attention, lora=cfg.lora if cfg.lora.rank else None)
     abstract = abstract_model(model_cfg)
-    graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
-    params_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
+    trained, frozen = split_trainable(nnx.state(abstract), model_cfg)  # LoRA: (adapters, base); else (all, none)
+    graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(trained)
+    params_sharding = nnx.to_pure_dict(param_shardings(trained, mesh))
     replicated = indivisible_dims(nnx.state(abstract), mesh)
     if replicated:
         say(f"replicated on mesh {dict(mesh.shape)} (mesh axes do not divide them): {'; '.join(replicated)}")
@@ -570,20 +604,24 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
                                        stop_tokens=stop_token_ids(model_cfg, tokenizer, str(run_dir)))
     total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
     tx, schedule = make_optimizer(cfg.optimizer, total)
-    shardings = state_shardings(tx, params_sharding, abstract_params, mesh)
+    shardings = state_shardings(tx, params_sharding, abstract_params, mesh,
+                                nnx.to_pure_dict(param_shardings(frozen, mesh)))
+    base = params if model_cfg.lora else {}  # LoRA: the frozen base, loaded at every start
     if start:
         target = abstract_state(tx, abstract_params, shardings)
         restored, opt_state, data_state = checkpoints.restore(start, target.params, target.opt_state)
         step0 = jax.device_put(jnp.asarray(start, jnp.int32), NamedSharding(mesh, PartitionSpec()))
-        state = TrainState(step0, restored, opt_state)
+        state = TrainState(step0, restored, opt_state, base)
         loader.set_state(data_state)
     else:
-        state = init_state(params, tx, shardings)
-        del params
+        fresh = init_adapters(model_cfg, cfg.seed, params_sharding) if model_cfg.lora else params
+        state = init_state(fresh, tx, shardings, base)
+    del params, base
     train_step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, cfg.grad_accum)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
     say(
-        f"{n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, {loader.num_records} records"
+        f"{n_params / 1e6:.1f}M {f'LoRA (rank {cfg.lora.rank}) ' if model_cfg.lora else ''}params, "
+        f"mesh {dict(mesh.shape)}, {loader.num_records} records"
         f"{f' (+{len(held)} held out)' if held else ''}, "
         f"{loader.steps_per_epoch} steps/epoch, steps {start}..{total}, batch {cfg.global_batch_size} "
         f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
@@ -591,7 +629,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     metrics_log = MetricsLog(run_dir, start, cfg.tensorboard, cfg.metrics_flush_s)
     try:
         if evaluate and not start:
-            record = {"step": 0, **evaluate(state.params)}
+            record = {"step": 0, **evaluate(model_params(state))}
             metrics_log.write(record)
             say(eval_line(record))
         history, step, stopped = _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate,
@@ -639,7 +677,7 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
             # checked before an evaluation due now, which a stop skips: SIGTERM's grace is for the checkpoint
             stop = any_process(sigterm.raised)
             if evaluate and not stop and (step == total or (cfg.eval.every and step % cfg.eval.every == 0)):
-                record.update(evaluate(state.params))
+                record.update(evaluate(model_params(state)))
                 say(eval_line(record))
             last = time.perf_counter()
             history.append(record)
