@@ -1,11 +1,15 @@
-"""python -m diffpo_jax.convert: HF weights <-> Orbax checkpoints.
+"""python -m diffpo_jax.convert: HF weights <-> Orbax checkpoints, LoRA adapters -> PEFT.
 
   from-hf MODEL OUT_DIR [--dtype float32|bfloat16]
       any --model source (hub id, HF folder, .gguf, "embedded") -> an Orbax model dir: params/ plus
       config.json and the tokenizer files, which every CLI's --model accepts.
   to-hf CKPT OUT_DIR [--dtype float32|bfloat16|float16] [--max-shard-size 5GB]
       an Orbax model dir, train run dir (latest step) or step dir -> an HF folder transformers loads;
-      default dtype: as stored for a model dir, bfloat16 for a train run or step dir.
+      default dtype: as stored for a model dir, bfloat16 for a train run or step dir; a LoRA run's
+      is its merged model (base + adapters).
+  to-peft RUN_DIR OUT_DIR
+      a LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (adapter_config.json,
+      adapter_model.safetensors) that peft.PeftModel.from_pretrained loads on the transformers base.
 
 OUT_DIR must be empty or absent unless --overwrite; outputs are written beside it and renamed at the
 end, so an interrupted run leaves no folder that looks complete. Paths may be URLs (gs://..., see
@@ -28,7 +32,7 @@ from diffpo_jax.paths import as_path
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import ModelSourceError, load_model
 from diffpo_jax.weights.checkpoint import check_out_dir, save_params, source_generation_config
-from diffpo_jax.weights.export import export_checkpoint
+from diffpo_jax.weights.export import export_checkpoint, export_peft
 
 
 def default_mesh() -> jax.sharding.Mesh | None:
@@ -59,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="exported dtype (default: as stored for a model dir, bfloat16 for a train run or step dir)")
     b.add_argument("--max-shard-size", default="5GB", help="split safetensors files past this size (default 5GB)")
-    for p in (a, b):
+    c = sub.add_parser("to-peft", help="LoRA train run / step dir -> PEFT adapter folder")
+    c.add_argument("run")
+    c.add_argument("out_dir")
+    for p in (a, b, c):
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -68,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize_from_args(args)
         if args.command == "from-hf":
             out = from_hf(args.model, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
+        elif args.command == "to-peft":
+            out = export_peft(args.run, args.out_dir, overwrite=args.overwrite, mesh=default_mesh())
         else:
             out = export_checkpoint(args.ckpt, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                     overwrite=args.overwrite, mesh=default_mesh())

@@ -6,7 +6,9 @@ Accepted, in the order they are tried:
   - a local HF folder: config.json + model.safetensors (or sharded, with model.safetensors.index.json)
   - a hub id "org/name": downloaded with huggingface_hub (needs network), then as a local folder
   - an Orbax dir (weights/checkpoint.py): a model dir (config.json + tokenizer + params/), a train run
-    dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders
+    dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders.
+    A LoRA run's dir: the base its adapter_config.json names, loaded as any of these, with the run's
+    adapters merged into it at load (lora.py)
 A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
 files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
@@ -24,6 +26,7 @@ import jax
 from flax import nnx
 
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
+from diffpo_jax.lora import merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.weights.checkpoint import (
@@ -98,11 +101,27 @@ def load_tokenizer(ckpt: Checkpoint):
     return tokenizer_from_dir(ckpt.path)
 
 
+def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -> dict:
+    """The params of the model of an Orbax dir (`restore_params`), as a nested dict of arrays; of a LoRA
+    run, its base (loaded as --model loads it, in cfg's dtypes) with the run's adapters merged in."""
+    found = read_adapter_config(model_files_dir(path))
+    if found is None:
+        return nnx.to_pure_dict(restore_params(path, cfg, mesh))
+    lora, base = found
+    base_params = nnx.to_pure_dict(nnx.state(
+        load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model))
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    if shapes(base_params) != shapes(nnx.to_pure_dict(nnx.state(abstract_model(cfg)))):
+        raise CheckpointError(f"{path}: its base {base} does not have the shapes of the run's config.json")
+    adapters = nnx.to_pure_dict(restore_params(path, cfg.replace(lora=lora), mesh, nnx.LoRAParam))
+    return merge_adapters(union(base_params, adapters), lora)
+
+
 def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
     """An Orbax model / run / step dir. transformers cannot read it, so `reference` is empty."""
     try:
         cfg = read_orbax_config(path).replace(dtype=dtype, param_dtype=param_dtype or dtype)
-        state = restore_params(path, cfg, mesh)
+        state = restore_model_params(path, cfg, mesh)
     except (CheckpointError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
     model = nnx.merge(nnx.graphdef(abstract_model(cfg)), state)

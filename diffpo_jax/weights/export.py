@@ -13,7 +13,13 @@ more than its own shard); in a multi-host run every process takes part in a gath
 over the devices, one tensor at a time) and only process 0 writes. The folder is written to a temp dir
 beside `out_dir` and renamed at the end; `out_dir` may be a URL (paths.py).
 Dtype: `export_checkpoint` writes a model dir in its stored dtype and a train run / step dir (fp32
-master weights) in bfloat16, unless told otherwise (float32, bfloat16 or float16).
+master weights) in bfloat16, unless told otherwise (float32, bfloat16 or float16). A LoRA run exports
+as its merged model (base + adapters, `sources.restore_model_params`).
+
+`export_peft`: a LoRA run's adapters alone -> a PEFT adapter folder (`adapter_config.json`,
+`adapter_model.safetensors` in fp32 under PEFT's names, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in]; lora.py), which
+`peft.PeftModel.from_pretrained(base, OUT)` loads on the transformers base.
 """
 
 from __future__ import annotations
@@ -35,8 +41,11 @@ from tqdm import tqdm
 
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.distributed import is_main_process
+from diffpo_jax.lora import ADAPTER_WEIGHTS, TARGETS, read_adapter_config, write_adapter_config
 from diffpo_jax.paths import as_path, written_locally
+from diffpo_jax.sources import restore_model_params
 from diffpo_jax.weights.checkpoint import (
+    CheckpointError,
     check_out_dir,
     is_train_run,
     model_files_dir,
@@ -193,7 +202,43 @@ def export_checkpoint(
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     cfg = read_orbax_config(ckpt)
     dtype = dtype or ("bfloat16" if is_train_run(ckpt) else cfg.param_dtype)
-    params = restore_params(ckpt, cfg, mesh)
+    params = restore_model_params(ckpt, cfg, mesh)
     tokenizer = tokenizer_from_dir(model_files_dir(ckpt))
     return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite,
                      generation=source_generation_config(ckpt))
+
+
+def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
+    """PEFT's state dict of the adapters of a model of `cfg` (nested dict of arrays, any sharding): per
+    layer and targeted projection, `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and
+    `lora_B.weight` = B^T [out, r], fp32 host arrays (one layer at a time, as `host_tensor` brings them)."""
+    out = {}
+    for spec in weight_specs(cfg):
+        *module, name = spec.path
+        if not (spec.stacked and name in TARGETS and f"{name}_lora" in _at(adapters, module)):
+            continue
+        adapter = _at(adapters, module)[f"{name}_lora"]
+        for i in range(cfg.num_layers):
+            prefix = "base_model.model." + spec.hf_name.format(i=i).removesuffix(".weight")
+            for ours, peft in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+                out[f"{prefix}.{peft}.weight"] = np.ascontiguousarray(host_tensor(adapter[ours], i).T, np.float32)
+    return out
+
+
+def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                mesh: jax.sharding.Mesh | None = None) -> epath.Path:
+    """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc)."""
+    out_dir = as_path(out_dir)
+    check_out_dir(out_dir, overwrite)
+    found = read_adapter_config(model_files_dir(run))
+    if found is None:
+        raise CheckpointError(f"{run}: not a LoRA run (no adapter_config.json); to-hf exports its model")
+    lora, base = found
+    cfg = read_orbax_config(run).replace(lora=lora)
+    tensors = peft_tensors(cfg, nnx.to_pure_dict(restore_params(run, cfg, mesh, nnx.LoRAParam)))
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        if is_main_process():
+            with written_locally(tmp) as local:
+                save_file(tensors, os.fspath(local / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        write_adapter_config(tmp, lora, base)
+    return out_dir
