@@ -1,0 +1,208 @@
+"""LoRA: adapters out to PEFT (peft's logits == ours), merged by `to-hf` and `--model RUN_DIR`; a LoRA
+training run trains the adapters only, its loss moves, resume is exact, 8 devices == 1 device."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from diffpo_jax import convert
+from diffpo_jax.config import LoraConfig
+from diffpo_jax.data.loader import make_loader
+from diffpo_jax.lora import (
+    base_reference, init_adapters, merge_adapters, read_adapter_config, union, write_adapter_config,
+)
+from diffpo_jax.model import abstract_model
+from diffpo_jax.sharding import make_mesh, param_shardings
+from diffpo_jax.sources import load_model
+from diffpo_jax.training.step import global_batch, init_state, make_optimizer, make_train_step, state_shardings
+from diffpo_jax.training.trainer import TrainConfigError, load_config, train
+from diffpo_jax.weights.checkpoint import TrainCheckpoints, restore_params, write_model_files
+from tests import tiny
+
+LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"))
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def ours(model, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(model(ids, np.arange(ids.shape[1])[None].repeat(len(ids), 0))[0])
+
+
+def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
+    """A LoRA run dir as the trainer writes one (model files, adapter_config.json, one checkpoint of
+    adapters) with random, non-zero adapters (fresh ones have B = 0); returns (LoRA model, adapters)."""
+    base = load_model(str(base_dir))
+    cfg = base.cfg.replace(lora=lora)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    fresh = init_adapters(cfg, seed, jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(abstract_model(cfg),
+                                                                                              nnx.LoRAParam))))
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(fresh))))
+    adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), fresh)
+    write_model_files(run_dir, base.cfg, base.tokenizer)
+    write_adapter_config(run_dir, lora, base_reference(str(base_dir)))
+    checkpoints = TrainCheckpoints(run_dir, every=1, keep=1, async_save=False)
+    checkpoints.save(3, adapters, {"count": np.zeros((), np.int32)}, {}, force=True)
+    checkpoints.close()
+    params = union(nnx.to_pure_dict(nnx.state(base.model)), adapters)
+    return nnx.merge(nnx.graphdef(abstract_model(cfg)), params), adapters
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_peft_round_trip_and_merged_exports(family, request, tmp_path):
+    base_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    model, adapters = lora_run(base_dir, tmp_path / "run", LORA)
+    ids = np.random.default_rng(0).integers(3, tiny.VOCAB, (2, 20))
+    adapted = ours(model, ids)
+    base_logits = torch_logits(tiny.load_reference(base_dir), ids)
+    assert np.abs(adapted - base_logits).max() > 0.1  # the adapters change the logits
+
+    assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir.resolve()) and config["r"] == 4
+    peft = PeftModel.from_pretrained(tiny.load_reference(base_dir), str(tmp_path / "peft")).eval()
+    np.testing.assert_allclose(torch_logits(peft, ids), adapted, atol=1e-4)
+
+    merged = load_model(str(tmp_path / "run"))  # --model RUN_DIR: base + adapters, merged at load
+    assert merged.cfg.lora is None and "q_proj_lora" not in nnx.to_pure_dict(nnx.state(merged.model))["layers"]["attn"]
+    np.testing.assert_allclose(ours(merged.model, ids), adapted, atol=1e-4)
+    assert convert.main(["to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    np.testing.assert_allclose(torch_logits(hf, ids), adapted, atol=1e-4)
+
+
+def test_to_peft_refuses_a_full_run(tiny_llama_dir, tmp_path, capsys):
+    write_model_files(tmp_path / "run", load_model(str(tiny_llama_dir)).cfg, None)
+    (tmp_path / "run" / "checkpoints").mkdir()
+    assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 2
+    assert "not a LoRA run (no adapter_config.json)" in capsys.readouterr().err
+    assert not (tmp_path / "peft").exists()
+
+
+def test_merge_adapters_is_the_adapted_forward(tiny_gemma2_dir, tmp_path):
+    """Only the targeted projections change, and the merged model's logits are the adapted model's."""
+    lora = LoraConfig(rank=2, alpha=3.0, target_modules=("v_proj", "down_proj"))
+    model, adapters = lora_run(tiny_gemma2_dir, tmp_path / "run", lora)
+    params = nnx.to_pure_dict(nnx.state(model))
+    merged = merge_adapters(params, lora)
+    base = nnx.to_pure_dict(nnx.state(load_model(str(tiny_gemma2_dir)).model))
+    assert changed(merged, base) == {"['layers']['attn']['v_proj']", "['layers']['mlp']['down_proj']"}
+    ids = np.random.default_rng(1).integers(3, tiny.VOCAB, (1, 12))
+    plain = nnx.merge(nnx.graphdef(abstract_model(model.cfg.replace(lora=None))), merged)
+    np.testing.assert_allclose(ours(plain, ids), ours(model, ids), atol=1e-5)
+
+
+def changed(params: dict, base: dict) -> set[str]:
+    """The paths of the params that differ from the base's (same structure)."""
+    flat = dict(jax.tree_util.tree_leaves_with_path(base))
+    return {jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(params)
+            if not np.array_equal(a, flat[p])}
+
+
+# ---------------------------------------------------------------- training
+
+
+STEPS = 4
+RUN = dict(global_batch_size=8, prompt_len=48, response_len=8, num_epochs=1, max_steps=STEPS, seed=0, save_every=2,
+           log_every=1, tensorboard=False, async_checkpoints=False, loss={"con_weight": 1000.0, "chunk": 4},
+           optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0},
+           eval={"holdout_prompts": 2, "max_rows": 4, "batch_size": 4, "block_size": 4},
+           lora={"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]})
+
+
+def run_config(tmp_path, tiny_init_dir, trajectories_dir, name, *overrides):
+    path = tmp_path / "lora.yaml"
+    path.write_text(json.dumps(dict(RUN, model=str(tiny_init_dir), data=str(trajectories_dir))))
+    return load_config(path, [f"output_dir={tmp_path / name}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory, tiny_init_dir, trajectories_dir):
+    """An uninterrupted LoRA run of STEPS steps on 8 devices (fsdp) with held-out evaluation."""
+    tmp = tmp_path_factory.mktemp("lora")
+    result = train(run_config(tmp, tiny_init_dir, trajectories_dir, "reference"), log=lambda _: None)
+    assert result.step == STEPS
+    return result, [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lora_run_trains_the_adapters_only(lora_reference, tiny_init_dir):
+    result, lines = lora_reference
+    losses = [m["loss"] for m in lines if "loss" in m]
+    assert len(losses) == STEPS and losses[-1] < losses[0], losses
+    assert "eval_ar" in lines[0] and "eval_ar" in lines[-1]  # held-out evaluation before and after
+    # the checkpoint holds the adapters alone; the merged model differs from the base in the targets only
+    lora, base_name = read_adapter_config(result.run_dir)
+    assert base_name == str(tiny_init_dir.resolve()) and lora.rank == 4
+    cfg = load_model(str(tiny_init_dir), with_tokenizer=False).cfg.replace(lora=lora)
+    adapters = nnx.to_pure_dict(restore_params(result.run_dir, cfg, None, nnx.LoRAParam))
+    assert set(adapters["layers"]["attn"]) == {"q_proj_lora", "v_proj_lora", "o_proj_lora"}
+    assert all(np.abs(np.asarray(a["lora_b"])).max() > 0 for m in adapters["layers"].values() for a in m.values())
+    base = nnx.to_pure_dict(nnx.state(load_model(str(tiny_init_dir)).model))
+    merged = nnx.to_pure_dict(nnx.state(load_model(str(result.run_dir)).model))
+    assert changed(merged, base) == {f"['layers']['{m}']['{n}']" for m, n in (("attn", "q_proj"), ("attn", "v_proj"),
+                                                                ("attn", "o_proj"), ("mlp", "up_proj"),
+                                                                ("mlp", "down_proj"))}
+
+
+def test_lora_resume_is_exact(lora_reference, tiny_init_dir, trajectories_dir, tmp_path):
+    _, expected = lora_reference
+    assert train(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run", "stop_after=2"), log=print).step == 2
+    assert train(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), log=print).start_step == 2
+    got = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("loss", "ar", "con", "grad_norm", "eval_ar", "eval_con")
+    assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in expected]
+
+
+def test_lora_one_device_equals_eight(lora_reference, tiny_init_dir, trajectories_dir, tmp_path):
+    """The reference run's steps (8 devices, fsdp) replayed on one device (2 micro-batches): same losses;
+    the base passes through the steps unchanged."""
+    _, lines = lora_reference
+    cfg = run_config(tmp_path, tiny_init_dir, trajectories_dir, "unused")
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    loaded = load_model(str(tiny_init_dir), mesh=mesh)
+    model_cfg = loaded.cfg.replace(lora=cfg.lora)
+    abstract = abstract_model(model_cfg)
+    adapters_sharding = nnx.to_pure_dict(param_shardings(nnx.state(abstract, nnx.LoRAParam), mesh))
+    adapters = init_adapters(model_cfg, cfg.seed, adapters_sharding)
+    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
+    base_sharding = nnx.to_pure_dict(param_shardings(nnx.state(loaded.model), mesh))
+    shardings = state_shardings(tx, adapters_sharding, adapters, mesh, base_sharding)
+    base = nnx.to_pure_dict(nnx.state(loaded.model))
+    before = jax.tree.map(np.asarray, base)
+    state = init_state(adapters, tx, shardings, base)
+    step = make_train_step(nnx.graphdef(abstract), tx, schedule, cfg.loss, shardings, mesh, grad_accum=2)
+    loader = make_loader(trajectories_dir, loaded.tokenizer, global_batch_size=8, prompt_len=cfg.prompt_len,
+                         response_len=cfg.response_len, seed=cfg.seed, num_epochs=1,
+                         indices=_train_indices(trajectories_dir, cfg))
+    got = []
+    for _ in range(STEPS):
+        state, metrics = step(state, global_batch(next(loader), mesh))
+        got.append([float(metrics[k]) for k in ("ar", "con", "grad_norm")])
+    expected = np.array([[m[k] for k in ("ar", "con", "grad_norm")] for m in lines if "ar" in m])
+    np.testing.assert_allclose(np.array(got)[:, 0], expected[:, 0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.array(got)[:, 1], expected[:, 1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(got)[:, 2], expected[:, 2], rtol=1e-4)
+    assert jax.tree.all(jax.tree.map(np.array_equal, jax.tree.map(np.asarray, state.frozen), before))
+
+
+def _train_indices(data_dir, cfg):
+    from diffpo_jax.training.evaluation import holdout_split, read_records
+
+    return holdout_split(read_records(data_dir), cfg.eval.holdout_prompts)[0]
+
+
+def test_lora_config_errors_are_one_line(tmp_path, tiny_init_dir, trajectories_dir):
+    for override, message in (("lora.dropout=0.1", "lora.dropout must be 0"),
+                              ("lora.target_modules=[q_proj,lm_head]", "lora.target_modules must be some of"),
+                              ("model=preset:tiny-llama", "lora needs a trained base, not preset:tiny-llama")):
+        with pytest.raises(TrainConfigError, match=message):
+            run_config(tmp_path, tiny_init_dir, trajectories_dir, "run", override)
