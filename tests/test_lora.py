@@ -206,3 +206,17 @@ def test_lora_config_errors_are_one_line(tmp_path, tiny_init_dir, trajectories_d
                               ("model=preset:tiny-llama", "lora needs a trained base, not preset:tiny-llama")):
         with pytest.raises(TrainConfigError, match=message):
             run_config(tmp_path, tiny_init_dir, trajectories_dir, "run", override)
+
+
+def test_a_run_started_before_the_lora_section_resumes(tmp_path, tiny_init_dir, trajectories_dir):
+    """A train_config.json without the `lora` section (written before it existed) had its defaults."""
+    import dataclasses
+
+    from diffpo_jax.training.trainer import TRAIN_CONFIG, check_resume_config
+
+    cfg = dataclasses.replace(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), lora=LoraConfig())
+    old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k != "lora"}
+    (tmp_path / TRAIN_CONFIG).write_text(json.dumps(old))
+    check_resume_config(cfg, tmp_path)
+    with pytest.raises(TrainConfigError, match=r"lora.rank 0 -> 4"):
+        check_resume_config(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), tmp_path)
