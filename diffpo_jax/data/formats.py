@@ -76,7 +76,8 @@ def turn_prompt(record: Record, turn: int, answers: list[str]) -> str | Messages
 # ------------------------------------------------------------------------------------------ reading
 
 
-def _jsonl(path: epath.Path) -> list[tuple[str, Any]]:
+def jsonl_records(path: epath.Path) -> list[tuple[str, Any]]:
+    """("PATH:LINE", value) of every line of a JSONL file (local or URL); problems are FormatErrors."""
     try:
         return list(read_jsonl(path))
     except OSError as e:
@@ -132,7 +133,7 @@ def read_records(path: str | os.PathLike, fmt: str, *, with_drafts: bool,
     path = as_path(path)
     records = []
     if fmt == "jsonl":
-        for where, rec in _jsonl(path):
+        for where, rec in jsonl_records(path):
             prompt = _messages(where, rec)
             drafts = [_field(where, rec, "draft", str, "a string")] if with_drafts else []
             records.append(Record(rec, where, prompt, [], drafts))
@@ -143,7 +144,7 @@ def read_records(path: str | os.PathLike, fmt: str, *, with_drafts: bool,
             records.append(Record(rec, where, instruction, [], drafts))
     elif fmt == "mt_bench":
         if not with_drafts:
-            for where, rec in _jsonl(path):
+            for where, rec in jsonl_records(path):
                 _field(where, rec, "question_id", (int, str), "an int or string")
                 turns = _string_list(where, rec.get("turns"), "turns")
                 records.append(Record(rec, where, turns[0], turns[1:], []))
@@ -151,10 +152,10 @@ def read_records(path: str | os.PathLike, fmt: str, *, with_drafts: bool,
             if questions is None:
                 raise FormatError("--questions question.jsonl is required with --format mt_bench")
             by_id = {}
-            for where, rec in _jsonl(as_path(questions)):
+            for where, rec in jsonl_records(as_path(questions)):
                 qid = _field(where, rec, "question_id", (int, str), "an int or string")
                 by_id[qid] = _string_list(where, rec.get("turns"), "turns")
-            for where, rec in _jsonl(path):
+            for where, rec in jsonl_records(path):
                 qid = _field(where, rec, "question_id", (int, str), "an int or string")
                 _field(where, rec, "model_id", str, "a string")
                 choices = _field(where, rec, "choices", list, "a list")
@@ -192,7 +193,7 @@ def refined_output(fmt: str, record: Record, refined: list[str], stats: list[dic
 
 def read_output(path: str | os.PathLike, fmt: str) -> list[tuple[str, Any]]:
     """(where, record) of each record of an output file of `fmt` (local or URL)."""
-    return _json_list(as_path(path)) if fmt == "alpaca_eval" else _jsonl(as_path(path))
+    return _json_list(as_path(path)) if fmt == "alpaca_eval" else jsonl_records(as_path(path))
 
 
 def refined_pairs(fmt: str, output: dict[str, Any]) -> tuple[str, list[tuple[str, str]]]:

@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from diffpo_jax.chat import Messages, as_messages
-from diffpo_jax.data.formats import FormatError, Record, _jsonl, read_records
+from diffpo_jax.data.formats import FormatError, Record, jsonl_records, read_records
 from diffpo_jax.paths import as_path
 from diffpo_jax.reward.scorer import Score
 
@@ -50,7 +50,7 @@ def read_score_records(path: str | os.PathLike, fmt: str, questions: str | os.Pa
         return read_records(path, fmt, with_drafts=True, questions=questions)
     if fmt != "trajectories":
         return read_records(path, fmt, with_drafts=False)
-    records = [Record(rec, where, None, [], []) for where, rec in _jsonl(as_path(path))]
+    records = [Record(rec, where, None, [], []) for where, rec in jsonl_records(as_path(path))]
     if not records:
         raise FormatError(f"{path}: no records")
     return records
