@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.reward.records import Layout, check_best_of_n, check_finite, default_fields, items, read_score_records, scored_output
     from diffpo_jax.reward.scorer import Scorer
     from diffpo_jax.reward.summary import summarize
-    from diffpo_jax.sources import load_reward_model
+    from diffpo_jax.reward.loading import load_reward_model
 
     mesh = devices.decode_mesh(args.mesh)
     check_output_path(args.input, args.output, args.overwrite)

@@ -141,7 +141,7 @@ def check_reward(loaded, prompts: list[tuple[str, str]], atol: float) -> tuple[l
 
 
 def reward_main(args, atol: float) -> int:
-    from diffpo_jax.sources import load_reward_model
+    from diffpo_jax.reward.loading import load_reward_model
 
     prompts = read_prompts(args.prompts) if args.prompts else BUILTIN
     results, ok = check_reward(load_reward_model(args.model, dtype=args.dtype), prompts, atol)

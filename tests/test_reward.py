@@ -13,10 +13,11 @@ from safetensors.numpy import load_file, save_file
 from tests import armorm_reference as armo
 from tests import tiny
 from diffpo_jax.reward.inputs import InputError, conversation_ids, gating_pattern, gating_position
+from diffpo_jax.reward.loading import load_reward_model
 from diffpo_jax.reward.model import ARMORM_OBJECTIVES, HeadConfig
 from diffpo_jax.reward.scorer import Scorer, _forward
 from diffpo_jax.sharding import make_mesh
-from diffpo_jax.sources import ModelSourceError, load_reward_model
+from diffpo_jax.sources import ModelSourceError
 
 ATOL = 1e-4
 

@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from diffpo_jax.reward.inputs import InputError, conversation_ids, gating_pattern, gating_position
+from diffpo_jax.reward.loading import LoadedRewardModel
 from diffpo_jax.sharding import batch_sharding
-from diffpo_jax.sources import LoadedRewardModel, ModelSourceError
+from diffpo_jax.sources import ModelSourceError
 
 
 MIN_BUCKET = 32
