@@ -31,7 +31,7 @@ from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import ModelSourceError, load_model
-from diffpo_jax.weights.checkpoint import check_out_dir, save_params, source_generation_config
+from diffpo_jax.weights.checkpoint import check_out_dir, save_params
 from diffpo_jax.weights.export import export_checkpoint, export_peft
 
 
@@ -47,7 +47,7 @@ def from_hf(model: str | None, out_dir: str | os.PathLike, *, dtype: str = "floa
     check_out_dir(out_dir, overwrite)  # before the (possibly long) load
     loaded = load_model(model, dtype=dtype, mesh=mesh)
     return save_params(out_dir, loaded.cfg, nnx.state(loaded.model), loaded.tokenizer, overwrite=overwrite,
-                       generation=source_generation_config(loaded.source))
+                       generation=loaded.generation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ Accepted, in the order they are tried:
 A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
 files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
+A `LoadedModel` carries what decoding needs besides the weights, resolved here once: the source's
+generation_config.json (`generation`, carried into the Orbax dirs and HF folders written from it) and the
+stop tokens (`stop_tokens`: see `stop_token_ids`).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 import jax
 from flax import nnx
 
+from diffpo_jax.chat import end_of_turn_id
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
 from diffpo_jax.lora import merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.weights.checkpoint import (
-    CheckpointError, is_orbax_dir, model_files_dir, read_orbax_config, restore_params, tokenizer_from_dir,
+    CheckpointError, is_orbax_dir, model_files_dir, read_generation_config, read_orbax_config, restore_params,
+    tokenizer_from_dir,
 )  # fmt: skip
 from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
@@ -44,6 +49,20 @@ class ModelSourceError(Exception):
     """A --model value that cannot be loaded; str() is the one-line message for the user."""
 
 
+def stop_token_ids(cfg: ModelConfig, tokenizer: Any, generation: dict | None) -> tuple[int, ...]:
+    """Where decoding ends a row: the eos ids of the model config, the tokenizer and the generation config
+    (`generation`: a generation_config.json's contents), plus the chat template's end-of-turn token."""
+    ids = list(cfg.eos_token_ids)
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if getattr(tokenizer, "chat_template", None):
+            ids.append(end_of_turn_id(tokenizer))
+    eos = (generation or {}).get("eos_token_id")
+    ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return tuple(sorted(set(int(i) for i in ids)))
+
+
 @dataclasses.dataclass
 class LoadedModel:
     cfg: ModelConfig
@@ -51,6 +70,11 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None for weights-only folders
     source: str  # what was loaded, for messages
     reference: dict[str, Any]  # how transformers loads the same weights: from_pretrained kwargs ({} for Orbax dirs)
+    generation: dict | None  # the source's generation_config.json (None: it has none, e.g. GGUF files)
+    stop_tokens: tuple[int, ...] = dataclasses.field(init=False)  # stop_token_ids(cfg, tokenizer, generation)
+
+    def __post_init__(self):
+        self.stop_tokens = stop_token_ids(self.cfg, self.tokenizer, self.generation)
 
 
 def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
@@ -125,8 +149,9 @@ def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, wi
     except (CheckpointError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
     model = nnx.merge(nnx.graphdef(abstract_model(cfg)), state)
-    tokenizer = tokenizer_from_dir(model_files_dir(path)) if with_tokenizer else None
-    return LoadedModel(cfg, model, tokenizer, str(path), {})
+    files = model_files_dir(path)
+    tokenizer = tokenizer_from_dir(files) if with_tokenizer else None
+    return LoadedModel(cfg, model, tokenizer, str(path), {}, read_generation_config(files))
 
 
 def load_model(
@@ -148,4 +173,5 @@ def load_model(
     except (WeightsError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
     tokenizer = load_tokenizer(ckpt) if with_tokenizer else None
-    return LoadedModel(cfg, model, tokenizer, str(ckpt.path), reference)
+    generation = read_generation_config(ckpt.path) if isinstance(ckpt, SafetensorsCheckpoint) else None
+    return LoadedModel(cfg, model, tokenizer, str(ckpt.path), reference, generation)

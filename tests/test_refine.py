@@ -12,7 +12,7 @@ from diffpo_jax import generate as generate_cli
 from diffpo_jax import record_loop
 from diffpo_jax import refine as refine_cli
 from diffpo_jax.data.formats import FormatError, ResumableOutput, read_records, turn_prompt
-from diffpo_jax.decoding.batching import Decoder, bucket, stop_token_ids
+from diffpo_jax.decoding.batching import Decoder, bucket
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -203,7 +203,7 @@ def reference_greedy(loaded, reference, prompt, max_new_tokens):
     with torch.no_grad():
         out = reference.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id)
     new = out[0, ids.shape[1] :].tolist()
-    if new and new[-1] in stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source):
+    if new and new[-1] in loaded.stop_tokens:
         new = new[:-1]
     return new, loaded.tokenizer.decode(new, skip_special_tokens=True)
 
@@ -217,7 +217,7 @@ def greedy_refs(smollm2, smollm2_reference):
 def test_smollm2_refine_equals_transformers_greedy(smollm2, greedy_refs):
     """Four real prompts (one a chat list), drafts: a wrong answer, empty, the greedy text itself, the greedy
     text with its first word dropped. Each refined text == transformers' greedy text."""
-    assert 2 in stop_token_ids(smollm2.cfg, smollm2.tokenizer, smollm2.source)  # <|im_end|>
+    assert 2 in smollm2.stop_tokens  # <|im_end|>
     dec = Decoder(smollm2, batch_size=4, max_new_tokens=32)
     texts = [t for _, t in greedy_refs]
     drafts = ["Berlin is the capital of Germany, a large city.", "", texts[2], texts[3].split(" ", 1)[1]]

@@ -10,8 +10,8 @@ A prompt whose length plus max_new_tokens exceeds the model's context is a `Cont
 silently truncated). With a `mesh` (decoding/devices.py) every call's rows are split over its data x
 fsdp devices (batch_size must be a multiple of them) and the model runs under it as in training
 (params placed by `load_model(..., mesh=mesh)`); each row's answer does not depend on the mesh. Stop
-tokens: the config's and tokenizer's eos ids, the generation config's, and the known end-of-turn
-tokens present in the vocabulary. Texts are decoded without the stop token.
+tokens: the loaded model's (`LoadedModel.stop_tokens`: the config's, tokenizer's and generation config's
+eos ids and the chat template's end-of-turn token). Texts are decoded without the stop token.
 """
 
 from __future__ import annotations
@@ -26,13 +26,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
-from diffpo_jax.config import ModelConfig
 from diffpo_jax.decoding.jacobi import jacobi_decode, jacobi_stream
 from diffpo_jax.decoding.devices import check_rows
 from diffpo_jax.decoding.sampler import generate, generate_stream
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import LoadedModel, ModelSourceError
-from diffpo_jax.weights.checkpoint import source_generation_config
 
 MIN_PROMPT_BUCKET = 32
 
@@ -44,20 +42,6 @@ class ContextError(ValueError):
 def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
     """The smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def stop_token_ids(cfg: ModelConfig, tok: Any, source: str) -> tuple[int, ...]:
-    """eos ids of the model config, the tokenizer and the source's generation_config.json (an HF folder or
-    an Orbax dir carrying it), plus the chat template's end-of-turn token."""
-    ids = list(cfg.eos_token_ids)
-    if tok is not None:
-        if tok.eos_token_id is not None:
-            ids.append(tok.eos_token_id)
-        if getattr(tok, "chat_template", None):
-            ids.append(end_of_turn_id(tok))
-    eos = (source_generation_config(source) or {}).get("eos_token_id")
-    ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    return tuple(sorted(set(int(i) for i in ids)))
 
 
 @dataclasses.dataclass
@@ -80,7 +64,7 @@ class Decoder:
             raise ModelSourceError(f"{loaded.source}: the tokenizer has no chat template")
         self.graphdef, self.state = nnx.split(loaded.model)
         self.batch_size, self.max_new_tokens, self.mesh = batch_size, max_new_tokens, mesh
-        self.stop_tokens = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
+        self.stop_tokens = loaded.stop_tokens
         self.end_of_turn = end_of_turn_id(self.tokenizer)
         self.pad_id = pad_id(self.tokenizer, self.end_of_turn)
 

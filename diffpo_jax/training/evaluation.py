@@ -177,6 +177,6 @@ def make_evaluator(cfg: EvalConfig, loss_cfg: LossConfig, records: list[dict[str
                    graphdef: nnx.GraphDef, mesh: Mesh, *, stop_tokens: tuple[int, ...],
                    max_rows: int | None = None) -> Evaluator:
     """An Evaluator over the (prompt, y(t)) rows of `records` (the first `max_rows`, default cfg.max_rows);
-    `stop_tokens`: where refinement ends a row (`decoding.batching.stop_token_ids`, as `refine` stops)."""
+    `stop_tokens`: where refinement ends a row (the model's `LoadedModel.stop_tokens`, where `refine` stops)."""
     rows = eval_rows(records, encoder, cfg.max_rows if max_rows is None else max_rows)
     return Evaluator(cfg, rows, graphdef, loss_cfg, mesh, stop_tokens=stop_tokens, pad_id=encoder.pad_id)

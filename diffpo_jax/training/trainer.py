@@ -64,13 +64,12 @@ from diffpo_jax.attention import IMPLEMENTATIONS
 from diffpo_jax.config import PRESET, LoraConfig, load_preset
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.data.trajectories import MANIFEST, build
-from diffpo_jax.decoding.batching import stop_token_ids
 from diffpo_jax.distributed import check_shared_folder, is_main_process
 from diffpo_jax.lora import TARGETS, base_reference, init_adapters, split_trainable, write_adapter_config
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, is_url, local_dir, sync
 from diffpo_jax.sharding import indivisible_dims, make_mesh, param_shardings
-from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model
+from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model, stop_token_ids
 from diffpo_jax.training.evaluation import EVAL_IDS, EvalConfig, holdout_split, make_evaluator, read_records
 from diffpo_jax.training.loss import CON_GRADIENTS, CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import (
@@ -86,8 +85,8 @@ from diffpo_jax.training.step import (
 )
 from diffpo_jax.weights.checkpoint import (
     TrainCheckpoints,
+    read_generation_config,
     read_orbax_config,
-    source_generation_config,
     tokenizer_from_dir,
     write_model_files,
 )
@@ -292,7 +291,7 @@ def random_model(preset: str, tokenizer: Any, *, seed: int, dtype: str, param_dt
     shardings = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
     init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))), out_shardings=shardings)
     model = nnx.merge(nnx.graphdef(abstract), init())
-    return LoadedModel(cfg, model, tokenizer, f"{PRESET}{preset} (random init, seed {seed})", {})
+    return LoadedModel(cfg, model, tokenizer, f"{PRESET}{preset} (random init, seed {seed})", {}, None)
 
 
 def init_model(spec: str, *, seed: int, dtype: str, param_dtype: str, mesh) -> LoadedModel:
@@ -537,19 +536,21 @@ def check_resume_config(cfg: TrainConfig, run_dir: epath.Path, allow: tuple[str,
 
 
 def _start_model(cfg: TrainConfig, run_dir: epath.Path, start: int, mesh, say):
-    """(model config, tokenizer, initial params or None when resuming): from the run dir or `cfg.model`.
+    """(model config, tokenizer, stop tokens, initial params or None when resuming): from the run dir or
+    `cfg.model` (whose model files, generation_config.json included, the run dir gets at its first start).
     A LoRA run loads its frozen base from `cfg.model` at every start (its checkpoints hold the adapters)."""
     if start:
         say(f"resuming {run_dir} from step {start}")
         if not cfg.lora.rank:
-            return read_orbax_config(run_dir), tokenizer_from_dir(run_dir), None
+            model_cfg, tokenizer = read_orbax_config(run_dir), tokenizer_from_dir(run_dir)
+            return model_cfg, tokenizer, stop_token_ids(model_cfg, tokenizer, read_generation_config(run_dir)), None
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
     if not start:
-        write_model_files(run_dir, loaded.cfg, loaded.tokenizer, source_generation_config(loaded.source))
+        write_model_files(run_dir, loaded.cfg, loaded.tokenizer, loaded.generation)
         if cfg.lora.rank:
             write_adapter_config(run_dir, cfg.lora, base_reference(cfg.model))
         say(f"model {loaded.source} -> {run_dir}")
-    return loaded.cfg, loaded.tokenizer, nnx.to_pure_dict(nnx.state(loaded.model))
+    return loaded.cfg, loaded.tokenizer, loaded.stop_tokens, nnx.to_pure_dict(nnx.state(loaded.model))
 
 
 def _split(cfg: TrainConfig, data_dir: epath.Path, run_dir: epath.Path) -> tuple[list[int] | None, list[dict] | None]:
@@ -581,7 +582,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     start = checkpoints.latest_step() or 0
     if start:
         check_resume_config(cfg, run_dir, allow_config_change)
-    model_cfg, tokenizer, params = _start_model(cfg, run_dir, start, mesh, say)
+    model_cfg, tokenizer, stop_tokens, params = _start_model(cfg, run_dir, start, mesh, say)
     if is_main_process():  # the config of this start: what the next resume is checked against
         (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
@@ -601,7 +602,7 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
         response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs, indices=train_idx,
     )
     evaluate = held and make_evaluator(cfg.eval, cfg.loss, held, loader.encoder, graphdef, mesh,
-                                       stop_tokens=stop_token_ids(model_cfg, tokenizer, str(run_dir)))
+                                       stop_tokens=stop_tokens)
     total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
     tx, schedule = make_optimizer(cfg.optimizer, total)
     shardings = state_shardings(tx, params_sharding, abstract_params, mesh,

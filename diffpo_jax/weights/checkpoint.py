@@ -125,13 +125,10 @@ def tokenizer_from_dir(path: str | os.PathLike):
     return AutoTokenizer.from_pretrained(os.fspath(path))
 
 
-def source_generation_config(source: str | os.PathLike) -> dict | None:
-    """The generation_config.json beside a model's weights (an HF folder, or an Orbax dir's model files);
-    None when there is none (GGUF files, random presets)."""
-    path = as_path(source)
-    if is_orbax_dir(path):
-        path = model_files_dir(path)
-    f = path / GENERATION_CONFIG
+def read_generation_config(model_dir: str | os.PathLike) -> dict | None:
+    """The generation_config.json in `model_dir` (an HF folder, or the model files of an Orbax dir:
+    `model_files_dir`); None when there is none."""
+    f = as_path(model_dir) / GENERATION_CONFIG
     return json.loads(f.read_text()) if f.is_file() else None
 
 

@@ -49,9 +49,9 @@ from diffpo_jax.weights.checkpoint import (
     check_out_dir,
     is_train_run,
     model_files_dir,
+    read_generation_config,
     read_orbax_config,
     restore_params,
-    source_generation_config,
     staged_dir,
     tokenizer_from_dir,
     write_model_files,
@@ -203,9 +203,9 @@ def export_checkpoint(
     cfg = read_orbax_config(ckpt)
     dtype = dtype or ("bfloat16" if is_train_run(ckpt) else cfg.param_dtype)
     params = restore_model_params(ckpt, cfg, mesh)
-    tokenizer = tokenizer_from_dir(model_files_dir(ckpt))
-    return export_hf(out_dir, cfg, params, tokenizer, dtype=dtype, max_shard_size=max_bytes, overwrite=overwrite,
-                     generation=source_generation_config(ckpt))
+    files = model_files_dir(ckpt)
+    return export_hf(out_dir, cfg, params, tokenizer_from_dir(files), dtype=dtype, max_shard_size=max_bytes,
+                     overwrite=overwrite, generation=read_generation_config(files))
 
 
 def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
