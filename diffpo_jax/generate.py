@@ -76,8 +76,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, loaded=None) -> dict:
     """Generate drafts for args.input into args.output; returns the summary. `loaded`: an already loaded model to use instead of args.model."""
-    import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from diffpo_jax.decoding.batching import Decoder
@@ -98,13 +96,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="generate", dynamic_ncols=True)
     start = time.perf_counter()
 
-    def row_key(record, turn, sample):
-        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(args.seed), record), turn), sample)
-
     def decode(indices: list[int], turn: int, _recs, prompts):
         """Per record: (its index, its k Outputs), the k samples of a prompt in adjacent rows."""
-        record_rows, sample_rows = jnp.repeat(jnp.asarray(indices), k), jnp.tile(jnp.arange(k), len(indices))
-        keys = jax.vmap(row_key, in_axes=(0, None, 0))(record_rows, turn, sample_rows)
+        keys = record_loop.sample_keys(args.seed, indices, turn, k)
         outputs = decoder.sample([p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p)
         return [(i, outputs[j * k : (j + 1) * k]) for j, i in enumerate(indices)]
 

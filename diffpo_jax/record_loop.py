@@ -36,6 +36,21 @@ def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, A
     return {k: default_dtype(args.dtype) if k == "dtype" else getattr(args, k) for k in names}
 
 
+def sample_keys(seed: int, indices: list[int], turn: int, samples: int = 1):
+    """The sampling keys of `samples` answers to each record of `indices` (0-based input positions) at
+    `turn` (0-based), a record's samples in adjacent rows: sample k draws with the key
+    fold_in(fold_in(fold_in(jax.random.key(seed), record), turn), k), so an answer depends on neither the
+    batching nor the process count nor a resume (generate's --seed)."""
+    import jax
+    import jax.numpy as jnp
+
+    def key(record, sample):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), record), turn), sample)
+
+    records, sample_rows = jnp.repeat(jnp.asarray(indices), samples), jnp.tile(jnp.arange(samples), len(indices))
+    return jax.vmap(key)(records, sample_rows)
+
+
 def check_output(path) -> None:
     """Several processes: fail in seconds unless all see the folder of the output file `path` (local or
     URL), with the token file OUTPUT.shared-check (distributed.check_shared_folder); nothing with one."""

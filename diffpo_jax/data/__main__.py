@@ -4,7 +4,7 @@
         SRC: a .jsonl/.json or .parquet file, or a hub dataset id ("org/name" or "org/name:split",
         default train)
   distill --prompts FILE --out DIR [--model M] ...   a model's own greedy answers and samples
-                                                     (data/self_distill.py)
+                                                     (pipelines/self_distill.py)
 Prints a summary of the manifest; errors are one line on stderr, exit status 2.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from diffpo_jax.data import self_distill
 from diffpo_jax.data.trajectories import TrajectoryDataError, build
+from diffpo_jax.pipelines import self_distill
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,9 +8,10 @@ far they are from its greedy answer.
 Per prompt, y(T) is the model's greedy answer and y(0..T-1) are its samples, hottest first, and with
 `--jacobi-states K` also up to K intermediate Jacobi states on the way from each sample to the greedy
 answer (CLLM's training data: the contexts Jacobi decoding actually sees, a correct prefix followed by
-guesses). Each answer set is one `python -m diffpo_jax.generate` (or `refine --trajectory`) run (jsonl
-format, batched, streamed through OUT.partial, resumable), written under DIR.work/:
-  greedy.jsonl                 temperature 0: y(T)
+guesses). Each answer set is decoded as `python -m diffpo_jax.generate` (or `refine --trajectory`) decodes
+it, through the same `Decoder` and record loop (record_loop.py: jsonl format, batched with row refill,
+streamed through OUT.partial, resumable; a sample's key is generate's), written under DIR.work/:
+  greedy.jsonl                 temperature 0: y(T), the file `generate --temperature 0` writes
   options.json                 the options below; a rerun with other options stops (delete the folder)
   t{TEMP}-s{K}.jsonl           sample K at temperature TEMP, seeded with `seed` + the run's position in
                                this list (greedy: `seed`)
@@ -25,8 +26,9 @@ the reward-ranked path's: responses ascending by (score, text) puts the hottest 
 greedy answer last; a sample equal to the greedy answer merges into it, and a prompt whose samples all
 equal its greedy answer is dropped as `fewer_than_2_distinct_responses` (counted in the manifest). The
 manifest's `self_distill` entry records the model, temperatures, seeds and lengths. A rerun with the
-same options resumes every unfinished generate run; the work directory is kept (it is the data's
-provenance) and can be deleted once DIR exists.
+same options resumes every unfinished answer set; the work directory is kept (it is the data's
+provenance) and can be deleted once DIR exists. Devices and layout: the decoding CLIs' defaults
+(decoding/devices.py: all local devices on the data axis on GPU/TPU, one device on CPU).
 
 Use it to teach a model to refine its OWN drafts quickly (Jacobi decoding then reaches the greedy answer
 in fewer passes); use reward-ranked responses (`data build`) to teach alignment (y(T) = the best-scored
@@ -37,18 +39,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from diffpo_jax.data.formats import FormatError, read_records
+from diffpo_jax import record_loop
+from diffpo_jax.data.formats import FormatError, Record, generated_output, read_records, refined_output
 from diffpo_jax.data.trajectories import TrajectoryDataError, build
+from diffpo_jax.decoding import devices
+from diffpo_jax.decoding.batching import Decoder, Output
 from diffpo_jax.sources import ModelSourceError
+
+WINDOW = 256  # records the record loop takes at a time (generate's and refine's default --sort-window)
 
 
 def runs(temperatures: list[float], samples: int, seed: int) -> list[tuple[str, float, int]]:
-    """(file name, temperature, seed) of every generate run: greedy first, then each sample."""
+    """(file name, temperature, seed) of every answer set: greedy first, then each sample."""
     out = [("greedy.jsonl", 0.0, seed)]
     for t in temperatures:
         for k in range(samples):
@@ -63,7 +71,6 @@ def distill(
 ) -> dict[str, Any]:
     """Build the self-distilled dataset of `prompts` into `out_dir` (module doc); returns the manifest.
     `loaded`: an already loaded model to use instead of `model`."""
-    from diffpo_jax import generate
     from diffpo_jax.sources import load_model
 
     temperatures = list(temperatures)
@@ -86,23 +93,22 @@ def distill(
     if recorded.exists() and json.loads(recorded.read_text()) != options:
         raise TrajectoryDataError(f"{recorded}: written by a run with other options; delete {work} to start over")
     recorded.write_text(json.dumps(options, indent=1) + "\n")
-    loaded = loaded or load_model(model, dtype=dtype)
+    mesh = devices.decode_mesh(None, model, dtype)
+    devices.check_rows(mesh, batch_size)
+    loaded = loaded or load_model(model, dtype=dtype, mesh=mesh)
+    decoder = Decoder(loaded, batch_size=batch_size, max_new_tokens=max_new_tokens, mesh=mesh)
     for name, temperature, run_seed in plan:
         if (work / name).exists():
             log(f"{work / name}: done")
             continue
-        args = generate.parse_args(["--input", str(prompts), "--output", str(work / name), "--temperature",
-                                    str(temperature), "--seed", str(run_seed), "--max-new-tokens", str(max_new_tokens),
-                                    "--batch-size", str(batch_size), "--dtype", dtype, *(["--model", model] if model else [])])  # fmt: skip
-        summary = generate.run(args, loaded=loaded)
+        summary = _sample_file(decoder, records, work / name, temperature, run_seed, model, dtype)
         log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     answers: list[list[tuple[str, float]]] = [[] for _ in records]  # per prompt: (text, score)
     for name, t, _ in plan:
         for i, rec in enumerate(read_records(work / name, "jsonl", with_drafts=True)):
             answers[i].append((rec.drafts[0], -t))
         if jacobi_states and t > 0:
-            states = _jacobi_states(work, name, loaded, jacobi_states, jacobi_block, max_new_tokens, batch_size,
-                                    dtype, log)  # fmt: skip
+            states = _jacobi_states(work, name, decoder, model, jacobi_states, jacobi_block, dtype, log)
             for i, row in enumerate(states):
                 answers[i] += [(text, -t * (1 - frac)) for text, frac in row]
     scored = work / "scored.jsonl"
@@ -123,17 +129,76 @@ def distill(
     return build([str(scored)], out_dir, overwrite=overwrite, extra={"self_distill": provenance})
 
 
-def _jacobi_states(work: Path, name: str, loaded, k: int, block: int, max_new_tokens: int, batch_size: int,
-                   dtype: str, log) -> list[list[tuple[str, float]]]:
-    """Per record of the sample file `name`: up to k (state text, (p + 1) / P) of its Jacobi refinement."""
-    from diffpo_jax import refine
+def _sample_file(decoder: Decoder, records: list[Record], path: Path, temperature: float, seed: int,
+                 model: str | None, dtype: str) -> dict[str, Any]:
+    """`records` answered into the jsonl file `path` (each gets its `draft`) as `generate --temperature
+    temperature --seed seed` answers them: the same keys (record_loop.sample_keys), the whole window through
+    the decoder's slots with row refill."""
 
+    def decode(indices: list[int], turn: int, _recs, prompt_ids: list[list[int]]) -> list[Output]:
+        return decoder.sample(prompt_ids, record_loop.sample_keys(seed, indices, turn), temperature=temperature,
+                              top_p=1.0)
+
+    def answered(rec: Record, outputs: list[Output]) -> dict[str, Any]:
+        return generated_output("jsonl", rec, [o.text for o in outputs], "")  # (jsonl records no model id)
+
+    options = {"model": model, "temperature": temperature, "seed": seed, "max_new_tokens": decoder.max_new_tokens,
+               "dtype": dtype}  # fmt: skip
+    return _decode_file(decoder, records, path, options, decode, answered, max(WINDOW, decoder.batch_size))
+
+
+def _refine_file(decoder: Decoder, records: list[Record], path: Path, block: int, model: str | None,
+                 dtype: str) -> dict[str, Any]:
+    """`records` (with drafts) refined into the jsonl file `path` as `refine --trajectory --block-size block`
+    refines them (one batch at a time; stats.trajectory: the response after each pass)."""
+
+    def decode(_indices, turn: int, recs: list[Record], prompt_ids: list[list[int]]) -> list[Output]:
+        drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
+        return decoder.refine(prompt_ids, drafts, block_size=block, trajectory=True)
+
+    def refined(rec: Record, outputs: list[Output]) -> dict[str, Any]:
+        return refined_output("jsonl", rec, [o.text for o in outputs], [o.stats for o in outputs])
+
+    options = {"model": model, "block_size": block, "max_new_tokens": decoder.max_new_tokens, "dtype": dtype,
+               "trajectory": True}  # fmt: skip
+    return _decode_file(decoder, records, path, options, decode, refined, decoder.batch_size)
+
+
+def _decode_file(decoder: Decoder, records: list[Record], path: Path, options: dict[str, Any],
+                 decode: Callable[..., list[Output]], answered: Callable[[Record, list[Output]], dict],
+                 batch_size: int) -> dict[str, Any]:
+    """Decode `records` into the jsonl file `path` through the record loop the decoding CLIs use (`decode`,
+    `answered`: its decode and build callbacks), resuming path.partial when it was written with the same
+    `options`; returns the summary."""
+    from tqdm import tqdm
+
+    out = record_loop.open_output(path, "jsonl", records, options)
+    bar = tqdm(total=len(out.todo), unit="record", desc=path.name, dynamic_ncols=True)
+    outputs: list[Output] = []
+    start = time.perf_counter()
+
+    def progress(decoded: list[Output]) -> None:
+        outputs.extend(decoded)
+        bar.update(len(decoded))
+
+    record_loop.decode_records(decoder, records, out, decode, lambda _rec, _turn, o: o.text, answered, progress,
+                               batch_size=batch_size, window=WINDOW)
+    bar.close()
+    out.finish()
+    elapsed = time.perf_counter() - start
+    tokens = sum(o.stats["tokens"] for o in outputs)
+    summary = {"devices": devices.describe(decoder.mesh), "records": len(records), "tokens": tokens}
+    if outputs and "passes" in outputs[0].stats:
+        summary["passes_per_token"] = round(sum(o.stats["passes"] for o in outputs) / max(tokens, 1), 4)
+    return summary | {"seconds": round(elapsed, 1), "tokens_per_s": round(tokens / elapsed, 1)}
+
+
+def _jacobi_states(work: Path, name: str, decoder: Decoder, model: str | None, k: int, block: int, dtype: str,
+                   log) -> list[list[tuple[str, float]]]:
+    """Per record of the sample file `name`: up to k (state text, (p + 1) / P) of its Jacobi refinement."""
     out = work / name.replace(".jsonl", ".jacobi.jsonl")
     if not out.exists():
-        args = refine.parse_args(["--input", str(work / name), "--output", str(out), "--trajectory",
-                                  "--block-size", str(block), "--max-new-tokens", str(max_new_tokens),
-                                  "--batch-size", str(batch_size), "--dtype", dtype])  # fmt: skip
-        summary = refine.run(args, loaded=loaded)
+        summary = _refine_file(decoder, read_records(work / name, "jsonl", with_drafts=True), out, block, model, dtype)
         log(f"{out}: " + ", ".join(f"{key} {v}" for key, v in summary.items()))
     rows = []
     for line in out.read_text(encoding="utf-8").splitlines():
@@ -172,5 +237,5 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             jacobi_states=args.jacobi_states, jacobi_block=args.jacobi_block, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
             overwrite=args.overwrite,
         )  # fmt: skip
-    except (FormatError, ModelSourceError) as e:
+    except (FormatError, ModelSourceError, devices.MeshError) as e:
         raise TrajectoryDataError(str(e)) from None
