@@ -49,7 +49,6 @@ def run_variant(preset: str, overrides: list[str], out: Path, train_rows: int | 
     from flax import nnx
 
     from diffpo_jax.data.loader import RecordEncoder
-    from diffpo_jax.decoding.batching import stop_token_ids
     from diffpo_jax.sharding import make_mesh
     from diffpo_jax.sources import load_model
     from diffpo_jax.training.evaluation import make_evaluator, read_records
@@ -64,7 +63,7 @@ def run_variant(preset: str, overrides: list[str], out: Path, train_rows: int | 
     loaded = load_model(str(out))  # what refine --model RUN_DIR loads
     graphdef, state = nnx.split(loaded.model)
     encoder = RecordEncoder.for_tokenizer(loaded.tokenizer, cfg.prompt_len, cfg.response_len)
-    stops = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
+    stops = loaded.stop_tokens
     evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, make_mesh(cfg.mesh),
                               stop_tokens=stops,
                               max_rows=sum(len(r["others"]) for r in train_records) if train_rows is None else train_rows)

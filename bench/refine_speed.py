@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from diffpo_jax.decoding import generate, jacobi_decode
-    from diffpo_jax.decoding.batching import bucket, stop_token_ids
+    from diffpo_jax.decoding.batching import bucket
     from diffpo_jax.sources import load_model
 
     torch.set_num_threads(args.torch_threads)
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ref_model = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32).eval()
     machine = common.machine()
     graphdef, state = nnx.split(loaded.model)
-    stop = stop_token_ids(loaded.cfg, loaded.tokenizer, loaded.source)
+    stop = loaded.stop_tokens
     tok = loaded.tokenizer
     pad = int(tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (stop[0] if stop else 0))
     n_new = args.max_new_tokens

@@ -99,7 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     torch.set_num_threads(args.torch_threads)
     from diffpo_jax.reward.scorer import Scorer, length_bucket
-    from diffpo_jax.sources import load_model, load_reward_model
+    from diffpo_jax.reward.loading import load_reward_model
+    from diffpo_jax.sources import load_model
 
     machine = common.machine()
     base = load_model(args.model)

@@ -3,7 +3,7 @@
     python -m bench.self_distill [--steps 120] [--eval-every 40] [--holdout 32] [--max-new-tokens 32]
         [--jacobi-states K] [--train-prompts N] [--block 16] [--runs NAME ...] [--work out/self_distill] [key=value ...]
 
-1. Data: `data distill` (diffpo_jax/data/self_distill.py) with the embedded, untrained SmolLM2-135M-
+1. Data: `data distill` (diffpo_jax/pipelines/self_distill.py) with the embedded, untrained SmolLM2-135M-
    Instruct on bench/data/self_distill_prompts.jsonl (256 prompts: 4 question templates x 64 topics,
    written for this benchmark): y(T) = its greedy answer, y(0), y(1) = its samples at temperature 1.0
    and 0.7, `--max-new-tokens` tokens each, and with `--jacobi-states K` up to K intermediate Jacobi
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", help="the run's name: results file and figure (default: self-distill, or self-distill-jacobi)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
     args = ap.parse_args(argv)
-    from diffpo_jax.data.self_distill import distill
+    from diffpo_jax.pipelines.self_distill import distill
 
     line = machine()
     n = args.max_new_tokens

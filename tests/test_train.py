@@ -348,7 +348,7 @@ def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
         return dict(eval_ar=1.0, eval_con=0.0, eval_passes_per_token=1.0, eval_equal_best=1.0, eval_distinct=1.0,
                     eval_seconds=0.0)
 
-    state = types.SimpleNamespace(params=None, opt_state=None)
+    state = types.SimpleNamespace(params={}, opt_state=None, frozen={})
     history, step, stopped = trainer._loop(cfg, state, train_step, Loader(), None, Checkpoints(), Metrics(), evaluate,
                                            0, 5, lambda _: None)
     assert (step, stopped, [m["step"] for m in history]) == (2, True, [1, 2])
