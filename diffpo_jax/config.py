@@ -244,8 +244,8 @@ PRESET = "preset:"  # a train `model` of configs/models/NAME.yaml, randomly init
 def config_without_weights(spec: str) -> ModelConfig:
     """The config of model `spec` without downloading anything (the --plan options): `preset:NAME` (sized
     to the embedded tokenizer, as the trainer's random init is), `embedded`/None, a local folder or run dir
-    with a config.json, or a hub id that a configs/models preset names as its `hf_repo`. ValueError else."""
-    if spec is None or spec in ("", "embedded"):
+    with a config.json, a PEFT adapter folder (its base's), or a hub id that a configs/models preset names as its `hf_repo`. ValueError else."""
+    if spec is None or spec in ("", "embedded", "embedded-refiner"):  # the refiner: adapters on the embedded model
         return load_preset("smollm2-135m-instruct")[0]
     if spec.startswith(PRESET):
         vocab = load_preset("smollm2-135m-instruct")[0].vocab_size
@@ -253,6 +253,8 @@ def config_without_weights(spec: str) -> ModelConfig:
     folder = Path(spec).expanduser()
     if (folder / "config.json").is_file():
         return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder))
+    if (folder / "adapter_config.json").is_file():  # a PEFT adapter folder: the model is its base's
+        return config_without_weights(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
     for name in preset_names():
         cfg, hf = load_preset(name)
         if spec in (hf.get("hf_repo"), name):

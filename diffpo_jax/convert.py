@@ -7,9 +7,10 @@
       an Orbax model dir, train run dir (latest step) or step dir -> an HF folder transformers loads;
       default dtype: as stored for a model dir, bfloat16 for a train run or step dir; a LoRA run's
       is its merged model (base + adapters).
-  to-peft RUN_DIR OUT_DIR
+  to-peft RUN_DIR OUT_DIR [--dtype float32|bfloat16|float16]
       a LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (adapter_config.json,
-      adapter_model.safetensors) that peft.PeftModel.from_pretrained loads on the transformers base.
+      adapter_model.safetensors, default float32) that peft.PeftModel.from_pretrained loads on the
+      transformers base, and every --model accepts.
 
 OUT_DIR must be empty or absent unless --overwrite; outputs are written beside it and renamed at the
 end, so an interrupted run leaves no folder that looks complete. Paths may be URLs (gs://..., see
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("to-peft", help="LoRA train run / step dir -> PEFT adapter folder")
     c.add_argument("run")
     c.add_argument("out_dir")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored adapter dtype")
     for p in (a, b, c):
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     distributed.add_arguments(ap)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "from-hf":
             out = from_hf(args.model, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
         elif args.command == "to-peft":
-            out = export_peft(args.run, args.out_dir, overwrite=args.overwrite, mesh=default_mesh())
+            out = export_peft(args.run, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
         else:
             out = export_checkpoint(args.ckpt, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                     overwrite=args.overwrite, mesh=default_mesh())

@@ -38,13 +38,15 @@ from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
 # outputs do not depend on it)
-RESUME_OPTIONS = ("model", "format", "temperature", "top_p", "max_new_tokens", "num_samples", "seed", "model_id",
+RESUME_OPTIONS = ("model", "base", "format", "temperature", "top_p", "max_new_tokens", "num_samples", "seed", "model_id",
                   "dtype", "on_error")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="base model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
+    ap.add_argument("--model", default=None,
+                    help="base model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2")
+    ap.add_argument("--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)")
     ap.add_argument("--input", type=as_path, help="required, except with --plan")
     ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
@@ -81,13 +83,13 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    mesh = devices.decode_mesh(args.mesh, args.model, args.dtype)
+    mesh = devices.decode_mesh(args.mesh, args.base or args.model, args.dtype)
     devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=False)
     options = record_loop.run_options(args, RESUME_OPTIONS)
     out = record_loop.open_output(args.output, args.format, records, options)
-    loaded = loaded or load_model(args.model, dtype=options["dtype"], mesh=mesh)
+    loaded = loaded or load_model(args.model, base=args.base, dtype=options["dtype"], mesh=mesh)
     model_id = args.model_id or Path(loaded.source).stem
     k = args.num_samples
     decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens, mesh=mesh)

@@ -36,7 +36,7 @@ from diffpo_jax.sources import ModelSourceError
 
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial
-RESUME_OPTIONS = ("model", "format", "history", "max_new_tokens", "max_iterations", "hold_draft_prefix", "dtype",
+RESUME_OPTIONS = ("model", "base", "format", "history", "max_new_tokens", "max_iterations", "hold_draft_prefix", "dtype",
                   "trajectory", "on_error")
 
 
@@ -64,7 +64,9 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="DiffPO model: hub id, HF folder, .gguf, Orbax dir; default: embedded SmolLM2")
+    ap.add_argument("--model", default=None,
+                    help="DiffPO model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2")
+    ap.add_argument("--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)")
     ap.add_argument("--input", type=as_path, help="required, except with --plan")
     ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
@@ -111,13 +113,13 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    mesh = devices.decode_mesh(args.mesh, args.model, args.dtype)
+    mesh = devices.decode_mesh(args.mesh, args.base or args.model, args.dtype)
     devices.check_rows(mesh, args.batch_size)  # before the model loads
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
     options = record_loop.run_options(args, RESUME_OPTIONS)
     out = record_loop.open_output(args.output, args.format, records, options)
-    loaded = loaded or load_model(args.model, dtype=options["dtype"], mesh=mesh)
+    loaded = loaded or load_model(args.model, base=args.base, dtype=options["dtype"], mesh=mesh)
     decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
     # the bar counts this process's decoded turns (records come out a window at a time)
@@ -173,13 +175,13 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     }
 
 
-def side_by_side(draft: str, refined: str, width: int = 48) -> str:
-    """Two wrapped columns, draft | refined."""
+def side_by_side(draft: str, refined: str, width: int = 48, titles: tuple[str, str] = ("draft", "refined")) -> str:
+    """Two wrapped columns under `titles`, draft | refined."""
     def wrap(text):
         return [w for line in text.splitlines() or [""] for w in textwrap.wrap(line, width) or [""]]
 
     left, right = wrap(draft), wrap(refined)
-    rows = [("draft", "refined"), ("-" * width, "-" * width)] + list(itertools.zip_longest(left, right, fillvalue=""))
+    rows = [titles, ("-" * width, "-" * width)] + list(itertools.zip_longest(left, right, fillvalue=""))
     return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
 
 

@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--label", type=int, default=0, help="classifiers with several labels: the logit that is the score")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--report", type=as_path, help="write the summary as a Markdown table")
+    ap.add_argument("--show", type=int, default=0, metavar="K",
+                    help="jsonl with two one-answer fields: print the first K records' answers side by side with their scores")
     ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
     devices.add_arguments(ap)
     distributed.add_arguments(ap)
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--batch-size must be >= 1")
     if args.best_of_n and args.format != "jsonl":
         ap.error("--best-of-n needs --format jsonl")
+    if args.show and args.format != "jsonl":
+        ap.error("--show needs --format jsonl")
     return args
 
 
@@ -148,6 +152,21 @@ def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[st
     return per_field, (tuple(single) if len(single) == 2 == len(layout.fields) else None)
 
 
+def show(path, summary: dict, k: int) -> None:
+    """The first k records of a scored jsonl file whose two one-answer fields had a win rate: side by side, scored."""
+    from diffpo_jax.data.formats import jsonl_records
+    from diffpo_jax.refine import side_by_side
+
+    if "win_rate" not in summary:
+        return
+    first, second = summary["win_rate"]["over"], summary["win_rate"]["of"]
+    for _, rec in list(jsonl_records(path))[:k]:
+        print(f"\n=== {rec.get('id', '')} {rec.get('prompt', '')}".rstrip())
+        print(side_by_side(rec[first], rec[second], titles=(f"{first} ({rec['scores'][first]:.3f})",
+                                                             f"{second} ({rec['scores'][second]:.3f})")))
+    print()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -160,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from diffpo_jax.reward.summary import markdown
 
+    show(args.output, summary, args.show)
     for field, s in summary["fields"].items():
         print(f"{field}: mean score {s['mean']:.4f} over {s['n']} answers")
     if "win_rate" in summary:

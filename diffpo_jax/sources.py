@@ -9,6 +9,11 @@ Accepted, in the order they are tried:
     dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders.
     A LoRA run's dir: the base its adapter_config.json names, loaded as any of these, with the run's
     adapters merged into it at load (lora.py)
+  - a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, weights/peft.py): its base
+    (`base=`, the CLIs' --base, else the config's base_model_name_or_path) loaded as any of these, the
+    adapters merged into it at load; the tokenizer is the folder's when it has one, else the base's
+  - "embedded-refiner": the DiffPO refiner trained for this project, a PEFT folder inside the package
+    (diffpo_jax/refiner/) on the embedded SmolLM2; `refine`'s default
 A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
 files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
@@ -30,7 +35,7 @@ from flax import nnx
 
 from diffpo_jax.chat import end_of_turn_id
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
-from diffpo_jax.lora import merge_adapters, read_adapter_config, union
+from diffpo_jax.lora import ADAPTER_CONFIG, merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.weights.checkpoint import (
@@ -38,9 +43,13 @@ from diffpo_jax.weights.checkpoint import (
     tokenizer_from_dir,
 )  # fmt: skip
 from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
+from diffpo_jax.sharding import param_shardings
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
+from diffpo_jax.weights.peft import read_peft_adapters
 
 EMBEDDED = "embedded"
+EMBEDDED_REFINER = "embedded-refiner"
+REFINER_DIR = Path(__file__).resolve().parent / "refiner"  # the embedded refiner's PEFT folder
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 
@@ -154,15 +163,57 @@ def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, wi
     return LoadedModel(cfg, model, tokenizer, str(path), {}, read_generation_config(files))
 
 
+def _is_peft_folder(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return not is_url(spec) and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def _load_peft(folder: Path, base: str | None, dtype: str, param_dtype: str | None, mesh,
+               with_tokenizer: bool) -> LoadedModel:
+    """A PEFT adapter folder on `base` (default: the base its config names), merged at load (module doc)."""
+    try:
+        lora, named = read_adapter_config(folder)
+    except (ValueError, KeyError) as e:
+        raise ModelSourceError(f"{folder / ADAPTER_CONFIG}: {e}" if isinstance(e, KeyError) else str(e)) from None
+    base_spec = base or named
+    if base_spec not in (None, "", EMBEDDED) and _is_peft_folder(base_spec):
+        raise ModelSourceError(f"{folder}: its base {base_spec} is itself an adapter folder, not a model")
+    loaded = load_model(base_spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
+    cfg = loaded.cfg.replace(lora=lora)
+    try:
+        adapters = read_peft_adapters(folder, cfg)
+    except WeightsError as e:
+        raise ModelSourceError(f"{e} (base: {base_spec})") from None
+    abstract = nnx.state(abstract_model(cfg), nnx.LoRAParam)
+    if mesh is None:
+        adapters = jax.device_put(adapters, jax.local_devices()[0])
+    else:
+        adapters = jax.device_put(adapters, nnx.to_pure_dict(param_shardings(abstract, mesh)))
+    params = merge_adapters(union(nnx.to_pure_dict(nnx.state(loaded.model)), adapters), lora)
+    model = nnx.merge(nnx.graphdef(loaded.model), params)
+    own = with_tokenizer and (folder / "tokenizer_config.json").is_file()
+    tokenizer = tokenizer_from_dir(folder) if own else loaded.tokenizer
+    return dataclasses.replace(loaded, model=model, tokenizer=tokenizer, source=f"{folder} on {loaded.source}",
+                               reference={})
+
+
 def load_model(
     spec: str | None = None,
     *,
+    base: str | None = None,
     dtype: str = "float32",
     param_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
-    """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype)."""
+    """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype).
+    `base`: the base model of a PEFT adapter folder `spec` (default: the one its config names)."""
+    if spec == EMBEDDED_REFINER:
+        spec = str(REFINER_DIR)
+    if spec not in (None, "", EMBEDDED) and _is_peft_folder(spec):
+        return _load_peft(Path(spec).expanduser(), base, dtype, param_dtype, mesh, with_tokenizer)
+    if base:
+        raise ModelSourceError(f"--base {base}: only a PEFT adapter folder takes a base, and {spec or EMBEDDED} is not one")
     if spec not in (None, "", EMBEDDED) and is_orbax_dir(spec):
         return _load_orbax(as_path(spec), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "diffpo_jax"
 LAYERS = [
     ("basics", ["config", "sharding", "paths", "distributed", "jsonl", "chat"]),
     ("model", ["attention", "model", "lora"]),
-    ("weights", ["weights", "weights.hf", "weights.gguf", "weights.checkpoint"]),
+    ("weights", ["weights", "weights.hf", "weights.gguf", "weights.checkpoint", "weights.peft"]),
     ("loading", ["sources", "weights.export"]),
     ("libraries", ["data", "data.*", "decoding", "decoding.*", "reward", "reward.*"]),
     ("loops", ["training", "training.*", "record_loop"]),

@@ -4,6 +4,7 @@ training run trains the adapters only, its loss moves, resume is exact, 8 device
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,7 +20,7 @@ from diffpo_jax.lora import (
 )
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
-from diffpo_jax.sources import load_model
+from diffpo_jax.sources import ModelSourceError, load_model
 from diffpo_jax.training.step import global_batch, init_state, make_optimizer, make_train_step, state_shardings
 from diffpo_jax.training.trainer import TrainConfigError, load_config, train
 from diffpo_jax.weights.checkpoint import TrainCheckpoints, restore_params, write_model_files
@@ -99,6 +100,71 @@ def test_merge_adapters_is_the_adapted_forward(tiny_gemma2_dir, tmp_path):
     ids = np.random.default_rng(1).integers(3, tiny.VOCAB, (1, 12))
     plain = nnx.merge(nnx.graphdef(abstract_model(model.cfg.replace(lora=None))), merged)
     np.testing.assert_allclose(ours(plain, ids), ours(model, ids), atol=1e-5)
+
+
+def peft_adapter(base_dir, folder, seed: int = 0, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
+    """An adapter made and saved by peft itself (random, non-zero B) on the transformers base; returns the PeftModel."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny.load_reference(base_dir), PeftLoraConfig(
+        r=4, lora_alpha=6, target_modules=list(targets), init_lora_weights=False)).eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_peft_folder_is_a_model(family, request, tmp_path):
+    """--model PEFT_FOLDER: peft's own adapter on its named base, or on --base, gives peft's logits."""
+    base_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    peft = peft_adapter(base_dir, tmp_path / "peft")
+    ids = np.random.default_rng(2).integers(3, tiny.VOCAB, (2, 16))
+    expected = torch_logits(peft, ids)
+    assert np.abs(expected - torch_logits(tiny.load_reference(base_dir), ids)).max() > 0.1  # the adapter matters
+    loaded = load_model(str(tmp_path / "peft"))
+    assert loaded.cfg.lora is None and loaded.source == f"{tmp_path / 'peft'} on {base_dir}"
+    np.testing.assert_allclose(ours(loaded.model, ids), expected, atol=1e-4)
+
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "gone"}))
+    with pytest.raises(ModelSourceError, match="gone: no such file or directory"):
+        load_model(str(tmp_path / "peft"))
+    np.testing.assert_allclose(ours(load_model(str(tmp_path / "peft"), base=str(base_dir)).model, ids), expected,
+                               atol=1e-4)
+
+
+def test_to_peft_dtype_round_trips(tiny_llama_dir, tmp_path):
+    """to-peft --dtype bfloat16 stores BF16 tensors, read back as exactly the bf16 rounding of the run's adapters."""
+    from diffpo_jax.weights.hf import safetensors_tensors
+    from diffpo_jax.weights.peft import read_peft_adapters
+
+    _, adapters = lora_run(tiny_llama_dir, tmp_path / "run", LORA)
+    assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft"), "--dtype", "bfloat16"]) == 0
+    stored = safetensors_tensors(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {"BF16"} and len(stored) == 2 * 2 * len(LORA.target_modules)
+    cfg = load_model(str(tiny_llama_dir)).cfg.replace(lora=LORA)
+    rounded = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)), adapters)
+    jax.tree.map(np.testing.assert_array_equal, read_peft_adapters(tmp_path / "peft", cfg), rounded)
+
+
+def test_bad_peft_folders_are_one_line_errors(tiny_llama_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    peft_adapter(tiny_llama_dir, tmp_path / "peft")
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    save_file({k: v for k, v in tensors.items() if k != name}, weights)
+    with pytest.raises(ModelSourceError, match=f"{weights}: tensor '{name}' is missing"):
+        load_model(str(tmp_path / "peft"))
+    save_file(tensors | {name: tensors[name][:, :2]}, weights)
+    with pytest.raises(ModelSourceError, match=r"has shape \(32, 2\), the base and r = 4 expect \(32, 4\)"):
+        load_model(str(tmp_path / "peft"))
+    save_file(tensors | {"base_model.model.lm_head.lora_A.weight": tensors[name]}, weights)
+    with pytest.raises(ModelSourceError, match="1 tensors this model's adapters do not have, e.g. 'base_model.model.lm_head"):
+        load_model(str(tmp_path / "peft"))
+    with pytest.raises(ModelSourceError, match="only a PEFT adapter folder takes a base"):
+        load_model(str(tiny_llama_dir), base=str(tiny_llama_dir))
 
 
 def changed(params: dict, base: dict) -> set[str]:

@@ -195,7 +195,7 @@ def main(args: argparse.Namespace, kind: str) -> int:
     simulate_devices(devices // hosts)
     try:
         dtype = args.dtype or "bfloat16"  # the accelerator default (decoding/devices.py)
-        cfg = config_without_weights(args.model).replace(dtype=dtype, param_dtype=dtype)
+        cfg = config_without_weights(args.base or args.model).replace(dtype=dtype, param_dtype=dtype)
         p = plan(cfg, devices=devices, hosts=hosts, kind=kind, batch=args.batch_size * getattr(args, "num_samples", 1),
                  prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, block=getattr(args, "block_size", 1),
                  device_memory_gib=args.device_memory, mesh_shape=args.mesh)

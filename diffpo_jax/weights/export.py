@@ -17,7 +17,7 @@ master weights) in bfloat16, unless told otherwise (float32, bfloat16 or float16
 as its merged model (base + adapters, `sources.restore_model_params`).
 
 `export_peft`: a LoRA run's adapters alone -> a PEFT adapter folder (`adapter_config.json`,
-`adapter_model.safetensors` in fp32 under PEFT's names, e.g.
+`adapter_model.safetensors` in fp32, or bf16 / fp16, under PEFT's names (weights/peft.py), e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` [r, in]; lora.py), which
 `peft.PeftModel.from_pretrained(base, OUT)` loads on the transformers base.
 """
@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.distributed import is_main_process
-from diffpo_jax.lora import ADAPTER_WEIGHTS, TARGETS, read_adapter_config, write_adapter_config
+from diffpo_jax.lora import ADAPTER_WEIGHTS, read_adapter_config, write_adapter_config
 from diffpo_jax.paths import as_path, written_locally
 from diffpo_jax.sources import restore_model_params
 from diffpo_jax.weights.checkpoint import (
@@ -57,6 +57,7 @@ from diffpo_jax.weights.checkpoint import (
     write_model_files,
 )
 from diffpo_jax.weights.hf import WeightSpec, weight_specs
+from diffpo_jax.weights.peft import adapter_specs, peft_name
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -210,24 +211,21 @@ def export_checkpoint(
 
 def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     """PEFT's state dict of the adapters of a model of `cfg` (nested dict of arrays, any sharding): per
-    layer and targeted projection, `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and
-    `lora_B.weight` = B^T [out, r], fp32 host arrays (one layer at a time, as `host_tensor` brings them)."""
+    layer and targeted projection, A^T [r, in] and B^T [out, r] under `peft_name`, fp32 host arrays (one
+    layer at a time, as `host_tensor` brings them)."""
     out = {}
-    for spec in weight_specs(cfg):
+    for spec in adapter_specs(cfg):
         *module, name = spec.path
-        if not (spec.stacked and name in TARGETS and f"{name}_lora" in _at(adapters, module)):
-            continue
         adapter = _at(adapters, module)[f"{name}_lora"]
         for i in range(cfg.num_layers):
-            prefix = "base_model.model." + spec.hf_name.format(i=i).removesuffix(".weight")
-            for ours, peft in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-                out[f"{prefix}.{peft}.weight"] = np.ascontiguousarray(host_tensor(adapter[ours], i).T, np.float32)
+            for ours in ("lora_a", "lora_b"):
+                out[peft_name(spec, i, ours)] = np.ascontiguousarray(host_tensor(adapter[ours], i).T, np.float32)
     return out
 
 
-def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite: bool = False,
+def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False,
                 mesh: jax.sharding.Mesh | None = None) -> epath.Path:
-    """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc)."""
+    """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc), tensors in `dtype`."""
     out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)
     found = read_adapter_config(model_files_dir(run))
@@ -235,7 +233,8 @@ def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, overwrite
         raise CheckpointError(f"{run}: not a LoRA run (no adapter_config.json); to-hf exports its model")
     lora, base = found
     cfg = read_orbax_config(run).replace(lora=lora)
-    tensors = peft_tensors(cfg, nnx.to_pure_dict(restore_params(run, cfg, mesh, nnx.LoRAParam)))
+    tensors = {name: t.astype(DTYPES[dtype]) for name, t in
+               peft_tensors(cfg, nnx.to_pure_dict(restore_params(run, cfg, mesh, nnx.LoRAParam))).items()}
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         if is_main_process():
             with written_locally(tmp) as local:

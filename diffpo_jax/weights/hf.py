@@ -126,6 +126,27 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return table, 8 + n
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a .safetensors file lies; `array()` memory-maps it (read when sliced or converted).
+    Mapped on demand, not up front: each map holds a file descriptor, and a large model has thousands of tensors."""
+
+    path: Path
+    dtype: str
+    offset: int
+    shape: tuple[int, ...]
+
+    def array(self) -> np.ndarray:
+        return np.memmap(self.path, dtype=_ST_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape)
+
+
+def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a .safetensors file by name (validated: `read_safetensors_header`)."""
+    table, start = read_safetensors_header(path)
+    return {name: StoredTensor(path, t["dtype"], start + t["data_offsets"][0], tuple(t["shape"]))
+            for name, t in table.items()}
+
+
 class SafetensorsCheckpoint:
     """An HF model folder: config.json + model.safetensors or sharded model-*.safetensors + index."""
 
@@ -142,14 +163,12 @@ class SafetensorsCheckpoint:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
             raise WeightsError(f"{self.path}: no weights (*.safetensors) in this folder")
-        self._where: dict[str, tuple[Path, dict, int]] = {}
+        self._tensors: dict[str, StoredTensor] = {}
         for file in files:
             fpath = self.path / file
             if not fpath.is_file():
                 raise WeightsError(f"{fpath}: listed in the index but missing")
-            table, start = read_safetensors_header(fpath)
-            for name, t in table.items():
-                self._where[name] = (fpath, t, start)
+            self._tensors.update(safetensors_tensors(fpath))
 
     def hf_config(self) -> dict:
         from diffpo_jax.config import read_hf_config
@@ -157,14 +176,12 @@ class SafetensorsCheckpoint:
         return read_hf_config(self.path / "config.json")
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._tensors)
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self._where:
+        if name not in self._tensors:
             raise WeightsError(f"{self.path}: tensor {name!r} is missing")
-        fpath, t, start = self._where[name]
-        begin, _ = t["data_offsets"]
-        return np.memmap(fpath, dtype=_ST_DTYPES[t["dtype"]], mode="r", offset=start + begin, shape=tuple(t["shape"]))
+        return self._tensors[name].array()
 
 
 def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> slice | None:
