@@ -30,4 +30,6 @@ demo: $(STAMP)
 		--max-new-tokens $(DEMO_TOKENS) --block-size 8 --batch-size 8 --show 2
 
 test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests

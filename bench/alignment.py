@@ -49,8 +49,11 @@ RESULTS_FILE = ROOT / "bench" / "results" / "alignment.md"
 FIGURE = ROOT / "bench" / "figures" / "alignment.png"
 SETUPS = {  # name: (file stem, system prompt or None for the model's default, temperature)
     "neutral, t=1.0": ("neutral", None, 1.0),
-    "grumpy, t=0.7": ("grumpy", "You are a grumpy, impatient assistant. You answer curtly, complain, and point out "
-                                "what is wrong or annoying.", 0.7),
+    "grumpy, t=0.7": (
+        "grumpy",
+        "You are a grumpy, impatient assistant. You answer curtly, complain, and point out what is wrong or annoying.",
+        0.7,
+    ),
 }
 TRAIN_SAMPLES, HELD_SAMPLES, HOLDOUT = 3, 8, 64
 MAX_NEW_TOKENS, BATCH, BLOCK, EPOCHS, LR = 48, 16, 16, 1, 5e-5
@@ -63,8 +66,10 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
     "paper (w=1e3, all)": ("paper", ["loss.con_weight=1000", "loss.con_positions=all"]),
     "AR only (w=0), 3 epochs": ("ar-only-3ep", ["loss.con_weight=0", "num_epochs=3"]),
     # the embedded refiner (diffpo_jax/refiner/): rank-8 adapters on every projection, 10x the full run's lr
-    "LoRA r8, AR only (w=0), 3 epochs": ("lora-ar-3ep", ["loss.con_weight=0", "num_epochs=3", "lora.rank=8",
-                                                         "lora.alpha=16", "optimizer.learning_rate=5e-4"]),
+    "LoRA r8, AR only (w=0), 3 epochs": (
+        "lora-ar-3ep",
+        ["loss.con_weight=0", "num_epochs=3", "lora.rank=8", "lora.alpha=16", "optimizer.learning_rate=5e-4"],
+    ),
 }
 UNTRAINED = "untrained SmolLM2"
 EXAMPLES = 5
@@ -90,18 +95,37 @@ def generate_samples(work: Path, prompts: list[str], held: list[int], loaded) ->
     out = {}
     for setup, (stem, system, temperature) in SETUPS.items():
         out[setup] = {}
-        for part, idx, k in (("train", [i for i in range(len(prompts)) if i not in held_set], TRAIN_SAMPLES),
-                             ("held", held, HELD_SAMPLES)):
+        for part, idx, k in (
+            ("train", [i for i in range(len(prompts)) if i not in held_set], TRAIN_SAMPLES),
+            ("held", held, HELD_SAMPLES),
+        ):
             path = work / "samples" / f"{stem}-{part}.jsonl"
             if not path.exists():
                 src = path.with_name(path.stem + ".input.jsonl")
                 src.parent.mkdir(parents=True, exist_ok=True)
                 src.write_text("".join(json.dumps(_messages(prompts[i], system)) + "\n" for i in idx))
                 print(f"generate: {setup}, {part} ({len(idx)} prompts x {k})", flush=True)
-                generate.run(generate.parse_args([
-                    "--input", str(src), "--output", str(path), "--temperature", str(temperature),
-                    "--max-new-tokens", str(MAX_NEW_TOKENS), "--num-samples", str(k), "--batch-size", str(GEN_ROWS // k),
-                    "--seed", "0"]), loaded=loaded)
+                generate.run(
+                    generate.parse_args(
+                        [
+                            "--input",
+                            str(src),
+                            "--output",
+                            str(path),
+                            "--temperature",
+                            str(temperature),
+                            "--max-new-tokens",
+                            str(MAX_NEW_TOKENS),
+                            "--num-samples",
+                            str(k),
+                            "--batch-size",
+                            str(GEN_ROWS // k),
+                            "--seed",
+                            "0",
+                        ]
+                    ),
+                    loaded=loaded,
+                )
             recs = [json.loads(line) for line in path.read_text().splitlines()]
             out[setup] |= {i: r["samples"] for i, r in zip(idx, recs)}
     return out
@@ -122,11 +146,35 @@ def build_data(work: Path, prompts: list[str], samples: dict) -> Path:
     if data.exists():
         return data
     source, scored = work / "trajectories.jsonl", work / "trajectories.scored.jsonl"
-    source.write_text("".join(json.dumps({"prompt": p, "all_generated_responses": [
-        a for setup in SETUPS for a in samples[setup][i][:TRAIN_SAMPLES]]}) + "\n" for i, p in enumerate(prompts)))
+    source.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": p,
+                    "all_generated_responses": [a for setup in SETUPS for a in samples[setup][i][:TRAIN_SAMPLES]],
+                }
+            )
+            + "\n"
+            for i, p in enumerate(prompts)
+        )
+    )
     if not scored.exists():
-        score.run(score.parse_args(["--reward", str(ROOT / REWARD), "--input", str(source), "--output", str(scored),
-                                    "--format", "trajectories", "--batch-size", "64"]))
+        score.run(
+            score.parse_args(
+                [
+                    "--reward",
+                    str(ROOT / REWARD),
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(scored),
+                    "--format",
+                    "trajectories",
+                    "--batch-size",
+                    "64",
+                ]
+            )
+        )
     build([str(scored)], data)
     return data
 
@@ -140,11 +188,27 @@ def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
     done = out / "done"
     if not done.exists():
         print(f"train: {name}", flush=True)
-        cfg = load_config(ROOT / "configs" / "train" / "smollm2-135m.yaml", [
-            f"data={data}", f"output_dir={out}", f"num_epochs={EPOCHS}", f"optimizer.learning_rate={LR}",
-            "prompt_len=64", f"response_len={MAX_NEW_TOKENS}", f"eval.holdout_prompts={HOLDOUT}", "eval.every=0",
-            "eval.max_rows=64", f"eval.batch_size={BATCH}", f"eval.block_size={BLOCK}", "save_every=16",
-            "tensorboard=false", "log_every=4", *([f"max_steps={steps}"] if steps else []), *overrides])
+        cfg = load_config(
+            ROOT / "configs" / "train" / "smollm2-135m.yaml",
+            [
+                f"data={data}",
+                f"output_dir={out}",
+                f"num_epochs={EPOCHS}",
+                f"optimizer.learning_rate={LR}",
+                "prompt_len=64",
+                f"response_len={MAX_NEW_TOKENS}",
+                f"eval.holdout_prompts={HOLDOUT}",
+                "eval.every=0",
+                "eval.max_rows=64",
+                f"eval.batch_size={BATCH}",
+                f"eval.block_size={BLOCK}",
+                "save_every=16",
+                "tensorboard=false",
+                "log_every=4",
+                *([f"max_steps={steps}"] if steps else []),
+                *overrides,
+            ],
+        )
         result = train(cfg, log=lambda line: print(f"  {line}", flush=True))
         if result.stopped or result.step < result.total_steps:
             raise SystemExit(f"{name}: stopped at step {result.step}; rerun to resume")
@@ -152,8 +216,9 @@ def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
     return out
 
 
-def evaluate_model(work: Path, name: str, source: str | None, prompts: list[str], held: list[int],
-                   samples: dict, reward) -> dict:
+def evaluate_model(
+    work: Path, name: str, source: str | None, prompts: list[str], held: list[int], samples: dict, reward
+) -> dict:
     """Per setup and hold: refine the held-out drafts with the model `source`: texts, rewards, stats, seconds
     (cached in WORK/eval)."""
     from diffpo_jax.decoding.batching import Decoder
@@ -178,8 +243,11 @@ def evaluate_model(work: Path, name: str, source: str | None, prompts: list[str]
             seconds = time.perf_counter() - start
             texts = [o.text for o in outs]
             result[f"{setup} | {hold_name}"] = {
-                "texts": texts, "rewards": reward(texts), "seconds_per_answer": seconds / len(outs),
-                "passes": sum(o.stats["passes"] for o in outs), "tokens": [len(o.tokens) for o in outs],
+                "texts": texts,
+                "rewards": reward(texts),
+                "seconds_per_answer": seconds / len(outs),
+                "passes": sum(o.stats["passes"] for o in outs),
+                "tokens": [len(o.tokens) for o in outs],
                 "committed": sum(o.stats["tokens_per_pass"] * o.stats["passes"] for o in outs),
                 "distinct": [len(set(o.tokens)) / max(len(o.tokens), 1) for o in outs],
             }
@@ -228,8 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     # what the kept samples depend on (a run dir's training settings are checked by the trainer on resume)
-    settings = {"setups": SETUPS, "samples": [TRAIN_SAMPLES, HELD_SAMPLES, HOLDOUT], "max_new_tokens": MAX_NEW_TOKENS,
-                "prompts": PROMPTS.read_text()}
+    settings = {
+        "setups": SETUPS,
+        "samples": [TRAIN_SAMPLES, HELD_SAMPLES, HOLDOUT],
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "prompts": PROMPTS.read_text(),
+    }
     kept = work / "settings.json"
     if kept.exists() and json.loads(kept.read_text()) != json.loads(json.dumps(settings)):
         raise SystemExit(f"{work} holds a run with other settings: use another --work or delete it")
@@ -258,10 +330,15 @@ def _stats(rewards, drafts, seconds, tokens=None, passes=None, committed=None, d
     from diffpo_jax.reward.summary import win_rate
 
     rate, lo, hi = win_rate(drafts, rewards)
-    return {"reward": float(np.mean(rewards)), "win": rate, "ci": (lo, hi), "seconds": seconds,
-            "passes_per_token": passes / committed if passes else None,
-            "distinct": float(np.mean(distinct)) if distinct else None,
-            "length": float(np.mean(tokens)) if tokens else None}
+    return {
+        "reward": float(np.mean(rewards)),
+        "win": rate,
+        "ci": (lo, hi),
+        "seconds": seconds,
+        "passes_per_token": passes / committed if passes else None,
+        "distinct": float(np.mean(distinct)) if distinct else None,
+        "length": float(np.mean(tokens)) if tokens else None,
+    }
 
 
 def report(args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs) -> None:
@@ -286,27 +363,62 @@ def report(args, work, prompts, held, samples, sample_rewards, draft_seconds, sc
         for k in BEST_OF:
             best = [int(np.argmax(r[:k])) for r in rw]
             lens, dist = answer_stats([samples[setup][i][b] for i, b in zip(held, best)])
-            entries[f"Best-of-{k}"] = _stats([r[b] for r, b in zip(rw, best)], draft_r,
-                                             k * (t_draft + score_seconds), lens, distinct=dist)
+            entries[f"Best-of-{k}"] = _stats(
+                [r[b] for r, b in zip(rw, best)], draft_r, k * (t_draft + score_seconds), lens, distinct=dist
+            )
         for name, res in refiners.items():
             for hold_name in HOLDS:
                 e = res[f"{setup} | {hold_name}"]
-                entries[f"{name}, {hold_name}"] = _stats(e["rewards"], draft_r, t_draft + e["seconds_per_answer"],
-                                                        e["tokens"], e["passes"], e["committed"], e["distinct"])
+                entries[f"{name}, {hold_name}"] = _stats(
+                    e["rewards"],
+                    draft_r,
+                    t_draft + e["seconds_per_answer"],
+                    e["tokens"],
+                    e["passes"],
+                    e["committed"],
+                    e["distinct"],
+                )
         methods[setup] = entries
         for m, s in entries.items():
-            table_rows.append([m, f"{s['reward']:.3f}", f"{s['win']:.2f} ({s['ci'][0]:.2f}-{s['ci'][1]:.2f})",
-                               f"{s['seconds']:.2f}", "-" if s["passes_per_token"] is None else f"{s['passes_per_token']:.3f}",
-                               f"{s['distinct']:.2f}", f"{s['length']:.1f}"])
+            table_rows.append(
+                [
+                    m,
+                    f"{s['reward']:.3f}",
+                    f"{s['win']:.2f} ({s['ci'][0]:.2f}-{s['ci'][1]:.2f})",
+                    f"{s['seconds']:.2f}",
+                    "-" if s["passes_per_token"] is None else f"{s['passes_per_token']:.3f}",
+                    f"{s['distinct']:.2f}",
+                    f"{s['length']:.1f}",
+                ]
+            )
         rows.append((setup, table_rows))
-    lines = [f"# Does DiffPO align? ({len(prompts)} prompts, {len(held)} held out, VADER tone reward)", "",
-             f"- machine: {machine()}", f"- command: `{command('bench.alignment', None)}`",
-             f"- SmolLM2-135M-Instruct fp32; {MAX_NEW_TOKENS} new tokens; batch {BATCH}; Jacobi window {BLOCK}; "
-             f"training: smollm2-135m preset, lr {LR}, {EPOCHS} epochs (paper setting: {args.steps_paper} steps)", ""]
+    lines = [
+        f"# Does DiffPO align? ({len(prompts)} prompts, {len(held)} held out, VADER tone reward)",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `{command('bench.alignment', None)}`",
+        f"- SmolLM2-135M-Instruct fp32; {MAX_NEW_TOKENS} new tokens; batch {BATCH}; Jacobi window {BLOCK}; "
+        f"training: smollm2-135m preset, lr {LR}, {EPOCHS} epochs (paper setting: {args.steps_paper} steps)",
+        "",
+    ]
     for setup, table_rows in rows:
-        lines += [f"## Held-out, base setup: {setup}", "", table(
-            ["method", "mean reward", "win rate over draft (95% CI)", "s / answer", "passes / token",
-             "distinct tokens", "tokens"], table_rows), ""]
+        lines += [
+            f"## Held-out, base setup: {setup}",
+            "",
+            table(
+                [
+                    "method",
+                    "mean reward",
+                    "win rate over draft (95% CI)",
+                    "s / answer",
+                    "passes / token",
+                    "distinct tokens",
+                    "tokens",
+                ],
+                table_rows,
+            ),
+            "",
+        ]
     lines += _training_lines(runs)
     lines += _examples(prompts, held, samples, sample_rewards, refiners)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -323,12 +435,31 @@ def _training_lines(runs: dict[str, Path]) -> list[str]:
     body = []
     for name, run in runs.items():
         evals = [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_ar" in m]
-        step_s = np.median([m["step_time_s"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                            if "step_time_s" in m][1:])  # the first step compiles
-        body.append([name, evals[-1]["step"], f"{evals[0]['eval_ar']:.3f}", f"{evals[-1]['eval_ar']:.3f}",
-                     f"{evals[-1]['eval_distinct']:.2f}", f"{evals[-1]['eval_passes_per_token']:.3f}", f"{step_s:.1f}"])
-    return out + [table(["run", "steps", "L_AR untrained", "L_AR trained", "distinct (eval)", "passes / token (eval)",
-                         "s / step"], body), ""]
+        step_s = np.median(
+            [
+                m["step_time_s"]
+                for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "step_time_s" in m
+            ][1:]
+        )  # the first step compiles
+        body.append(
+            [
+                name,
+                evals[-1]["step"],
+                f"{evals[0]['eval_ar']:.3f}",
+                f"{evals[-1]['eval_ar']:.3f}",
+                f"{evals[-1]['eval_distinct']:.2f}",
+                f"{evals[-1]['eval_passes_per_token']:.3f}",
+                f"{step_s:.1f}",
+            ]
+        )
+    return out + [
+        table(
+            ["run", "steps", "L_AR untrained", "L_AR trained", "distinct (eval)", "passes / token (eval)", "s / step"],
+            body,
+        ),
+        "",
+    ]
 
 
 def _examples(prompts, held, samples, sample_rewards, refiners) -> list[str]:
@@ -359,7 +490,9 @@ def _plot(methods: dict[str, dict[str, dict]]) -> None:
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
     for ax, (setup, entries) in zip(axes[0], methods.items()):
         bon = ["draft"] + [f"Best-of-{k}" for k in BEST_OF]
-        ax.plot([entries[m]["seconds"] for m in bon], [entries[m]["reward"] for m in bon], "k-o", label="draft / Best-of-N")
+        ax.plot(
+            [entries[m]["seconds"] for m in bon], [entries[m]["reward"] for m in bon], "k-o", label="draft / Best-of-N"
+        )
         for m in bon[1:]:
             ax.annotate(m.replace("Best-of-", "BoN-"), (entries[m]["seconds"], entries[m]["reward"]), fontsize=7)
         for m, s in entries.items():

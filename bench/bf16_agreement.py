@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bench import common
 
@@ -38,7 +38,9 @@ def agreement(answers: list[list[int]], reference: list[list[int]]) -> tuple[flo
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.bf16_agreement", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)"
+    )
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=16)
@@ -49,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
 
-    records = [json.loads(line) for line in PROMPTS.read_text().splitlines()][:: 4][: args.prompts]
+    records = [json.loads(line) for line in PROMPTS.read_text().splitlines()][::4][: args.prompts]
     answers, drafts = {}, None
     for dtype in ("float32", "bfloat16"):
         decoder = Decoder(load_model(args.model, dtype=dtype), batch_size=BATCH, max_new_tokens=args.max_new_tokens)
@@ -57,24 +59,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
         batches = range(0, len(prompts), BATCH)
         if drafts is None:
             keys = jax.random.split(jax.random.key(0), len(prompts))
-            drafts = [o.tokens + [decoder.end_of_turn] for lo in batches for o in decoder.sample(
-                prompts[lo : lo + BATCH], keys[lo : lo + BATCH], temperature=0.7, top_p=1.0)]
-        answers[f"{dtype} AR"] = [o.tokens for lo in batches for o in decoder.sample(
-            prompts[lo : lo + BATCH], jax.random.split(jax.random.key(0), len(prompts[lo : lo + BATCH])),
-            temperature=0.0, top_p=1.0)]
-        answers[f"{dtype} Jacobi"] = [o.tokens for lo in batches for o in decoder.refine(
-            prompts[lo : lo + BATCH], drafts[lo : lo + BATCH], block_size=args.block_size)]
+            drafts = [
+                o.tokens + [decoder.end_of_turn]
+                for lo in batches
+                for o in decoder.sample(prompts[lo : lo + BATCH], keys[lo : lo + BATCH], temperature=0.7, top_p=1.0)
+            ]
+        answers[f"{dtype} AR"] = [
+            o.tokens
+            for lo in batches
+            for o in decoder.sample(
+                prompts[lo : lo + BATCH],
+                jax.random.split(jax.random.key(0), len(prompts[lo : lo + BATCH])),
+                temperature=0.0,
+                top_p=1.0,
+            )
+        ]
+        answers[f"{dtype} Jacobi"] = [
+            o.tokens
+            for lo in batches
+            for o in decoder.refine(prompts[lo : lo + BATCH], drafts[lo : lo + BATCH], block_size=args.block_size)
+        ]
         print(f"{dtype}: done", flush=True)
-    pairs = [("float32 Jacobi", "float32 AR"), ("bfloat16 Jacobi", "bfloat16 AR"), ("bfloat16 AR", "float32 AR"),
-             ("bfloat16 Jacobi", "float32 AR")]
+    pairs = [
+        ("float32 Jacobi", "float32 AR"),
+        ("bfloat16 Jacobi", "bfloat16 AR"),
+        ("bfloat16 AR", "float32 AR"),
+        ("bfloat16 Jacobi", "float32 AR"),
+    ]
     rows = [[a, b, *agreement(answers[a], answers[b])] for a, b in pairs]
-    body = "\n".join([
-        common.header("bf16 agreement of Jacobi refinement", "bf16_agreement", "bench.bf16_agreement", argv,
-                      common.machine()),
-        f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, {len(records)} prompts, drafts = its fp32 temperature-0.7 answers, max_new_tokens "
-        f"{args.max_new_tokens}, block {args.block_size}, batch {BATCH}.\n",
-        common.table(["decoder", "against", "answers identical", "tokens before the first difference"], rows),
-    ])
+    body = "\n".join(
+        [
+            common.header(
+                "bf16 agreement of Jacobi refinement", "bf16_agreement", "bench.bf16_agreement", argv, common.machine()
+            ),
+            f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, {len(records)} prompts, drafts = its fp32 temperature-0.7 answers, max_new_tokens "
+            f"{args.max_new_tokens}, block {args.block_size}, batch {BATCH}.\n",
+            common.table(["decoder", "against", "answers identical", "tokens before the first difference"], rows),
+        ]
+    )
     common.report(args.results, "bf16_agreement", body)
     return {f"{a} vs {b}": (i, p) for a, b, i, p in rows}
 

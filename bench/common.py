@@ -14,8 +14,9 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -62,16 +63,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def add_results_option(ap) -> None:
     """The `--results` option every benchmark takes."""
-    ap.add_argument("--results", type=Path, default=RESULTS,
-                    help="folder for the results, one NAME.md per run (default: bench/results; '-': print only)")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder for the results, one NAME.md per run (default: bench/results; '-': print only)",
+    )
 
 
 def header(title: str, name: str, module: str, argv: Sequence[str] | None, machine_line: str) -> str:
     """The results file's heading, naming the script and the run, with the date, machine and command."""
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     script = "bench/" + module.rsplit(".", 1)[-1] + ".py"
-    return (f"## {title} ({script}, run {name})\n\n- date: {now}\n- machine: {machine_line}\n"
-            f"- command: `{command(module, argv)}`\n")
+    return (
+        f"## {title} ({script}, run {name})\n\n- date: {now}\n- machine: {machine_line}\n"
+        f"- command: `{command(module, argv)}`\n"
+    )
 
 
 def report(results: Path | str, name: str, body: str) -> None:

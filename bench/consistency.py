@@ -64,11 +64,21 @@ def run_variant(preset: str, overrides: list[str], out: Path, train_rows: int | 
     graphdef, state = nnx.split(loaded.model)
     encoder = RecordEncoder.for_tokenizer(loaded.tokenizer, cfg.prompt_len, cfg.response_len)
     stops = loaded.stop_tokens
-    evaluate = make_evaluator(cfg.eval, cfg.loss, train_records, encoder, graphdef, make_mesh(cfg.mesh),
-                              stop_tokens=stops,
-                              max_rows=sum(len(r["others"]) for r in train_records) if train_rows is None else train_rows)
-    return {"curve": [m for m in lines if "eval_ar" in m], "train_refine": evaluate(nnx.to_pure_dict(state)),
-            "lengths": (cfg.prompt_len, cfg.response_len)}
+    evaluate = make_evaluator(
+        cfg.eval,
+        cfg.loss,
+        train_records,
+        encoder,
+        graphdef,
+        make_mesh(cfg.mesh),
+        stop_tokens=stops,
+        max_rows=sum(len(r["others"]) for r in train_records) if train_rows is None else train_rows,
+    )
+    return {
+        "curve": [m for m in lines if "eval_ar" in m],
+        "train_refine": evaluate(nnx.to_pure_dict(state)),
+        "lengths": (cfg.prompt_len, cfg.response_len),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,17 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--holdout", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=30)
-    ap.add_argument("--train-rows", type=int,
-                    help="refine the first N (training prompt, y(t)) pairs after training (default: all)")
+    ap.add_argument(
+        "--train-rows", type=int, help="refine the first N (training prompt, y(t)) pairs after training (default: all)"
+    )
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), metavar="NAME", help="variant names (default: all)")
     add_results_option(ap)
     ap.add_argument("--section", help="the run's name: results file and figure (default: consistency-PRESET)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every variant")
     args = ap.parse_args(argv)
     line = machine()
-    common = [f"max_steps={args.steps}", f"num_epochs={10**4}", f"eval.holdout_prompts={args.holdout}",
-              f"eval.every={args.eval_every}", "save_every=100000", "tensorboard=false", "log_every=30",
-              *args.overrides]
+    common = [
+        f"max_steps={args.steps}",
+        f"num_epochs={10**4}",
+        f"eval.holdout_prompts={args.holdout}",
+        f"eval.every={args.eval_every}",
+        "save_every=100000",
+        "tensorboard=false",
+        "log_every=30",
+        *args.overrides,
+    ]
     results = {}
     work = Path(tempfile.mkdtemp(prefix="consistency-"))
     try:
@@ -99,22 +117,56 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     section = args.section or f"consistency-{args.preset}"
-    plot = figure(args.results, section, {name: r["curve"] for name, r in results.items()},
-                  "refinement cost (lower = faster)", "held-out L_AR")
+    plot = figure(
+        args.results,
+        section,
+        {name: r["curve"] for name, r in results.items()},
+        "refinement cost (lower = faster)",
+        "held-out L_AR",
+    )
     rows = []
     for name, r in results.items():
         end, start, t = r["curve"][-1], r["curve"][0], r["train_refine"]
-        rows.append([name, start["eval_ar"], end["eval_ar"], end["eval_passes_per_token"], end["eval_distinct"],
-                     t["eval_ar"], t["eval_passes_per_token"], t["eval_equal_best"], t["eval_distinct"]])
+        rows.append(
+            [
+                name,
+                start["eval_ar"],
+                end["eval_ar"],
+                end["eval_passes_per_token"],
+                end["eval_distinct"],
+                t["eval_ar"],
+                t["eval_passes_per_token"],
+                t["eval_equal_best"],
+                t["eval_distinct"],
+            ]
+        )
     body = header(f"Consistency ablation, preset {args.preset}", section, "bench.consistency", argv, line)
     p, n = next(iter(results.values()))["lengths"]
-    body += (f"\n{args.steps} steps per variant, P = {p}, N = {n}, same init and data; {args.holdout} prompts held out. Held-out: "
-             "the trainer's eval at the last step. Train prompts: "
-             + ("every (prompt, y(t)) pair" if args.train_rows is None else f"the first {args.train_rows} (prompt, y(t)) pairs")
-             + " of the training split refined from y(t). passes/tok = Jacobi passes per "
-             "committed token; = y(T): fixed point is y(T); distinct = distinct tokens / tokens per answer (collapse: ~1/length).\n\n")
-    body += table(["variant", "held-out L_AR at 0", "held-out L_AR", "held-out passes/tok", "held-out distinct",
-                   "train L_AR", "train passes/tok", "train = y(T)", "train distinct"], rows)
+    body += (
+        f"\n{args.steps} steps per variant, P = {p}, N = {n}, same init and data; {args.holdout} prompts held out. Held-out: "
+        "the trainer's eval at the last step. Train prompts: "
+        + (
+            "every (prompt, y(t)) pair"
+            if args.train_rows is None
+            else f"the first {args.train_rows} (prompt, y(t)) pairs"
+        )
+        + " of the training split refined from y(t). passes/tok = Jacobi passes per "
+        "committed token; = y(T): fixed point is y(T); distinct = distinct tokens / tokens per answer (collapse: ~1/length).\n\n"
+    )
+    body += table(
+        [
+            "variant",
+            "held-out L_AR at 0",
+            "held-out L_AR",
+            "held-out passes/tok",
+            "held-out distinct",
+            "train L_AR",
+            "train passes/tok",
+            "train = y(T)",
+            "train distinct",
+        ],
+        rows,
+    )
     body += f"\n\n{plot}\n"
     report(args.results, section, body)
     return 0

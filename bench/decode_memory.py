@@ -14,7 +14,6 @@ bench/results/decode-memory-BACKEND.md.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,15 @@ from flax import nnx
 from bench import common
 
 
-def analyse(preset: str = "tiny-llama", batch: int = 8, prompt: int = 256, new: int = 256, block: int = 16,
-            vocab: int | None = None, layers: int | None = 8) -> dict[str, dict[str, float]]:
+def analyse(
+    preset: str = "tiny-llama",
+    batch: int = 8,
+    prompt: int = 256,
+    new: int = 256,
+    block: int = 16,
+    vocab: int | None = None,
+    layers: int | None = 8,
+) -> dict[str, dict[str, float]]:
     from diffpo_jax.config import load_preset
     from diffpo_jax.decoding import jacobi, sampler
     from diffpo_jax.model import Transformer
@@ -43,26 +49,74 @@ def analyse(preset: str = "tiny-llama", batch: int = 8, prompt: int = 256, new: 
         m = compiled.memory_analysis()
         cache = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache_tree))
         size = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state_tree))
-        out[name] = {"temp_caches": m.temp_size_in_bytes / cache, "alias_states": m.alias_size_in_bytes / size,
-                     "cache_bytes": cache}
+        out[name] = {
+            "temp_caches": m.temp_size_in_bytes / cache,
+            "alias_states": m.alias_size_in_bytes / size,
+            "cache_bytes": cache,
+        }
 
-    js = jax.eval_shape(lambda: jacobi._empty(cfg, batch, prompt, new + block, block_size=block, max_new_tokens=new,
-                                               pad_id=0, trajectory=False))
+    js = jax.eval_shape(
+        lambda: jacobi._empty(
+            cfg, batch, prompt, new + block, block_size=block, max_new_tokens=new, pad_id=0, trajectory=False
+        )
+    )
     kw = dict(stop_tokens=(2,), pad_id=0)
-    record("jacobi _advance", jacobi._advance.lower(graphdef, state, js, np.int32(new), np.zeros(batch, bool),
-                                                    realign=True, **kw).compile(), js, js.cache)
-    record("jacobi _refill", jacobi._refill.lower(graphdef, state, js, np.int32(0), i32(prompt), np.int32(1),
-                                                  i32(new + block), np.int32(1), np.int32(0), hold_draft_prefix=0,
-                                                  **kw).compile(), js, js.cache)
-    record("jacobi_decode", jacobi.jacobi_decode.lower(graphdef, state, i32(batch, prompt), i32(batch),
-                                                       i32(batch, new + block), i32(batch), block_size=block,
-                                                       max_new_tokens=new, **kw).compile(), js, js.cache)
+    record(
+        "jacobi _advance",
+        jacobi._advance.lower(graphdef, state, js, np.int32(new), np.zeros(batch, bool), realign=True, **kw).compile(),
+        js,
+        js.cache,
+    )
+    record(
+        "jacobi _refill",
+        jacobi._refill.lower(
+            graphdef,
+            state,
+            js,
+            np.int32(0),
+            i32(prompt),
+            np.int32(1),
+            i32(new + block),
+            np.int32(1),
+            np.int32(0),
+            hold_draft_prefix=0,
+            **kw,
+        ).compile(),
+        js,
+        js.cache,
+    )
+    record(
+        "jacobi_decode",
+        jacobi.jacobi_decode.lower(
+            graphdef,
+            state,
+            i32(batch, prompt),
+            i32(batch),
+            i32(batch, new + block),
+            i32(batch),
+            block_size=block,
+            max_new_tokens=new,
+            **kw,
+        ).compile(),
+        js,
+        js.cache,
+    )
     ss = jax.eval_shape(lambda: sampler._empty(cfg, batch, prompt, max_new_tokens=new, pad_id=0))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
-    record("sampler _advance", sampler._advance.lower(graphdef, state, ss, np.zeros(batch, bool), 0.7, 1.0,
-                                                      stop_tokens=(2,)).compile(), ss, ss.cache)
-    record("generate", sampler.generate.lower(graphdef, state, i32(batch, prompt), i32(batch), keys,
-                                              max_new_tokens=new, **kw).compile(), ss, ss.cache)
+    record(
+        "sampler _advance",
+        sampler._advance.lower(graphdef, state, ss, np.zeros(batch, bool), 0.7, 1.0, stop_tokens=(2,)).compile(),
+        ss,
+        ss.cache,
+    )
+    record(
+        "generate",
+        sampler.generate.lower(
+            graphdef, state, i32(batch, prompt), i32(batch), keys, max_new_tokens=new, **kw
+        ).compile(),
+        ss,
+        ss.cache,
+    )
     return out
 
 
@@ -79,11 +133,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     figures = analyse(args.preset, args.batch, args.prompt, args.new, args.block, args.vocab, args.layers)
     name = f"decode-memory-{jax.default_backend()}"
-    rows = [[name, f"{m['temp_caches']:.2f}", f"{m['alias_states']:.2f}", f"{m['cache_bytes'] / 2**20:.2f}"]
-            for name, m in figures.items()]
-    body = common.header(f"Decode memory on {jax.default_backend()}", name, "bench.decode_memory", argv, common.machine())
-    body += "\n" + common.table(["function", "temp (KV caches)", "output aliased to donated state (states)",
-                                 "one KV cache (MiB)"], rows) + "\n"
+    rows = [
+        [name, f"{m['temp_caches']:.2f}", f"{m['alias_states']:.2f}", f"{m['cache_bytes'] / 2**20:.2f}"]
+        for name, m in figures.items()
+    ]
+    body = common.header(
+        f"Decode memory on {jax.default_backend()}", name, "bench.decode_memory", argv, common.machine()
+    )
+    body += (
+        "\n"
+        + common.table(
+            ["function", "temp (KV caches)", "output aliased to donated state (states)", "one KV cache (MiB)"], rows
+        )
+        + "\n"
+    )
     common.report(args.results, name, body)
 
 

@@ -24,8 +24,8 @@ import argparse
 import collections
 import tempfile
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bench import common
 
@@ -86,7 +86,9 @@ def measure(export, cfg, params, tokenizer, out: Path, max_shard_size: str) -> t
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.export_memory", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)"
+    )
     ap.add_argument("--mesh", default="1,8,1")
     ap.add_argument("--max-shard-size", default="64MB")
     common.add_results_option(ap)
@@ -106,30 +108,50 @@ def main(argv: Sequence[str] | None = None) -> dict:
     per_layer = [x.nbytes // x.shape[0] if x.ndim == 3 else x.nbytes for x in leaves]  # stacked: one layer
     largest, total = max(per_layer) / MIB, sum(x.nbytes for x in leaves) / MIB
     work = Path(tempfile.mkdtemp(prefix="export_memory-"))
-    export_module.export_hf(work / "one-device", single.cfg, nnx.state(single.model), single.tokenizer,
-                            max_shard_size=args.max_shard_size)
+    export_module.export_hf(
+        work / "one-device", single.cfg, nnx.state(single.model), single.tokenizer, max_shard_size=args.max_shard_size
+    )
     reference = {p.name: p.read_bytes() for p in (work / "one-device").iterdir()}
     rows = []
-    for name, host_tensor in (("shards to the host (one process)", export_module.host_tensor),
-                              ("replicated gather (multi-process path)", export_module.replicated_host_tensor)):
+    for name, host_tensor in (
+        ("shards to the host (one process)", export_module.host_tensor),
+        ("replicated gather (multi-process path)", export_module.replicated_host_tensor),
+    ):
         original = export_module.host_tensor
         export_module.host_tensor = host_tensor
         try:
-            device_mib, host_mib = measure(export_module.export_hf, sharded.cfg, params, sharded.tokenizer,
-                                           work / name.split()[0], args.max_shard_size)
+            device_mib, host_mib = measure(
+                export_module.export_hf,
+                sharded.cfg,
+                params,
+                sharded.tokenizer,
+                work / name.split()[0],
+                args.max_shard_size,
+            )
         finally:
             export_module.host_tensor = original
         files = {p.name: p.read_bytes() for p in (work / name.split()[0]).iterdir()}
         rows.append([name, device_mib, device_mib / largest, host_mib, host_mib / largest, files == reference])
         print(rows[-1], flush=True)
-    body = "\n".join([
-        common.header("Export memory", "export_memory", "bench.export_memory", argv, common.machine()),
-        f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, fp32, mesh {dict(mesh.shape)} ({mesh.size} devices), "
-        f"model {total:.0f} MiB, largest tensor (one layer of a stacked one) {largest:.0f} MiB, shard files "
-        f"{args.max_shard_size}.\n",
-        common.table(["gather", "device peak beyond its shards (MiB)", "x largest tensor", "host peak (MiB)",
-                      "x largest tensor", "bytes = 1-device export"], rows),
-    ])
+    body = "\n".join(
+        [
+            common.header("Export memory", "export_memory", "bench.export_memory", argv, common.machine()),
+            f"{args.model or 'SmolLM2-135M-Instruct (embedded)'}, fp32, mesh {dict(mesh.shape)} ({mesh.size} devices), "
+            f"model {total:.0f} MiB, largest tensor (one layer of a stacked one) {largest:.0f} MiB, shard files "
+            f"{args.max_shard_size}.\n",
+            common.table(
+                [
+                    "gather",
+                    "device peak beyond its shards (MiB)",
+                    "x largest tensor",
+                    "host peak (MiB)",
+                    "x largest tensor",
+                    "bytes = 1-device export",
+                ],
+                rows,
+            ),
+        ]
+    )
     common.report(args.results, "export_memory", body)
     if not all(r[-1] for r in rows):
         raise SystemExit("export_memory: an export differs from the one-device export")

@@ -25,9 +25,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
-
 from bench.common import add_results_option, header, machine, report, table
+from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {"tiny preset (random init)": "preset:tiny-llama", "SmolLM2-135M-Instruct": "embedded"}
@@ -48,7 +47,9 @@ def _term(graphdef, cfg, params, batch, name):
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _grads(graphdef, cfg, params, batch):
-    (ar, g_ar), (con, g_con) = (jax.value_and_grad(_term, argnums=2)(graphdef, cfg, params, batch, n) for n in ("ar", "con"))
+    (ar, g_ar), (con, g_con) = (
+        jax.value_and_grad(_term, argnums=2)(graphdef, cfg, params, batch, n) for n in ("ar", "con")
+    )
     dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g_ar), jax.tree.leaves(g_con)))
     n_ar, n_con = optax.tree.norm(g_ar), optax.tree.norm(g_con)
     return {"ar": ar, "con": con, "g_ar": n_ar, "g_con": n_con, "cos": dot / (n_ar * n_con)}
@@ -78,23 +79,58 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in MODELS.items():
             loaded = init_model(spec, seed=0, dtype="float32", param_dtype="float32", mesh=make_mesh((1, -1, 1)))
             for src, data in datasets.items():
-                loader = make_loader(data, loaded.tokenizer, global_batch_size=8, prompt_len=args.prompt_len,
-                                     response_len=args.response_len, num_epochs=None, shard_index=0, shard_count=1)
+                loader = make_loader(
+                    data,
+                    loaded.tokenizer,
+                    global_batch_size=8,
+                    prompt_len=args.prompt_len,
+                    response_len=args.response_len,
+                    num_epochs=None,
+                    shard_index=0,
+                    shard_count=1,
+                )
                 it = iter(loader)
                 batches = [next(it) for _ in range(args.batches)]
                 for positions in ("all", "draft", "frontier"):
                     per = term_gradients(loaded, batches, positions)
                     mean = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
                     w_star = float(np.median([p["g_ar"] / p["g_con"] for p in per]))
-                    rows.append([name, src, positions, mean["ar"], mean["con"], mean["g_ar"],
-                                 mean["g_con"], mean["cos"], w_star, mean["g_ar"] / (mean["g_ar"] + 1000 * mean["g_con"])])
+                    rows.append(
+                        [
+                            name,
+                            src,
+                            positions,
+                            mean["ar"],
+                            mean["con"],
+                            mean["g_ar"],
+                            mean["g_con"],
+                            mean["cos"],
+                            w_star,
+                            mean["g_ar"] / (mean["g_ar"] + 1000 * mean["g_con"]),
+                        ]
+                    )
                     print(rows[-1], flush=True)
     body = header("Per-term gradients at initialisation", "gradient-terms", "bench.gradient_terms", argv, line)
-    body += (f"\n{args.batches} batches of 8 rows per dataset, P={args.prompt_len}, N={args.response_len}; "
-             "means over batches (w*: median). w* = ‖g_AR‖ / ‖g_Con‖; last column: the AR term's share "
-             "‖g_AR‖ / (‖g_AR‖ + 1000 ‖g_Con‖) of the gradient at the paper's w (an upper bound).\n\n")
-    body += table(["model", "data", "KL positions", "L_AR", "L_Con", "‖g_AR‖", "‖g_Con‖", "cos(g_AR, g_Con)", "w*",
-                   "AR share at w=1000"], rows)
+    body += (
+        f"\n{args.batches} batches of 8 rows per dataset, P={args.prompt_len}, N={args.response_len}; "
+        "means over batches (w*: median). w* = ‖g_AR‖ / ‖g_Con‖; last column: the AR term's share "
+        "‖g_AR‖ / (‖g_AR‖ + 1000 ‖g_Con‖) of the gradient at the paper's w (an upper bound).\n\n"
+    )
+    body += table(
+        [
+            "model",
+            "data",
+            "KL positions",
+            "L_AR",
+            "L_Con",
+            "‖g_AR‖",
+            "‖g_Con‖",
+            "cos(g_AR, g_Con)",
+            "w*",
+            "AR share at w=1000",
+        ],
+        rows,
+    )
     report(args.results, "gradient-terms", body)
     return 0
 

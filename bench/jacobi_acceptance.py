@@ -39,8 +39,12 @@ def commits(decoder, rows: list[dict]) -> tuple[list[int], list[int]]:
     first, later = [], []
     for lo in range(0, len(rows), BATCH):
         batch = rows[lo : lo + BATCH]
-        outputs = decoder.refine([decoder.prompt_tokens(r["prompt"]) for r in batch],
-                                 [decoder.draft_tokens(r["draft"]) for r in batch], block_size=BLOCK, trajectory=True)
+        outputs = decoder.refine(
+            [decoder.prompt_tokens(r["prompt"]) for r in batch],
+            [decoder.draft_tokens(r["draft"]) for r in batch],
+            block_size=BLOCK,
+            trajectory=True,
+        )
         for o in outputs:
             c = settled(decoder.tokenizer, o.tokens, o.stats["tokens"], o.stats["trajectory"])
             assert len(c) == o.stats["passes"], (c, o.stats)
@@ -59,11 +63,15 @@ def summary(first: list[int], later: list[int]) -> list:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.jacobi_acceptance", description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="bench/self_distill.py's --work folder")
-    ap.add_argument("--runs", type=Path, nargs="+", required=True, help="trained run dirs (the first one's held-out ids)")
+    ap.add_argument(
+        "--runs", type=Path, nargs="+", required=True, help="trained run dirs (the first one's held-out ids)"
+    )
     ap.add_argument("--train-prompts", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     add_results_option(ap)
-    ap.add_argument("--section", default="jacobi-acceptance", help="the run's name: its results file (default: %(default)s)")
+    ap.add_argument(
+        "--section", default="jacobi-acceptance", help="the run's name: its results file (default: %(default)s)"
+    )
     args = ap.parse_args(argv)
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.sources import load_model
@@ -77,10 +85,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append([name, f"{label} ({len(drafts)})", *summary(*commits(decoder, drafts))])
             print(rows[-1], flush=True)
     body = header("Jacobi acceptance per pass", args.section, "bench.jacobi_acceptance", argv, line)
-    body += ("\nTemperature-0.7 samples refined from the draft (batch 8, block 16, realign on); a pass commits the "
-             "token after the settled prefix for free, each further one is predicted right after a wrong guess.\n\n")
-    body += table(["model", "drafts", "first pass: tokens", "later passes", ">= 2 tokens", ">= 3", ">= 4",
-                   "tokens per later pass", "passes/tok"], rows)
+    body += (
+        "\nTemperature-0.7 samples refined from the draft (batch 8, block 16, realign on); a pass commits the "
+        "token after the settled prefix for free, each further one is predicted right after a wrong guess.\n\n"
+    )
+    body += table(
+        [
+            "model",
+            "drafts",
+            "first pass: tokens",
+            "later passes",
+            ">= 2 tokens",
+            ">= 3",
+            ">= 4",
+            "tokens per later pass",
+            "passes/tok",
+        ],
+        rows,
+    )
     report(args.results, args.section, body)
     return 0
 

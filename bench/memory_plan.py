@@ -35,18 +35,34 @@ if __name__ == "__main__" and "jax" not in sys.modules:  # simulated devices: se
 import argparse  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from typing import Sequence  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
 
 from bench import common  # noqa: E402
 
 GIB = 1024**3
-HEADERS = ["model", "mesh (data x fsdp x tensor)", "params", "global batch", "argument GiB", "output GiB", "alias GiB",
-           "temp GiB", "peak GiB / device", "TFLOP / device (XLA)", "TFLOP / device (8NT)", "compile s"]  # fmt: skip
+HEADERS = [
+    "model",
+    "mesh (data x fsdp x tensor)",
+    "params",
+    "global batch",
+    "argument GiB",
+    "output GiB",
+    "alias GiB",
+    "temp GiB",
+    "peak GiB / device",
+    "TFLOP / device (XLA)",
+    "TFLOP / device (8NT)",
+    "compile s",
+]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.memory_plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="gemma-2-2b-it,gemma-2-9b-it,llama-3-8b-instruct", help="presets (configs/models) or YAML paths")
+    ap.add_argument(
+        "--models",
+        default="gemma-2-2b-it,gemma-2-9b-it,llama-3-8b-instruct",
+        help="presets (configs/models) or YAML paths",
+    )
     ap.add_argument("--meshes", default="1x8x1,1x4x2,1x32x1,1x8x4", help="DATAxFSDPxTENSOR, comma separated")
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--response-len", type=int, default=256)
@@ -64,8 +80,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def compile_train_step(preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, response_len: int,
-                       chunk: int, remat: bool = True):
+def compile_train_step(
+    preset: str, mesh_shape: tuple[int, int, int], prompt_len: int, response_len: int, chunk: int, remat: bool = True
+):
     """(compiled train step, abstract params, global rows): `preset`'s train step AOT-compiled on abstract
     shapes over a (data, fsdp, tensor) mesh of the first devices, one row per data-parallel shard
     (diffpo_jax/training/plan.py, what `train --plan` runs)."""
@@ -83,8 +100,15 @@ def compile_train_step(preset: str, mesh_shape: tuple[int, int, int], prompt_len
     cfg = load_preset(preset)[0].replace(dtype="bfloat16", param_dtype="float32", remat=remat)
     mesh = make_mesh(mesh_shape, jax.devices()[:devices])
     rows = mesh_shape[0] * mesh_shape[1]
-    compiled, params = compile_step(cfg, mesh, rows=rows, prompt_len=prompt_len, response_len=response_len,
-                                    loss_cfg=LossConfig(chunk=chunk), optimizer_cfg=OptimizerConfig())
+    compiled, params = compile_step(
+        cfg,
+        mesh,
+        rows=rows,
+        prompt_len=prompt_len,
+        response_len=response_len,
+        loss_cfg=LossConfig(chunk=chunk),
+        optimizer_cfg=OptimizerConfig(),
+    )
     return compiled, params, rows
 
 
@@ -124,16 +148,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for mesh_shape in args.meshes:
             r = plan(preset, mesh_shape, args)
             results[(preset, mesh_shape)] = r
-            row = [preset, "x".join(map(str, mesh_shape)), f"{r['params'] / 1e9:.2f}B", r["rows"],
-                   *(r[k] / GIB for k in ("argument", "output", "alias", "temp", "peak")),
-                   r["flops"] / 1e12, r["analytic_flops"] / 1e12, r["compile_s"]]  # fmt: skip
+            row = [
+                preset,
+                "x".join(map(str, mesh_shape)),
+                f"{r['params'] / 1e9:.2f}B",
+                r["rows"],
+                *(r[k] / GIB for k in ("argument", "output", "alias", "temp", "peak")),
+                r["flops"] / 1e12,
+                r["analytic_flops"] / 1e12,
+                r["compile_s"],
+            ]
             rows.append(row)
             print(common.table(HEADERS, [row]).splitlines()[-1], flush=True)
     if str(args.results) != "-":
         head = common.header("Memory plan", "memory_plan", "bench.memory_plan", argv, machine)
-        setup = (f"- bf16 activations, fp32 params / grads / AdamW moments, remat {'on' if args.remat else 'off'}, "
-                 f"loss lm-head chunk {args.chunk}; per row P = {args.prompt_len} prompt + N = {args.response_len} "
-                 f"response tokens (best and worse packed after one prompt: P + 2N per row); one row per data-parallel shard\n")  # fmt: skip
+        setup = (
+            f"- bf16 activations, fp32 params / grads / AdamW moments, remat {'on' if args.remat else 'off'}, "
+            f"loss lm-head chunk {args.chunk}; per row P = {args.prompt_len} prompt + N = {args.response_len} "
+            f"response tokens (best and worse packed after one prompt: P + 2N per row); one row per data-parallel shard\n"
+        )
         common.write_section(args.results, "memory_plan", head + setup + "\n" + common.table(HEADERS, rows) + "\n")
     return results
 

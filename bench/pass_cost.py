@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -89,7 +89,9 @@ def matmul_chain_seconds(cfg, rows: int) -> float:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m bench.pass_cost", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)"
+    )
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--windows", default="1,2,4,8,16")
@@ -131,13 +133,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     mm = {m: matmul_chain_seconds(loaded.cfg, m) for m in map(int, args.rows.split(","))}
 
     body = common.header("Jacobi pass cost against the AR step", "pass_cost", "bench.pass_cost", argv, line)
-    body += (f"\n- model {loaded.source}, fp32, batch 1, {len(prompts)} prompts, {tokens} answer tokens; drafts: the model's "
-             f"temperature-0.7 samples; every refined answer equals AR greedy\n"
-             f"- AR step: {step * 1e3:.1f} ms per token; weight-streaming bound {bound * 1e3:.1f} ms "
-             f"({param_bytes / 2**20:.0f} MiB of parameters at {param_bytes / bound / 1e9:.1f} GB/s): the step is "
-             f"{step / bound:.1f}x the bound\n\n")  # fmt: skip
-    body += common.table(["window W", "passes / token", "ms / pass", "pass / AR step", "refine / AR tokens/s"],
-                         [[w, p, s * 1e3, r, x] for w, p, s, r, x in rows])
+    body += (
+        f"\n- model {loaded.source}, fp32, batch 1, {len(prompts)} prompts, {tokens} answer tokens; drafts: the model's "
+        f"temperature-0.7 samples; every refined answer equals AR greedy\n"
+        f"- AR step: {step * 1e3:.1f} ms per token; weight-streaming bound {bound * 1e3:.1f} ms "
+        f"({param_bytes / 2**20:.0f} MiB of parameters at {param_bytes / bound / 1e9:.1f} GB/s): the step is "
+        f"{step / bound:.1f}x the bound\n\n"
+    )
+    body += common.table(
+        ["window W", "passes / token", "ms / pass", "pass / AR step", "refine / AR tokens/s"],
+        [[w, p, s * 1e3, r, x] for w, p, s, r, x in rows],
+    )
     body += "\n\nThe same model's matmuls alone (projections of every layer + lm head, random weights), M rows per call:\n\n"
     body += common.table(["M rows", "ms / call", "vs M = 1"], [[m, s * 1e3, s / mm[1]] for m, s in mm.items()])
     profiles = {}
@@ -147,12 +153,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         w = max(map(int, args.windows.split(",")))
         profiles = {
             "AR decode": (jax_profile(lambda: one(prompts[0], 0.0), 10), greedy[0].stats["tokens"]),
-            f"refine, window {w}": (jax_profile(lambda: decoder.refine([prompts[0]], [drafts[0]], block_size=w), 10),
-                                    greedy[0].stats["tokens"]),
+            f"refine, window {w}": (
+                jax_profile(lambda: decoder.refine([prompts[0]], [drafts[0]], block_size=w), 10),
+                greedy[0].stats["tokens"],
+            ),
         }
         for name, (ops, n) in profiles.items():
-            body += (f"\n\nProfile of one {name} of prompt 1 ({n} tokens), XLA ops per kind, thread-ms per token "
-                     "(the host waits in `np.asarray`):\n\n")
+            body += (
+                f"\n\nProfile of one {name} of prompt 1 ({n} tokens), XLA ops per kind, thread-ms per token "
+                "(the host waits in `np.asarray`):\n\n"
+            )
             body += profile_table([(k, 1e3 * t / n, c) for k, t, c in ops], "thread-ms / token")
     common.report(args.results, "pass_cost", body)
     return {"step": step, "bound": bound, "windows": rows, "matmul": mm, "profiles": profiles}

@@ -44,8 +44,8 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -57,7 +57,9 @@ Answer = tuple[list[int], int]  # (answer tokens, forward passes)
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.refine_speed", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)"
+    )
     ap.add_argument("--prompts", type=int, default=8, help="how many prompts of examples/prompts.jsonl")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--block-sizes", default="16,32,64,128,256")
@@ -109,7 +111,9 @@ def padded(row: Sequence[int], width: int, pad: int) -> tuple[np.ndarray, np.nda
 # ---------------------------------------------------------------------- the official loop (PyTorch)
 
 
-def official_loop(model, prompt: list[int], draft: list[int], block: int, pad: int, max_iter: int = 1000) -> tuple[list[int], int]:
+def official_loop(
+    model, prompt: list[int], draft: list[int], block: int, pad: int, max_iter: int = 1000
+) -> tuple[list[int], int]:
     """(the block at the fixed point, forwards): the official `get_jacobian_trajectory` for batch 1."""
     import torch
 
@@ -135,9 +139,16 @@ def hf_generate(model, prompt: list[int], max_new: int, stop: tuple[int, ...], p
     ids = torch.tensor([prompt], dtype=torch.long)
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
-            eos_token_id=list(stop), pad_token_id=pad, top_p=None, top_k=None, temperature=None,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=list(stop),
+            pad_token_id=pad,
+            top_p=None,
+            top_k=None,
+            temperature=None,
+        )
     return out[0, len(prompt) :].tolist()
 
 
@@ -175,8 +186,11 @@ def check(name: str, answers: list[list[int]], reference: list[list[int]]) -> in
             equal += 1
             continue
         k = next((j for j, (x, y) in enumerate(zip(a, r)) if x != y), min(len(a), len(r)))
-        print(f"!!! MISMATCH {name}, prompt {i}: first difference at token {k} "
-              f"(got {a[k:k + 5]}, jax_ar greedy {r[k:k + 5]}; lengths {len(a)} vs {len(r)})", flush=True)  # fmt: skip
+        print(
+            f"!!! MISMATCH {name}, prompt {i}: first difference at token {k} "
+            f"(got {a[k : k + 5]}, jax_ar greedy {r[k : k + 5]}; lengths {len(a)} vs {len(r)})",
+            flush=True,
+        )
     return equal
 
 
@@ -204,20 +218,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n_new = args.max_new_tokens
     prompts = prompt_rows(tok, args.prompts, loaded.cfg.vocab_size, args.seed)
     width = bucket(max(map(len, prompts)))
-    print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, padded to {width}), "
-          f"max_new_tokens {n_new}, stop tokens {stop}, pad {pad}\n{machine}", flush=True)  # fmt: skip
+    print(
+        f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens, padded to {width}), "
+        f"max_new_tokens {n_new}, stop tokens {stop}, pad {pad}\n{machine}",
+        flush=True,
+    )
 
     def jax_generate(prompt, temperature, key):
         keys = None if key is None else key[None]  # the one row's key
-        g = generate(graphdef, state, *padded(prompt, width, pad), keys, max_new_tokens=n_new,
-                     temperature=temperature, stop_tokens=stop, pad_id=pad)  # fmt: skip
+        g = generate(
+            graphdef,
+            state,
+            *padded(prompt, width, pad),
+            keys,
+            max_new_tokens=n_new,
+            temperature=temperature,
+            stop_tokens=stop,
+            pad_id=pad,
+        )
         g = jax.device_get(g)
         n = int(g.lengths[0])
         return g.tokens[0, :n].tolist(), n
 
     def jacobi(prompt, draft, block, realign):
-        r = jacobi_decode(graphdef, state, *padded(prompt, width, pad), *padded(draft, n_new + block, pad),
-                          block_size=block, max_new_tokens=n_new, stop_tokens=stop, pad_id=pad, realign=realign)  # fmt: skip
+        r = jacobi_decode(
+            graphdef,
+            state,
+            *padded(prompt, width, pad),
+            *padded(draft, n_new + block, pad),
+            block_size=block,
+            max_new_tokens=n_new,
+            stop_tokens=stop,
+            pad_id=pad,
+            realign=realign,
+        )
         r = jax.device_get(r)
         return r.tokens[0, : int(r.lengths[0])].tolist(), int(r.passes[0]) + 1
 
@@ -270,14 +304,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for key, m in results.items():
         m["tokens"] = sum(map(len, m["answers"]))
         m["equal"] = check(" ".join(map(str, key)), m["answers"], reference)
-        rows.append([*key, m["wall_s"], m["forwards"], m["forwards"] / m["tokens"], m["tokens"] / m["wall_s"],
-                     "-" if m["compile_s"] is None else m["compile_s"], f"{m['equal']}/{len(prompts)}"])  # fmt: skip
+        rows.append(
+            [
+                *key,
+                m["wall_s"],
+                m["forwards"],
+                m["forwards"] / m["tokens"],
+                m["tokens"] / m["wall_s"],
+                "-" if m["compile_s"] is None else m["compile_s"],
+                f"{m['equal']}/{len(prompts)}",
+            ]
+        )
     print(common.table(HEADERS, rows), flush=True)
 
     summary = summarize(results, args)
     body = [common.header("Refine speed", "refine_speed", "bench.refine_speed", argv, machine)]
-    body.append(f"- {len(prompts)} prompts, max_new_tokens {n_new}, batch 1, fp32, model {loaded.source}; "
-                f"answer tokens {results[('jax_ar', '-', '-', '-')]['tokens']}\n")  # fmt: skip
+    body.append(
+        f"- {len(prompts)} prompts, max_new_tokens {n_new}, batch 1, fp32, model {loaded.source}; "
+        f"answer tokens {results[('jax_ar', '-', '-', '-')]['tokens']}\n"
+    )
     body += [common.table(HEADERS, rows), "", common.table(["comparison", "ratio (x faster)"], summary), ""]
     text = "\n".join(body)
     print("\n" + common.table(["comparison", "ratio (x faster)"], summary), flush=True)
@@ -294,16 +339,26 @@ HEADERS = ["method", "drafts", "block", "realign", "wall s", "forwards", "fwd/to
 
 MIXED_PROMPTS = Path(__file__).resolve().parent / "data" / "self_distill_prompts.jsonl"
 CONTEXT = "This question comes from a curious student who reads a lot about science."
-ANSWER = ("Answer in one sentence.", "Answer in two sentences.", "Answer in four sentences.", "Answer in eight sentences.")
+ANSWER = (
+    "Answer in one sentence.",
+    "Answer in two sentences.",
+    "Answer in four sentences.",
+    "Answer in eight sentences.",
+)
 
 
 def mixed_records(count: int, seed: int) -> list[dict]:
     """`count` prompts with 0, 2, 5 or 9 context sentences and answers asked in 1-8 sentences, shuffled."""
-    topics = [json.loads(line)["prompt"].split("?")[0] + "?" for line in MIXED_PROMPTS.read_text().splitlines()
-              if json.loads(line)["id"].endswith("-0")]
+    topics = [
+        json.loads(line)["prompt"].split("?")[0] + "?"
+        for line in MIXED_PROMPTS.read_text().splitlines()
+        if json.loads(line)["id"].endswith("-0")
+    ]
     rng = np.random.default_rng(seed)
-    rows = [{"id": i, "prompt": " ".join([CONTEXT] * (0, 2, 5, 9)[i % 4] + [topics[i % len(topics)], ANSWER[(i // 4) % 4]])}
-            for i in range(count)]
+    rows = [
+        {"id": i, "prompt": " ".join([CONTEXT] * (0, 2, 5, 9)[i % 4] + [topics[i % len(topics)], ANSWER[(i // 4) % 4]])}
+        for i in range(count)
+    ]
     return [rows[i] for i in rng.permutation(count)]
 
 
@@ -340,8 +395,22 @@ def mixed(args, argv) -> dict:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in mixed_records(args.mixed_records, args.seed)))
     common_args = ["--max-new-tokens", str(args.max_new_tokens), "--batch-size", "8"]
     drafts = work / "drafts.jsonl"
-    generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(drafts), "--temperature",
-                                              str(args.draft_temperature), "--seed", str(args.seed), *common_args]), loaded)
+    generate_cli.run(
+        generate_cli.parse_args(
+            [
+                "--input",
+                str(prompts),
+                "--output",
+                str(drafts),
+                "--temperature",
+                str(args.draft_temperature),
+                "--seed",
+                str(args.seed),
+                *common_args,
+            ]
+        ),
+        loaded,
+    )
     rows = [json.loads(line) for line in drafts.read_text().splitlines()]
     draft_tokens = [len(loaded.tokenizer(r["draft"], add_special_tokens=False)["input_ids"]) for r in rows]
     runs = {}
@@ -349,35 +418,57 @@ def mixed(args, argv) -> dict:
         for name, window in (("batches in input order (--sort-window 1)", "1"), ("row refill (default)", "256")):
             out = work / f"refined-{window}.jsonl"
             out.unlink(missing_ok=True)
-            summary = refine_cli.run(refine_cli.parse_args(["--input", str(drafts), "--output", str(out), "--block-size",
-                                                            "16", "--sort-window", window, *common_args]), loaded)
+            summary = refine_cli.run(
+                refine_cli.parse_args(
+                    [
+                        "--input",
+                        str(drafts),
+                        "--output",
+                        str(out),
+                        "--block-size",
+                        "16",
+                        "--sort-window",
+                        window,
+                        *common_args,
+                    ]
+                ),
+                loaded,
+            )
             runs[name] = summary | {"bytes": out.read_bytes()}
             print(f"{attempt} {name}: {summary}", flush=True)
     (old, new) = runs.values()
     equal = old["bytes"] == new["bytes"]
-    loop = loop_passes([json.loads(line)["stats"]["passes"] for line in new["bytes"].decode().splitlines()],
-                       [len(r["draft"]) for r in rows], [bucket(len(prompt_ids(loaded.tokenizer, r["prompt"]))) for r in rows])
-    rows_out = [[name, r["seconds"], args.mixed_records / r["seconds"], r["passes_per_token"], r["tokens"]]
-                for name, r in runs.items()]
+    loop = loop_passes(
+        [json.loads(line)["stats"]["passes"] for line in new["bytes"].decode().splitlines()],
+        [len(r["draft"]) for r in rows],
+        [bucket(len(prompt_ids(loaded.tokenizer, r["prompt"]))) for r in rows],
+    )
+    rows_out = [
+        [name, r["seconds"], args.mixed_records / r["seconds"], r["passes_per_token"], r["tokens"]]
+        for name, r in runs.items()
+    ]
     ratio = old["seconds"] / new["seconds"]
-    body = [common.header("Refine scheduling on mixed lengths", "refine_mixed", "bench.refine_speed", argv,
-                          machine),
-            f"{args.mixed_records} records, drafts {min(draft_tokens)}-{max(draft_tokens)} tokens (the model's own "
-            f"temperature-{args.draft_temperature} answers), max_new_tokens {args.max_new_tokens}, batch 8, block 16; "
-            "the second of two runs each (compiled).\n",
-            common.table(["schedule", "seconds", "records/s", "passes/token", "tokens"], rows_out),
-            f"\nrow refill over batches in input order: **{ratio:.2f}x** records/s; output files byte-identical: "
-            f"**{'yes' if equal else 'NO'}**.\n",
-            "Why: a batch runs until its slowest row is done, and a pass costs the same however many rows are "
-            "still live, so the wall time of batches follows the sum over batches of the batch's most passes; "
-            "with row refill no slot waits, and the loop runs about all passes / 8 slots (from the per-record "
-            "passes in the output):\n",
-            common.table(["batches", "sum of per-batch max passes", "vs input order"],
-                         [[k, v, loop["input order"] / v] for k, v in loop.items()]),
-            "\nSorting batches by prompt bucket and draft length (this project's schedule before row refill) gains little: "
-            "the draft's length barely predicts the refined answer's passes (the model's temperature-0.7 answer "
-            "against its greedy one). Row refill needs no prediction; its cost is one prefill per record and a "
-            "return to the host whenever a row finishes."]
+    body = [
+        common.header("Refine scheduling on mixed lengths", "refine_mixed", "bench.refine_speed", argv, machine),
+        f"{args.mixed_records} records, drafts {min(draft_tokens)}-{max(draft_tokens)} tokens (the model's own "
+        f"temperature-{args.draft_temperature} answers), max_new_tokens {args.max_new_tokens}, batch 8, block 16; "
+        "the second of two runs each (compiled).\n",
+        common.table(["schedule", "seconds", "records/s", "passes/token", "tokens"], rows_out),
+        f"\nrow refill over batches in input order: **{ratio:.2f}x** records/s; output files byte-identical: "
+        f"**{'yes' if equal else 'NO'}**.\n",
+        "Why: a batch runs until its slowest row is done, and a pass costs the same however many rows are "
+        "still live, so the wall time of batches follows the sum over batches of the batch's most passes; "
+        "with row refill no slot waits, and the loop runs about all passes / 8 slots (from the per-record "
+        "passes in the output):\n",
+        common.table(
+            ["batches", "sum of per-batch max passes", "vs input order"],
+            [[k, v, loop["input order"] / v] for k, v in loop.items()],
+        ),
+        "\nSorting batches by prompt bucket and draft length (this project's schedule before row refill) gains little: "
+        "the draft's length barely predicts the refined answer's passes (the model's temperature-0.7 answer "
+        "against its greedy one). Row refill needs no prediction; its cost is one prefill per record and a "
+        "return to the host whenever a row finishes.",
+    ]
     text = "\n".join(body)
     common.report(args.results, "refine_mixed", text)
     if not equal:

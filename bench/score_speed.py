@@ -20,8 +20,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -33,8 +33,11 @@ TOLERANCE = 1e-3
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.score_speed", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None,
-                    help="the backbone: a causal LM with a tokenizer that transformers loads (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="the backbone: a causal LM with a tokenizer that transformers loads (default: embedded SmolLM2)",
+    )
     ap.add_argument("--answers", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=2, help="steady passes (best is reported)")
@@ -46,8 +49,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def answers(n: int) -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in EXAMPLES.read_text().splitlines()]
     responses = [r for row in rows for r in row["all_generated_responses"]]
-    return [(rows[i % len(rows)]["prompt"], " ".join(responses[(i * 7 + k) % len(responses)] for k in range(1 + i % 8)))
-            for i in range(n)]
+    return [
+        (rows[i % len(rows)]["prompt"], " ".join(responses[(i * 7 + k) % len(responses)] for k in range(1 + i % 8)))
+        for i in range(n)
+    ]
 
 
 def save_reward_model(loaded, folder: Path):
@@ -57,8 +62,12 @@ def save_reward_model(loaded, folder: Path):
 
     lm = AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32)
     pad = loaded.tokenizer.pad_token_id
-    config = AutoConfig.for_model(**(lm.config.to_dict() | {"num_labels": 1, "pad_token_id": pad, "id2label": {0: "LABEL_0"},
-                                                           "label2id": {"LABEL_0": 0}}))
+    config = AutoConfig.for_model(
+        **(
+            lm.config.to_dict()
+            | {"num_labels": 1, "pad_token_id": pad, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+        )
+    )
     config.architectures = [type(lm).__name__.replace("ForCausalLM", "ForSequenceClassification")]
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
@@ -98,8 +107,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    from diffpo_jax.reward.scorer import Scorer, length_bucket
     from diffpo_jax.reward.loading import load_reward_model
+    from diffpo_jax.reward.scorer import Scorer, length_bucket
     from diffpo_jax.sources import load_model
 
     machine = common.machine()
@@ -127,14 +136,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     buckets = sorted({length_bucket(max(len(rows[i][0]) for i in chunk)) for chunk in batches(rows, scorer.batch_size)})
     table = common.table(
         ["method", "answers", "tokens", "seconds", "tokens/s", "vs transformers"],
-        [["diffpo-jax Scorer", len(rows), tokens, steady_ours, tokens / steady_ours, steady_torch / steady_ours],
-         ["transformers sequence classifier", len(rows), tokens, steady_torch, tokens / steady_torch, 1.0]],
+        [
+            ["diffpo-jax Scorer", len(rows), tokens, steady_ours, tokens / steady_ours, steady_torch / steady_ours],
+            ["transformers sequence classifier", len(rows), tokens, steady_torch, tokens / steady_torch, 1.0],
+        ],
     )
-    body = (common.header("Reward scoring speed", "score_speed", "bench.score_speed", argv, machine)
-            + f"- reward model: {base.source} decoder + random score head; batch {args.batch_size}, fp32, "
-              f"length buckets {', '.join(map(str, buckets))} (ours; transformers pads to each batch's longest row)\n"
-            + f"- scores equal: max abs difference {diff:.2e}\n"
-            + f"- diffpo-jax compile (first pass - steady pass): {first - steady_ours:.1f} s\n\n" + table + "\n")
+    body = (
+        common.header("Reward scoring speed", "score_speed", "bench.score_speed", argv, machine)
+        + f"- reward model: {base.source} decoder + random score head; batch {args.batch_size}, fp32, "
+        f"length buckets {', '.join(map(str, buckets))} (ours; transformers pads to each batch's longest row)\n"
+        + f"- scores equal: max abs difference {diff:.2e}\n"
+        + f"- diffpo-jax compile (first pass - steady pass): {first - steady_ours:.1f} s\n\n"
+        + table
+        + "\n"
+    )
     common.report(args.results, "score_speed", body)
     return {"max_abs_diff": diff, "ours_s": steady_ours, "torch_s": steady_torch, "tokens": tokens}
 

@@ -54,18 +54,33 @@ RUNS = {  # name: (run dir under WORK, overrides of the smollm2-135m preset)
     "w=0.1, draft": ("w0.1-draft", ["loss.con_weight=0.1", "loss.con_positions=draft"]),
     "w=1, frontier": ("w1-frontier", ["loss.con_weight=1", "loss.con_positions=frontier"]),
     "w=0.3, frontier": ("w0.3-frontier", ["loss.con_weight=0.3", "loss.con_positions=frontier"]),
-    "w=1, draft, projected": ("w1-draft-proj", ["loss.con_weight=1", "loss.con_positions=draft",
-                                                "loss.con_gradient=project"]),
-    "w=0.3, draft, balanced": ("w0.3-draft-bal", ["loss.con_weight=0.3", "loss.con_positions=draft",
-                                                  "loss.con_gradient=balance"]),
-    "w=1, frontier, balanced": ("w1-frontier-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
-                                                    "loss.con_gradient=balance"]),
+    "w=1, draft, projected": (
+        "w1-draft-proj",
+        ["loss.con_weight=1", "loss.con_positions=draft", "loss.con_gradient=project"],
+    ),
+    "w=0.3, draft, balanced": (
+        "w0.3-draft-bal",
+        ["loss.con_weight=0.3", "loss.con_positions=draft", "loss.con_gradient=balance"],
+    ),
+    "w=1, frontier, balanced": (
+        "w1-frontier-bal",
+        ["loss.con_weight=1", "loss.con_positions=frontier", "loss.con_gradient=balance"],
+    ),
     "w=1, frontier 2": ("w1-frontier2", ["loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2"]),
-    "w=1, frontier 2, balanced": ("w1-frontier2-bal", ["loss.con_weight=1", "loss.con_positions=frontier",
-                                                       "loss.con_window=2", "loss.con_gradient=balance"]),
-    "w=1, frontier 2, balanced, lr 5e-5": ("w1-frontier2-bal-lr5e-5", [
-        "loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2", "loss.con_gradient=balance",
-        "optimizer.learning_rate=5e-5"]),
+    "w=1, frontier 2, balanced": (
+        "w1-frontier2-bal",
+        ["loss.con_weight=1", "loss.con_positions=frontier", "loss.con_window=2", "loss.con_gradient=balance"],
+    ),
+    "w=1, frontier 2, balanced, lr 5e-5": (
+        "w1-frontier2-bal-lr5e-5",
+        [
+            "loss.con_weight=1",
+            "loss.con_positions=frontier",
+            "loss.con_window=2",
+            "loss.con_gradient=balance",
+            "optimizer.learning_rate=5e-5",
+        ],
+    ),
 }
 DEFAULT_RUNS = ["AR only (w=0)", "w=1, draft", "w=0.1, draft"]  # the presets' objective, w = 0 and w ~ w* of this data
 BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
@@ -101,7 +116,9 @@ def training_subset(data: Path, holdout: int, n: int) -> Path:
     scored = out.with_name(out.name + ".scored.jsonl")
     scored.write_text("".join(line + "\n" for line, i in zip(lines, ids) if i in keep))
     extra = json.loads((data / "manifest.json").read_text())["self_distill"]
-    build([str(scored)], out, extra={"self_distill": extra, "subset": f"{holdout} held-out + first {n} prompts of {data}"})
+    build(
+        [str(scored)], out, extra={"self_distill": extra, "subset": f"{holdout} held-out + first {n} prompts of {data}"}
+    )
     return out
 
 
@@ -118,8 +135,9 @@ def held_and_seen(work: Path, run_dir: Path, train_prompts: int = 0) -> tuple[li
     return held, seen[: min(len(held), train_prompts or len(held))]
 
 
-def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None, block: int = BLOCK
-               ) -> tuple[list, float]:
+def decode_all(
+    decoder, prompts: list[list[int]], drafts: list[list[int]] | None, block: int = BLOCK
+) -> tuple[list, float]:
     """(outputs, seconds): refine `drafts` with a `block`-token window (or AR greedy when None) in
     decoder.batch_size batches, after one untimed warm-up batch."""
     import jax
@@ -138,8 +156,9 @@ def decode_all(decoder, prompts: list[list[int]], drafts: list[list[int]] | None
     return outputs, time.perf_counter() - start
 
 
-def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], max_new_tokens: int,
-            block: int = BLOCK) -> tuple[dict, dict]:
+def compare(
+    models: dict[str, str | None], held: list[dict], seen: list[dict], max_new_tokens: int, block: int = BLOCK
+) -> tuple[dict, dict]:
     """Per model: refinement and AR figures on the held-out drafts, passes per token on the `seen` (training)
     drafts; and the answers per model."""
     from diffpo_jax.decoding.batching import Decoder
@@ -153,8 +172,12 @@ def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], m
         prompts = [decoder.prompt_tokens(r["prompt"]) for r in held]
         drafts = [decoder.draft_tokens(r["draft"]) for r in held]
         refined, refine_s = decode_all(decoder, prompts, drafts, block)
-        refined_seen, _ = decode_all(decoder, [decoder.prompt_tokens(r["prompt"]) for r in seen],
-                                     [decoder.draft_tokens(r["draft"]) for r in seen], block)
+        refined_seen, _ = decode_all(
+            decoder,
+            [decoder.prompt_tokens(r["prompt"]) for r in seen],
+            [decoder.draft_tokens(r["draft"]) for r in seen],
+            block,
+        )
         greedy, ar_s = decode_all(decoder, prompts, None)
         single = Decoder(loaded, batch_size=1, max_new_tokens=max_new_tokens)  # latency: one row at a time
         refined_1, refine_1_s = decode_all(single, prompts[:TIMED], drafts[:TIMED], block)
@@ -165,8 +188,9 @@ def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], m
         figures[name] = {
             "passes_per_token": passes / tokens,
             "tokens_per_pass": tokens / passes,
-            "seen_passes_per_token": (sum(o.stats["passes"] for o in refined_seen)
-                                      / sum(o.stats["tokens"] for o in refined_seen)),
+            "seen_passes_per_token": (
+                sum(o.stats["passes"] for o in refined_seen) / sum(o.stats["tokens"] for o in refined_seen)
+            ),
             "refine_tok_s": tokens / refine_s,
             "ar_tok_s": sum(o.stats["tokens"] for o in greedy) / ar_s,
             "equal_untrained_greedy": sum(o.tokens == g for o, g in zip(refined, reference)) / len(held),
@@ -175,7 +199,8 @@ def compare(models: dict[str, str | None], held: list[dict], seen: list[dict], m
         }
         figures[name]["speedup"] = figures[name]["refine_tok_s"] / figures[name]["ar_tok_s"]
         figures[name]["speedup_1"] = (sum(o.stats["tokens"] for o in refined_1) / refine_1_s) / (
-            sum(o.stats["tokens"] for o in greedy_1) / ar_1_s)
+            sum(o.stats["tokens"] for o in greedy_1) / ar_1_s
+        )
         answers[name] = [o.text for o in refined]
         print(f"  {figures[name]}", flush=True)
     return figures, answers
@@ -189,13 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompts", type=Path, default=PROMPTS)
     ap.add_argument("--jacobi-states", type=int, default=0)
-    ap.add_argument("--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)")
+    ap.add_argument(
+        "--block", type=int, default=BLOCK, help="Jacobi window of the refinement table (training keeps %(default)s)"
+    )
     ap.add_argument("--train-prompts", type=int, default=0, help="train on the first N non-held-out prompts only")
-    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=DEFAULT_RUNS,
-                    help="runs to train (default: %(default)s, ~75 min on 2 cores, data included)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        choices=list(RUNS),
+        default=DEFAULT_RUNS,
+        help="runs to train (default: %(default)s, ~75 min on 2 cores, data included)",
+    )
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "self_distill")
     add_results_option(ap)
-    ap.add_argument("--section", help="the run's name: results file and figure (default: self-distill, or self-distill-jacobi)")
+    ap.add_argument(
+        "--section", help="the run's name: results file and figure (default: self-distill, or self-distill-jacobi)"
+    )
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="train config overrides for every run")
     args = ap.parse_args(argv)
     from diffpo_jax.pipelines.self_distill import distill
@@ -204,15 +238,34 @@ def main(argv: list[str] | None = None) -> int:
     n = args.max_new_tokens
     data = args.work / "data"
     if not data.exists():
-        distill(args.prompts, data, temperatures=[1.0, 0.7], max_new_tokens=n, batch_size=16,
-                jacobi_states=args.jacobi_states)
+        distill(
+            args.prompts,
+            data,
+            temperatures=[1.0, 0.7],
+            max_new_tokens=n,
+            batch_size=16,
+            jacobi_states=args.jacobi_states,
+        )
     if args.train_prompts:
         data = training_subset(data, args.holdout, args.train_prompts)
     manifest = json.loads((data / "manifest.json").read_text())
-    common = [f"data={data}", f"max_steps={args.steps}", "num_epochs=1000", f"response_len={n}", "prompt_len=64",
-              "global_batch_size=8", "grad_accum=1", f"eval.holdout_prompts={args.holdout}",
-              f"eval.every={args.eval_every}", f"eval.max_rows={2 * args.holdout}", f"eval.block_size={BLOCK}",
-              "save_every=100000", "tensorboard=false", "log_every=5", *args.overrides]  # fmt: skip
+    common = [
+        f"data={data}",
+        f"max_steps={args.steps}",
+        "num_epochs=1000",
+        f"response_len={n}",
+        "prompt_len=64",
+        "global_batch_size=8",
+        "grad_accum=1",
+        f"eval.holdout_prompts={args.holdout}",
+        f"eval.every={args.eval_every}",
+        f"eval.max_rows={2 * args.holdout}",
+        f"eval.block_size={BLOCK}",
+        "save_every=100000",
+        "tensorboard=false",
+        "log_every=5",
+        *args.overrides,
+    ]
     curves, run_dirs = {}, {}
     for name, (folder, overrides) in RUNS.items():
         if name not in args.runs:
@@ -226,36 +279,88 @@ def main(argv: list[str] | None = None) -> int:
     figures, answers = compare(models, held, seen, n, args.block)
 
     section = args.section or ("self-distill-jacobi" if args.jacobi_states else "self-distill")
-    plot = figure(args.results, section, curves, "refining own samples (lower = faster)",
-                  "held-out L_AR on the greedy answers")
-    title = "Self-distillation on SmolLM2-135M" + (f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else "")
+    plot = figure(
+        args.results, section, curves, "refining own samples (lower = faster)", "held-out L_AR on the greedy answers"
+    )
+    title = "Self-distillation on SmolLM2-135M" + (
+        f", with {args.jacobi_states} Jacobi states per sample" if args.jacobi_states else ""
+    )
     body = header(title, section, "bench.self_distill", argv, line)
-    body += (f"\nData: {manifest['kept']} prompts ({manifest['responses_per_prompt']['total']} distinct responses;"
-             f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
-             f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
-             f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
-             f"{args.block} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
-             f" AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
-             "of them one at a time.\n\n")  # fmt: skip
+    body += (
+        f"\nData: {manifest['kept']} prompts ({manifest['responses_per_prompt']['total']} distinct responses;"
+        f" dropped: {manifest['dropped_prompts']['total']} prompts whose samples all equal the greedy answer),"
+        f" {n} new tokens. Training: {args.steps} steps x 8 rows, {args.holdout} prompts held out. "
+        f"Refinement below: the {len(held)} held-out prompts' temperature-0.7 samples, batch {BATCH}, block "
+        f"{args.block} (and the first {len(seen)} training prompts' samples, column 'training prompts');"
+        f" AR greedy on the same prompts and batch; tokens/s after a warm-up batch; batch 1: the first {TIMED} "
+        "of them one at a time.\n\n"
+    )
     rows = []
     for name, f in figures.items():
         curve = curves.get(name) or [next(iter(curves.values()))[0]]  # untrained: the runs' step-0 eval
-        rows.append([name, curve[-1]["eval_ar"], f["passes_per_token"], f["seen_passes_per_token"], f["tokens_per_pass"],
-                     f["refine_tok_s"], f["ar_tok_s"], f["speedup"], f["speedup_1"], f["equal_untrained_greedy"],
-                     f["equal_own_greedy"], f["distinct"]])  # fmt: skip
-    body += table(["model", "held-out L_AR", "passes/tok", "passes/tok (training prompts)", "tok/pass", "refine tok/s", "AR tok/s",
-                   "refine / AR (batch 8)", f"refine / AR (batch 1, {TIMED} rows)", "= untrained greedy", "= own greedy", "distinct"], rows)
+        rows.append(
+            [
+                name,
+                curve[-1]["eval_ar"],
+                f["passes_per_token"],
+                f["seen_passes_per_token"],
+                f["tokens_per_pass"],
+                f["refine_tok_s"],
+                f["ar_tok_s"],
+                f["speedup"],
+                f["speedup_1"],
+                f["equal_untrained_greedy"],
+                f["equal_own_greedy"],
+                f["distinct"],
+            ]
+        )
+    body += table(
+        [
+            "model",
+            "held-out L_AR",
+            "passes/tok",
+            "passes/tok (training prompts)",
+            "tok/pass",
+            "refine tok/s",
+            "AR tok/s",
+            "refine / AR (batch 8)",
+            f"refine / AR (batch 1, {TIMED} rows)",
+            "= untrained greedy",
+            "= own greedy",
+            "distinct",
+        ],
+        rows,
+    )
     base = figures["untrained"]["passes_per_token"]
     body += "\n\nHeld-out passes per token relative to the untrained model: " + ", ".join(
-        f"{name} {f['passes_per_token'] / base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
+        f"{name} {f['passes_per_token'] / base - 1:+.1%}" for name, f in figures.items() if name != "untrained"
+    )
     seen_base = figures["untrained"]["seen_passes_per_token"]
     body += "; on the training prompts' samples: " + ", ".join(
-        f"{name} {f['seen_passes_per_token'] / seen_base - 1:+.1%}" for name, f in figures.items() if name != "untrained")
-    body += (f"\n\nHeld-out evaluation during training (trainer: the first {2 * args.holdout} (held-out prompt, y(t)) "
-             "rows in record order; the held-out L_AR column above is its last figure):\n\n")
-    body += table(["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
-                  [[name, m["step"], m["eval_ar"], m["eval_con"], m["eval_passes_per_token"], m["eval_equal_best"],
-                    m["eval_distinct"]] for name, curve in curves.items() for m in curve])  # fmt: skip
+        f"{name} {f['seen_passes_per_token'] / seen_base - 1:+.1%}"
+        for name, f in figures.items()
+        if name != "untrained"
+    )
+    body += (
+        f"\n\nHeld-out evaluation during training (trainer: the first {2 * args.holdout} (held-out prompt, y(t)) "
+        "rows in record order; the held-out L_AR column above is its last figure):\n\n"
+    )
+    body += table(
+        ["run", "step", "L_AR", "L_Con", "passes/tok", "= y(T)", "distinct"],
+        [
+            [
+                name,
+                m["step"],
+                m["eval_ar"],
+                m["eval_con"],
+                m["eval_passes_per_token"],
+                m["eval_equal_best"],
+                m["eval_distinct"],
+            ]
+            for name, curve in curves.items()
+            for m in curve
+        ],
+    )
     body += f"\n\n{plot}\n\nAnswers (held-out, refined from the temperature-0.7 sample):\n"
     for i, rec in enumerate(held[:SHOW]):
         body += f"\n- **{rec['prompt']}**\n  - draft: {json.dumps(rec['draft'])}\n"

@@ -34,8 +34,8 @@ import re
 import resource
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,9 @@ LEARNING_RATE, CON_WEIGHT, MAX_GRAD_NORM = 1e-5, 1e3, 1.0
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.train_speed", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)")
+    ap.add_argument(
+        "--model", default=None, help="anything diffpo_jax.sources.load_model accepts (default: embedded SmolLM2)"
+    )
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--response-len", type=int, default=128)
@@ -166,10 +168,21 @@ def _top(totals: dict[str, list], top: int) -> list[tuple[str, float, int]]:
 
 def profile_table(rows: list[tuple[str, float, int]], unit: str) -> str:
     total = sum(r[1] for r in rows)
-    return common.table(["op", unit, "share", "calls"], [[f"`{k}`", s, f"{100 * s / total:.0f}%", n] for k, s, n in rows])
+    return common.table(
+        ["op", unit, "share", "calls"], [[f"`{k}`", s, f"{100 * s / total:.0f}%", n] for k, s, n in rows]
+    )
 
 
-HEADERS = ["step", "batch x (P + N)", "step s (median)", "tokens/s", "sys CPU s / step", "minor faults / step", "first-step loss", "compile s"]
+HEADERS = [
+    "step",
+    "batch x (P + N)",
+    "step s (median)",
+    "tokens/s",
+    "sys CPU s / step",
+    "minor faults / step",
+    "first-step loss",
+    "compile s",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -191,19 +204,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokens = 2 * args.batch * (args.prompt_len + args.response_len)
     shape = f"{args.batch} x ({args.prompt_len} + {args.response_len})"
 
-    torch_step = TorchStep(ref, learning_rate=LEARNING_RATE, weight_decay=0.0, con_weight=CON_WEIGHT, max_grad_norm=MAX_GRAD_NORM)
+    torch_step = TorchStep(
+        ref, learning_rate=LEARNING_RATE, weight_decay=0.0, con_weight=CON_WEIGHT, max_grad_norm=MAX_GRAD_NORM
+    )
     steps = {"jax": jax_runner(loaded, batch), "torch": lambda: torch_step.step(batch)[0]}
     results = timed(steps, args.steps)
     rows = []
     for name, label in (("jax", "diffpo-jax (jit, fp32)"), ("torch", "PyTorch CLLM-style (eager, fp32)")):
         r = results[name]
         r["tokens_per_s"] = tokens / r["step_s"]
-        rows.append([label, shape, r["step_s"], r["tokens_per_s"], r["sys_s"], int(r["faults_per_step"]), r["first_loss"],
-                     r["compile_s"] if name == "jax" else "-"])  # fmt: skip
+        rows.append(
+            [
+                label,
+                shape,
+                r["step_s"],
+                r["tokens_per_s"],
+                r["sys_s"],
+                int(r["faults_per_step"]),
+                r["first_loss"],
+                r["compile_s"] if name == "jax" else "-",
+            ]
+        )
     ratio = results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
     a, b = results["jax"]["first_loss"], results["torch"]["first_loss"]
     loss_rel = abs(a - b) / max(abs(b), 1e-12)
-    text = common.table(HEADERS, rows) + f"\n\ndiffpo-jax / PyTorch tokens/s: **{ratio:.2f}x**; first-step loss relative difference {loss_rel:.1e}\n"
+    text = (
+        common.table(HEADERS, rows)
+        + f"\n\ndiffpo-jax / PyTorch tokens/s: **{ratio:.2f}x**; first-step loss relative difference {loss_rel:.1e}\n"
+    )
     profiles = None
     if args.profile:
         profiles = {"jax": jax_profile(steps["jax"], 12), "torch": torch_profile(steps["torch"], 12)}
@@ -215,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"!!! LOSS MISMATCH: diffpo-jax {a} vs PyTorch {b} on the same weights and batch", flush=True)
     if str(args.results) != "-":
         head = common.header("Train-step speed", "train_speed", "bench.train_speed", argv, machine)
-        common.write_section(args.results, "train_speed", f"{head}- model {loaded.source}, {tokens} tokens per step\n\n{text}")
+        common.write_section(
+            args.results, "train_speed", f"{head}- model {loaded.source}, {tokens} tokens per step\n\n{text}"
+        )
     return {"results": results, "ratio": ratio, "loss_rel": loss_rel, "profiles": profiles}
 
 

@@ -54,9 +54,17 @@ SPLASH_BLOCK = 128  # splash's query / key tile (TPU lanes); packed rows are pad
 log = logging.getLogger(__name__)
 
 
-def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | None, packed: bool,
-           lengths: tuple[int, int] | None = None, backend: str | None = None,
-           capability: tuple[int, int] | str | None = None) -> str:
+def choose(
+    implementation: str,
+    *,
+    dtype: str,
+    head_dim: int,
+    softcap: float | None,
+    packed: bool,
+    lengths: tuple[int, int] | None = None,
+    backend: str | None = None,
+    capability: tuple[int, int] | str | None = None,
+) -> str:
     """The implementation for one call (module doc): "auto" means cudnn on GPU where it applies, splash on
     TPU for packed calls, else einsum; "splash" means einsum for calls that are not packed; an explicit
     xla / cudnn whose preconditions fail means einsum, with the reason logged. lengths: (T, S), None when
@@ -71,8 +79,9 @@ def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | N
     if implementation == "xla":
         return "xla" if softcap is None else _fall_back("xla", "it has no logit soft-cap", logging.WARNING)
     backend = backend or jax.default_backend()
-    why = cudnn_unfit(dtype=dtype, head_dim=head_dim, softcap=softcap, lengths=lengths, backend=backend,
-                      capability=capability)
+    why = cudnn_unfit(
+        dtype=dtype, head_dim=head_dim, softcap=softcap, lengths=lengths, backend=backend, capability=capability
+    )
     if implementation == "cudnn":
         return "cudnn" if why is None else _fall_back("cudnn", why, logging.WARNING)
     if backend == "gpu":
@@ -80,8 +89,15 @@ def choose(implementation: str, *, dtype: str, head_dim: int, softcap: float | N
     return "splash" if backend == "tpu" and packed and head_dim % 128 == 0 else "einsum"
 
 
-def cudnn_unfit(*, dtype: str, head_dim: int, softcap: float | None, lengths: tuple[int, int] | None = None,
-                backend: str | None = None, capability: tuple[int, int] | str | None = None) -> str | None:
+def cudnn_unfit(
+    *,
+    dtype: str,
+    head_dim: int,
+    softcap: float | None,
+    lengths: tuple[int, int] | None = None,
+    backend: str | None = None,
+    capability: tuple[int, int] | str | None = None,
+) -> str | None:
     """Why cuDNN's fused attention cannot run a call (module doc), or None when it can: the checks JAX's
     cuDNN path makes at lowering (fused_attention_stablehlo.check_is_flash_attention, dtype, device), made
     here from static information so that the caller can fall back instead."""
@@ -179,19 +195,34 @@ def softcap_logits(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else jnp.tanh(x / cap) * cap
 
 
-def attend(q: jax.Array, keys: jax.Array, values: jax.Array, allowed: jax.Array, *, scale: float,
-           softcap: float | None, implementation: str) -> jax.Array:
+def attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    allowed: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None,
+    implementation: str,
+) -> jax.Array:
     """Softmax(softcap(scale * q . k)) . v over the allowed keys (module doc); `implementation` not "auto".
     xla / cudnn are checked again against the arrays' static shapes and dtype (`choose`: the sequence
     lengths are known only here) and fall back to einsum where they cannot run. The mask goes to
     jax.nn.dot_product_attention as a boolean `mask`, not an additive bias: no bias gradient."""
     if implementation in ("xla", "cudnn"):
-        implementation = choose(implementation, dtype=jnp.dtype(q.dtype).name, head_dim=q.shape[-1],
-                                softcap=softcap, packed=False, lengths=(q.shape[1], keys.shape[1]))
+        implementation = choose(
+            implementation,
+            dtype=jnp.dtype(q.dtype).name,
+            head_dim=q.shape[-1],
+            softcap=softcap,
+            packed=False,
+            lengths=(q.shape[1], keys.shape[1]),
+        )
     if implementation == "einsum":
         return _einsum(q, keys, values, allowed, scale, softcap)
-    return jax.nn.dot_product_attention(q, keys, values, mask=allowed[:, None], scale=scale,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, keys, values, mask=allowed[:, None], scale=scale, implementation=implementation
+    )
 
 
 def _einsum(q, keys, values, allowed, scale, softcap):
@@ -206,8 +237,16 @@ def _einsum(q, keys, values, allowed, scale, softcap):
     return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, d)
 
 
-def splash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, packed: Packed, window: jax.Array, *,
-                  scale: float, softcap: float | None) -> jax.Array:
+def splash_attend(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    packed: Packed,
+    window: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None,
+) -> jax.Array:
     """`attend` for packed rows through the splash kernel (module doc): q [B, T, H, D], keys / values
     [B, T, Kv, D], window the layer's (traced; one kernel per distinct window, picked by lax.switch). Equal
     to einsum on the real query rows; a padding query attends the padding before it (einsum: nothing).
@@ -241,8 +280,9 @@ def splash_attend(q: jax.Array, keys: jax.Array, values: jax.Array, packed: Pack
     # contiguous split of the key heads is one of the query heads.
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), keys.shape, mesh)
     row_spec = PartitionSpec(kv_spec[0], None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, row_spec), out_specs=kv_spec,
-                         check_vma=False)(q, keys, values, packed.real)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(kv_spec, kv_spec, kv_spec, row_spec), out_specs=kv_spec, check_vma=False
+    )(q, keys, values, packed.real)
 
 
 def _splash_kernel(packed: Packed, window: int, padded: int, group: int, softcap: float | None):
@@ -251,9 +291,22 @@ def _splash_kernel(packed: Packed, window: int, padded: int, group: int, softcap
     pattern = np.eye(padded, dtype=bool)
     t = len(packed.segments)
     pattern[:t, :t] = packed.pattern(window)
-    block = splash.BlockSizes(block_q=SPLASH_BLOCK, block_kv=SPLASH_BLOCK, block_kv_compute=SPLASH_BLOCK,
-                              block_q_dkv=SPLASH_BLOCK, block_kv_dkv=SPLASH_BLOCK,
-                              block_kv_dkv_compute=SPLASH_BLOCK, block_q_dq=SPLASH_BLOCK, block_kv_dq=SPLASH_BLOCK)
+    block = splash.BlockSizes(
+        block_q=SPLASH_BLOCK,
+        block_kv=SPLASH_BLOCK,
+        block_kv_compute=SPLASH_BLOCK,
+        block_q_dkv=SPLASH_BLOCK,
+        block_kv_dkv=SPLASH_BLOCK,
+        block_kv_dkv_compute=SPLASH_BLOCK,
+        block_q_dq=SPLASH_BLOCK,
+        block_kv_dq=SPLASH_BLOCK,
+    )
     mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(pattern)] * group)
-    return splash.make_splash_mqa(mask, block_sizes=block, head_shards=1, q_seq_shards=1,
-                                  attn_logits_soft_cap=softcap, interpret=jax.default_backend() != "tpu")
+    return splash.make_splash_mqa(
+        mask,
+        block_sizes=block,
+        head_shards=1,
+        q_seq_shards=1,
+        attn_logits_soft_cap=softcap,
+        interpret=jax.default_backend() != "tpu",
+    )

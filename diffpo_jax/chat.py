@@ -33,7 +33,7 @@ def end_of_turn_id(tokenizer: Any) -> int:
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], tokenize=False
     )
-    after = tokenizer(text[text.rindex(_PROBE) + len(_PROBE):], add_special_tokens=False)["input_ids"]
+    after = tokenizer(text[text.rindex(_PROBE) + len(_PROBE) :], add_special_tokens=False)["input_ids"]
     added = set(tokenizer.get_added_vocab().values())
     if after and after[0] in added:
         return int(after[0])

@@ -191,7 +191,9 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             rope_parameters=rope,
             # transformers < 5, vLLM and llama.cpp's converter read the legacy key
-            rope_scaling=None if self.rope_scaling is None else {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
+            rope_scaling=None
+            if self.rope_scaling is None
+            else {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)},
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings,
             attention_bias=False,
@@ -249,15 +251,19 @@ def config_without_weights(spec: str) -> ModelConfig:
         return load_preset("smollm2-135m-instruct")[0]
     if spec.startswith(PRESET):
         vocab = load_preset("smollm2-135m-instruct")[0].vocab_size
-        return load_preset(spec[len(PRESET):])[0].replace(vocab_size=vocab)
+        return load_preset(spec[len(PRESET) :])[0].replace(vocab_size=vocab)
     folder = Path(spec).expanduser()
     if (folder / "config.json").is_file():
         return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), source=str(folder))
     if (folder / "adapter_config.json").is_file():  # a PEFT adapter folder: the model is its base's
-        return config_without_weights(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+        return config_without_weights(
+            json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        )
     for name in preset_names():
         cfg, hf = load_preset(name)
         if spec in (hf.get("hf_repo"), name):
             return cfg
-    raise ValueError(f"model {spec}: no config without downloading it (use preset:NAME, a configs/models preset "
-                     "or its hf_repo, or a local folder with config.json)")
+    raise ValueError(
+        f"model {spec}: no config without downloading it (use preset:NAME, a configs/models preset "
+        "or its hf_repo, or a local folder with config.json)"
+    )

@@ -41,14 +41,26 @@ def default_mesh() -> jax.sharding.Mesh | None:
     return make_mesh((1, -1, 1)) if jax.device_count() > 1 else None
 
 
-def from_hf(model: str | None, out_dir: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False,
-            mesh: jax.sharding.Mesh | None = None) -> os.PathLike:
+def from_hf(
+    model: str | None,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> os.PathLike:
     """Load `model` (anything `load_model` accepts) in `dtype` and save it as an Orbax model dir."""
     out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)  # before the (possibly long) load
     loaded = load_model(model, dtype=dtype, mesh=mesh)
-    return save_params(out_dir, loaded.cfg, nnx.state(loaded.model), loaded.tokenizer, overwrite=overwrite,
-                       generation=loaded.generation)
+    return save_params(
+        out_dir,
+        loaded.cfg,
+        nnx.state(loaded.model),
+        loaded.tokenizer,
+        overwrite=overwrite,
+        generation=loaded.generation,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("to-hf", help="Orbax model / run / step dir -> HF folder (safetensors)")
     b.add_argument("ckpt")
     b.add_argument("out_dir")
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="exported dtype (default: as stored for a model dir, bfloat16 for a train run or step dir)")
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="exported dtype (default: as stored for a model dir, bfloat16 for a train run or step dir)",
+    )
     b.add_argument("--max-shard-size", default="5GB", help="split safetensors files past this size (default 5GB)")
     c = sub.add_parser("to-peft", help="LoRA train run / step dir -> PEFT adapter folder")
     c.add_argument("run")
     c.add_argument("out_dir")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored adapter dtype")
+    c.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="stored adapter dtype"
+    )
     for p in (a, b, c):
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     distributed.add_arguments(ap)
@@ -80,8 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "to-peft":
             out = export_peft(args.run, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
         else:
-            out = export_checkpoint(args.ckpt, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                    overwrite=args.overwrite, mesh=default_mesh())
+            out = export_checkpoint(
+                args.ckpt,
+                args.out_dir,
+                dtype=args.dtype,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                mesh=default_mesh(),
+            )
     except (ModelSourceError, ValueError, FileNotFoundError, DistributedError) as e:  # CheckpointError: a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

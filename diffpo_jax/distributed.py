@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -172,8 +172,14 @@ def _process_allgather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x))
 
 
-def check_shared_folder(token, what: str, *, process: int | None = None, processes: int | None = None,
-                        gather: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+def check_shared_folder(
+    token,
+    what: str,
+    *,
+    process: int | None = None,
+    processes: int | None = None,
+    gather: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> None:
     """With several processes, fail at once unless every process sees the folder of `token` (an
     epath.Path) as process 0 does: process 0 writes a random nonce to `token`, every process reads it
     back and compares with process 0's nonce (sent by an all-gather, not the folder), the verdicts are
@@ -204,6 +210,8 @@ def check_shared_folder(token, what: str, *, process: int | None = None, process
     if blind and blind[0] == 0:
         raise DistributedError(f"{what}: process 0 cannot write {token} and read it back")
     if blind:
-        raise DistributedError(f"{what}: process {blind[0]} does not see the file process 0 wrote there "
-                               f"({token.name}); several processes need a shared folder (a bucket URL or a shared "
-                               "filesystem)")
+        raise DistributedError(
+            f"{what}: process {blind[0]} does not see the file process 0 wrote there "
+            f"({token.name}); several processes need a shared folder (a bucket URL or a shared "
+            "filesystem)"
+        )

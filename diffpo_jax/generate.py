@@ -29,24 +29,46 @@ from pathlib import Path
 
 from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
-    FORMATS, FormatError, check_output_path, generated_output, read_records, sampled_output,
-)  # fmt: skip
-from diffpo_jax.decoding import devices, plan as decode_plan
+    FORMATS,
+    FormatError,
+    check_output_path,
+    generated_output,
+    read_records,
+    sampled_output,
+)
+from diffpo_jax.decoding import devices
+from diffpo_jax.decoding import plan as decode_plan
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
 # outputs do not depend on it)
-RESUME_OPTIONS = ("model", "base", "format", "temperature", "top_p", "max_new_tokens", "num_samples", "seed", "model_id",
-                  "dtype", "on_error")
+RESUME_OPTIONS = (
+    "model",
+    "base",
+    "format",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "num_samples",
+    "seed",
+    "model_id",
+    "dtype",
+    "on_error",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None,
-                    help="base model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2")
-    ap.add_argument("--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="base model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2",
+    )
+    ap.add_argument(
+        "--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)"
+    )
     ap.add_argument("--input", type=as_path, help="required, except with --plan")
     ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
@@ -58,10 +80,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
     devices.add_arguments(ap)
-    record_loop.add_arguments(ap, "decode N records at a time through --batch-size slots with row refill (a finished "
-                                  "row's slot takes the next record), written in input order (default 256; <= "
-                                  "--batch-size: batches of consecutive records, each until its longest answer is done)")
-    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    record_loop.add_arguments(
+        ap,
+        "decode N records at a time through --batch-size slots with row refill (a finished "
+        "row's slot takes the next record), written in input order (default 256; <= "
+        "--batch-size: batches of consecutive records, each until its longest answer is done)",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
+    )
     distributed.add_arguments(ap)
     decode_plan.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -101,7 +128,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def decode(indices: list[int], turn: int, _recs, prompts):
         """Per record: (its index, its k Outputs), the k samples of a prompt in adjacent rows."""
         keys = record_loop.sample_keys(args.seed, indices, turn, k)
-        outputs = decoder.sample([p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p)
+        outputs = decoder.sample(
+            [p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p
+        )
         return [(i, outputs[j * k : (j + 1) * k]) for j, i in enumerate(indices)]
 
     def progress(results):
@@ -122,9 +151,18 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
     # A window's records go to the decoder together: its slots decode them with row refill (a finished
     # row's slot takes the next row), or one batch when the window is no larger than --batch-size.
-    skipped = record_loop.decode_records(decoder, records, out, decode, history, build, progress,
-                                         batch_size=max(args.sort_window, args.batch_size), on_error=args.on_error,
-                                         window=args.sort_window)
+    skipped = record_loop.decode_records(
+        decoder,
+        records,
+        out,
+        decode,
+        history,
+        build,
+        progress,
+        batch_size=max(args.sort_window, args.batch_size),
+        on_error=args.on_error,
+        window=args.sort_window,
+    )
     bar.update(bar.total - bar.n)  # turns of skipped records
     bar.close()
     out.finish()

@@ -66,8 +66,12 @@ def merge_adapters(params: dict, lora: LoraConfig) -> dict:
                 continue
             adapter = module.get(f"{name}_lora")
             if adapter is not None:
-                delta = jnp.einsum("lir,lro->lio", adapter["lora_a"].astype(jnp.float32),
-                                   adapter["lora_b"].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+                delta = jnp.einsum(
+                    "lir,lro->lio",
+                    adapter["lora_a"].astype(jnp.float32),
+                    adapter["lora_b"].astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST,
+                )
                 w = (w.astype(jnp.float32) + lora.scale * delta.reshape(w.shape)).astype(w.dtype)
             layers[kind][name] = w
     return {**params, "layers": layers}
@@ -86,9 +90,20 @@ def base_reference(spec: str | None) -> str:
 
 def peft_config(lora: LoraConfig, base: str) -> dict:
     """PEFT's adapter_config.json for `lora` on `base` (peft.LoraConfig's fields; the rest take PEFT's defaults)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": lora.rank,
-            "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": list(lora.target_modules),
-            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True}
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": list(lora.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
 
 
 def write_adapter_config(folder: str | os.PathLike, lora: LoraConfig, base: str) -> None:
@@ -104,11 +119,17 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[LoraConfig, str] | N
     c = json.loads(path.read_text())
     unsupported = [k for k in ("use_rslora", "use_dora", "fan_in_fan_out") if c.get(k)]
     if c.get("peft_type") != "LORA" or unsupported or c.get("bias", "none") != "none":
-        raise ValueError(f"{path}: not a plain LoRA adapter (peft_type {c.get('peft_type')!r}"
-                         f"{', ' + ', '.join(unsupported) if unsupported else ''}, bias {c.get('bias')!r})")
+        raise ValueError(
+            f"{path}: not a plain LoRA adapter (peft_type {c.get('peft_type')!r}"
+            f"{', ' + ', '.join(unsupported) if unsupported else ''}, bias {c.get('bias')!r})"
+        )
     targets = c["target_modules"]
     if isinstance(targets, str) or set(targets) - set(TARGETS):
         raise ValueError(f"{path}: target_modules {targets!r}: expected a list of {', '.join(TARGETS)}")
-    lora = LoraConfig(rank=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout") or 0.0),
-                      target_modules=tuple(targets))
+    lora = LoraConfig(
+        rank=int(c["r"]),
+        alpha=float(c["lora_alpha"]),
+        dropout=float(c.get("lora_dropout") or 0.0),
+        target_modules=tuple(targets),
+    )
     return lora, c["base_model_name_or_path"]

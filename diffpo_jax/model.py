@@ -77,9 +77,16 @@ def _add_adapters(module: nnx.Module, cfg: ModelConfig, rngs: nnx.Rngs, kind: st
         if name in cfg.lora.target_modules:
             w = getattr(module, name)
             k, axes = IN_DIMS.get(name, 1), w.get_metadata()["logical_axes"]
-            lora = nnx.LoRA(math.prod(w.shape[:k]), cfg.lora.rank, math.prod(w.shape[k:]), dtype=cfg.dtype,
-                            param_dtype=jnp.float32, rngs=rngs, a_metadata={"logical_axes": (axes[0], None)},
-                            b_metadata={"logical_axes": (None, axes[k])})
+            lora = nnx.LoRA(
+                math.prod(w.shape[:k]),
+                cfg.lora.rank,
+                math.prod(w.shape[k:]),
+                dtype=cfg.dtype,
+                param_dtype=jnp.float32,
+                rngs=rngs,
+                a_metadata={"logical_axes": (axes[0], None)},
+                b_metadata={"logical_axes": (None, axes[k])},
+            )
             setattr(module, f"{name}_lora", lora)
 
 
@@ -156,8 +163,13 @@ class Attention(nnx.Module):
         k = apply_rope(k, q_pos, inv_freq)
         keys, values = kv_write(k, v)  # [B, S, Kv, D]
 
-        implementation = choose(cfg.attention, dtype=cfg.dtype, head_dim=cfg.head_dim,
-                                softcap=cfg.attn_logit_softcap, packed=packed is not None)
+        implementation = choose(
+            cfg.attention,
+            dtype=cfg.dtype,
+            head_dim=cfg.head_dim,
+            softcap=cfg.attn_logit_softcap,
+            packed=packed is not None,
+        )
         if implementation == "splash":
             out = splash_attend(q, keys, values, packed, window, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap)
         else:
@@ -165,8 +177,15 @@ class Attention(nnx.Module):
             allowed = within_reach(delta, window)
             if packed is not None:
                 allowed = allowed & packed.visible()
-            out = attend(q, keys, values, allowed, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
-                         implementation=implementation)
+            out = attend(
+                q,
+                keys,
+                values,
+                allowed,
+                scale=cfg.query_scale,
+                softcap=cfg.attn_logit_softcap,
+                implementation=implementation,
+            )
         out = constrain(out, q_axes)
         b, t, h, d = out.shape
         out = out.reshape(b, t, h * d)
@@ -280,9 +299,18 @@ class Transformer(nnx.Module):
                 # updates: the program does not grow with the batch).
                 rows = jnp.arange(k.shape[0], dtype=jnp.int32)
                 at = jnp.stack([jnp.full_like(rows, layer), rows, starts.astype(jnp.int32)], axis=1)  # [B, 3]
-                ck, cv = (jax.lax.scatter(c, at, new.astype(c.dtype), _ROW_WINDOWS, indices_are_sorted=True,
-                                          unique_indices=True, mode=jax.lax.GatherScatterMode.CLIP)
-                          for c, new in zip(kv, (k, v)))
+                ck, cv = (
+                    jax.lax.scatter(
+                        c,
+                        at,
+                        new.astype(c.dtype),
+                        _ROW_WINDOWS,
+                        indices_are_sorted=True,
+                        unique_indices=True,
+                        mode=jax.lax.GatherScatterMode.CLIP,
+                    )
+                    for c, new in zip(kv, (k, v))
+                )
                 written.append((ck, cv))
                 return ck[layer].astype(k.dtype), cv[layer].astype(v.dtype)
 
@@ -312,8 +340,9 @@ class Transformer(nnx.Module):
 
 
 # Cache [L, B, S, Kv, D] <- updates [B, T, Kv, D] at indices [B, 3] = (layer, row, first slot).
-_ROW_WINDOWS = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0, 1),
-                                               scatter_dims_to_operand_dims=(0, 1, 2))
+_ROW_WINDOWS = jax.lax.ScatterDimensionNumbers(
+    update_window_dims=(1, 2, 3), inserted_window_dims=(0, 1), scatter_dims_to_operand_dims=(0, 1, 2)
+)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:

@@ -22,7 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 from etils import epath
 

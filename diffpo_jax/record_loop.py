@@ -10,7 +10,8 @@ file formats (data/formats.py) and the `Decoder` (decoding/batching.py); the dec
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.batching import ContextError, Decoder, bucket
@@ -23,9 +24,13 @@ ON_ERROR = ("stop", "skip")
 def add_arguments(ap: argparse.ArgumentParser, window_help: str) -> None:
     """--sort-window (what a window is for the CLI: `window_help`) and --on-error."""
     ap.add_argument("--sort-window", type=int, default=256, metavar="N", help=window_help)
-    ap.add_argument("--on-error", choices=ON_ERROR, default="stop",
-                    help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
-                         "or write it out with an `error` field and go on")
+    ap.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="stop",
+        help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
+        "or write it out with an `error` field and go on",
+    )
 
 
 def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
@@ -70,8 +75,9 @@ def open_output(path, fmt: str, records: list[Record], options: dict[str, Any]) 
     from diffpo_jax.paths import sync
 
     check_output(path)
-    return ResumableOutput(path, fmt, records, options, process=jax.process_index(), processes=jax.process_count(),
-                           barrier=sync)
+    return ResumableOutput(
+        path, fmt, records, options, process=jax.process_index(), processes=jax.process_count(), barrier=sync
+    )
 
 
 def decode_records(

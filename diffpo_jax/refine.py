@@ -27,17 +27,33 @@ import time
 
 from diffpo_jax import distributed, record_loop
 from diffpo_jax.data.formats import (
-    FORMATS, FormatError, check_output_path, read_output, read_records, refined_output, refined_pairs,
-)  # fmt: skip
-from diffpo_jax.decoding import devices, plan as decode_plan
+    FORMATS,
+    FormatError,
+    check_output_path,
+    read_output,
+    read_records,
+    refined_output,
+    refined_pairs,
+)
+from diffpo_jax.decoding import devices
+from diffpo_jax.decoding import plan as decode_plan
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import ModelSourceError
 
-
 # the options a resumed run must share with the run that wrote OUTPUT.partial
-RESUME_OPTIONS = ("model", "base", "format", "history", "max_new_tokens", "max_iterations", "hold_draft_prefix", "dtype",
-                  "trajectory", "on_error")
+RESUME_OPTIONS = (
+    "model",
+    "base",
+    "format",
+    "history",
+    "max_new_tokens",
+    "max_iterations",
+    "hold_draft_prefix",
+    "dtype",
+    "trajectory",
+    "on_error",
+)
 
 
 def hold_spec(text: str) -> int | str:
@@ -64,32 +80,56 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None,
-                    help="DiffPO model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2")
-    ap.add_argument("--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="DiffPO model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2",
+    )
+    ap.add_argument(
+        "--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)"
+    )
     ap.add_argument("--input", type=as_path, help="required, except with --plan")
     ap.add_argument("--output", type=as_path, help="required, except with --plan")
     ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
-    ap.add_argument("--history", choices=["refined", "draft"], default="refined",
-                    help="mt_bench: the turn-1 answer turn 2 sees (draft = the official script)")
+    ap.add_argument(
+        "--history",
+        choices=["refined", "draft"],
+        default="refined",
+        help="mt_bench: the turn-1 answer turn 2 sees (draft = the official script)",
+    )
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--max-iterations", type=int, help="cap on Jacobi passes per batch (default: max-new-tokens)")
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--hold-draft-prefix", type=hold_spec, default=0, metavar="R | random:R",
-                    help="keep the first R draft tokens fixed; random:R: a uniform 0..R per record, drawn from its "
-                         "index (the official DiffPO script holds random:12)")
+    ap.add_argument(
+        "--hold-draft-prefix",
+        type=hold_spec,
+        default=0,
+        metavar="R | random:R",
+        help="keep the first R draft tokens fixed; random:R: a uniform 0..R per record, drawn from its "
+        "index (the official DiffPO script holds random:12)",
+    )
     ap.add_argument("--no-realign", dest="realign", action="store_false", help="no n-gram re-alignment to the draft")
-    ap.add_argument("--trajectory", action="store_true",
-                    help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)")
+    ap.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)",
+    )
     devices.add_arguments(ap)
-    record_loop.add_arguments(ap, "refine N records at a time through --batch-size slots with row refill (a finished row's "
-                                  "slot takes the next record), written in input order (default 256; <= --batch-size: "
-                                  "batches of consecutive records, each until its slowest row is done)")
-    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    record_loop.add_arguments(
+        ap,
+        "refine N records at a time through --batch-size slots with row refill (a finished row's "
+        "slot takes the next record), written in input order (default 256; <= --batch-size: "
+        "batches of consecutive records, each until its slowest row is done)",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
+    )
     distributed.add_arguments(ap)
-    ap.add_argument("--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side")
+    ap.add_argument(
+        "--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side"
+    )
     decode_plan.add_arguments(ap)
     args = ap.parse_args(argv)
     if not args.plan and (args.input is None or args.output is None):
@@ -129,10 +169,15 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     def decode(indices: list[int], turn: int, recs, prompts):
         drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
         return decoder.refine(
-            prompts, drafts, block_size=args.block_size, max_iterations=args.max_iterations,
-            hold_draft_prefix=hold_max(args.hold_draft_prefix), hold_lens=hold_lens(args.hold_draft_prefix, indices),
-            realign=args.realign, trajectory=args.trajectory,
-        )  # fmt: skip
+            prompts,
+            drafts,
+            block_size=args.block_size,
+            max_iterations=args.max_iterations,
+            hold_draft_prefix=hold_max(args.hold_draft_prefix),
+            hold_lens=hold_lens(args.hold_draft_prefix, indices),
+            realign=args.realign,
+            trajectory=args.trajectory,
+        )
 
     def progress(outputs):
         for o in outputs:
@@ -141,7 +186,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             totals["passes"] += o.stats["passes"]
             totals["converged"] += o.stats["converged"]
         elapsed = time.perf_counter() - start
-        bar.set_postfix(tok_s=f"{totals['tokens'] / elapsed:.1f}", passes_tok=f"{totals['passes'] / max(totals['tokens'], 1):.3f}")
+        bar.set_postfix(
+            tok_s=f"{totals['tokens'] / elapsed:.1f}", passes_tok=f"{totals['passes'] / max(totals['tokens'], 1):.3f}"
+        )
         bar.update(len(outputs))
 
     def build(rec, outputs):
@@ -154,7 +201,15 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     # (one batch at a time with --trajectory, or when the window is no larger than a batch).
     per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
     skipped = record_loop.decode_records(
-        decoder, records, out, decode, history, build, progress, batch_size=per_call, on_error=args.on_error,
+        decoder,
+        records,
+        out,
+        decode,
+        history,
+        build,
+        progress,
+        batch_size=per_call,
+        on_error=args.on_error,
         window=args.sort_window,
     )
     bar.update(bar.total - bar.n)  # turns of skipped records
@@ -177,6 +232,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
 def side_by_side(draft: str, refined: str, width: int = 48, titles: tuple[str, str] = ("draft", "refined")) -> str:
     """Two wrapped columns under `titles`, draft | refined."""
+
     def wrap(text):
         return [w for line in text.splitlines() or [""] for w in textwrap.wrap(line, width) or [""]]
 

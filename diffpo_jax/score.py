@@ -35,8 +35,18 @@ from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.reward.records import SCORE_FORMATS
 from diffpo_jax.sources import ModelSourceError
 
-RESUME_OPTIONS = ("model", "reward", "format", "fields", "prompt_field", "responses_field", "scores_field", "best_of_n",
-                  "label", "dtype")
+RESUME_OPTIONS = (
+    "model",
+    "reward",
+    "format",
+    "fields",
+    "prompt_field",
+    "responses_field",
+    "scores_field",
+    "best_of_n",
+    "label",
+    "dtype",
+)
 RECORDS_PER_CHUNK = 16  # batches of rows scored between appends to OUTPUT.partial
 
 
@@ -57,9 +67,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--label", type=int, default=0, help="classifiers with several labels: the logit that is the score")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--report", type=as_path, help="write the summary as a Markdown table")
-    ap.add_argument("--show", type=int, default=0, metavar="K",
-                    help="jsonl with two one-answer fields: print the first K records' answers side by side with their scores")
-    ap.add_argument("--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)")
+    ap.add_argument(
+        "--show",
+        type=int,
+        default=0,
+        metavar="K",
+        help="jsonl with two one-answer fields: print the first K records' answers side by side with their scores",
+    )
+    ap.add_argument(
+        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
+    )
     devices.add_arguments(ap)
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)
@@ -78,16 +95,29 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
     from diffpo_jax.reward.functions import FunctionScorer
     from diffpo_jax.reward.inputs import InputError
-    from diffpo_jax.reward.records import Layout, check_best_of_n, check_finite, default_fields, items, read_score_records, scored_output
+    from diffpo_jax.reward.loading import load_reward_model
+    from diffpo_jax.reward.records import (
+        Layout,
+        check_best_of_n,
+        check_finite,
+        default_fields,
+        items,
+        read_score_records,
+        scored_output,
+    )
     from diffpo_jax.reward.scorer import Scorer
     from diffpo_jax.reward.summary import summarize
-    from diffpo_jax.reward.loading import load_reward_model
 
     mesh = devices.decode_mesh(args.mesh)
     check_output_path(args.input, args.output, args.overwrite)
     records = read_score_records(args.input, args.format, args.questions)
-    layout = Layout(args.format, default_fields(args.format, records[0], args.fields),
-                    args.prompt_field, args.responses_field, args.scores_field)
+    layout = Layout(
+        args.format,
+        default_fields(args.format, records[0], args.fields),
+        args.prompt_field,
+        args.responses_field,
+        args.scores_field,
+    )
     if args.best_of_n:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
@@ -107,7 +137,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             except InputError as e:
                 raise FormatError(f"{rec.where}: field '{field}': {e}") from None
         rows_by_record.append(rows)
-    out = record_loop.open_output(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
+    out = record_loop.open_output(
+        args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options
+    )
 
     bar = tqdm(total=len(out.todo), unit="rec", desc="score", dynamic_ncols=True)  # this process's records
     start, tokens = time.perf_counter(), 0
@@ -131,10 +163,16 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     bar.close()
     outputs = out.finish()
     elapsed = time.perf_counter() - start
-    return summarize(*_collect(layout, records, outputs)) | {
-        "devices": devices.describe(mesh), "records": len(records), "answers": sum(map(len, per_record)),
-        "seconds": round(elapsed, 2),
-    } | ({} if args.reward else {"tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
+    return (
+        summarize(*_collect(layout, records, outputs))
+        | {
+            "devices": devices.describe(mesh),
+            "records": len(records),
+            "answers": sum(map(len, per_record)),
+            "seconds": round(elapsed, 2),
+        }
+        | ({} if args.reward else {"tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
+    )
 
 
 def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[str, str] | None]:
@@ -162,8 +200,13 @@ def show(path, summary: dict, k: int) -> None:
     first, second = summary["win_rate"]["over"], summary["win_rate"]["of"]
     for _, rec in list(jsonl_records(path))[:k]:
         print(f"\n=== {rec.get('id', '')} {rec.get('prompt', '')}".rstrip())
-        print(side_by_side(rec[first], rec[second], titles=(f"{first} ({rec['scores'][first]:.3f})",
-                                                             f"{second} ({rec['scores'][second]:.3f})")))
+        print(
+            side_by_side(
+                rec[first],
+                rec[second],
+                titles=(f"{first} ({rec['scores'][first]:.3f})", f"{second} ({rec['scores'][second]:.3f})"),
+            )
+        )
     print()
 
 
@@ -185,9 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     if "win_rate" in summary:
         w = summary["win_rate"]
         print(f"win rate of {w['of']} over {w['over']}: {w['rate']:.3f} (95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f})")
-    print(json.dumps({k: summary[k] for k in ("devices", "records", "answers", "seconds", "tokens_per_s") if k in summary}))
+    print(
+        json.dumps(
+            {k: summary[k] for k in ("devices", "records", "answers", "seconds", "tokens_per_s") if k in summary}
+        )
+    )
     if args.report:
-        args.report.write_text(markdown(summary, f"Scores of {args.input} by {args.model or args.reward}"), encoding="utf-8")
+        args.report.write_text(
+            markdown(summary, f"Scores of {args.input} by {args.model or args.reward}"), encoding="utf-8"
+        )
         print(f"wrote {args.report}")
     print(f"wrote {args.output}")
     return 0

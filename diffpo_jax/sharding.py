@@ -18,7 +18,8 @@ and move the activations instead, i.e. hold whole-global-batch activation buffer
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -67,10 +68,13 @@ def device_grid(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarr
     if slices == 1:
         return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     if shape[0] % slices:
-        raise ValueError(f"mesh shape {list(shape)}: data {shape[0]} is not a multiple of the {slices} slices "
-                         "(data spans the slices)")
-    return mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices,
-                                                allow_split_physical_axes=True)
+        raise ValueError(
+            f"mesh shape {list(shape)}: data {shape[0]} is not a multiple of the {slices} slices "
+            "(data spans the slices)"
+        )
+    return mesh_utils.create_hybrid_device_mesh(
+        (shape[0] // slices, *shape[1:]), (slices, 1, 1), devices, allow_split_physical_axes=True
+    )
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
@@ -97,7 +101,8 @@ def check_tensor_within_host(grid: np.ndarray) -> None:
         if len(hosts) > 1:
             raise ValueError(
                 f"mesh {list(grid.shape)}: the tensor axis ({grid.shape[2]} devices) spans processes "
-                f"{', '.join(map(str, hosts))}; it must fit within one host's devices")
+                f"{', '.join(map(str, hosts))}; it must fit within one host's devices"
+            )
 
 
 def indivisible_dims(state: nnx.State, mesh: Mesh) -> list[str]:

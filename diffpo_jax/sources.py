@@ -38,12 +38,17 @@ from diffpo_jax.config import ModelConfig, UnsupportedModelError
 from diffpo_jax.lora import ADAPTER_CONFIG, merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
-from diffpo_jax.weights.checkpoint import (
-    CheckpointError, is_orbax_dir, model_files_dir, read_generation_config, read_orbax_config, restore_params,
-    tokenizer_from_dir,
-)  # fmt: skip
-from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.sharding import param_shardings
+from diffpo_jax.weights.checkpoint import (
+    CheckpointError,
+    is_orbax_dir,
+    model_files_dir,
+    read_generation_config,
+    read_orbax_config,
+    restore_params,
+    tokenizer_from_dir,
+)
+from diffpo_jax.weights.gguf import GGUFCheckpoint, embedded_gguf_path, load_gguf_tokenizer
 from diffpo_jax.weights.hf import Checkpoint, SafetensorsCheckpoint, WeightsError, load_params
 from diffpo_jax.weights.peft import read_peft_adapters
 
@@ -141,8 +146,9 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
     if found is None:
         return nnx.to_pure_dict(restore_params(path, cfg, mesh))
     lora, base = found
-    base_params = nnx.to_pure_dict(nnx.state(
-        load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model))
+    base_params = nnx.to_pure_dict(
+        nnx.state(load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model)
+    )
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
     if shapes(base_params) != shapes(nnx.to_pure_dict(nnx.state(abstract_model(cfg)))):
         raise CheckpointError(f"{path}: its base {base} does not have the shapes of the run's config.json")
@@ -168,8 +174,9 @@ def _is_peft_folder(spec: str) -> bool:
     return not is_url(spec) and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
-def _load_peft(folder: Path, base: str | None, dtype: str, param_dtype: str | None, mesh,
-               with_tokenizer: bool) -> LoadedModel:
+def _load_peft(
+    folder: Path, base: str | None, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool
+) -> LoadedModel:
     """A PEFT adapter folder on `base` (default: the base its config names), merged at load (module doc)."""
     try:
         lora, named = read_adapter_config(folder)
@@ -193,8 +200,9 @@ def _load_peft(folder: Path, base: str | None, dtype: str, param_dtype: str | No
     model = nnx.merge(nnx.graphdef(loaded.model), params)
     own = with_tokenizer and (folder / "tokenizer_config.json").is_file()
     tokenizer = tokenizer_from_dir(folder) if own else loaded.tokenizer
-    return dataclasses.replace(loaded, model=model, tokenizer=tokenizer, source=f"{folder} on {loaded.source}",
-                               reference={})
+    return dataclasses.replace(
+        loaded, model=model, tokenizer=tokenizer, source=f"{folder} on {loaded.source}", reference={}
+    )
 
 
 def load_model(
@@ -213,7 +221,9 @@ def load_model(
     if spec not in (None, "", EMBEDDED) and _is_peft_folder(spec):
         return _load_peft(Path(spec).expanduser(), base, dtype, param_dtype, mesh, with_tokenizer)
     if base:
-        raise ModelSourceError(f"--base {base}: only a PEFT adapter folder takes a base, and {spec or EMBEDDED} is not one")
+        raise ModelSourceError(
+            f"--base {base}: only a PEFT adapter folder takes a base, and {spec or EMBEDDED} is not one"
+        )
     if spec not in (None, "", EMBEDDED) and is_orbax_dir(spec):
         return _load_orbax(as_path(spec), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)

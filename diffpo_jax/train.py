@@ -33,11 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="a YAML preset, e.g. configs/train/tiny.yaml (default: built-in defaults)")
     ap.add_argument("--model", help="the model to start from (overrides the config's model)")
-    ap.add_argument("--allow-config-change", default="", metavar="KEY,...",
-                    help="on resume, accept new values of these keys (dotted, or a section name)")
-    ap.add_argument("--plan", metavar="DEVICES[/HOSTS]",
-                    help="check the config against this topology and print its AOT-compiled per-device memory "
-                         "(no weights or data; training/plan.py), e.g. --plan 32/8")
+    ap.add_argument(
+        "--allow-config-change",
+        default="",
+        metavar="KEY,...",
+        help="on resume, accept new values of these keys (dotted, or a section name)",
+    )
+    ap.add_argument(
+        "--plan",
+        metavar="DEVICES[/HOSTS]",
+        help="check the config against this topology and print its AOT-compiled per-device memory "
+        "(no weights or data; training/plan.py), e.g. --plan 32/8",
+    )
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     distributed.add_arguments(ap)
     args = ap.parse_args(argv)

@@ -28,12 +28,19 @@ from diffpo_jax.jsonl import read_jsonl
 BUILTIN = [
     ("What is the capital of France?", "The capital of France is Paris, which is also its largest city."),
     ("Write a haiku about the sea.", "Waves fold into foam,\nsalt wind carries gull voices,\nthe tide keeps its time."),
-    ("Explain what a hash table is in two sentences.",
-     "A hash table stores key-value pairs in an array, using a hash function to turn each key into an index. "
-     "Lookups, inserts and deletes take constant time on average."),
-    ("Give me three tips for sleeping better.",
-     "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n3. Keep your bedroom cool and dark."),
-    ("How do I reverse a list in Python?", "Use `my_list.reverse()` to reverse it in place, or `my_list[::-1]` for a reversed copy."),
+    (
+        "Explain what a hash table is in two sentences.",
+        "A hash table stores key-value pairs in an array, using a hash function to turn each key into an index. "
+        "Lookups, inserts and deletes take constant time on average.",
+    ),
+    (
+        "Give me three tips for sleeping better.",
+        "1. Keep a regular schedule.\n2. Avoid screens an hour before bed.\n3. Keep your bedroom cool and dark.",
+    ),
+    (
+        "How do I reverse a list in Python?",
+        "Use `my_list.reverse()` to reverse it in place, or `my_list[::-1]` for a reversed copy.",
+    ),
 ]
 DEFAULT_ATOL = {"float32": 1e-3, "bfloat16": float("inf")}
 DEFAULT_MIN_TOP1 = {"float32": 1.0, "bfloat16": 0.95}
@@ -80,7 +87,9 @@ def jax_logits(loaded, rows: list[list[int]]) -> list[np.ndarray]:
     for i, r in enumerate(rows):
         tokens[i, : len(r)], mask[i, : len(r)] = r, True
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    logits, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(loaded.model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+    logits, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(
+        loaded.model, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask)
+    )
     logits = np.asarray(logits.astype(jnp.float32))
     return [logits[i, : len(r)] for i, r in enumerate(rows)]
 
@@ -95,7 +104,9 @@ def load_reference(loaded):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(**loaded.reference, dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        **loaded.reference, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def reference_logits(reference, rows: list[list[int]]) -> list[np.ndarray]:
@@ -121,22 +132,31 @@ def check_reward(loaded, prompts: list[tuple[str, str]], atol: float) -> tuple[l
     from diffpo_jax.reward.scorer import Scorer
 
     if loaded.head.kind == "armorm":
-        raise ValueError(f"{loaded.source}: ArmoRM's hub modeling code does not import in transformers 5, so there is "
-                         "no reference to compare with here (tests/armorm_reference.py is the test suite's)")
+        raise ValueError(
+            f"{loaded.source}: ArmoRM's hub modeling code does not import in transformers 5, so there is "
+            "no reference to compare with here (tests/armorm_reference.py is the test suite's)"
+        )
     scorer = Scorer(loaded, batch_size=len(prompts))
     if loaded.tokenizer is None:
         rows = [(ids, 0) for ids in token_rows(None, prompts, loaded.cfg.vocab_size)]
     else:
         rows = [scorer.row(p, r) for p, r in prompts]
     reference = AutoModelForSequenceClassification.from_pretrained(
-        **loaded.reference, dtype=torch.float32, attn_implementation="eager").eval()
+        **loaded.reference, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     results = []
     with torch.no_grad():
         for (ids, _), s in zip(rows, scorer.score(rows)):
             ref = reference(torch.tensor([ids])).logits[0].numpy()
             got = np.asarray(s.logits if s.logits is not None else [s.score])
-            results.append({"tokens": len(ids), "score": float(got[0]), "reference": float(ref[0]),
-                            "max_abs_diff": float(np.abs(got - ref).max())})
+            results.append(
+                {
+                    "tokens": len(ids),
+                    "score": float(got[0]),
+                    "reference": float(ref[0]),
+                    "max_abs_diff": float(np.abs(got - ref).max()),
+                }
+            )
     return results, all(r["max_abs_diff"] <= atol for r in results)
 
 
@@ -165,7 +185,11 @@ def is_reward_model(spec: str | None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.verify", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="hub id, HF folder, .gguf file (not an Orbax dir: export it first); default: the embedded SmolLM2")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="hub id, HF folder, .gguf file (not an Orbax dir: export it first); default: the embedded SmolLM2",
+    )
     ap.add_argument("--prompts", type=Path, help="JSONL, one {'prompt': str, 'response'?: str} per line")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--atol", type=float, help="max abs logit difference allowed (default: 1e-3 in float32)")

@@ -47,8 +47,13 @@ class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
         eye = torch.zeros(k, k)
         eye[range(k), range(k)] = 1.0
         self.reward_transform_matrix = nn.Parameter(eye, requires_grad=False)
-        self.gating = GatingNetwork(config.hidden_size, k, temperature=config.gating_temperature,
-                                    hidden_dim=config.gating_hidden_dim, n_hidden=config.gating_n_hidden)
+        self.gating = GatingNetwork(
+            config.hidden_size,
+            k,
+            temperature=config.gating_temperature,
+            hidden_dim=config.gating_hidden_dim,
+            n_hidden=config.gating_n_hidden,
+        )
         self.pattern = pattern
 
     def forward(self, input_ids):
@@ -65,9 +70,19 @@ class LlamaForRewardModelWithGating(LlamaPreTrainedModel):
 
 def armorm_config(vocab: int, pad: int, objectives: int = 5) -> LlamaConfig:
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=pad,
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad,
     )
     cfg.architectures = ["LlamaForRewardModelWithGating"]
     cfg.num_objectives, cfg.gating_temperature, cfg.gating_hidden_dim, cfg.gating_n_hidden = objectives, 10, 32, 3
@@ -78,7 +93,7 @@ def build_armorm(config, seed=0, pattern=LLAMA3_PATTERN):
     torch.manual_seed(seed)
     model = LlamaForRewardModelWithGating(config, pattern).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
         model.gating.logit_scale.fill_(1.7)
     return model

@@ -45,7 +45,9 @@ def smollm2_reference(smollm2):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(**smollm2.reference, dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        **smollm2.reference, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="session")
@@ -86,8 +88,9 @@ def tiny_init_dir(tmp_path_factory, smollm2):
     from diffpo_jax.training.trainer import random_model
     from diffpo_jax.weights.checkpoint import save_params
 
-    loaded = random_model("tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32",
-                          mesh=make_mesh((1, -1, 1)))
+    loaded = random_model(
+        "tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32", mesh=make_mesh((1, -1, 1))
+    )
     assert loaded.cfg.vocab_size == len(loaded.tokenizer) == 49152
     return save_params(tmp_path_factory.mktemp("train") / "init", loaded.cfg, nnx.state(loaded.model), loaded.tokenizer)
 

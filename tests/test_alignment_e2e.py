@@ -9,7 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffpo_jax import generate as generate_cli, refine as refine_cli, score as score_cli, train as train_cli
+from diffpo_jax import generate as generate_cli
+from diffpo_jax import refine as refine_cli
+from diffpo_jax import score as score_cli
+from diffpo_jax import train as train_cli
 from diffpo_jax.data import __main__ as data_cli
 from diffpo_jax.reward.functions import load_reward_function
 
@@ -27,16 +30,51 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
     rewards = tmp_path / "rewards.py"
     rewards.write_text(REWARD)
     spec = f"{rewards}:vowels"
-    prompts = [json.loads(line)["prompt"] for line in (ROOT / "bench/data/alignment_prompts.jsonl").read_text().splitlines()]
+    prompts = [
+        json.loads(line)["prompt"] for line in (ROOT / "bench/data/alignment_prompts.jsonl").read_text().splitlines()
+    ]
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:PROMPTS]))
     samples = tmp_path / "samples.jsonl"
-    assert generate_cli.main(["--model", str(tiny_init_dir), "--input", str(src), "--output", str(samples),
-                              "--num-samples", str(SAMPLES), "--temperature", "1.0", "--max-new-tokens", str(TOKENS),
-                              "--batch-size", "4"]) == 0
+    assert (
+        generate_cli.main(
+            [
+                "--model",
+                str(tiny_init_dir),
+                "--input",
+                str(src),
+                "--output",
+                str(samples),
+                "--num-samples",
+                str(SAMPLES),
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                str(TOKENS),
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     scored = tmp_path / "scored.jsonl"
-    assert score_cli.main(["--reward", spec, "--format", "trajectories", "--responses-field", "samples",
-                           "--input", str(samples), "--output", str(scored)]) == 0
+    assert (
+        score_cli.main(
+            [
+                "--reward",
+                spec,
+                "--format",
+                "trajectories",
+                "--responses-field",
+                "samples",
+                "--input",
+                str(samples),
+                "--output",
+                str(scored),
+            ]
+        )
+        == 0
+    )
     fn = load_reward_function(spec)
     for row in read(scored):  # the ranking is the function's
         assert row["all_rm_scores"] == fn(prompts=[row["prompt"]] * SAMPLES, completions=row["samples"])
@@ -44,21 +82,56 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
     assert data_cli.main(["build", "--source", str(scored), "--responses-field", "samples", "--out", str(data)]) == 0
 
     config = tmp_path / "train.yaml"
-    config.write_text(json.dumps(dict(
-        model=str(tiny_init_dir), data=str(data), global_batch_size=8, prompt_len=48, response_len=TOKENS, seed=0,
-        num_epochs=60, save_every=1000, log_every=40, tensorboard=False, loss={"con_weight": 1.0, "con_positions": "draft"},
-        optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03})))
+    config.write_text(
+        json.dumps(
+            dict(
+                model=str(tiny_init_dir),
+                data=str(data),
+                global_batch_size=8,
+                prompt_len=48,
+                response_len=TOKENS,
+                seed=0,
+                num_epochs=60,
+                save_every=1000,
+                log_every=40,
+                tensorboard=False,
+                loss={"con_weight": 1.0, "con_positions": "draft"},
+                optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
+            )
+        )
+    )
     run = tmp_path / "run"
     assert train_cli.main(["--config", str(config), f"output_dir={run}"]) == 0
 
     drafts = tmp_path / "drafts.jsonl"
-    drafts.write_text("".join(json.dumps({"prompt": r["prompt"], "draft": r["samples"][0]}) + "\n" for r in read(samples)))
+    drafts.write_text(
+        "".join(json.dumps({"prompt": r["prompt"], "draft": r["samples"][0]}) + "\n" for r in read(samples))
+    )
     refined = tmp_path / "refined.jsonl"
-    assert refine_cli.main(["--model", str(run), "--input", str(drafts), "--output", str(refined),
-                            "--max-new-tokens", str(TOKENS), "--block-size", "4", "--batch-size", "8"]) == 0
+    assert (
+        refine_cli.main(
+            [
+                "--model",
+                str(run),
+                "--input",
+                str(drafts),
+                "--output",
+                str(refined),
+                "--max-new-tokens",
+                str(TOKENS),
+                "--block-size",
+                "4",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     final = tmp_path / "final.jsonl"
-    assert score_cli.main(["--reward", spec, "--fields", "draft,refined", "--input", str(refined),
-                           "--output", str(final)]) == 0
+    assert (
+        score_cli.main(["--reward", spec, "--fields", "draft,refined", "--input", str(refined), "--output", str(final)])
+        == 0
+    )
     rows = read(final)
     for r in rows:
         assert r["scores"] == {f: fn(prompts=[r["prompt"]], completions=[r[f]])[0] for f in ("draft", "refined")}

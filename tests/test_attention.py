@@ -34,18 +34,22 @@ def test_cudnn_is_picked_where_its_preconditions_hold(logged):
     assert not logged.records
 
 
-@pytest.mark.parametrize("change, reason", [
-    (dict(lengths=(31, 31)), r"sequence lengths \(T, S\) = \(31, 31\) are not both even"),
-    (dict(lengths=(4, 31)), r"\(4, 31\) are not both even"),
-    (dict(capability=(7, 0)), r"compute capability 7.0 is below 8.0"),  # V100
-    (dict(capability="7.5"), r"compute capability 7.5 is below 8.0"),  # T4
-    (dict(capability="gfx90a"), "no CUDA compute capability"),  # not an NVIDIA GPU
-    (dict(softcap=50.0), "cuDNN has no logit soft-cap"),  # Gemma-2
-    (dict(dtype="float32"), "dtype float32 is not one of bfloat16, float16"),
-    (dict(head_dim=256), "head_dim 256 is not a multiple of 8 at most 128"),
-    (dict(head_dim=60), "head_dim 60 is not a multiple of 8"),
-    (dict(backend="cpu"), "backend 'cpu' is not a GPU"),
-], ids=["odd", "odd_keys", "sm70", "sm75", "rocm", "softcap", "fp32", "head_dim_256", "head_dim_60", "cpu"])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (dict(lengths=(31, 31)), r"sequence lengths \(T, S\) = \(31, 31\) are not both even"),
+        (dict(lengths=(4, 31)), r"\(4, 31\) are not both even"),
+        (dict(capability=(7, 0)), r"compute capability 7.0 is below 8.0"),  # V100
+        (dict(capability="7.5"), r"compute capability 7.5 is below 8.0"),  # T4
+        (dict(capability="gfx90a"), "no CUDA compute capability"),  # not an NVIDIA GPU
+        (dict(softcap=50.0), "cuDNN has no logit soft-cap"),  # Gemma-2
+        (dict(dtype="float32"), "dtype float32 is not one of bfloat16, float16"),
+        (dict(head_dim=256), "head_dim 256 is not a multiple of 8 at most 128"),
+        (dict(head_dim=60), "head_dim 60 is not a multiple of 8"),
+        (dict(backend="cpu"), "backend 'cpu' is not a GPU"),
+    ],
+    ids=["odd", "odd_keys", "sm70", "sm75", "rocm", "softcap", "fp32", "head_dim_256", "head_dim_60", "cpu"],
+)
 def test_cudnn_off_its_preconditions_falls_back_to_einsum_with_a_reason(logged, change, reason):
     """An explicit request falls back with a warning; "auto" on a GPU says why it did not pick cuDNN (info);
     each distinct reason is logged once, not once per layer."""
@@ -110,9 +114,23 @@ def test_attend_checks_the_lengths_of_its_arrays(logged, monkeypatch):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
     assert "attention 'cudnn' falls back to einsum: sequence lengths (T, S) = (5, 11)" in logged.text
     monkeypatch.undo()
-    got = attend(q.astype(jnp.float32), keys.astype(jnp.float32), values.astype(jnp.float32), allowed,
-                 scale=d**-0.5, softcap=2.0, implementation="xla")  # xla with a soft-cap: einsum, not an error
-    ref = attend(q.astype(jnp.float32), keys.astype(jnp.float32), values.astype(jnp.float32), allowed,
-                 scale=d**-0.5, softcap=2.0, implementation="einsum")
+    got = attend(
+        q.astype(jnp.float32),
+        keys.astype(jnp.float32),
+        values.astype(jnp.float32),
+        allowed,
+        scale=d**-0.5,
+        softcap=2.0,
+        implementation="xla",
+    )  # xla with a soft-cap: einsum, not an error
+    ref = attend(
+        q.astype(jnp.float32),
+        keys.astype(jnp.float32),
+        values.astype(jnp.float32),
+        allowed,
+        scale=d**-0.5,
+        softcap=2.0,
+        implementation="einsum",
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     assert "attention 'xla' falls back to einsum: it has no logit soft-cap" in logged.text

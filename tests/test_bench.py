@@ -8,10 +8,22 @@ from bench import common, memory_plan, refine_speed, train_speed
 
 def test_refine_speed_tiny(tiny_llama_dir, tmp_path):
     results = tmp_path / "results"
-    out = refine_speed.main([
-        "--model", str(tiny_llama_dir), "--prompts", "2", "--max-new-tokens", "8", "--block-sizes", "8",
-        "--official-block", "8", "--results", str(results),
-    ])  # fmt: skip
+    out = refine_speed.main(
+        [
+            "--model",
+            str(tiny_llama_dir),
+            "--prompts",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--block-sizes",
+            "8",
+            "--official-block",
+            "8",
+            "--results",
+            str(results),
+        ]
+    )
     assert out["mismatches"] == 0  # every method reached jax_ar's greedy answers
     r = out["results"]
     assert sorted(k for k in r if k[0] == "jacobi") == [
@@ -31,8 +43,23 @@ def test_train_speed_tiny(tiny_llama_dir, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "train_speed.md").write_text("the previous run\n<!-- end train_speed -->\n")
-    out = train_speed.main(["--model", str(tiny_llama_dir), "--batch", "2", "--prompt-len", "8", "--response-len", "8",
-                            "--steps", "1", "--profile", "--results", str(results)])  # fmt: skip
+    out = train_speed.main(
+        [
+            "--model",
+            str(tiny_llama_dir),
+            "--batch",
+            "2",
+            "--prompt-len",
+            "8",
+            "--response-len",
+            "8",
+            "--steps",
+            "1",
+            "--profile",
+            "--results",
+            str(results),
+        ]
+    )
     assert out["loss_rel"] < 1e-4  # same weights and batch: the two steps compute the same loss
     assert out["results"]["jax"]["first_loss"] > 0
     # The profiles name the compiled step's XLA ops (no python frames or runtime internals) and aten ops.
@@ -48,8 +75,22 @@ def test_train_speed_tiny(tiny_llama_dir, tmp_path):
 
 def test_memory_plan_tiny(tmp_path):
     results = tmp_path / "results"
-    out = memory_plan.main(["--models", "tiny-llama", "--meshes", "1x2x2", "--prompt-len", "8", "--response-len", "8",
-                            "--chunk", "4", "--results", str(results)])  # fmt: skip
+    out = memory_plan.main(
+        [
+            "--models",
+            "tiny-llama",
+            "--meshes",
+            "1x2x2",
+            "--prompt-len",
+            "8",
+            "--response-len",
+            "8",
+            "--chunk",
+            "4",
+            "--results",
+            str(results),
+        ]
+    )
     r = out[("tiny-llama", (1, 2, 2))]
     # Donated state: output aliases the arguments; the per-device state is the fp32 params plus two moments.
     assert r["alias"] > 0 and r["argument"] >= r["alias"]
@@ -67,8 +108,9 @@ def test_score_speed_tiny(smollm2, tmp_path):
     lm = tiny.save(config, tmp_path / "lm")
     smollm2.tokenizer.save_pretrained(lm)
     results = tmp_path / "results"
-    out = score_speed.main(["--model", str(lm), "--answers", "10", "--batch-size", "4", "--repeats", "1",
-                            "--results", str(results)])  # fmt: skip
+    out = score_speed.main(
+        ["--model", str(lm), "--answers", "10", "--batch-size", "4", "--repeats", "1", "--results", str(results)]
+    )
     assert out["max_abs_diff"] < score_speed.TOLERANCE and out["tokens"] > 10 * 20
     assert "| diffpo-jax Scorer | 10 |" in (results / "score_speed.md").read_text()
 
@@ -102,8 +144,15 @@ def test_accelerator_check_dry_run_prints_every_step():
     ]
     assert run("--install", "rocm").returncode == 2
     # every module it names runs here (their --help), so a renamed benchmark fails this test
-    for module in ("diffpo_jax.verify", "bench.refine_speed", "bench.train_speed", "bench.score_speed",
-                   "bench.bf16_agreement", "bench.pass_cost", "bench.decode_memory"):
+    for module in (
+        "diffpo_jax.verify",
+        "bench.refine_speed",
+        "bench.train_speed",
+        "bench.score_speed",
+        "bench.bf16_agreement",
+        "bench.pass_cost",
+        "bench.decode_memory",
+    ):
         subprocess.run([sys.executable, "-m", module, "--help"], check=True, capture_output=True, cwd=root)
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     lint = subprocess.run([shellcheck, "-x", "bench/accelerator_check.sh"], cwd=root, capture_output=True, text=True)
@@ -115,8 +164,21 @@ def test_pass_cost_smollm2(tmp_path):
     from bench import pass_cost
 
     results = tmp_path / "results"
-    out = pass_cost.main(["--prompts", "1", "--max-new-tokens", "4", "--windows", "1,3", "--rows", "1,2", "--profile",
-                          "--results", str(results)])
+    out = pass_cost.main(
+        [
+            "--prompts",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--windows",
+            "1,3",
+            "--rows",
+            "1,2",
+            "--profile",
+            "--results",
+            str(results),
+        ]
+    )
     assert [r[0] for r in out["windows"]] == [1, 3] and out["windows"][0][1] == 1.0  # W = 1: one pass per token
     assert sorted(out["matmul"]) == [1, 2] and out["step"] > 0 and out["bound"] > 0
     text = (results / "pass_cost.md").read_text()
@@ -130,8 +192,19 @@ def test_pass_cost_smollm2(tmp_path):
 def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
     """--mixed: both schedules run twice and their files are byte-identical (checked inside, SystemExit if not)."""
     results = tmp_path / "results"
-    out = refine_speed.main(["--mixed", "--model", str(tiny_init_dir), "--mixed-records", "16", "--max-new-tokens", "8",
-                             "--results", str(results)])
+    out = refine_speed.main(
+        [
+            "--mixed",
+            "--model",
+            str(tiny_init_dir),
+            "--mixed-records",
+            "16",
+            "--max-new-tokens",
+            "8",
+            "--results",
+            str(results),
+        ]
+    )
     assert out["equal"] and out["ratio"] > 0
     text = (results / "refine_mixed.md").read_text()
     assert "(bench/refine_speed.py, run refine_mixed)" in text and "| row refill (default) |" in text
@@ -142,7 +215,9 @@ def test_bf16_agreement_smollm2(tmp_path):
     from bench import bf16_agreement
 
     results = tmp_path / "results"
-    out = bf16_agreement.main(["--prompts", "8", "--max-new-tokens", "6", "--block-size", "4", "--results", str(results)])
+    out = bf16_agreement.main(
+        ["--prompts", "8", "--max-new-tokens", "6", "--block-size", "4", "--results", str(results)]
+    )
     assert out["float32 Jacobi vs float32 AR"] == (1.0, 1.0) and len(out) == 4
     assert (results / "bf16_agreement.md").is_file()
 
@@ -174,8 +249,9 @@ def test_export_memory_tiny(tiny_llama_dir, tmp_path):
     from bench import export_memory
 
     results = tmp_path / "results"
-    out = export_memory.main(["--model", str(tiny_llama_dir), "--mesh", "1,8,1", "--max-shard-size", "1MB",
-                              "--results", str(results)])
+    out = export_memory.main(
+        ["--model", str(tiny_llama_dir), "--mesh", "1,8,1", "--max-shard-size", "1MB", "--results", str(results)]
+    )
     (shards, *_), (replicated, *_) = out.values()
     assert shards < replicated / 4 and all(r[-1] for r in out.values())
     assert (results / "export_memory.md").read_text().startswith("## Export memory (bench/export_memory.py, run")
@@ -185,8 +261,12 @@ def test_loop_passes_of_the_schedules():
     from bench.refine_speed import loop_passes
 
     got = loop_passes([1, 9, 1, 9], draft_chars=[1, 2, 3, 4], buckets=[64, 64, 64, 64], batch=2)
-    assert got == {"input order": 18, "batches sorted by prompt bucket and draft length": 18,
-                   "oracle: sorted by the refined passes": 10, "row refill bound: all passes / 2 slots": 10.0}
+    assert got == {
+        "input order": 18,
+        "batches sorted by prompt bucket and draft length": 18,
+        "oracle: sorted by the refined passes": 10,
+        "row refill bound: all passes / 2 slots": 10.0,
+    }
 
 
 def test_each_run_writes_its_own_file_and_its_figure_beside_the_folder(tmp_path, capsys):

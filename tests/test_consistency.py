@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffpo_jax import refine as refine_cli, train as train_cli
+from diffpo_jax import refine as refine_cli
+from diffpo_jax import train as train_cli
 from diffpo_jax.data import __main__ as data_cli
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.training.evaluation import holdout_split, read_records
@@ -18,8 +19,16 @@ from diffpo_jax.training.trainer import TrainConfigError, load_config
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, HOLDOUT, EVERY = 200, 8, 50
 CONFIG = dict(
-    global_batch_size=8, prompt_len=48, response_len=16, seed=0, max_steps=STEPS, num_epochs=1000, save_every=1000,
-    log_every=40, tensorboard=False, optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
+    global_batch_size=8,
+    prompt_len=48,
+    response_len=16,
+    seed=0,
+    max_steps=STEPS,
+    num_epochs=1000,
+    save_every=1000,
+    log_every=40,
+    tensorboard=False,
+    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
     eval={"holdout_prompts": HOLDOUT, "every": EVERY, "max_rows": 16, "batch_size": 8, "block_size": 8},
 )
 PRESET_LOSS = load_config(ROOT / "configs" / "train" / "tiny.yaml", ["data=d", "output_dir=o"]).loss
@@ -30,8 +39,17 @@ def test_holdout_split_is_by_prompt_deterministic_and_disjoint(trajectories_dir,
     train, held = holdout_split(records, HOLDOUT)
     assert len(held) == HOLDOUT and sorted(train + held) == list(range(len(records)))
     assert holdout_split(list(reversed(records)), HOLDOUT)[1] == sorted(len(records) - 1 - i for i in held)  # by id
-    loader = make_loader(trajectories_dir, smollm2.tokenizer, global_batch_size=8, prompt_len=48, response_len=8,
-                         num_epochs=3, shard_index=0, shard_count=1, indices=train)
+    loader = make_loader(
+        trajectories_dir,
+        smollm2.tokenizer,
+        global_batch_size=8,
+        prompt_len=48,
+        response_len=8,
+        num_epochs=3,
+        shard_index=0,
+        shard_count=1,
+        indices=train,
+    )
     served = {loader.record_index(e, r) for e in range(3) for r in range(loader.steps_per_epoch * 8)}
     assert served == set(train)  # 32 records, 4 batches of 8: every training record, no held-out one
     with pytest.raises(ValueError, match="leaves none"):
@@ -47,7 +65,9 @@ def test_eval_and_loss_config_errors(tmp_path):
         load_config(cfg, ["eval.block_size=0"])
     with pytest.raises(TrainConfigError, match=r"loss.con_positions must be one of all, draft, frontier, got 'none'"):
         load_config(cfg, ["loss.con_positions=none"])
-    with pytest.raises(TrainConfigError, match=r"attention must be one of auto, einsum, xla, cudnn, splash, got 'flash'"):
+    with pytest.raises(
+        TrainConfigError, match=r"attention must be one of auto, einsum, xla, cudnn, splash, got 'flash'"
+    ):
         load_config(cfg, ["attention=flash"])
     assert load_config(cfg, ["attention=xla"]).attention == "xla"
 
@@ -66,8 +86,22 @@ def _refine_training_drafts(tmp_path, run_dir, data_dir):
     src = tmp_path / f"{run_dir.name}-drafts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p, "draft": d}) + "\n" for p, d, _ in pairs))
     out = tmp_path / f"{run_dir.name}-refined.jsonl"
-    args = refine_cli.parse_args(["--model", str(run_dir), "--input", str(src), "--output", str(out),
-                                  "--max-new-tokens", "15", "--block-size", "8", "--batch-size", "16"])
+    args = refine_cli.parse_args(
+        [
+            "--model",
+            str(run_dir),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--max-new-tokens",
+            "15",
+            "--block-size",
+            "8",
+            "--batch-size",
+            "16",
+        ]
+    )
     summary = refine_cli.run(args)
     refined = [json.loads(line)["refined"] for line in out.read_text().splitlines()]
     return refined, [b for _, _, b in pairs], summary
@@ -79,9 +113,16 @@ def test_build_train_refine_learns_without_collapse(tmp_path, tiny_init_dir, smo
     reaches y(T) (no collapse), (2) in fewer passes per token than the w = 0 model, (3) the held-out eval
     metrics are in metrics.jsonl at steps 0, EVERY, ... and the end."""
     data_dir = tmp_path / "data"
-    assert data_cli.main(["build", "--source", str(ROOT / "examples" / "trajectories.jsonl"), "--out", str(data_dir)]) == 0
-    preset = _train(tmp_path, data_dir, tiny_init_dir, "preset", {"con_weight": PRESET_LOSS.con_weight,
-                                                                   "con_positions": PRESET_LOSS.con_positions})
+    assert (
+        data_cli.main(["build", "--source", str(ROOT / "examples" / "trajectories.jsonl"), "--out", str(data_dir)]) == 0
+    )
+    preset = _train(
+        tmp_path,
+        data_dir,
+        tiny_init_dir,
+        "preset",
+        {"con_weight": PRESET_LOSS.con_weight, "con_positions": PRESET_LOSS.con_positions},
+    )
     ar_only = _train(tmp_path, data_dir, tiny_init_dir, "ar-only", {"con_weight": 0.0})
 
     lines = [json.loads(x) for x in (preset / "metrics.jsonl").read_text().splitlines()]

@@ -107,8 +107,13 @@ def test_round_trip_is_bit_identical(round_trip):
     legacy = {k: v for k, v in config.items() if k != "rope_parameters"}
     assert ModelConfig.from_hf(legacy) == ModelConfig.from_hf(config)
     if family.startswith("llama"):
-        assert config["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+        assert config["rope_scaling"] == {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
         assert config["rope_parameters"] == {**config["rope_scaling"], "rope_theta": 500000.0}
     else:
         assert config["rope_scaling"] is None and config["rope_parameters"]["rope_type"] == "default"
@@ -174,7 +179,9 @@ def test_sharded_safetensors_with_index(llama, tmp_path):
         held = load_file(out / file)
         assert len(held) == 1 or sum(t.nbytes for t in held.values()) <= 40_000
     assert all(np.array_equal(t, hf_tensors(single)[n]) for n, t in tensors.items())
-    diff = np.abs(torch_logits(tiny.load_reference(out), RANDOM_IDS) - torch_logits(tiny.load_reference(src), RANDOM_IDS))
+    diff = np.abs(
+        torch_logits(tiny.load_reference(out), RANDOM_IDS) - torch_logits(tiny.load_reference(src), RANDOM_IDS)
+    )
     assert diff.max() <= 1e-5
 
 
@@ -224,8 +231,12 @@ def test_train_checkpoints_save_every_keep_and_restore_onto_another_mesh(train_r
     mesh = make_mesh((2, 2, 2))
     params, opt_state, data = states[4]
     targets = [
-        jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_shardings(params, mesh)),
-        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, jax.P())), opt_state),
+        jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_shardings(params, mesh)
+        ),
+        jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, jax.P())), opt_state
+        ),
     ]
     got_params, got_opt, got_data = ckpts.restore(4, *targets)
     ckpts.close()
@@ -268,7 +279,9 @@ def test_smollm2_export_is_the_gguf_dequantized_bit_for_bit(smollm2, smollm2_exp
     for name in gguf.names():
         want = gguf.get(name)
         assert exported[name].dtype == np.float32 and np.array_equal(exported[name], want), name
-        assert halved[name].dtype == ml_dtypes.bfloat16 and np.array_equal(halved[name], want.astype(ml_dtypes.bfloat16)), name
+        assert halved[name].dtype == ml_dtypes.bfloat16 and np.array_equal(
+            halved[name], want.astype(ml_dtypes.bfloat16)
+        ), name
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +292,9 @@ def smollm2_rows_and_reference_logits(smollm2, smollm2_reference):
 
 
 @pytest.mark.slow
-def test_smollm2_export_loads_in_transformers_with_equal_logits(smollm2, smollm2_exports, smollm2_rows_and_reference_logits):
+def test_smollm2_export_loads_in_transformers_with_equal_logits(
+    smollm2, smollm2_exports, smollm2_rows_and_reference_logits
+):
     _, fp32, _ = smollm2_exports
     rows, reference = smollm2_rows_and_reference_logits
     model = AutoModelForCausalLM.from_pretrained(str(fp32), dtype=torch.float32, attn_implementation="eager").eval()
@@ -313,7 +328,7 @@ def cli_error(argv, capsys) -> str:
     assert convert.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err[len("error: "):].strip()
+    return err[len("error: ") :].strip()
 
 
 def test_bad_inputs_give_one_line_and_leave_nothing(llama, tmp_path, capsys):
@@ -327,16 +342,22 @@ def test_bad_inputs_give_one_line_and_leave_nothing(llama, tmp_path, capsys):
     mistral = tmp_path / "mistral"
     shutil.copytree(orbax_dir, mistral)
     config = json.loads((mistral / "config.json").read_text())
-    (mistral / "config.json").write_text(json.dumps(config | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    (mistral / "config.json").write_text(
+        json.dumps(config | {"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    )
     message = cli_error(["to-hf", str(mistral), str(out)], capsys)
     assert message.startswith(f"{mistral / 'config.json'}: unsupported architecture 'MistralForCausalLM'")
 
     resized = tmp_path / "resized"
     shutil.copytree(orbax_dir, resized)
     (resized / "config.json").write_text(json.dumps(config | {"intermediate_size": 128}))
-    assert cli_error(["to-hf", str(resized), str(out)], capsys).startswith(f"{resized / 'params'}: params do not match config.json")
+    assert cli_error(["to-hf", str(resized), str(out)], capsys).startswith(
+        f"{resized / 'params'}: params do not match config.json"
+    )
 
-    assert cli_error(["to-hf", str(orbax_dir), str(out), "--max-shard-size", "5XB"], capsys).startswith("max shard size '5XB'")
+    assert cli_error(["to-hf", str(orbax_dir), str(out), "--max-shard-size", "5XB"], capsys).startswith(
+        "max shard size '5XB'"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mistral", "resized"]  # no output, no temp dir
 
     out.mkdir()
@@ -371,10 +392,15 @@ def test_cli_end_to_end_in_a_subprocess(tiny_llama_dir, tmp_path):
     env = dict(os.environ)
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "diffpo_jax.convert", *args], capture_output=True, text=True, env=env)
+        return subprocess.run(
+            [sys.executable, "-m", "diffpo_jax.convert", *args], capture_output=True, text=True, env=env
+        )
 
     orbax_dir, out = tmp_path / "orbax", tmp_path / "hf"
-    steps = [run("from-hf", str(tiny_llama_dir), str(orbax_dir)), run("to-hf", str(orbax_dir), str(out), "--dtype", "bfloat16")]
+    steps = [
+        run("from-hf", str(tiny_llama_dir), str(orbax_dir)),
+        run("to-hf", str(orbax_dir), str(out), "--dtype", "bfloat16"),
+    ]
     for step, target in zip(steps, (orbax_dir, out)):
         assert step.returncode == 0 and step.stdout == f"wrote {target}\n" and step.stderr == "", step.stderr
     exported, source = hf_tensors(out), hf_tensors(tiny_llama_dir)

@@ -12,8 +12,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from diffpo_jax.data.__main__ import main
 from diffpo_jax.chat import end_of_turn_id, prompt_ids, response_ids
+from diffpo_jax.data.__main__ import main
 from diffpo_jax.data.loader import BATCH_KEYS, make_loader, worse_choice
 from diffpo_jax.data.trajectories import (
     DATA_FILE,
@@ -70,29 +70,42 @@ def example_dir(tmp_path_factory):
 
 
 def test_ranking_ties_and_duplicates(tmp_path):
-    src = write_jsonl(tmp_path / "a.jsonl", [
-        row("p1", ["mid", "low", "high", "also low"], [0.5, 0.1, 0.9, 0.1]),
-        row("p2", ["b", "a", "c"], [2, 2, 1]),  # tie for best: broken by text, "b" > "a"
-        row("p3", ["x", "y", "x"], [0.1, 0.3, 0.5]),  # "x" twice: one response, highest score 0.5
-        row([{"role": "user", "content": "p4"}], ["u", "v"], [1.0, 0.0]),
-    ])
+    src = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            row("p1", ["mid", "low", "high", "also low"], [0.5, 0.1, 0.9, 0.1]),
+            row("p2", ["b", "a", "c"], [2, 2, 1]),  # tie for best: broken by text, "b" > "a"
+            row("p3", ["x", "y", "x"], [0.1, 0.3, 0.5]),  # "x" twice: one response, highest score 0.5
+            row([{"role": "user", "content": "p4"}], ["u", "v"], [1.0, 0.0]),
+        ],
+    )
     manifest = build([src], tmp_path / "out")
     records = read_records(tmp_path / "out")
     by_prompt = {json.dumps(r["prompt"], sort_keys=True): r for r in records}
     assert by_prompt['"p1"'] == {
-        "id": record_id("p1"), "prompt": "p1", "best": "high", "others": ["also low", "low", "mid"]}
+        "id": record_id("p1"),
+        "prompt": "p1",
+        "best": "high",
+        "others": ["also low", "low", "mid"],
+    }
     assert (by_prompt['"p2"']["best"], by_prompt['"p2"']["others"]) == ("b", ["c", "a"])
     assert (by_prompt['"p3"']["best"], by_prompt['"p3"']["others"]) == ("x", ["y"])
     messages = [{"role": "user", "content": "p4"}]
     assert by_prompt[json.dumps(messages, sort_keys=True)] == {
-        "id": record_id(messages), "prompt": messages, "best": "u", "others": ["v"]}
+        "id": record_id(messages),
+        "prompt": messages,
+        "best": "u",
+        "others": ["v"],
+    }
     assert [r["id"] for r in records] == sorted(r["id"] for r in records)
     assert (manifest["kept"], manifest["merged_duplicate_responses"], manifest["best_score_ties"]) == (4, 1, 1)
     assert manifest["responses_per_prompt"] == {"min": 2, "max": 4, "total": 11}
 
 
 def test_parquet_merge_and_determinism(tmp_path):
-    jsonl = write_jsonl(tmp_path / "a.jsonl", [row("shared", ["a1", "a2"], [0.2, 0.4]), row("only a", ["q", "r"], [1, 2])])
+    jsonl = write_jsonl(
+        tmp_path / "a.jsonl", [row("shared", ["a1", "a2"], [0.2, 0.4]), row("only a", ["q", "r"], [1, 2])]
+    )
     rows_b = [row("shared", ["b1", "a2"], [0.9, 0.1]), row("only b", ["s", "t"], [3.0, 1.0])]
     pq.write_table(pa.Table.from_pylist(rows_b), tmp_path / "b.parquet")
     parquet = str(tmp_path / "b.parquet")
@@ -106,42 +119,65 @@ def test_parquet_merge_and_determinism(tmp_path):
     data = (tmp_path / "ab" / DATA_FILE).read_bytes()
     assert data == (tmp_path / "ab2" / DATA_FILE).read_bytes() == (tmp_path / "ba" / DATA_FILE).read_bytes()
     assert (tmp_path / "ab" / "manifest.json").read_bytes() == (tmp_path / "ab2" / "manifest.json").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "ab", "ab2", "b.parquet", "ba"]  # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.jsonl",
+        "ab",
+        "ab2",
+        "b.parquet",
+        "ba",
+    ]  # no temp dirs left
 
 
 def test_malformed_rows_counted_with_ids(tmp_path):
     rows = [
-        row("good", ["a", "b"], [1, 2]),                       # 1
-        "[1, 2]",                                              # 2 not_an_object
-        {"prompt": "p", "all_rm_scores": [1, 2]},              # 3 missing_field
-        row(7, ["a", "b"], [1, 2]),                            # 4 bad_prompt
-        row("   ", ["a", "b"], [1, 2]),                        # 5 empty_prompt
-        row("p", "a b", [1, 2]),                               # 6 bad_responses
-        row("p", ["a", "b"], 3),                               # 7 bad_scores
-        row("p", ["a", "b"], [1, "high"]),                     # 8 non_numeric_score
-        row("p", ["a", "b"], [1, True]),                       # 9 non_numeric_score (bool)
-        row("p", ["a", "b", "c"], [1, 2]),                     # 10 length_mismatch
-        row("one", ["a"], [1]),                                # 11 fewer_than_2_responses
-        row("same", ["a", "a"], [1, 2]),                       # 12 fewer_than_2_distinct_responses
-        row("good 2", ["a", "b"], [2, 1]),                     # 13
+        row("good", ["a", "b"], [1, 2]),  # 1
+        "[1, 2]",  # 2 not_an_object
+        {"prompt": "p", "all_rm_scores": [1, 2]},  # 3 missing_field
+        row(7, ["a", "b"], [1, 2]),  # 4 bad_prompt
+        row("   ", ["a", "b"], [1, 2]),  # 5 empty_prompt
+        row("p", "a b", [1, 2]),  # 6 bad_responses
+        row("p", ["a", "b"], 3),  # 7 bad_scores
+        row("p", ["a", "b"], [1, "high"]),  # 8 non_numeric_score
+        row("p", ["a", "b"], [1, True]),  # 9 non_numeric_score (bool)
+        row("p", ["a", "b", "c"], [1, 2]),  # 10 length_mismatch
+        row("one", ["a"], [1]),  # 11 fewer_than_2_responses
+        row("same", ["a", "a"], [1, 2]),  # 12 fewer_than_2_distinct_responses
+        row("good 2", ["a", "b"], [2, 1]),  # 13
     ]
     src = write_jsonl(tmp_path / "bad.jsonl", rows)
     manifest = build([src], tmp_path / "out")
-    expect_rows = {"not_an_object": [2], "missing_field": [3], "bad_prompt": [4], "empty_prompt": [5],
-                   "bad_responses": [6], "bad_scores": [7], "non_numeric_score": [8, 9], "length_mismatch": [10]}
-    assert manifest["dropped_rows"] == {"total": 9, "reasons": {
-        k: {"count": len(v), "first_ids": [f"{src}:{n}" for n in v]} for k, v in expect_rows.items()}}
-    assert manifest["dropped_prompts"] == {"total": 2, "reasons": {
-        "fewer_than_2_responses": {"count": 1, "first_ids": [f"{src}:11"]},
-        "fewer_than_2_distinct_responses": {"count": 1, "first_ids": [f"{src}:12"]}}}
+    expect_rows = {
+        "not_an_object": [2],
+        "missing_field": [3],
+        "bad_prompt": [4],
+        "empty_prompt": [5],
+        "bad_responses": [6],
+        "bad_scores": [7],
+        "non_numeric_score": [8, 9],
+        "length_mismatch": [10],
+    }
+    assert manifest["dropped_rows"] == {
+        "total": 9,
+        "reasons": {k: {"count": len(v), "first_ids": [f"{src}:{n}" for n in v]} for k, v in expect_rows.items()},
+    }
+    assert manifest["dropped_prompts"] == {
+        "total": 2,
+        "reasons": {
+            "fewer_than_2_responses": {"count": 1, "first_ids": [f"{src}:11"]},
+            "fewer_than_2_distinct_responses": {"count": 1, "first_ids": [f"{src}:12"]},
+        },
+    }
     assert manifest["kept"] == 2
     assert manifest["sources"] == [{"source": src, "kind": "jsonl", "rows": 13, "malformed_rows": 9}]
 
 
 def test_nan_score_is_non_numeric(tmp_path):
     src = tmp_path / "nan.jsonl"
-    src.write_text('{"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1, NaN]}\n'
-                   + json.dumps(row("q", ["a", "b"], [1, 2])) + "\n")
+    src.write_text(
+        '{"prompt": "p", "all_generated_responses": ["a", "b"], "all_rm_scores": [1, NaN]}\n'
+        + json.dumps(row("q", ["a", "b"], [1, 2]))
+        + "\n"
+    )
     reasons = build([str(src)], tmp_path / "out")["dropped_rows"]["reasons"]
     assert reasons["non_numeric_score"] == {"count": 1, "first_ids": [f"{src}:1"]}
 
@@ -150,16 +186,20 @@ def test_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [row("p", ["a"], [1, 2]), {"prompt": "q"}])
     fields = write_jsonl(tmp_path / "f.jsonl", [{"question": "p", "answers": ["a", "b"], "scores": [1, 2]}])
     dropped = write_jsonl(tmp_path / "one.jsonl", [row("p", ["a"], [1]), row("q", ["a", "a"], [1, 1])])
-    broken = write_jsonl(tmp_path / "broken.jsonl", [row("p", ["a", "b"], [1, 2]), row("q", ["a", "b"], [1, 2]), '{"p": 1,'])
+    broken = write_jsonl(
+        tmp_path / "broken.jsonl", [row("p", ["a", "b"], [1, 2]), row("q", ["a", "b"], [1, 2]), '{"p": 1,']
+    )
     cases = {
         bad: f"{bad}: no usable rows (2 read, 2 malformed: 1 missing_field (first: {bad}:2),"
-             f" 1 length_mismatch (first: {bad}:1))",
+        f" 1 length_mismatch (first: {bad}:1))",
         fields: f"{fields}: no usable rows (1 read, 1 malformed: 1 missing_field (first: {fields}:1))",
         dropped: f"{dropped}: nothing usable (2 prompts, all dropped: 1 fewer_than_2_responses (first: {dropped}:1),"
-                 f" 1 fewer_than_2_distinct_responses (first: {dropped}:2); malformed rows: none)",
+        f" 1 fewer_than_2_distinct_responses (first: {dropped}:2); malformed rows: none)",
         broken: f"{broken}:3: not valid JSON (Expecting property name enclosed in double quotes, column 9)",
         str(tmp_path / "missing.jsonl"): f"{tmp_path / 'missing.jsonl'}: no such file",
-        str(tmp_path / "notes.txt"): f"{tmp_path}/notes.txt: unsupported file type (expected .jsonl, .json or .parquet)",
+        str(
+            tmp_path / "notes.txt"
+        ): f"{tmp_path}/notes.txt: unsupported file type (expected .jsonl, .json or .parquet)",
     }
     (tmp_path / "notes.txt").write_text("{}")
     (tmp_path / "pq.parquet").write_text("not parquet")
@@ -198,8 +238,17 @@ def expected_row(tok, record, worse, P, N):
 def test_batches_follow_the_contract(tok, example_dir):
     records = read_records(example_dir)
     P, N = 14, 24
-    loader = make_loader(example_dir, tok, global_batch_size=6, prompt_len=P, response_len=N, seed=3, num_epochs=2,
-                         shard_index=0, shard_count=1)
+    loader = make_loader(
+        example_dir,
+        tok,
+        global_batch_size=6,
+        prompt_len=P,
+        response_len=N,
+        seed=3,
+        num_epochs=2,
+        shard_index=0,
+        shard_count=1,
+    )
     assert (loader.num_records, loader.steps_per_epoch, loader.skipped_per_epoch, loader.num_batches) == (40, 6, 4, 12)
     batches = list(loader)
     assert len(batches) == 12
@@ -249,8 +298,16 @@ def test_worse_draws_are_seeded_and_cover_all_others(tok, example_dir):
     assert {worse_choice(0, epoch, 7, 4) for epoch in range(40)} == {0, 1, 2, 3}
     assert [worse_choice(0, e, 7, 4) for e in range(20)] != [worse_choice(1, e, 7, 4) for e in range(20)]
     records = read_records(example_dir)
-    loader = make_loader(example_dir, tok, global_batch_size=40, prompt_len=64, response_len=64, num_epochs=12,
-                         shard_index=0, shard_count=1)
+    loader = make_loader(
+        example_dir,
+        tok,
+        global_batch_size=40,
+        prompt_len=64,
+        response_len=64,
+        num_epochs=12,
+        shard_index=0,
+        shard_count=1,
+    )
     others = [[expected_row(tok, r, o, 64, 64)["worse"] for o in r["others"]] for r in records]
     seen: dict[int, set] = {}
     for epoch, batch in enumerate(loader):
@@ -311,8 +368,9 @@ def test_smollm2_tokenizer(smollm2, example_dir):
     tok = smollm2.tokenizer  # the session's SmolLM2 (the suite loads it anyway)
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert end_of_turn_id(tok) == eot
-    loader = make_loader(example_dir, tok, global_batch_size=4, prompt_len=96, response_len=48,
-                         shard_index=0, shard_count=1)
+    loader = make_loader(
+        example_dir, tok, global_batch_size=4, prompt_len=96, response_len=48, shard_index=0, shard_count=1
+    )
     batch = next(loader)
     record = read_records(example_dir)[loader.record_index(0, 0)]
     worse = record["others"][worse_choice(0, 0, loader.record_index(0, 0), len(record["others"]))]

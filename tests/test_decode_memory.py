@@ -52,10 +52,21 @@ def test_row_refill_compiles_once_under_a_mesh(tiny_llama_dir, shape, caplog):
     for f in funcs:
         f.clear_cache()
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), jax.log_compiles(True), caplog.at_level("WARNING"):
-        jacobi.jacobi_stream(graphdef, state, prompts, lens, drafts, np.full(len(lens), 10, np.int32), batch_size=8,
-                             block_size=4, max_new_tokens=6, mesh=mesh)
-        sampler.generate_stream(graphdef, state, prompts, lens, keys, batch_size=8, max_new_tokens=6, temperature=0.5,
-                                mesh=mesh)
+        jacobi.jacobi_stream(
+            graphdef,
+            state,
+            prompts,
+            lens,
+            drafts,
+            np.full(len(lens), 10, np.int32),
+            batch_size=8,
+            block_size=4,
+            max_new_tokens=6,
+            mesh=mesh,
+        )
+        sampler.generate_stream(
+            graphdef, state, prompts, lens, keys, batch_size=8, max_new_tokens=6, temperature=0.5, mesh=mesh
+        )
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Finished XLA compilation of")]
     for name in ("_refill", "_advance"):
         assert sum(f"jit({name})" in m for m in compiled) == 2, (shape, name, compiled)  # the Jacobi one, the AR one

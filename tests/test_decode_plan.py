@@ -5,20 +5,42 @@ import pytest
 from diffpo_jax.config import load_preset
 from diffpo_jax.decoding import plan
 
-DECODE_PRESETS = ["smollm2-135m-instruct", "llama-3.2-1b-instruct", "gemma-2-2b-it", "llama-3-8b-instruct",
-                  "gemma-2-9b-it"]
+DECODE_PRESETS = [
+    "smollm2-135m-instruct",
+    "llama-3.2-1b-instruct",
+    "gemma-2-2b-it",
+    "llama-3-8b-instruct",
+    "gemma-2-9b-it",
+]
 
 
 def test_default_layout_is_the_smallest_tensor_degree_that_fits():
     cfg = load_preset("tiny-llama")[0]
-    roomy = plan.plan(cfg, devices=8, kind="refine", batch=8, prompt_len=64, max_new_tokens=32, block=8,
-                      device_memory_gib=1.0)
+    roomy = plan.plan(
+        cfg, devices=8, kind="refine", batch=8, prompt_len=64, max_new_tokens=32, block=8, device_memory_gib=1.0
+    )
     assert roomy["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1} and roomy["fits"]
-    tight = plan.plan(cfg, devices=8, kind="refine", batch=8, prompt_len=64, max_new_tokens=32, block=8,
-                      device_memory_gib=roomy["peak"] * 0.8 / plan.GIB / plan.HEADROOM)
+    tight = plan.plan(
+        cfg,
+        devices=8,
+        kind="refine",
+        batch=8,
+        prompt_len=64,
+        max_new_tokens=32,
+        block=8,
+        device_memory_gib=roomy["peak"] * 0.8 / plan.GIB / plan.HEADROOM,
+    )
     assert tight["mesh"]["tensor"] == 2  # tiny-llama's 2 KV heads: the largest degree there is
-    given = plan.plan(cfg, devices=8, kind="generate", batch=8, prompt_len=64, max_new_tokens=32,
-                      device_memory_gib=1.0, mesh_shape=(2, 4, 1))
+    given = plan.plan(
+        cfg,
+        devices=8,
+        kind="generate",
+        batch=8,
+        prompt_len=64,
+        max_new_tokens=32,
+        device_memory_gib=1.0,
+        mesh_shape=(2, 4, 1),
+    )
     assert given["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and not given["default_layout"]
 
 
@@ -43,7 +65,9 @@ def test_every_decode_preset_plans_on_one_8_gpu_node(preset):
     p = plan.plan(cfg, device_memory_gib=80, **kw)
     assert p["fits"] and p["max_batch"] >= 48, p
     if preset == "gemma-2-9b-it":
-        assert p["mesh"]["tensor"] == 1 and 17 * plan.GIB < p["peak"] < 24 * plan.GIB  # 18.5 GB of weights + 2.5 GiB cache
+        assert (
+            p["mesh"]["tensor"] == 1 and 17 * plan.GIB < p["peak"] < 24 * plan.GIB
+        )  # 18.5 GB of weights + 2.5 GiB cache
         small = plan.plan(cfg, device_memory_gib=16, **kw)
         assert small["mesh"]["tensor"] > 1 and small["fits"], small
 
@@ -67,11 +91,30 @@ def test_the_clis_plan_without_weights_or_input(capsys):
     import sys
 
     run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True)  # noqa: E731
-    out = run("diffpo_jax.refine", "--plan", "8", "--device-memory", "16", "--model", "google/gemma-2-9b-it",
-              "--batch-size", "16", "--max-new-tokens", "128", "--prompt-len", "512", "--block-size", "16")
+    out = run(
+        "diffpo_jax.refine",
+        "--plan",
+        "8",
+        "--device-memory",
+        "16",
+        "--model",
+        "google/gemma-2-9b-it",
+        "--batch-size",
+        "16",
+        "--max-new-tokens",
+        "128",
+        "--prompt-len",
+        "512",
+        "--block-size",
+        "16",
+    )
     assert out.returncode == 0, out.stderr
-    assert "tensor 2 (smallest tensor-parallel degree that fits)" in out.stdout and "largest batch that fits" in out.stdout
+    assert (
+        "tensor 2 (smallest tensor-parallel degree that fits)" in out.stdout and "largest batch that fits" in out.stdout
+    )
     out = run("diffpo_jax.generate", "--plan", "4", "--batch-size", "8", "--max-new-tokens", "32", "--prompt-len", "64")
     assert out.returncode == 0 and "plan generate 4/1" in out.stdout, out.stderr
     out = run("diffpo_jax.refine", "--plan", "8/3")
-    assert out.returncode == 2 and out.stderr.strip().endswith("--plan '8/3': expected DEVICES or DEVICES/HOSTS, e.g. 32/8")
+    assert out.returncode == 2 and out.stderr.strip().endswith(
+        "--plan '8/3': expected DEVICES or DEVICES/HOSTS, e.g. 32/8"
+    )

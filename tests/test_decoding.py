@@ -65,12 +65,15 @@ def test_ar_greedy_matches_transformers(setup, tiny_llama_dir):
         assert out[0, LENS[row] :].tolist() == greedy[row].tolist()
 
 
-@pytest.mark.parametrize("block_size,realign", [(1, True), (4, True), (4, False), (16, True), (16, False), (N + 3, True)])
+@pytest.mark.parametrize(
+    "block_size,realign", [(1, True), (4, True), (4, False), (16, True), (16, False), (N + 3, True)]
+)
 def test_jacobi_equals_greedy(setup, block_size, realign):
     graphdef, state, prompts, greedy, rng = setup
     drafts, draft_lens = _drafts(greedy, rng)
-    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=block_size,
-                      max_new_tokens=N, realign=realign)  # fmt: skip
+    r = jacobi_decode(
+        graphdef, state, prompts, LENS, drafts, draft_lens, block_size=block_size, max_new_tokens=N, realign=realign
+    )
     np.testing.assert_array_equal(np.asarray(r.tokens), greedy)
     assert np.all(np.asarray(r.lengths) == N) and np.all(r.converged) and not np.any(r.stopped)
     passes = np.asarray(r.passes)
@@ -116,8 +119,18 @@ def test_stop_tokens(setup):
     ar = generate(graphdef, state, prompts, LENS, max_new_tokens=N, stop_tokens=(stop,), pad_id=-1)
     drafts, draft_lens = _drafts(greedy, rng)
     drafts[1, :3], draft_lens[1] = [greedy[1, 0], greedy[1, 1], stop], 3  # ends early with the stop token
-    jr = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N,
-                       stop_tokens=(stop,), pad_id=-1)  # fmt: skip
+    jr = jacobi_decode(
+        graphdef,
+        state,
+        prompts,
+        LENS,
+        drafts,
+        draft_lens,
+        block_size=4,
+        max_new_tokens=N,
+        stop_tokens=(stop,),
+        pad_id=-1,
+    )
     for r in (ar, jr):
         np.testing.assert_array_equal(np.asarray(r.tokens), expected)
         np.testing.assert_array_equal(np.asarray(r.lengths), lengths)
@@ -136,8 +149,9 @@ def test_hold_draft_prefix(setup):
     for i in range(len(prompts)):
         extended[i, : LENS[i] + held_lens[i]] = list(prompts[i, : LENS[i]]) + list(drafts[i, : held_lens[i]])
     cont = np.asarray(generate(graphdef, state, extended, LENS + held_lens, max_new_tokens=N).tokens)
-    r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N,
-                      hold_draft_prefix=r_hold)  # fmt: skip
+    r = jacobi_decode(
+        graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N, hold_draft_prefix=r_hold
+    )
     tokens = np.asarray(r.tokens)
     for i in range(len(prompts)):
         h = held_lens[i]
@@ -156,8 +170,9 @@ def test_per_row_held_prefix_equals_fixed_holds(setup):
     kwargs = dict(block_size=4, max_new_tokens=N, hold_draft_prefix=3)
     got = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, hold_lens=holds, **kwargs))
     for r_hold in range(4):
-        want = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens,
-                                            **kwargs | dict(hold_draft_prefix=r_hold)))
+        want = jax.device_get(
+            jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, **kwargs | dict(hold_draft_prefix=r_hold))
+        )
         rows = holds == r_hold
         for name in ("tokens", "lengths", "passes", "committed"):
             np.testing.assert_array_equal(getattr(got, name)[rows], getattr(want, name)[rows], err_msg=name)
@@ -171,7 +186,9 @@ def test_iteration_cap_and_no_recompile(setup):
     kwargs = dict(block_size=4, max_new_tokens=N, realign=True)
     jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=N, **kwargs)
     before = jacobi_decode._cache_size()
-    r = jacobi_decode(graphdef, state, prompts, LENS[::-1].copy(), drafts[::-1].copy(), draft_lens, max_iterations=2, **kwargs)
+    r = jacobi_decode(
+        graphdef, state, prompts, LENS[::-1].copy(), drafts[::-1].copy(), draft_lens, max_iterations=2, **kwargs
+    )
     r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=2, **kwargs)
     assert jacobi_decode._cache_size() == before
     assert np.all(np.asarray(r.passes) == 2) and not np.all(r.converged)
@@ -246,7 +263,9 @@ def test_generate_sampling_is_seeded_per_row(setup):
     keys = jax.random.split(jax.random.key(1), len(prompts))
     a = np.asarray(generate(graphdef, state, prompts, LENS, keys, **kw).tokens)
     b = np.asarray(generate(graphdef, state, prompts, LENS, keys, **kw).tokens)
-    c = np.asarray(generate(graphdef, state, prompts, LENS, jax.random.split(jax.random.key(2), len(prompts)), **kw).tokens)
+    c = np.asarray(
+        generate(graphdef, state, prompts, LENS, jax.random.split(jax.random.key(2), len(prompts)), **kw).tokens
+    )
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, greedy)
     perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
@@ -255,9 +274,16 @@ def test_generate_sampling_is_seeded_per_row(setup):
     assert not np.array_equal(a[0], a[4])  # rows 0 and 4: one prompt, two keys, two answers
 
 
-@pytest.mark.parametrize("options", [dict(), dict(hold_draft_prefix=3), dict(max_iterations=2),
-                                     dict(hold_draft_prefix=3, hold_lens=np.array([3, 0, 1, 2, 3, 2, 1, 0]))],
-                         ids=["plain", "hold", "cap", "hold-per-row"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(hold_draft_prefix=3),
+        dict(max_iterations=2),
+        dict(hold_draft_prefix=3, hold_lens=np.array([3, 0, 1, 2, 3, 2, 1, 0])),
+    ],
+    ids=["plain", "hold", "cap", "hold-per-row"],
+)
 def test_row_refill_equals_one_batch(setup, options):
     """jacobi_stream: 8 rows through 3 slots (a finished row's slot takes the next row) give every row the
     tokens and stats jacobi_decode gives it in one batch of 8, with a held draft prefix and a pass cap."""
@@ -302,8 +328,10 @@ def test_refine_random_hold_is_drawn_from_the_record_index():
     holds = refine_cli.hold_lens(args.hold_draft_prefix, list(range(200)))
     assert refine_cli.hold_max(args.hold_draft_prefix) == 12 and set(holds) == set(range(13))
     assert refine_cli.hold_lens("random:12", [7, 3]) == [holds[7], holds[3]]
-    assert refine_cli.hold_lens(5, [0, 1]) is None and refine_cli.parse_args(["--input", "i", "--output", "o",
-                                                                               "--hold-draft-prefix", "5"]).hold_draft_prefix == 5
+    assert (
+        refine_cli.hold_lens(5, [0, 1]) is None
+        and refine_cli.parse_args(["--input", "i", "--output", "o", "--hold-draft-prefix", "5"]).hold_draft_prefix == 5
+    )
     for bad in ("random:x", "-1", "random:"):
         with pytest.raises(SystemExit):
             refine_cli.parse_args(["--input", "i", "--output", "o", "--hold-draft-prefix", bad])

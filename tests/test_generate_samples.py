@@ -41,7 +41,9 @@ def _generate(loaded, prompts, out, *extra):
 def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_resume(loaded, prompts, tmp_path):
     hot = ("--temperature", "1.0", "--num-samples", "4")
     out = _generate(loaded, prompts, tmp_path / "b3.jsonl", *hot, "--batch-size", "3")  # 12 rows, last call 8
-    assert [{"id": o["id"], "prompt": o["prompt"]} for o in out] == [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)]
+    assert [{"id": o["id"], "prompt": o["prompt"]} for o in out] == [
+        {"id": i, "prompt": p} for i, p in enumerate(PROMPTS)
+    ]
     for i, o in enumerate(out):
         assert "draft" not in o and len(set(o["samples"])) == 4, o
         assert o["sample_keys"] == [[0, i, 0, k] for k in range(4)]
@@ -53,8 +55,12 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
     # resumed after record 0: the calls now hold records 1-3 and 4, the samples are the same
     resumed = tmp_path / "resumed.jsonl"
     args = _args(prompts, resumed, *hot, "--batch-size", "3")
-    partial = ResumableOutput(resumed, "jsonl", read_records(prompts, "jsonl", with_drafts=False),
-                              record_loop.run_options(args, generate_cli.RESUME_OPTIONS))  # fmt: skip
+    partial = ResumableOutput(
+        resumed,
+        "jsonl",
+        read_records(prompts, "jsonl", with_drafts=False),
+        record_loop.run_options(args, generate_cli.RESUME_OPTIONS),
+    )
     partial.append(0, out[0] | {"samples": ["FROM PARTIAL"] * 4})
     generate_cli.run(args, loaded)
     lines = resumed.read_text().splitlines()
@@ -63,24 +69,34 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
     # sample 0 is the K = 1 draft of the same seed; another seed draws other drafts
     drafts = _generate(loaded, prompts, tmp_path / "k1.jsonl", "--temperature", "1.0", "--batch-size", "4")  # 4 rows
     assert [d["draft"] for d in drafts] == [o["samples"][0] for o in out] and "samples" not in drafts[0]
-    other = _generate(loaded, prompts, tmp_path / "s1.jsonl", "--temperature", "1.0", "--batch-size", "4", "--seed", "1")
+    other = _generate(
+        loaded, prompts, tmp_path / "s1.jsonl", "--temperature", "1.0", "--batch-size", "4", "--seed", "1"
+    )
     assert all(a["draft"] not in b["samples"] for a, b in zip(other, out))
 
 
 def test_greedy_samples_are_the_greedy_draft(loaded, prompts, tmp_path):
     greedy = _generate(loaded, prompts, tmp_path / "g.jsonl", "--temperature", "0", "--batch-size", "4")  # 4 rows
-    twice = _generate(loaded, prompts, tmp_path / "g2.jsonl", "--temperature", "0", "--num-samples", "2", "--batch-size", "2")
+    twice = _generate(
+        loaded, prompts, tmp_path / "g2.jsonl", "--temperature", "0", "--num-samples", "2", "--batch-size", "2"
+    )
     assert [o["samples"] for o in twice] == [[g["draft"]] * 2 for g in greedy]
 
 
 def test_num_samples_needs_jsonl_and_is_checked_on_resume(loaded, prompts, tmp_path, capsys):
-    for extra, message in ((("--num-samples", "2", "--format", "alpaca_eval"), "--num-samples > 1 needs --format jsonl"),
-                           (("--num-samples", "0"), "--num-samples must be >= 1")):  # fmt: skip
+    for extra, message in (
+        (("--num-samples", "2", "--format", "alpaca_eval"), "--num-samples > 1 needs --format jsonl"),
+        (("--num-samples", "0"), "--num-samples must be >= 1"),
+    ):
         with pytest.raises(SystemExit) as e:
             _args(prompts, tmp_path / "o.json", *extra)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and message in err, err
-    ResumableOutput(tmp_path / "o.jsonl", "jsonl", read_records(prompts, "jsonl", with_drafts=False),
-                    record_loop.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS))  # fmt: skip
+    ResumableOutput(
+        tmp_path / "o.jsonl",
+        "jsonl",
+        read_records(prompts, "jsonl", with_drafts=False),
+        record_loop.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS),
+    )
     with pytest.raises(FormatError, match="other options"):
         generate_cli.run(_args(prompts, tmp_path / "o.jsonl", "--num-samples", "2"), loaded)

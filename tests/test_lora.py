@@ -16,7 +16,12 @@ from diffpo_jax import convert
 from diffpo_jax.config import LoraConfig
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.lora import (
-    base_reference, init_adapters, merge_adapters, read_adapter_config, union, write_adapter_config,
+    base_reference,
+    init_adapters,
+    merge_adapters,
+    read_adapter_config,
+    union,
+    write_adapter_config,
 )
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
@@ -26,8 +31,9 @@ from diffpo_jax.training.trainer import TrainConfigError, load_config, train
 from diffpo_jax.weights.checkpoint import TrainCheckpoints, restore_params, write_model_files
 from tests import tiny
 
-LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"))
+LORA = LoraConfig(
+    rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+)
 
 
 def torch_logits(model, ids: np.ndarray) -> np.ndarray:
@@ -45,8 +51,9 @@ def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
     base = load_model(str(base_dir))
     cfg = base.cfg.replace(lora=lora)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    fresh = init_adapters(cfg, seed, jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(abstract_model(cfg),
-                                                                                              nnx.LoRAParam))))
+    fresh = init_adapters(
+        cfg, seed, jax.tree.map(lambda _: one, nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.LoRAParam)))
+    )
     keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(fresh))))
     adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), fresh)
     write_model_files(run_dir, base.cfg, base.tokenizer)
@@ -104,11 +111,14 @@ def test_merge_adapters_is_the_adapted_forward(tiny_gemma2_dir, tmp_path):
 
 def peft_adapter(base_dir, folder, seed: int = 0, targets=("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")):
     """An adapter made and saved by peft itself (random, non-zero B) on the transformers base; returns the PeftModel."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(tiny.load_reference(base_dir), PeftLoraConfig(
-        r=4, lora_alpha=6, target_modules=list(targets), init_lora_weights=False)).eval()
+    model = get_peft_model(
+        tiny.load_reference(base_dir),
+        PeftLoraConfig(r=4, lora_alpha=6, target_modules=list(targets), init_lora_weights=False),
+    ).eval()
     model.save_pretrained(str(folder))
     return model
 
@@ -129,8 +139,9 @@ def test_a_peft_folder_is_a_model(family, request, tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "gone"}))
     with pytest.raises(ModelSourceError, match="gone: no such file or directory"):
         load_model(str(tmp_path / "peft"))
-    np.testing.assert_allclose(ours(load_model(str(tmp_path / "peft"), base=str(base_dir)).model, ids), expected,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        ours(load_model(str(tmp_path / "peft"), base=str(base_dir)).model, ids), expected, atol=1e-4
+    )
 
 
 def test_to_peft_dtype_round_trips(tiny_llama_dir, tmp_path):
@@ -161,7 +172,9 @@ def test_bad_peft_folders_are_one_line_errors(tiny_llama_dir, tmp_path):
     with pytest.raises(ModelSourceError, match=r"has shape \(32, 2\), the base and r = 4 expect \(32, 4\)"):
         load_model(str(tmp_path / "peft"))
     save_file(tensors | {"base_model.model.lm_head.lora_A.weight": tensors[name]}, weights)
-    with pytest.raises(ModelSourceError, match="1 tensors this model's adapters do not have, e.g. 'base_model.model.lm_head"):
+    with pytest.raises(
+        ModelSourceError, match="1 tensors this model's adapters do not have, e.g. 'base_model.model.lm_head"
+    ):
         load_model(str(tmp_path / "peft"))
     with pytest.raises(ModelSourceError, match="only a PEFT adapter folder takes a base"):
         load_model(str(tiny_llama_dir), base=str(tiny_llama_dir))
@@ -170,19 +183,33 @@ def test_bad_peft_folders_are_one_line_errors(tiny_llama_dir, tmp_path):
 def changed(params: dict, base: dict) -> set[str]:
     """The paths of the params that differ from the base's (same structure)."""
     flat = dict(jax.tree_util.tree_leaves_with_path(base))
-    return {jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(params)
-            if not np.array_equal(a, flat[p])}
+    return {
+        jax.tree_util.keystr(p)
+        for p, a in jax.tree_util.tree_leaves_with_path(params)
+        if not np.array_equal(a, flat[p])
+    }
 
 
 # ---------------------------------------------------------------- training
 
 
 STEPS = 4
-RUN = dict(global_batch_size=8, prompt_len=48, response_len=8, num_epochs=1, max_steps=STEPS, seed=0, save_every=2,
-           log_every=1, tensorboard=False, async_checkpoints=False, loss={"con_weight": 1000.0, "chunk": 4},
-           optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0},
-           eval={"holdout_prompts": 2, "max_rows": 4, "batch_size": 4, "block_size": 4},
-           lora={"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]})
+RUN = dict(
+    global_batch_size=8,
+    prompt_len=48,
+    response_len=8,
+    num_epochs=1,
+    max_steps=STEPS,
+    seed=0,
+    save_every=2,
+    log_every=1,
+    tensorboard=False,
+    async_checkpoints=False,
+    loss={"con_weight": 1000.0, "chunk": 4},
+    optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0},
+    eval={"holdout_prompts": 2, "max_rows": 4, "batch_size": 4, "block_size": 4},
+    lora={"rank": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
+)
 
 
 def run_config(tmp_path, tiny_init_dir, trajectories_dir, name, *overrides):
@@ -214,9 +241,16 @@ def test_lora_run_trains_the_adapters_only(lora_reference, tiny_init_dir):
     assert all(np.abs(np.asarray(a["lora_b"])).max() > 0 for m in adapters["layers"].values() for a in m.values())
     base = nnx.to_pure_dict(nnx.state(load_model(str(tiny_init_dir)).model))
     merged = nnx.to_pure_dict(nnx.state(load_model(str(result.run_dir)).model))
-    assert changed(merged, base) == {f"['layers']['{m}']['{n}']" for m, n in (("attn", "q_proj"), ("attn", "v_proj"),
-                                                                ("attn", "o_proj"), ("mlp", "up_proj"),
-                                                                ("mlp", "down_proj"))}
+    assert changed(merged, base) == {
+        f"['layers']['{m}']['{n}']"
+        for m, n in (
+            ("attn", "q_proj"),
+            ("attn", "v_proj"),
+            ("attn", "o_proj"),
+            ("mlp", "up_proj"),
+            ("mlp", "down_proj"),
+        )
+    }
 
 
 def test_lora_resume_is_exact(lora_reference, tiny_init_dir, trajectories_dir, tmp_path):
@@ -246,9 +280,16 @@ def test_lora_one_device_equals_eight(lora_reference, tiny_init_dir, trajectorie
     before = jax.tree.map(np.asarray, base)
     state = init_state(adapters, tx, shardings, base)
     step = make_train_step(nnx.graphdef(abstract), tx, schedule, cfg.loss, shardings, mesh, grad_accum=2)
-    loader = make_loader(trajectories_dir, loaded.tokenizer, global_batch_size=8, prompt_len=cfg.prompt_len,
-                         response_len=cfg.response_len, seed=cfg.seed, num_epochs=1,
-                         indices=_train_indices(trajectories_dir, cfg))
+    loader = make_loader(
+        trajectories_dir,
+        loaded.tokenizer,
+        global_batch_size=8,
+        prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len,
+        seed=cfg.seed,
+        num_epochs=1,
+        indices=_train_indices(trajectories_dir, cfg),
+    )
     got = []
     for _ in range(STEPS):
         state, metrics = step(state, global_batch(next(loader), mesh))
@@ -267,9 +308,11 @@ def _train_indices(data_dir, cfg):
 
 
 def test_lora_config_errors_are_one_line(tmp_path, tiny_init_dir, trajectories_dir):
-    for override, message in (("lora.dropout=0.1", "lora.dropout must be 0"),
-                              ("lora.target_modules=[q_proj,lm_head]", "lora.target_modules must be some of"),
-                              ("model=preset:tiny-llama", "lora needs a trained base, not preset:tiny-llama")):
+    for override, message in (
+        ("lora.dropout=0.1", "lora.dropout must be 0"),
+        ("lora.target_modules=[q_proj,lm_head]", "lora.target_modules must be some of"),
+        ("model=preset:tiny-llama", "lora needs a trained base, not preset:tiny-llama"),
+    ):
         with pytest.raises(TrainConfigError, match=message):
             run_config(tmp_path, tiny_init_dir, trajectories_dir, "run", override)
 

@@ -47,8 +47,11 @@ def test_token_losses_are_fp32_for_bf16_logits():
     targets = jnp.zeros((2, N), jnp.int32)
     ce, kl = token_losses(jnp.asarray(teacher, jnp.bfloat16), jnp.asarray(student, jnp.bfloat16), targets)
     assert ce.dtype == kl.dtype == jnp.float32
-    ref_ce, ref_kl = token_losses(jnp.asarray(teacher, jnp.bfloat16).astype(jnp.float32),
-                                  jnp.asarray(student, jnp.bfloat16).astype(jnp.float32), targets)
+    ref_ce, ref_kl = token_losses(
+        jnp.asarray(teacher, jnp.bfloat16).astype(jnp.float32),
+        jnp.asarray(student, jnp.bfloat16).astype(jnp.float32),
+        targets,
+    )
     np.testing.assert_array_equal(np.asarray(ce), np.asarray(ref_ce))
     np.testing.assert_array_equal(np.asarray(kl), np.asarray(ref_kl))
 
@@ -74,8 +77,9 @@ def test_diffpo_loss_is_the_masked_mean_over_valid_positions(con_positions):
     best_mask, worse_mask = (np.arange(N) < best_lens[:, None]), (np.arange(N) < worse_lens[:, None])
     batch = {"best_mask": jnp.asarray(best_mask), "worse_mask": jnp.asarray(worse_mask)}
     cfg = LossConfig(con_weight=1e3, con_positions=con_positions)
-    total, parts = diffpo_loss(jnp.asarray(ce), jnp.asarray(kl), batch, cfg,
-                               num_tokens=jnp.asarray(best_mask.sum(), jnp.float32))
+    total, parts = diffpo_loss(
+        jnp.asarray(ce), jnp.asarray(kl), batch, cfg, num_tokens=jnp.asarray(best_mask.sum(), jnp.float32)
+    )
     n = best_mask.sum()
     # "draft": KL only where the student's input is a draft token, i.e. i < len(y(t)) (and y(T) has a token)
     kl_valid = best_mask if con_positions == "all" else best_mask & (np.arange(N) < worse_lens[:, None])
@@ -96,22 +100,34 @@ def test_frontier_covers_the_window_after_the_first_mismatch():
     worse_mask = np.ones((4, 8), bool)
     worse_mask[2, 4:] = False  # same tokens, y(t) ends at 4: m = 4, nothing past it is a draft position
     # row 3: y(t) == y(T): no mismatch, nothing covered
-    batch = {k: jnp.asarray(v) for k, v in dict(best=best, worse=worse, best_mask=best_mask, worse_mask=worse_mask).items()}
+    batch = {
+        k: jnp.asarray(v) for k, v in dict(best=best, worse=worse, best_mask=best_mask, worse_mask=worse_mask).items()
+    }
     expected = np.zeros((4, 8), bool)
     expected[0, 3:6] = expected[1, 7] = True
     np.testing.assert_array_equal(np.asarray(first_mismatch(batch)), [2, 6, 4, 8])
     np.testing.assert_array_equal(np.asarray(con_mask(batch, "frontier", 3)), expected)
     kl = np.random.default_rng(0).random((4, 8)).astype(np.float32)
-    _, parts = diffpo_loss(jnp.zeros((4, 8)), jnp.asarray(kl), batch, LossConfig(con_positions="frontier", con_window=3),
-                           num_tokens=jnp.float32(32))
+    _, parts = diffpo_loss(
+        jnp.zeros((4, 8)),
+        jnp.asarray(kl),
+        batch,
+        LossConfig(con_positions="frontier", con_window=3),
+        num_tokens=jnp.float32(32),
+    )
     np.testing.assert_allclose(float(parts["con"]), (kl * expected).sum() / 32, rtol=1e-6)
 
 
 def test_unknown_con_positions_is_an_error():
     ones = jnp.ones((1, N), bool)
     with pytest.raises(ValueError, match="con_positions"):
-        diffpo_loss(jnp.zeros((1, N)), jnp.zeros((1, N)), {"best_mask": ones, "worse_mask": ones},
-                    LossConfig(con_positions="some"), num_tokens=jnp.float32(N))
+        diffpo_loss(
+            jnp.zeros((1, N)),
+            jnp.zeros((1, N)),
+            {"best_mask": ones, "worse_mask": ones},
+            LossConfig(con_positions="some"),
+            num_tokens=jnp.float32(N),
+        )
 
 
 def make_batch(seed=0, b=3):
@@ -121,13 +137,21 @@ def make_batch(seed=0, b=3):
     best_mask = np.arange(N)[None] < np.array([N, 5, 2])[:b, None]
     worse_mask = np.arange(N)[None] < np.array([3, N, 6])[:b, None]
     tok = lambda shape, m: np.where(m, rng.integers(3, tiny.VOCAB, shape), 0).astype(np.int32)  # noqa: E731
-    return dict(prompt=tok((b, P), prompt_mask), prompt_mask=prompt_mask, best=tok((b, N), best_mask),
-                best_mask=best_mask, worse=tok((b, N), worse_mask), worse_mask=worse_mask)
+    return dict(
+        prompt=tok((b, P), prompt_mask),
+        prompt_mask=prompt_mask,
+        best=tok((b, N), best_mask),
+        best_mask=best_mask,
+        worse=tok((b, N), worse_mask),
+        worse_mask=worse_mask,
+    )
 
 
 def test_sequences_pack_prompt_best_and_worse_in_one_row():
     batch = make_batch()
-    tokens, positions, mask, segments = (np.asarray(x) for x in sequences({k: jnp.asarray(v) for k, v in batch.items()}))
+    tokens, positions, mask, segments = (
+        np.asarray(x) for x in sequences({k: jnp.asarray(v) for k, v in batch.items()})
+    )
     np.testing.assert_array_equal(tokens[2], np.concatenate([batch["prompt"][2], batch["best"][2], batch["worse"][2]]))
     # row 1 (prompt of 4 tokens): P - 4 padding columns, prompt positions 0..3, both answers at 4 .. 3 + N
     np.testing.assert_array_equal(mask[1], [False] * (P - 4) + [True] * (4 + 2 * N))
@@ -158,8 +182,9 @@ def test_response_losses_match_separate_unpadded_forwards(model):
             rows.append(np.pad(seq, (0, P + N - len(seq))))
             lengths.append(len(prompt))
     mask = np.arange(P + N)[None] < (np.array(lengths) + N)[:, None]
-    out, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(model, jnp.asarray(np.stack(rows)),
-                                                    jnp.broadcast_to(jnp.arange(P + N), (6, P + N)), jnp.asarray(mask))
+    out, _ = nnx.jit(lambda m, t, p, k: m(t, p, k))(
+        model, jnp.asarray(np.stack(rows)), jnp.broadcast_to(jnp.arange(P + N), (6, P + N)), jnp.asarray(mask)
+    )
     out = np.asarray(out, np.float64)
     for r in range(3):
         t, s = (out[2 * r + j, lengths[2 * r] - 1 : lengths[2 * r] - 1 + N] for j in (0, 1))
@@ -206,5 +231,6 @@ def test_chunked_equals_plain_values_and_grads(model):
     assert float(jnp.abs(plain_grads[1][1]).min(axis=-1).max()) > 0  # student hidden: from the KL
     for path, g_plain, g_chunked in leaves:
         scale = float(jnp.abs(g_plain).max())
-        np.testing.assert_allclose(np.asarray(g_chunked), np.asarray(g_plain), rtol=1e-5, atol=1e-6 * scale,
-                                   err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(
+            np.asarray(g_chunked), np.asarray(g_plain), rtol=1e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
+        )

@@ -137,9 +137,14 @@ def test_bfloat16_loss_path_has_float32_logits(tiny_gemma2_dir, chunk):
     assert cap is not None
     rng = np.random.default_rng(0)
     b, p, n = 2, 6, 12
-    batch = {"prompt": rng.integers(3, tiny.VOCAB, (b, p)), "prompt_mask": np.ones((b, p), bool),
-             "best": rng.integers(3, tiny.VOCAB, (b, n)), "best_mask": np.ones((b, n), bool),
-             "worse": rng.integers(3, tiny.VOCAB, (b, n)), "worse_mask": np.ones((b, n), bool)}
+    batch = {
+        "prompt": rng.integers(3, tiny.VOCAB, (b, p)),
+        "prompt_mask": np.ones((b, p), bool),
+        "best": rng.integers(3, tiny.VOCAB, (b, n)),
+        "best_mask": np.ones((b, n), bool),
+        "worse": rng.integers(3, tiny.VOCAB, (b, n)),
+        "worse_mask": np.ones((b, n), bool),
+    }
     batch = {k: jnp.asarray(v, jnp.int32 if v.dtype != bool else bool) for k, v in batch.items()}
     hidden, _ = model(*sequences(batch)[:3], segments=sequences(batch)[3], return_hidden=True)
     assert hidden.dtype == jnp.bfloat16
@@ -167,8 +172,10 @@ def test_indivisible_dimensions_are_reported(tiny_llama_dir):
 
     state = nnx.state(abstract_model(load_model(str(tiny_llama_dir)).cfg))
     got = indivisible_dims(state, make_mesh((1, 2, 4)))
-    assert got == ["layers.attn.k_proj dim 2 (kv_heads = 2) / tensor = 4",
-                   "layers.attn.v_proj dim 2 (kv_heads = 2) / tensor = 4"]
+    assert got == [
+        "layers.attn.k_proj dim 2 (kv_heads = 2) / tensor = 4",
+        "layers.attn.v_proj dim 2 (kv_heads = 2) / tensor = 4",
+    ]
     assert indivisible_dims(state, make_mesh((1, 8, 1))) == []
 
 
@@ -193,8 +200,18 @@ def test_a_multi_slice_job_gets_a_hybrid_mesh_with_data_across_slices():
 
     from diffpo_jax.sharding import check_tensor_within_host, device_grid
 
-    devices = [SimpleNamespace(id=i, slice_index=i // 4, process_index=i // 2, platform="tpu", device_kind="TPU v5 lite",
-                               coords=(i % 2, i // 2 % 2, 0), core_on_chip=0) for i in range(8)]  # fmt: skip
+    devices = [
+        SimpleNamespace(
+            id=i,
+            slice_index=i // 4,
+            process_index=i // 2,
+            platform="tpu",
+            device_kind="TPU v5 lite",
+            coords=(i % 2, i // 2 % 2, 0),
+            core_on_chip=0,
+        )
+        for i in range(8)
+    ]
     grid = device_grid((-1, 2, 1), devices)
     assert grid.shape == (4, 2, 1)
     assert [{d.slice_index for d in grid[k].flat} for k in range(4)] == [{0}, {0}, {1}, {1}]
@@ -221,7 +238,9 @@ def test_xla_attention_equals_the_einsum_reference():
     heads, a causal + window + segment mask and fully masked (padding) query rows."""
     rng = np.random.default_rng(0)
     b, t, s, h, kv, d = 2, 5, 11, 4, 2, 8
-    q, keys, values = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, h, d), (b, s, kv, d), (b, s, kv, d)))
+    q, keys, values = (
+        jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((b, t, h, d), (b, s, kv, d), (b, s, kv, d))
+    )
     q_pos = np.arange(s - t, s)[None].repeat(b, 0)
     delta = q_pos[:, :, None] - np.arange(s)[None, None]
     allowed = (delta >= 0) & (delta < 6) & (rng.random((b, t, s)) < 0.8)
@@ -265,9 +284,14 @@ def packed_batch(b: int = 4, p: int = 7, n: int = 12) -> dict:
     rng = np.random.default_rng(2)
     prompt_mask = np.ones((b, p), bool)
     prompt_mask[1, :3] = False
-    return {"prompt": rng.integers(3, tiny.VOCAB, (b, p)).astype(np.int32), "prompt_mask": prompt_mask,
-            "best": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32), "best_mask": np.ones((b, n), bool),
-            "worse": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32), "worse_mask": np.ones((b, n), bool)}
+    return {
+        "prompt": rng.integers(3, tiny.VOCAB, (b, p)).astype(np.int32),
+        "prompt_mask": prompt_mask,
+        "best": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32),
+        "best_mask": np.ones((b, n), bool),
+        "worse": rng.integers(3, tiny.VOCAB, (b, n)).astype(np.int32),
+        "worse_mask": np.ones((b, n), bool),
+    }
 
 
 @pytest.mark.parametrize("window", [0, 5])
@@ -315,6 +339,7 @@ def test_splash_loss_and_gradients_equal_einsum(tiny_llama_dir, tiny_gemma2_dir,
             with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
                 grads = jax.grad(lambda p: sum(terms(nnx.merge(graphdef, p), jbatch).values()))(params)
                 return terms(nnx.merge(graphdef, params), jbatch), grads
+
         parts, grads = f(params, jbatch)
         return {k: float(v) for k, v in parts.items()}, jax.tree.map(np.asarray, nnx.to_pure_dict(grads))
 

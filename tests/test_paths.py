@@ -22,8 +22,17 @@ from diffpo_jax.weights.export import export_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "gs://bucket"
 CONFIG = dict(
-    global_batch_size=8, prompt_len=48, response_len=8, num_epochs=2, seed=0, save_every=2, max_steps=4,
-    keep_checkpoints=2, log_every=1, tensorboard=False, async_checkpoints=False,
+    global_batch_size=8,
+    prompt_len=48,
+    response_len=8,
+    num_epochs=2,
+    seed=0,
+    save_every=2,
+    max_steps=4,
+    keep_checkpoints=2,
+    log_every=1,
+    tensorboard=False,
+    async_checkpoints=False,
     loss={"con_weight": 1.0, "con_positions": "draft", "chunk": 4},
     optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.0},
     eval={"holdout_prompts": 2, "every": 2, "max_rows": 4, "batch_size": 4, "block_size": 4},
@@ -48,7 +57,7 @@ def bucket(tmp_path, monkeypatch):
 
     def local(p):
         s = os.fspath(p)
-        return str(store / s[len("gs://"):]) if s.startswith("gs://") else p
+        return str(store / s[len("gs://") :]) if s.startswith("gs://") else p
 
     def redirect(fn, path, *args, **kwargs):
         return fn(local(path), *(local(a) if isinstance(a, (str, os.PathLike)) else a for a in args), **kwargs)
@@ -74,8 +83,22 @@ def bucket(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFPO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    names = ["open", "copy", "rename", "exists", "glob", "walk", "isdir", "listdir", "makedirs", "mkdir",
-             "remove", "replace", "rmtree", "stat"]
+    names = [
+        "open",
+        "copy",
+        "rename",
+        "exists",
+        "glob",
+        "walk",
+        "isdir",
+        "listdir",
+        "makedirs",
+        "mkdir",
+        "remove",
+        "replace",
+        "rmtree",
+        "stat",
+    ]
     with epath_testing.mock_epath(**{name: redirect for name in names}):
         yield store / "bucket", given
     assert not list((tmp_path / "cwd").rglob("*")), "a URL became a local path"
@@ -94,7 +117,7 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
 
     def local(p):
         s = os.fspath(p)
-        return str(store / s[len("gs://"):]) if s.startswith("gs://") else p
+        return str(store / s[len("gs://") :]) if s.startswith("gs://") else p
 
     def redirect(fn, path, *args, **kwargs):
         return fn(local(path), *args, **kwargs)
@@ -118,7 +141,7 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
         return Counted(f, os.fspath(path).rsplit("/", 1)[1]) if mode[0] in "wa" else f
 
     def glob(fn, pattern):  # the bucket's names, not the local dir's
-        return [BUCKET + p[len(str(store / "bucket")):] for p in fn(local(pattern))]
+        return [BUCKET + p[len(str(store / "bucket")) :] for p in fn(local(pattern))]
 
     def line(step, loss=1.0):
         return json.dumps({"step": step, "loss": loss, "note": "x" * 40})
@@ -129,8 +152,13 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
     (obj / "metrics.jsonl.part-000000004").write_text("".join(line(i) + "\n" for i in range(4, 8)))
     with epath_testing.mock_epath(open=open_, glob=glob, **{n: redirect for n in ("exists", "remove", "stat")}):
         log = trainer.MetricsLog(run_dir, start_step=5, tensorboard=False, flush_every_s=30, clock=lambda: now[0])
-        assert (obj / "metrics.jsonl").read_text().splitlines() == [line(1, 0.0), line(2, 0.0), line(3, 0.0),
-                                                                    line(4), line(5)]  # a part's line wins
+        assert (obj / "metrics.jsonl").read_text().splitlines() == [
+            line(1, 0.0),
+            line(2, 0.0),
+            line(3, 0.0),
+            line(4),
+            line(5),
+        ]  # a part's line wins
         assert sorted(p.name for p in obj.iterdir()) == ["metrics.jsonl"]
         del writes[:]
         n = 2000
@@ -173,12 +201,53 @@ def test_decoding_clis_read_and_write_urls_as_local_files(bucket, tiny_init_dir,
     for folder in (store, tmp_path / "local"):
         (folder / "in.jsonl").write_text(prompts)
     for base in (BUCKET, str(tmp_path / "local")):
-        generate.run(generate.parse_args(["--input", f"{base}/in.jsonl", "--output", f"{base}/drafts.jsonl",
-                                          "--temperature", "0", "--max-new-tokens", "4", "--sort-window", "2"]), loaded)
-        refine.run(refine.parse_args(["--input", f"{base}/drafts.jsonl", "--output", f"{base}/refined.jsonl",
-                                      "--max-new-tokens", "4", "--block-size", "4"]), loaded)
-        assert score.main(["--reward", f"{rewards}:length", "--input", f"{base}/refined.jsonl", "--output",
-                           f"{base}/scored.jsonl", "--report", f"{base}/report.md"]) == 0
+        generate.run(
+            generate.parse_args(
+                [
+                    "--input",
+                    f"{base}/in.jsonl",
+                    "--output",
+                    f"{base}/drafts.jsonl",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "4",
+                    "--sort-window",
+                    "2",
+                ]
+            ),
+            loaded,
+        )
+        refine.run(
+            refine.parse_args(
+                [
+                    "--input",
+                    f"{base}/drafts.jsonl",
+                    "--output",
+                    f"{base}/refined.jsonl",
+                    "--max-new-tokens",
+                    "4",
+                    "--block-size",
+                    "4",
+                ]
+            ),
+            loaded,
+        )
+        assert (
+            score.main(
+                [
+                    "--reward",
+                    f"{rewards}:length",
+                    "--input",
+                    f"{base}/refined.jsonl",
+                    "--output",
+                    f"{base}/scored.jsonl",
+                    "--report",
+                    f"{base}/report.md",
+                ]
+            )
+            == 0
+        )
     names = ["drafts.jsonl", "in.jsonl", "refined.jsonl", "report.md", "scored.jsonl"]
     assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir()) == names
     for name in ("drafts.jsonl", "refined.jsonl", "scored.jsonl"):
@@ -231,7 +300,10 @@ def test_train_load_and_export_over_urls_equal_local(bucket, tiny_init_dir, tmp_
     assert (store / "data" / "manifest.json").read_bytes() == (tmp_path / "data" / "manifest.json").read_bytes()
 
     runs = {}
-    for where, out, data in (("url", f"{BUCKET}/run", f"{BUCKET}/data"), ("local", tmp_path / "run", tmp_path / "data")):
+    for where, out, data in (
+        ("url", f"{BUCKET}/run", f"{BUCKET}/data"),
+        ("local", tmp_path / "run", tmp_path / "data"),
+    ):
         config_file = tmp_path / "tiny-test.yaml"
         config_file.write_text(json.dumps(dict(CONFIG, model=str(tiny_init_dir), data=str(data))))  # JSON is YAML
         cfg = load_config(config_file, [f"output_dir={out}"])

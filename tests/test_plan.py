@@ -31,13 +31,20 @@ def test_every_preset_fits_its_documented_topologies(preset):
         assert p["grad_accum"] * p["rows_per_micro_batch"] == config(preset).global_batch_size
 
 
-@pytest.mark.parametrize("topology,overrides,message", [
-    ("32/8", ["grad_accum=4"], "global_batch_size / grad_accum = 32 / 4 rows do not split over data x fsdp = 32 devices"),
-    ("64/16", [], "grad_accum auto: global_batch_size 32 does not split over data x fsdp = 64 devices"),
-    ("16/4", ["mesh=[1,-1,8]"], "mesh [1, 2, 8]: tensor = 8 does not fit within one host's 4 devices"),
-    ("32/3", [], "--plan '32/3': DEVICES must be a positive multiple of HOSTS"),
-    ("12", [], "grad_accum auto: global_batch_size 32 does not split over data x fsdp = 12 devices"),
-])
+@pytest.mark.parametrize(
+    "topology,overrides,message",
+    [
+        (
+            "32/8",
+            ["grad_accum=4"],
+            "global_batch_size / grad_accum = 32 / 4 rows do not split over data x fsdp = 32 devices",
+        ),
+        ("64/16", [], "grad_accum auto: global_batch_size 32 does not split over data x fsdp = 64 devices"),
+        ("16/4", ["mesh=[1,-1,8]"], "mesh [1, 2, 8]: tensor = 8 does not fit within one host's 4 devices"),
+        ("32/3", [], "--plan '32/3': DEVICES must be a positive multiple of HOSTS"),
+        ("12", [], "grad_accum auto: global_batch_size 32 does not split over data x fsdp = 12 devices"),
+    ],
+)
 def test_a_topology_that_cannot_run_is_one_line(topology, overrides, message):
     preset = ROOT / "configs" / "train" / "gemma-2-9b.yaml"
     with pytest.raises(TrainConfigError) as e:
@@ -66,15 +73,30 @@ def test_aot_memory_is_the_sharded_train_state():
 
 def test_plan_cli_simulates_the_devices(tmp_path):
     """The CLI starts jax with the planned number of (simulated CPU) devices: 16 > the tests' 8."""
-    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(ROOT / "configs" / "train" / "tiny.yaml"),
-           "--plan", "16/2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffpo_jax.train",
+        "--config",
+        str(ROOT / "configs" / "train" / "tiny.yaml"),
+        "--plan",
+        "16/2",
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    )
     assert r.returncode == 2 and "16 rows" not in r.stdout  # global batch 8 does not split over 16
-    assert r.stderr.strip().splitlines()[-1] == ("error: config: global_batch_size / grad_accum = 8 / 1 rows do not "
-                                                  "split over data x fsdp = 16 devices")
-    r = subprocess.run(cmd + ["global_batch_size=16"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: config: global_batch_size / grad_accum = 8 / 1 rows do not split over data x fsdp = 16 devices"
+    )
+    r = subprocess.run(
+        cmd + ["global_batch_size=16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[0] == "plan 16/2: 16 devices on 2 host(s), mesh data 1 x fsdp 16 x tensor 1"

@@ -27,7 +27,9 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def test_read_jsonl_prompt_or_messages(tmp_path):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "A", "draft": "a", "id": 7}, "", {"messages": msgs, "draft": "b"}])
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [{"prompt": "A", "draft": "a", "id": 7}, "", {"messages": msgs, "draft": "b"}]
+    )
     recs = read_records(path, "jsonl", with_drafts=True)
     assert [(r.prompt, r.drafts, r.where) for r in recs] == [("A", ["a"], f"{path}:1"), (msgs, ["b"], f"{path}:3")]
     assert recs[0].raw == {"prompt": "A", "draft": "a", "id": 7}
@@ -45,10 +47,16 @@ def test_read_jsonl_prompt_or_messages(tmp_path):
         ("alpaca_eval", '[{"instruction": "a", "output": "b"},\n{"instruction": "c"}]', "in: record 1: field 'output'"),
         ("alpaca_eval", '[{"instruction": "a",\n "output": }]', "in:2: not valid JSON"),
         ("alpaca_eval", '{"instruction": "a"}', "in: expected a JSON list"),
-        ("mt_bench", '{"question_id": 9, "model_id": "m", "choices": [{"index": 0, "turns": ["x", "y"]}]}\n',
-         "in:1: question_id 9 has no question in"),
-        ("mt_bench", '{"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["x"]}]}\n',
-         "in:1: choices[0].turns has 1 answers but question 1 has 2 turns"),
+        (
+            "mt_bench",
+            '{"question_id": 9, "model_id": "m", "choices": [{"index": 0, "turns": ["x", "y"]}]}\n',
+            "in:1: question_id 9 has no question in",
+        ),
+        (
+            "mt_bench",
+            '{"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["x"]}]}\n',
+            "in:1: choices[0].turns has 1 answers but question 1 has 2 turns",
+        ),
         ("mt_bench", '{"question_id": 1, "model_id": "m", "choices": []}\n', "in:1: field 'choices'"),
     ],
 )
@@ -61,16 +69,23 @@ def test_bad_input_names_file_line_and_field(tmp_path, fmt, content, message):
 
 
 def test_mt_bench_turns_and_history(tmp_path):
-    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["q1", "q2"]}, {"question_id": 2, "turns": ["p1"]}])
-    answers = write_jsonl(tmp_path / "a.jsonl", [
-        {"question_id": 2, "model_id": "m", "choices": [{"index": 0, "turns": ["d1"]}]},
-        {"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["a1", "a2"]}]},
-    ])  # fmt: skip
+    questions = write_jsonl(
+        tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["q1", "q2"]}, {"question_id": 2, "turns": ["p1"]}]
+    )
+    answers = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"question_id": 2, "model_id": "m", "choices": [{"index": 0, "turns": ["d1"]}]},
+            {"question_id": 1, "model_id": "m", "choices": [{"index": 0, "turns": ["a1", "a2"]}]},
+        ],
+    )
     recs = read_records(answers, "mt_bench", with_drafts=True, questions=questions)
     assert [(r.prompt, r.followups, r.drafts) for r in recs] == [("p1", [], ["d1"]), ("q1", ["q2"], ["a1", "a2"])]
     assert turn_prompt(recs[1], 1, ["R1"]) == [
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "R1"}, {"role": "user", "content": "q2"},
-    ]  # fmt: skip
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "R1"},
+        {"role": "user", "content": "q2"},
+    ]
     gen = read_records(questions, "mt_bench", with_drafts=False)
     assert [(r.prompt, r.followups, r.drafts) for r in gen] == [("q1", ["q2"], []), ("p1", [], [])]
     with pytest.raises(FormatError, match="--questions"):
@@ -80,7 +95,9 @@ def test_mt_bench_turns_and_history(tmp_path):
 def test_refined_pairs_read_back_what_refined_output_wrote(tmp_path):
     from diffpo_jax.data.formats import refined_output, refined_pairs
 
-    jsonl = read_records(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "P", "draft": "d"}]), "jsonl", with_drafts=True)[0]
+    jsonl = read_records(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "P", "draft": "d"}]), "jsonl", with_drafts=True)[
+        0
+    ]
     assert refined_pairs("jsonl", refined_output("jsonl", jsonl, ["r"], [{}])) == ("P", [("d", "r")])
     assert refined_pairs("jsonl", dict(jsonl.raw, error="too long")) == ("P", [])
     (tmp_path / "b.json").write_text(json.dumps([{"instruction": "I", "output": "d"}]))
@@ -90,7 +107,9 @@ def test_refined_pairs_read_back_what_refined_output_wrote(tmp_path):
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 3, "turns": ["q1", "q2"]}])
     rec = read_records(write_jsonl(tmp_path / "m.jsonl", [mt]), "mt_bench", with_drafts=True, questions=questions)[0]
     assert refined_pairs("mt_bench", refined_output("mt_bench", rec, ["r1", "r2"], [{}, {}])) == (
-        "question 3", [("d1", "r1"), ("d2", "r2")])
+        "question 3",
+        [("d1", "r1"), ("d2", "r2")],
+    )
 
 
 def test_resumable_output(tmp_path):
@@ -108,7 +127,9 @@ def test_resumable_output(tmp_path):
         f.write('{"index": 2, "source": "cut sh')  # a run killed mid-line: that record is redone
     with pytest.raises(FormatError, match="other options"):
         ResumableOutput(out_path, "jsonl", recs, {"x": 2})
-    other = read_records(write_jsonl(tmp_path / "other.jsonl", [{"prompt": "z", "draft": "d"}] * 3), "jsonl", with_drafts=True)
+    other = read_records(
+        write_jsonl(tmp_path / "other.jsonl", [{"prompt": "z", "draft": "d"}] * 3), "jsonl", with_drafts=True
+    )
     with pytest.raises(FormatError, match="record 0 does not match"):
         ResumableOutput(out_path, "jsonl", other, {"x": 1})
     with pytest.raises(FormatError, match="record index 1 is not in the input's 1 records"):
@@ -131,8 +152,11 @@ def test_resumable_output_over_processes_resumes_with_any_count(tmp_path):
     another process count reads them all and shares out the rest; process 0 writes OUT in input order. (The
     processes run one after another here, so the barriers are no-ops; tests/test_distributed.py runs them
     as real processes.)"""
-    recs = read_records(write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(7)]),
-                        "jsonl", with_drafts=True)
+    recs = read_records(
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(7)]),
+        "jsonl",
+        with_drafts=True,
+    )
     out_path = tmp_path / "out.jsonl"
 
     def opened(process, processes):
@@ -143,7 +167,10 @@ def test_resumable_output_over_processes_resumes_with_any_count(tmp_path):
     first[2].append(5, {"n": 5})  # process 2 wrote record 5, then every process was killed
     first[1].append(1, {"n": 1})
     assert sorted(f.name for f in tmp_path.glob("out.jsonl.partial*")) == [
-        "out.jsonl.partial", "out.jsonl.partial.1", "out.jsonl.partial.2"]
+        "out.jsonl.partial",
+        "out.jsonl.partial.1",
+        "out.jsonl.partial.2",
+    ]
     second = [opened(p, 2) for p in range(2)]
     assert [o.todo for o in second] == [[0, 3, 6], [2, 4]]
     for o in reversed(second):
@@ -163,8 +190,10 @@ def test_cli_bad_input_exits_2(tmp_path):
     """One subprocess per CLI: bad input is a one-line message and exit status 2, no traceback."""
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"prompt": "a"}\n')
-    for module, message in (("refine", f"error: {bad}:1: field 'draft' (a string) is missing"),
-                            ("generate", f"error: {bad}:1: field 'prompt' (a string) or 'messages'")):  # fmt: skip
+    for module, message in (
+        ("refine", f"error: {bad}:1: field 'draft' (a string) is missing"),
+        ("generate", f"error: {bad}:1: field 'prompt' (a string) or 'messages'"),
+    ):
         args = [sys.executable, "-m", f"diffpo_jax.{module}", "--input", str(bad), "--output", str(tmp_path / "o")]
         if module == "generate":
             bad.write_text('{"promt": "a"}\n')
@@ -179,7 +208,10 @@ def test_output_equal_to_input_is_refused_unless_overwrite(tmp_path, capsys):
     for cli in (refine_cli, generate_cli):
         assert cli.main(["--input", str(src), "--output", str(tmp_path / "." / "in.jsonl")]) == 2
         err = capsys.readouterr().err
-        assert err == f"error: {tmp_path / '.' / 'in.jsonl'}: is the input file; pass --overwrite to replace it with the results\n"
+        assert (
+            err
+            == f"error: {tmp_path / '.' / 'in.jsonl'}: is the input file; pass --overwrite to replace it with the results\n"
+        )
         assert cli.parse_args(["--input", str(src), "--output", str(src), "--overwrite"]).overwrite
     assert src.read_text() == '{"prompt": "a", "draft": "b"}\n'
 
@@ -201,7 +233,9 @@ def reference_greedy(loaded, reference, prompt, max_new_tokens):
 
     ids = torch.tensor([prompt_ids(loaded.tokenizer, prompt)])
     with torch.no_grad():
-        out = reference.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id)
+        out = reference.generate(
+            ids, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=loaded.tokenizer.pad_token_id
+        )
     new = out[0, ids.shape[1] :].tolist()
     if new and new[-1] in loaded.stop_tokens:
         new = new[:-1]
@@ -238,7 +272,9 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
     args = refine_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *common])
     recs = read_records(inp, "jsonl", with_drafts=True)
-    partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, record_loop.run_options(args, refine_cli.RESUME_OPTIONS))
+    partial = ResumableOutput(
+        tmp_path / "out.jsonl", "jsonl", recs, record_loop.run_options(args, refine_cli.RESUME_OPTIONS)
+    )
     partial.append(0, rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
     summary = refine_cli.run(args, smollm2)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -248,19 +284,48 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     assert summary["records"] == 3 and summary["turns_refined"] == 2
 
     questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 5, "turns": ["Name a fruit.", "And a vegetable?"]}])
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 5, "model_id": "base", "answer_id": "x",
-                                                   "choices": [{"index": 0, "turns": ["Apple.", "Carrot."]}]}])  # fmt: skip
+    answers = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {
+                "question_id": 5,
+                "model_id": "base",
+                "answer_id": "x",
+                "choices": [{"index": 0, "turns": ["Apple.", "Carrot."]}],
+            }
+        ],
+    )
     for history in ("refined", "draft"):
         mt = tmp_path / f"mt_{history}.jsonl"
-        refine_cli.run(refine_cli.parse_args(["--input", str(answers), "--output", str(mt), "--format", "mt_bench",
-                                              "--questions", str(questions), "--history", history, *common]), smollm2)  # fmt: skip
+        refine_cli.run(
+            refine_cli.parse_args(
+                [
+                    "--input",
+                    str(answers),
+                    "--output",
+                    str(mt),
+                    "--format",
+                    "mt_bench",
+                    "--questions",
+                    str(questions),
+                    "--history",
+                    history,
+                    *common,
+                ]
+            ),
+            smollm2,
+        )
         (rec,) = [json.loads(line) for line in mt.read_text().splitlines()]
         assert rec["model_id"] == "base+diffpo" and rec["answer_id"] == "x"
         assert rec["choices"][0]["draft_turns"] == ["Apple.", "Carrot."] and len(rec["choices"][0]["turns"]) == 2
 
-    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "hi", "draft": ""}, {"prompt": "word " * 9000, "draft": ""}])
+    long = write_jsonl(
+        tmp_path / "long.jsonl", [{"prompt": "hi", "draft": ""}, {"prompt": "word " * 9000, "draft": ""}]
+    )
     with pytest.raises(FormatError, match=r"long.jsonl:2: turn 1: prompt is \d+ tokens; .* context of 8192"):
-        refine_cli.run(refine_cli.parse_args(["--input", str(long), "--output", str(tmp_path / "l.jsonl"), *common]), smollm2)
+        refine_cli.run(
+            refine_cli.parse_args(["--input", str(long), "--output", str(tmp_path / "l.jsonl"), *common]), smollm2
+        )
 
 
 @pytest.mark.slow
@@ -268,11 +333,30 @@ def test_generate_cli_alpaca_eval_greedy(smollm2, greedy_refs, tmp_path):
     """alpaca_eval drafts at temperature 0 are the greedy answers; output and generator are set, fields kept."""
     inp = tmp_path / "in.json"
     inp.write_text(json.dumps([{"instruction": p, "dataset": "x"} for p in PROMPTS[:2]]))
-    args = generate_cli.parse_args(["--input", str(inp), "--output", str(tmp_path / "out.json"), "--format", "alpaca_eval",
-                                    "--temperature", "0", "--max-new-tokens", "32", "--batch-size", "4", "--model-id", "smol"])  # fmt: skip
+    args = generate_cli.parse_args(
+        [
+            "--input",
+            str(inp),
+            "--output",
+            str(tmp_path / "out.json"),
+            "--format",
+            "alpaca_eval",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "32",
+            "--batch-size",
+            "4",
+            "--model-id",
+            "smol",
+        ]
+    )
     generate_cli.run(args, smollm2)
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out == [{"instruction": p, "dataset": "x", "output": t, "generator": "smol"} for p, (_, t) in zip(PROMPTS[:2], greedy_refs)]
+    assert out == [
+        {"instruction": p, "dataset": "x", "output": t, "generator": "smol"}
+        for p, (_, t) in zip(PROMPTS[:2], greedy_refs)
+    ]
 
 
 def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path, monkeypatch):
@@ -281,7 +365,9 @@ def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path,
     the others are refined, and the summary counts it."""
     from diffpo_jax.decoding.batching import Decoder
 
-    rows = [{"id": i, "prompt": f"Say {i}.", "draft": "Sure."} for i in range(9999)] + [{"prompt": "word " * 9000, "draft": ""}]
+    rows = [{"id": i, "prompt": f"Say {i}.", "draft": "Sure."} for i in range(9999)] + [
+        {"prompt": "word " * 9000, "draft": ""}
+    ]
     big = write_jsonl(tmp_path / "big.jsonl", rows)
     common = ["--max-new-tokens", "8", "--block-size", "4", "--batch-size", "2"]
 
@@ -291,13 +377,16 @@ def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path,
     with monkeypatch.context() as m:
         m.setattr(Decoder, "refine", no_decoding)
         with pytest.raises(FormatError, match=r"big.jsonl:10000: turn 1: prompt is \d+ tokens"):
-            refine_cli.run(refine_cli.parse_args(["--input", str(big), "--output", str(tmp_path / "b.jsonl"), *common]), smollm2)
+            refine_cli.run(
+                refine_cli.parse_args(["--input", str(big), "--output", str(tmp_path / "b.jsonl"), *common]), smollm2
+            )
     assert not (tmp_path / "b.jsonl").exists()
 
     small = write_jsonl(tmp_path / "small.jsonl", [rows[0], rows[-1], rows[1]])
     out = tmp_path / "s.jsonl"
-    summary = refine_cli.run(refine_cli.parse_args(["--input", str(small), "--output", str(out), "--on-error", "skip",
-                                                    *common]), smollm2)  # fmt: skip
+    summary = refine_cli.run(
+        refine_cli.parse_args(["--input", str(small), "--output", str(out), "--on-error", "skip", *common]), smollm2
+    )
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g.get("id") for g in got] == [0, None, 1] and "refined" in got[0] and "refined" in got[2]
     assert got[1]["prompt"] == rows[-1]["prompt"] and "refined" not in got[1]
@@ -313,16 +402,36 @@ def test_a_bad_record_fails_before_any_decoding_or_is_skipped(smollm2, tmp_path,
 def test_outputs_are_byte_identical_on_any_mesh(cli, tiny_init_dir, tmp_path):
     """Rows data-parallel over 8 devices, fsdp- and tensor-sharded weights (the KV cache sharded with the
     heads): the same output file as one device; the summary names the devices and mesh."""
-    rows = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
-            for i in range(12)]
+    rows = [
+        {"id": i, "prompt": f"Question {i}: why" + " and why" * (i % 5), "draft": "Because" + " so" * (i % 7)}
+        for i in range(12)
+    ]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     outputs = {}
-    for mesh, described in [("1,1,1", "1 (cpu), mesh data=1 fsdp=1 tensor=1"), ("8,1,1", "8 (cpu), mesh data=8 fsdp=1 tensor=1"),
-                            ("2,2,2", "8 (cpu), mesh data=2 fsdp=2 tensor=2"), ("1,1,2", "2 (cpu), mesh data=1 fsdp=1 tensor=2")]:
+    for mesh, described in [
+        ("1,1,1", "1 (cpu), mesh data=1 fsdp=1 tensor=1"),
+        ("8,1,1", "8 (cpu), mesh data=8 fsdp=1 tensor=1"),
+        ("2,2,2", "8 (cpu), mesh data=2 fsdp=2 tensor=2"),
+        ("1,1,2", "2 (cpu), mesh data=1 fsdp=1 tensor=2"),
+    ]:
         out = tmp_path / f"out-{mesh}.jsonl"
-        args = cli.parse_args(["--input", str(inp), "--output", str(out), "--model", str(tiny_init_dir), "--mesh", mesh,
-                               "--max-new-tokens", "12", "--batch-size", "8"]
-                              + (["--block-size", "4"] if cli is refine_cli else ["--temperature", "0.7"]))
+        args = cli.parse_args(
+            [
+                "--input",
+                str(inp),
+                "--output",
+                str(out),
+                "--model",
+                str(tiny_init_dir),
+                "--mesh",
+                mesh,
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "8",
+            ]
+            + (["--block-size", "4"] if cli is refine_cli else ["--temperature", "0.7"])
+        )
         assert cli.run(args)["devices"] == described
         outputs[mesh] = out.read_bytes()
     assert len(outputs["1,1,1"].splitlines()) == len(rows)
@@ -331,9 +440,13 @@ def test_outputs_are_byte_identical_on_any_mesh(cli, tiny_init_dir, tmp_path):
 
 def test_a_mesh_the_batch_or_devices_cannot_make_is_one_line(tmp_path, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "b"}])
-    for mesh, message in [("3,1,1", "error: batch size 8 does not split over the mesh's 3 data x fsdp devices"),
-                          ("16,1,1", "error: --mesh: mesh shape [16, 1, 1] needs 16 devices, have 8")]:
-        rc = refine_cli.main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mesh", mesh, "--model", "preset-free"])
+    for mesh, message in [
+        ("3,1,1", "error: batch size 8 does not split over the mesh's 3 data x fsdp devices"),
+        ("16,1,1", "error: --mesh: mesh shape [16, 1, 1] needs 16 devices, have 8"),
+    ]:
+        rc = refine_cli.main(
+            ["--input", str(inp), "--output", str(tmp_path / "o.jsonl"), "--mesh", mesh, "--model", "preset-free"]
+        )
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith(message), err
 
@@ -344,8 +457,10 @@ def test_sorted_windows_batch_by_bucket_and_keep_the_output(cli, tiny_init_dir, 
     """--sort-window: both CLIs hand the whole window to the decoder, whose 4 slots decode it with row
     refill; the file equals the one decoded in input order (--sort-window 1: batches of consecutive
     records, as they come)."""
-    rows = [{"id": i, "prompt": f"Question {i}: why" + " and why" * (18 * (i % 2)), "draft": "So" + " so" * (5 * (i % 4))}
-            for i in range(16)]  # two prompt buckets, alternating
+    rows = [
+        {"id": i, "prompt": f"Question {i}: why" + " and why" * (18 * (i % 2)), "draft": "So" + " so" * (5 * (i % 4))}
+        for i in range(16)
+    ]  # two prompt buckets, alternating
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     method = "refine" if cli is refine_cli else "sample"
     original = getattr(Decoder, method)
@@ -360,9 +475,25 @@ def test_sorted_windows_batch_by_bucket_and_keep_the_output(cli, tiny_init_dir, 
     for window in ("1", "256"):
         buckets.clear()
         out = tmp_path / f"out-{window}.jsonl"
-        cli.run(cli.parse_args(["--input", str(inp), "--output", str(out), "--model", str(tiny_init_dir), "--sort-window",
-                                window, "--max-new-tokens", "8", "--batch-size", "4"]
-                               + (["--block-size", "4"] if cli is refine_cli else [])))  # fmt: skip
+        cli.run(
+            cli.parse_args(
+                [
+                    "--input",
+                    str(inp),
+                    "--output",
+                    str(out),
+                    "--model",
+                    str(tiny_init_dir),
+                    "--sort-window",
+                    window,
+                    "--max-new-tokens",
+                    "8",
+                    "--batch-size",
+                    "4",
+                ]
+                + (["--block-size", "4"] if cli is refine_cli else [])
+            )
+        )
         outputs[window] = out.read_bytes()
         mixed = sum(len(b) > 1 for b in buckets)
         if window == "1":

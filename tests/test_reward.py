@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tests import armorm_reference as armo
-from tests import tiny
 from diffpo_jax.reward.inputs import InputError, conversation_ids, gating_pattern, gating_position
 from diffpo_jax.reward.loading import load_reward_model
 from diffpo_jax.reward.model import ARMORM_OBJECTIVES, HeadConfig
 from diffpo_jax.reward.scorer import Scorer, _forward
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.sources import ModelSourceError
+from tests import armorm_reference as armo
+from tests import tiny
 
 ATOL = 1e-4
 
@@ -27,7 +27,9 @@ def ours(loaded, tokens, mask, gate=None):
 
     graphdef, state = nnx.split(loaded.model)
     gate = np.zeros(len(tokens), np.int32) if gate is None else np.asarray(gate, np.int32)
-    return jax.device_get(_forward(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(gate)))
+    return jax.device_get(
+        _forward(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), jnp.asarray(gate))
+    )
 
 
 def padded_batch(lengths, width, seed=0, left=False):
@@ -65,12 +67,26 @@ def test_classifier_scores_equal_transformers(classifier_dir, left):
 
 
 def test_head_config_from_hf_fields():
-    assert HeadConfig.from_hf({"architectures": ["LlamaForSequenceClassification"]}).num_labels == 2  # transformers' default
-    assert HeadConfig.from_hf({"architectures": ["Gemma2ForSequenceClassification"], "id2label": {"0": "x"}}).num_labels == 1
-    armorm = HeadConfig.from_hf({"architectures": ["LlamaForRewardModelWithGating"], "num_objectives": 19,
-                                 "gating_temperature": 10, "gating_hidden_dim": 1024, "gating_n_hidden": 3})
+    assert (
+        HeadConfig.from_hf({"architectures": ["LlamaForSequenceClassification"]}).num_labels == 2
+    )  # transformers' default
+    assert (
+        HeadConfig.from_hf({"architectures": ["Gemma2ForSequenceClassification"], "id2label": {"0": "x"}}).num_labels
+        == 1
+    )
+    armorm = HeadConfig.from_hf(
+        {
+            "architectures": ["LlamaForRewardModelWithGating"],
+            "num_objectives": 19,
+            "gating_temperature": 10,
+            "gating_hidden_dim": 1024,
+            "gating_n_hidden": 3,
+        }
+    )
     assert armorm.objective_names == ARMORM_OBJECTIVES and ARMORM_OBJECTIVES[9:11] == (
-        "ultrafeedback-helpfulness", "beavertails-is_safe")
+        "ultrafeedback-helpfulness",
+        "beavertails-is_safe",
+    )
 
 
 # ------------------------------------------------------------------------------------------ ArmoRM
@@ -94,16 +110,25 @@ def armorm_dir(tmp_path_factory, llama3_tok):
 def test_gating_pattern_is_armorms_on_the_llama3_template(llama3_tok, smollm2):
     pattern = gating_pattern(llama3_tok)
     assert llama3_tok.decode(pattern) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    ids = conversation_ids(llama3_tok, [{"role": "user", "content": "What is the capital of France?"},
-                                        {"role": "assistant", "content": "Paris."},
-                                        {"role": "user", "content": "Is it?"}], "Yes.")
+    ids = conversation_ids(
+        llama3_tok,
+        [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "Is it?"},
+        ],
+        "Yes.",
+    )
     j = gating_position(ids, pattern)
     # the last user turn's <|eot_id|>: what follows is the final assistant header, then the answer
     assert llama3_tok.decode(ids[j:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
     smol = smollm2.tokenizer
     assert smol.decode(gating_pattern(smol)) == "<|im_end|>\n<|im_start|>assistant\n"
     ids = conversation_ids(smol, "Hi", "Hello.")
-    assert smol.decode(ids[gating_position(ids, gating_pattern(smol)):]) == "<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+    assert (
+        smol.decode(ids[gating_position(ids, gating_pattern(smol)) :])
+        == "<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n"
+    )
     with pytest.raises(InputError, match="not in the tokens"):
         gating_position(ids[:5], gating_pattern(smol))
 
@@ -113,9 +138,18 @@ def test_armorm_score_rewards_gating_equal_the_reference(armorm_dir, llama3_tok)
     loaded = load_reward_model(str(folder))
     assert loaded.head.kind == "armorm" and loaded.head.num_objectives == 5
     scorer = Scorer(loaded, batch_size=4)
-    convs = [("What is the capital of France?", "Paris is."), ("The answer?", "The answer is yes."),
-             ([{"role": "user", "content": "What is"}, {"role": "assistant", "content": "yes"},
-               {"role": "user", "content": "Paris?"}], "Paris is the capital of France.")]
+    convs = [
+        ("What is the capital of France?", "Paris is."),
+        ("The answer?", "The answer is yes."),
+        (
+            [
+                {"role": "user", "content": "What is"},
+                {"role": "assistant", "content": "yes"},
+                {"role": "user", "content": "Paris?"},
+            ],
+            "Paris is the capital of France.",
+        ),
+    ]
     rows = [scorer.row(p, a) for p, a in convs]
     width = max(len(ids) for ids, _ in rows)
     tokens = np.full((len(rows), width), llama3_tok.pad_token_id, np.int64)
@@ -142,7 +176,9 @@ def test_scoring_over_8_devices_equals_one(armorm_dir):
     rows = [one.row(f"Question {i}?", "The answer is " + "yes " * i) for i in range(11)]
     a, b = one.score(rows), eight.score(rows)
     np.testing.assert_allclose([s.score for s in a], [s.score for s in b], atol=ATOL, rtol=0)
-    np.testing.assert_allclose([list(s.objectives.values()) for s in a], [list(s.objectives.values()) for s in b], atol=ATOL)
+    np.testing.assert_allclose(
+        [list(s.objectives.values()) for s in a], [list(s.objectives.values()) for s in b], atol=ATOL
+    )
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -158,7 +194,9 @@ def test_a_causal_lm_is_not_a_reward_model(tiny_llama_dir):
 def test_a_reward_model_without_head_weights(tiny_llama_dir, tmp_path):
     folder = tmp_path / "no-head"
     folder.mkdir()
-    config = json.loads((tiny_llama_dir / "config.json").read_text()) | {"architectures": ["LlamaForSequenceClassification"]}
+    config = json.loads((tiny_llama_dir / "config.json").read_text()) | {
+        "architectures": ["LlamaForSequenceClassification"]
+    }
     (folder / "config.json").write_text(json.dumps(config))
     tensors = {k: v for k, v in load_file(tiny_llama_dir / "model.safetensors").items() if k != "lm_head.weight"}
     save_file(tensors, folder / "model.safetensors")
@@ -177,8 +215,13 @@ def test_batches_need_a_pad_token(armorm_dir, tmp_path):
     assert Scorer(loaded, batch_size=1).batch_size == 1
 
 
-RM_PRESETS = ["armorm-llama3-8b-v0.1", "skywork-reward-llama-3.1-8b-v0.2", "skywork-reward-gemma-2-27b-v0.2",
-              "grm-gemma2-2b-rewardmodel-ft", "fsfairx-llama3-rm-v0.1"]
+RM_PRESETS = [
+    "armorm-llama3-8b-v0.1",
+    "skywork-reward-llama-3.1-8b-v0.2",
+    "skywork-reward-gemma-2-27b-v0.2",
+    "grm-gemma2-2b-rewardmodel-ft",
+    "fsfairx-llama3-rm-v0.1",
+]
 
 
 @pytest.mark.parametrize("name", RM_PRESETS)

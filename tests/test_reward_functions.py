@@ -11,7 +11,7 @@ from diffpo_jax import score as score_cli
 from diffpo_jax.reward.functions import FunctionScorer, RewardFunctionError, load_reward_function
 
 ROOT = Path(__file__).resolve().parent.parent
-REWARDS = '''
+REWARDS = """
 import math
 
 def vowels(prompts, completions, **kwargs):
@@ -33,11 +33,14 @@ def text(prompts, completions):
 
 def nan(prompts, completions):
     return [math.nan if "boom" in t else 0.5 for t in completions]
-'''
+"""
 RECORDS = [
     {"prompt": "Say hi.", "draft": "hmm", "refined": "Hello there, a fine day!"},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
-     "draft": "boom", "refined": "Seven."},
+    {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
+        "draft": "boom",
+        "refined": "Seven.",
+    },
 ]
 
 
@@ -49,7 +52,9 @@ def rewards(tmp_path):
 
 
 def run(rewards, function, src, out, *args) -> int:
-    return score_cli.main(["--reward", f"{rewards}:{function}", "--input", str(src), "--output", str(out), *map(str, args)])
+    return score_cli.main(
+        ["--reward", f"{rewards}:{function}", "--input", str(src), "--output", str(out), *map(str, args)]
+    )
 
 
 def write(path, rows):
@@ -83,11 +88,35 @@ def test_a_module_path_and_trajectories_into_data_build(tmp_path):
     from diffpo_jax.data.trajectories import build
     from diffpo_jax.training.evaluation import read_records
 
-    src = write(tmp_path / "t.jsonl", [{"prompt": "How was the trip?", "all_generated_responses": [
-        "It was terrible and I hated it.", "It was wonderful, thank you!", "It was a trip."]}])
+    src = write(
+        tmp_path / "t.jsonl",
+        [
+            {
+                "prompt": "How was the trip?",
+                "all_generated_responses": [
+                    "It was terrible and I hated it.",
+                    "It was wonderful, thank you!",
+                    "It was a trip.",
+                ],
+            }
+        ],
+    )
     out = tmp_path / "scored.jsonl"
-    assert score_cli.main(["--reward", "examples/rewards/vader.py:compound", "--format", "trajectories",
-                           "--input", str(src), "--output", str(out)]) == 0
+    assert (
+        score_cli.main(
+            [
+                "--reward",
+                "examples/rewards/vader.py:compound",
+                "--format",
+                "trajectories",
+                "--input",
+                str(src),
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     scores = read(out)[0]["all_rm_scores"]
     assert scores[1] > scores[2] > scores[0]
     build([str(out)], tmp_path / "data")
@@ -102,19 +131,26 @@ def test_best_of_n_picks_the_functions_best(rewards, tmp_path):
     assert read(out)[0]["best_of_n"] == {"field": "samples", "index": 1, "score": 1.0, "response": "aaa"}
 
 
-@pytest.mark.parametrize("function,message", [
-    ("raises", "in.jsonl:2: field 'draft': reward function {R}:raises raised RuntimeError: cannot score boom"),
-    ("short", "in.jsonl:1: field 'draft': reward function {R}:short returned 3 values for 4 answers"),
-    ("text", "in.jsonl:2: field 'draft': reward function {R}:text returned 'high' (str), not a number"),
-    ("nan", "in.jsonl:2: field 'draft': reward function {R}:nan returned nan"),
-    ("missing", "--reward {R}:missing: {R} has no function 'missing'"),
-])
-def test_bad_functions_fail_in_one_line_naming_the_record_and_write_nothing(rewards, tmp_path, capsys, function,
-                                                                          message):
+@pytest.mark.parametrize(
+    "function,message",
+    [
+        ("raises", "in.jsonl:2: field 'draft': reward function {R}:raises raised RuntimeError: cannot score boom"),
+        ("short", "in.jsonl:1: field 'draft': reward function {R}:short returned 3 values for 4 answers"),
+        ("text", "in.jsonl:2: field 'draft': reward function {R}:text returned 'high' (str), not a number"),
+        ("nan", "in.jsonl:2: field 'draft': reward function {R}:nan returned nan"),
+        ("missing", "--reward {R}:missing: {R} has no function 'missing'"),
+    ],
+)
+def test_bad_functions_fail_in_one_line_naming_the_record_and_write_nothing(
+    rewards, tmp_path, capsys, function, message
+):
     src, out = write(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
     assert run(rewards, function, src, out, "--batch-size", 4) == 2
-    errors = [line.split("error: ", 1)[1] for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
-              if "error: " in line]
+    errors = [
+        line.split("error: ", 1)[1]
+        for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+        if "error: " in line
+    ]
     assert len(errors) == 1 and errors[0].endswith(message.replace("{R}", str(rewards))), errors
     assert not out.exists()
 
@@ -122,9 +158,12 @@ def test_bad_functions_fail_in_one_line_naming_the_record_and_write_nothing(rewa
 def test_import_errors_name_the_spec(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_module_here\n")
-    for spec, message in [("no_such_pkg.mod:f", "importing no_such_pkg.mod failed: ModuleNotFoundError"),
-                          (f"{broken}:f", f"importing {broken} failed: ModuleNotFoundError"),
-                          (f"{tmp_path}/absent.py:f", "no file"), ("nocolon", "expected MODULE:FUNCTION")]:
+    for spec, message in [
+        ("no_such_pkg.mod:f", "importing no_such_pkg.mod failed: ModuleNotFoundError"),
+        (f"{broken}:f", f"importing {broken} failed: ModuleNotFoundError"),
+        (f"{tmp_path}/absent.py:f", "no file"),
+        ("nocolon", "expected MODULE:FUNCTION"),
+    ]:
         with pytest.raises(RewardFunctionError, match=message):
             FunctionScorer(spec, batch_size=2)
 

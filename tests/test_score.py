@@ -37,9 +37,17 @@ def score(rm, *args) -> int:
 
 
 ANSWERS = [
-    {"prompt": "What is the capital of France?", "draft": "Paris, I think.", "refined": "The capital of France is Paris.", "id": 1},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
-     "draft": "9", "refined": "7 is prime."},
+    {
+        "prompt": "What is the capital of France?",
+        "draft": "Paris, I think.",
+        "refined": "The capital of France is Paris.",
+        "id": 1,
+    },
+    {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}],
+        "draft": "9",
+        "refined": "7 is prime.",
+    },
     {"prompt": "Say hi.", "draft": "Hi!", "refined": "Hello there, how can I help you today?"},
 ]
 
@@ -105,32 +113,54 @@ def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, c
 
 def test_alpaca_eval_and_mt_bench(smol_rm, tmp_path):
     alpaca = tmp_path / "a.json"
-    alpaca.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hello!", "draft": "Hi", "generator": "m+diffpo"}]))
+    alpaca.write_text(
+        json.dumps([{"instruction": "Say hi.", "output": "Hello!", "draft": "Hi", "generator": "m+diffpo"}])
+    )
     assert score(smol_rm, "--input", alpaca, "--output", tmp_path / "a.out.json", "--format", "alpaca_eval") == 0
     (rec,) = json.loads((tmp_path / "a.out.json").read_text())
     assert set(rec["scores"]) == {"draft", "output"} and rec["generator"] == "m+diffpo"
-    assert rec["scores"]["output"] == pytest.approx(reference_score(smol_rm, [
-        {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello!"}]), abs=ATOL)
+    assert rec["scores"]["output"] == pytest.approx(
+        reference_score(smol_rm, [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello!"}]),
+        abs=ATOL,
+    )
 
-    questions = write_jsonl(tmp_path / "question.jsonl", [{"question_id": 81, "turns": ["Name a fruit.", "And a colour?"]}])
-    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 81, "answer_id": "x", "model_id": "m+diffpo",
-                                                        "choices": [{"index": 0, "turns": ["Apple.", "Red."],
-                                                                     "draft_turns": ["Pear", "Blue"]}]}])
+    questions = write_jsonl(
+        tmp_path / "question.jsonl", [{"question_id": 81, "turns": ["Name a fruit.", "And a colour?"]}]
+    )
+    answers = write_jsonl(
+        tmp_path / "answers.jsonl",
+        [
+            {
+                "question_id": 81,
+                "answer_id": "x",
+                "model_id": "m+diffpo",
+                "choices": [{"index": 0, "turns": ["Apple.", "Red."], "draft_turns": ["Pear", "Blue"]}],
+            }
+        ],
+    )
     out = tmp_path / "mt.out.jsonl"
     assert score(smol_rm, "--input", answers, "--output", out, "--format", "mt_bench", "--questions", questions) == 0
     (rec,) = read_jsonl(out)
-    conversation = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."},
-                    {"role": "user", "content": "And a colour?"}, {"role": "assistant", "content": "Red."}]
+    conversation = [
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "And a colour?"},
+        {"role": "assistant", "content": "Red."},
+    ]
     assert rec["scores"]["turns"] == pytest.approx(reference_score(smol_rm, conversation), abs=ATOL)
     assert set(rec["scores"]) == {"turns", "draft_turns"}
 
 
 def test_scored_trajectories_build_the_ranking_transformers_gives(smol_rm, tmp_path):
     prompts = ["What is the capital of France?", "Name a prime number.", "Say hi."]
-    responses = [["Paris.", "Lyon.", "It is Paris, the largest city.", "Marseille"], ["7", "9", "Two is prime."],
-                 ["Hi!", "Hello there.", "Go away."]]
-    src = write_jsonl(tmp_path / "responses.jsonl",
-                      [{"prompt": p, "all_generated_responses": r} for p, r in zip(prompts, responses)])
+    responses = [
+        ["Paris.", "Lyon.", "It is Paris, the largest city.", "Marseille"],
+        ["7", "9", "Two is prime."],
+        ["Hi!", "Hello there.", "Go away."],
+    ]
+    src = write_jsonl(
+        tmp_path / "responses.jsonl", [{"prompt": p, "all_generated_responses": r} for p, r in zip(prompts, responses)]
+    )
     scored = tmp_path / "scored.jsonl"
     assert score(smol_rm, "--input", src, "--output", scored, "--format", "trajectories") == 0
     rows = read_jsonl(scored)
@@ -140,17 +170,22 @@ def test_scored_trajectories_build_the_ranking_transformers_gives(smol_rm, tmp_p
     reader = ArrayRecordReader(str(tmp_path / "data" / DATA_FILE))
     built = {r["prompt"]: r for r in (json.loads(b) for b in reader.read_all())}
     for p, rs, row in zip(prompts, responses, rows):
-        ref = [reference_score(smol_rm, [{"role": "user", "content": p}, {"role": "assistant", "content": r}]) for r in rs]
+        ref = [
+            reference_score(smol_rm, [{"role": "user", "content": p}, {"role": "assistant", "content": r}]) for r in rs
+        ]
         np.testing.assert_allclose(row["all_rm_scores"], ref, atol=ATOL)
         ranked = [rs[i] for i in np.argsort(ref, kind="stable")]
         assert built[p]["best"] == ranked[-1] and built[p]["others"] == ranked[:-1]
 
 
 def test_best_of_n_keeps_the_argmax(smol_rm, tmp_path):
-    src = write_jsonl(tmp_path / "samples.jsonl", [
-        {"prompt": "Say hi.", "samples": ["Hi!", "Hello there.", "Go away.", "Hey."]},
-        {"prompt": "Name a prime.", "samples": ["7", "9", "Two is prime.", "4"]},
-    ])
+    src = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [
+            {"prompt": "Say hi.", "samples": ["Hi!", "Hello there.", "Go away.", "Hey."]},
+            {"prompt": "Name a prime.", "samples": ["7", "9", "Two is prime.", "4"]},
+        ],
+    )
     out = tmp_path / "bon.jsonl"
     assert score(smol_rm, "--input", src, "--output", out, "--fields", "samples", "--best-of-n") == 0
     for row in read_jsonl(out):
@@ -169,7 +204,9 @@ def test_bad_input_is_one_line_and_writes_nothing(smol_rm, tmp_path, capsys):
         assert not out.exists()
 
     missing = write_jsonl(tmp_path / "missing.jsonl", [ANSWERS[0], {"prompt": "x", "draft": "y"}])
-    fails("--input", missing, match=f"{missing}:2: field 'refined' (a string or a non-empty list of strings) is missing")
+    fails(
+        "--input", missing, match=f"{missing}:2: field 'refined' (a string or a non-empty list of strings) is missing"
+    )
     fails("--input", missing, "--fields", "samples", "--best-of-n", match=f"{missing}:1: field 'samples' (a list")
     fails("--input", missing, "--best-of-n", match="--best-of-n scores one list field")
     none = write_jsonl(tmp_path / "none.jsonl", [{"prompt": "x", "answer": "y"}])
@@ -198,8 +235,16 @@ def test_a_non_finite_score_is_an_error(smol_rm, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------ recipes
 
-PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Why is the sky blue?", "Name a fruit.",
-           "What is two plus two?", "Give me a word that rhymes with cat.", "Name a planet."]
+PROMPTS = [
+    "Name a colour.",
+    "Say hello.",
+    "Count to three.",
+    "Why is the sky blue?",
+    "Name a fruit.",
+    "What is two plus two?",
+    "Give me a word that rhymes with cat.",
+    "Name a planet.",
+]
 
 
 def test_best_of_n_from_generated_samples(smol_rm, smollm2, tmp_path):
@@ -207,8 +252,23 @@ def test_best_of_n_from_generated_samples(smol_rm, smollm2, tmp_path):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
     samples = tmp_path / "samples.jsonl"
-    generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(samples), "--num-samples", "4",
-                                              "--temperature", "1.0", "--max-new-tokens", "6"]), smollm2)  # fmt: skip
+    generate_cli.run(
+        generate_cli.parse_args(
+            [
+                "--input",
+                str(prompts),
+                "--output",
+                str(samples),
+                "--num-samples",
+                "4",
+                "--temperature",
+                "1.0",
+                "--max-new-tokens",
+                "6",
+            ]
+        ),
+        smollm2,
+    )
     for row in read_jsonl(samples):
         assert len(set(row["samples"])) == 4  # K distinct samples per prompt
     bon, again = tmp_path / "bon.jsonl", tmp_path / "again.jsonl"
@@ -232,20 +292,67 @@ def test_trajectories_from_own_base_models_train(smol_rm, smollm2, tiny_init_dir
     scored = []
     for name, base in (("smollm2", smollm2), ("tiny", load_model(str(tiny_init_dir)))):
         samples, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.scored.jsonl"
-        generate_cli.run(generate_cli.parse_args(["--input", str(prompts), "--output", str(samples), "--num-samples",
-                                                  "2", "--temperature", "1.0", "--max-new-tokens", "6"]), base)  # fmt: skip
-        assert score(smol_rm, "--input", samples, "--output", out, "--format", "trajectories",
-                     "--responses-field", "samples") == 0  # fmt: skip
+        generate_cli.run(
+            generate_cli.parse_args(
+                [
+                    "--input",
+                    str(prompts),
+                    "--output",
+                    str(samples),
+                    "--num-samples",
+                    "2",
+                    "--temperature",
+                    "1.0",
+                    "--max-new-tokens",
+                    "6",
+                ]
+            ),
+            base,
+        )
+        assert (
+            score(
+                smol_rm, "--input", samples, "--output", out, "--format", "trajectories", "--responses-field", "samples"
+            )
+            == 0
+        )
         scored.append(out)
     data = tmp_path / "data"
-    assert data_cli.main(["build", "--source", str(scored[0]), "--source", str(scored[1]),
-                          "--responses-field", "samples", "--out", str(data)]) == 0  # fmt: skip
+    assert (
+        data_cli.main(
+            [
+                "build",
+                "--source",
+                str(scored[0]),
+                "--source",
+                str(scored[1]),
+                "--responses-field",
+                "samples",
+                "--out",
+                str(data),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["kept"] == len(PROMPTS) and manifest["responses_per_prompt"]["total"] == 4 * len(PROMPTS)
     run = tmp_path / "run"
-    config = write_jsonl(tmp_path / "train.yaml", [dict(
-        model=str(tiny_init_dir), data=str(data), output_dir=str(run), global_batch_size=8, prompt_len=32,
-        response_len=8, num_epochs=1, save_every=1, log_every=1, loss={"con_weight": 1.0})])
+    config = write_jsonl(
+        tmp_path / "train.yaml",
+        [
+            dict(
+                model=str(tiny_init_dir),
+                data=str(data),
+                output_dir=str(run),
+                global_batch_size=8,
+                prompt_len=32,
+                response_len=8,
+                num_epochs=1,
+                save_every=1,
+                log_every=1,
+                loss={"con_weight": 1.0},
+            )
+        ],
+    )
     assert train_cli.main(["--config", str(config)]) == 0
     (metrics,) = read_jsonl(run / "metrics.jsonl")
     assert metrics["step"] == 1 and math.isfinite(metrics["loss"])

@@ -22,8 +22,22 @@ def prompts(tmp_path):
 
 
 def _distill(prompts, out, model, *extra):
-    return main(["distill", "--prompts", str(prompts), "--out", str(out), "--model", str(model),
-                 "--max-new-tokens", "6", "--batch-size", "4", *extra])
+    return main(
+        [
+            "distill",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "4",
+            *extra,
+        ]
+    )
 
 
 def _answers(path):
@@ -39,8 +53,22 @@ def test_greedy_answer_is_best_and_samples_are_ranked_hottest_first(tmp_path, pr
 
     # y(T) is what `generate --temperature 0` writes for the same prompt
     reference = tmp_path / "greedy.jsonl"
-    generate_cli.run(generate_cli.parse_args(["--model", str(tiny_init_dir), "--input", str(prompts), "--output",
-                                              str(reference), "--temperature", "0", "--max-new-tokens", "6"]))
+    generate_cli.run(
+        generate_cli.parse_args(
+            [
+                "--model",
+                str(tiny_init_dir),
+                "--input",
+                str(prompts),
+                "--output",
+                str(reference),
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+    )
     assert _answers(reference) == greedy
 
     by_prompt = {r["prompt"]: r for r in read_records(out)}
@@ -92,8 +120,10 @@ def test_errors_are_one_line(tmp_path, prompts, tiny_init_dir, capsys):
 
 def test_jacobi_states_join_the_samples(tmp_path, prompts, tiny_init_dir):
     out = tmp_path / "data"
-    assert _distill(prompts, out, tiny_init_dir, "--temperatures", "1.0", "--jacobi-states", "6",
-                    "--jacobi-block", "2") == 0
+    assert (
+        _distill(prompts, out, tiny_init_dir, "--temperatures", "1.0", "--jacobi-states", "6", "--jacobi-block", "2")
+        == 0
+    )
     work = tmp_path / "data.work"
     greedy, hot = _answers(work / "greedy.jsonl"), _answers(work / "t1-s0.jsonl")
     refined = [json.loads(line) for line in (work / "t1-s0.jacobi.jsonl").read_text().splitlines()]

@@ -72,14 +72,26 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 
 def test_presets_load_and_round_trip_through_hf():
     names = preset_names()
-    for expected in ["gemma-2-2b-it", "gemma-2-9b-it", "llama-3-8b-instruct", "llama-3.2-1b-instruct",
-                     "smollm2-135m-instruct", "tiny-llama", "tiny-gemma2"]:
+    for expected in [
+        "gemma-2-2b-it",
+        "gemma-2-9b-it",
+        "llama-3-8b-instruct",
+        "llama-3.2-1b-instruct",
+        "smollm2-135m-instruct",
+        "tiny-llama",
+        "tiny-gemma2",
+    ]:
         assert expected in names
     for name in names:
         cfg, _ = load_preset(name)
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg
     gemma9, hf = load_preset("gemma-2-9b-it")
-    assert (gemma9.num_layers, gemma9.hidden_size, gemma9.query_pre_attn_scalar, gemma9.sliding_window) == (42, 3584, 256, 4096)
+    assert (gemma9.num_layers, gemma9.hidden_size, gemma9.query_pre_attn_scalar, gemma9.sliding_window) == (
+        42,
+        3584,
+        256,
+        4096,
+    )
     assert hf["hf_repo"] == "google/gemma-2-9b-it"
 
 

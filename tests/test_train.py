@@ -22,11 +22,13 @@ from flax import nnx
 from transformers import AutoModelForCausalLM
 
 from bench.memory_plan import compile_train_step
-from diffpo_jax import convert, train as train_cli
+from diffpo_jax import convert
+from diffpo_jax import train as train_cli
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
 from diffpo_jax.sources import load_model
+from diffpo_jax.training import trainer
 from diffpo_jax.training.step import (
     global_batch,
     init_state,
@@ -34,15 +36,22 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
-from diffpo_jax.training import trainer
 from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20  # 4 epochs of the 40 bundled trajectories in batches of 8
 CONFIG = dict(
-    global_batch_size=8, prompt_len=48, response_len=8, num_epochs=4, seed=0, save_every=4,
-    keep_checkpoints=3, log_every=5, tensorboard=True,
-    loss={"con_weight": 1000.0, "chunk": 4}, optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
+    global_batch_size=8,
+    prompt_len=48,
+    response_len=8,
+    num_epochs=4,
+    seed=0,
+    save_every=4,
+    keep_checkpoints=3,
+    log_every=5,
+    tensorboard=True,
+    loss={"con_weight": 1000.0, "chunk": 4},
+    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
 )
 slow = pytest.mark.slow  # runs of the tiny model, which takes the embedded SmolLM2's tokenizer (session fixture)
 
@@ -112,8 +121,14 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
     and on a (2,2,2) mesh == the reference run's on (1,8,1)."""
     cfg = load_config(config_file, ["output_dir=unused"])
     loaded = load_model(str(tiny_init_dir))
-    loader = make_loader(trajectories_dir, loaded.tokenizer, global_batch_size=cfg.global_batch_size,
-                         prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=cfg.num_epochs)
+    loader = make_loader(
+        trajectories_dir,
+        loaded.tokenizer,
+        global_batch_size=cfg.global_batch_size,
+        prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len,
+        num_epochs=cfg.num_epochs,
+    )
     batches = [next(loader) for _ in range(4)]
     abstract = abstract_model(loaded.cfg)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract))
@@ -121,8 +136,9 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
 
     def run(mesh, grad_accum):
         params = nnx.to_pure_dict(nnx.state(load_model(str(tiny_init_dir), mesh=mesh, with_tokenizer=False).model))
-        shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)),
-                                    abstract_params, mesh)
+        shardings = state_shardings(
+            tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), abstract_params, mesh
+        )
         step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
         state, out = init_state(params, tx, shardings), []
         for batch in batches:
@@ -177,8 +193,10 @@ def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_di
     from diffpo_jax.training.loss import diffpo_loss, response_token_losses
     from diffpo_jax.training.step import ADJUST_CON_GRADIENT
 
-    cfg = load_config(config_file, ["output_dir=unused", "loss.con_weight=2.0", "loss.con_positions=frontier",
-                                    f"loss.con_gradient={mode}"])
+    cfg = load_config(
+        config_file,
+        ["output_dir=unused", "loss.con_weight=2.0", "loss.con_positions=frontier", f"loss.con_gradient={mode}"],
+    )
     loaded = load_model(str(tiny_init_dir))
     graphdef, params = nnx.split(loaded.model)
     params = nnx.to_pure_dict(params)
@@ -189,11 +207,18 @@ def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_di
         def f(p):
             ce, kl = response_token_losses(nnx.merge(graphdef, p), jbatch, cfg.loss.chunk)
             return diffpo_loss(ce, kl, jbatch, cfg.loss, num_tokens=n)[1][name]
+
         return jax.grad(f)(params)
 
     # The first batch whose two terms conflict (at this init: the second), so the projection is exercised.
-    for batch in make_loader(trajectories_dir, loaded.tokenizer, global_batch_size=cfg.global_batch_size,
-                             prompt_len=cfg.prompt_len, response_len=cfg.response_len, num_epochs=1):
+    for batch in make_loader(
+        trajectories_dir,
+        loaded.tokenizer,
+        global_batch_size=cfg.global_batch_size,
+        prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len,
+        num_epochs=1,
+    ):
         jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
         g_ar, g_con = term("ar", jbatch), term("con", jbatch)
         g_adjusted, stats = ADJUST_CON_GRADIENT[mode](g_con, g_ar)
@@ -206,8 +231,9 @@ def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_di
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     abstract = abstract_model(loaded.cfg)
     tx, schedule = make_optimizer(cfg.optimizer, STEPS)
-    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)),
-                                nnx.to_pure_dict(nnx.state(abstract)), mesh)
+    shardings = state_shardings(
+        tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), nnx.to_pure_dict(nnx.state(abstract)), mesh
+    )
     for grad_accum in (1, 2):
         step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
         state = init_state(jax.tree.map(jnp.copy, params), tx, shardings)
@@ -259,8 +285,10 @@ def test_run_dir_is_a_model_for_refine_and_convert(reference, tiny_init_dir, tmp
     trained = load_model(str(reference))  # what refine --model RUN_DIR does
     initial = load_model(str(tiny_init_dir))
     assert trained.tokenizer is not None and trained.tokenizer.chat_template
-    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
-             for a, b in zip(jax.tree.leaves(nnx.state(trained.model)), jax.tree.leaves(nnx.state(initial.model)))]
+    moved = [
+        float(np.abs(np.asarray(a) - np.asarray(b)).max())
+        for a, b in zip(jax.tree.leaves(nnx.state(trained.model)), jax.tree.leaves(nnx.state(initial.model)))
+    ]
     assert min(moved) > 0  # every parameter was trained
     assert convert.main(["to-hf", str(reference), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
@@ -285,7 +313,9 @@ def test_config_errors_are_one_line(tmp_path, capsys):
     assert load_config(config_file, ["optimizer.learning_rate=1e-4", "output_dir=x"]).optimizer.learning_rate == 1e-4
     assert train_cli.main(["--config", str(config_file), "global_batch_size=12", f"output_dir={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: config: global_batch_size / grad_accum = 12 / 1 rows do not split over data x fsdp = 8 devices\n"
+    assert (
+        err == "error: config: global_batch_size / grad_accum = 12 / 1 rows do not split over data x fsdp = 8 devices\n"
+    )
 
 
 @slow
@@ -296,8 +326,12 @@ def test_resume_refuses_a_changed_config_unless_allowed(config_file, tmp_path, c
     # what is trained changed: refused before anything loads, one line naming each key and both values
     assert train_cli.main(run + ["stop_after=2", "optimizer.learning_rate=1e-3", "prompt_len=32"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "resuming with a changed config (optimizer.learning_rate 0.003 -> 0.001; " \
-        "prompt_len 48 -> 32); pass --allow-config-change optimizer.learning_rate,prompt_len to accept" in err, err
+    assert (
+        err.count("\n") == 1
+        and "resuming with a changed config (optimizer.learning_rate 0.003 -> 0.001; "
+        "prompt_len 48 -> 32); pass --allow-config-change optimizer.learning_rate,prompt_len to accept"
+        in err
+    ), err
     # when it stops, logs and how it is laid out may change
     assert train_cli.main(run + ["stop_after=2", "log_every=1", "mesh=[2,-1,1]"]) == 0
     assert "resuming" in capsys.readouterr().out
@@ -345,12 +379,19 @@ def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
 
     def evaluate(params):
         events.append(("eval",))
-        return dict(eval_ar=1.0, eval_con=0.0, eval_passes_per_token=1.0, eval_equal_best=1.0, eval_distinct=1.0,
-                    eval_seconds=0.0)
+        return dict(
+            eval_ar=1.0,
+            eval_con=0.0,
+            eval_passes_per_token=1.0,
+            eval_equal_best=1.0,
+            eval_distinct=1.0,
+            eval_seconds=0.0,
+        )
 
     state = types.SimpleNamespace(params={}, opt_state=None, frozen={})
-    history, step, stopped = trainer._loop(cfg, state, train_step, Loader(), None, Checkpoints(), Metrics(), evaluate,
-                                           0, 5, lambda _: None)
+    history, step, stopped = trainer._loop(
+        cfg, state, train_step, Loader(), None, Checkpoints(), Metrics(), evaluate, 0, 5, lambda _: None
+    )
     assert (step, stopped, [m["step"] for m in history]) == (2, True, [1, 2])
     assert events == [("eval",), ("metrics", 1, True), ("metrics", 2, False), ("save", 2), ("flush",)]
 
@@ -362,7 +403,11 @@ def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     log.write({"step": 4, "loss": 2.0})
     log.close()
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
-        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}, {"step": 4, "loss": 2.0}]
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 1.0},
+        {"step": 3, "loss": 1.0},
+        {"step": 4, "loss": 2.0},
+    ]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "gemma-2-2b", "gemma-2-9b", "llama-3-8b"])

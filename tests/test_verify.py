@@ -28,8 +28,9 @@ def test_embedded_smollm2_bfloat16_top1_against_float32(smollm2, smollm2_referen
     graphdef = nnx.graphdef(abstract_model(cfg))
     state = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(smollm2.model))  # as load_model(dtype=bf16)
     bf16 = dataclasses.replace(smollm2, cfg=cfg, model=nnx.merge(graphdef, state))
-    results, ok = verify.check(bf16, smollm2_reference, verify.BUILTIN, atol=float("inf"),
-                               min_top1=verify.DEFAULT_MIN_TOP1["bfloat16"])
+    results, ok = verify.check(
+        bf16, smollm2_reference, verify.BUILTIN, atol=float("inf"), min_top1=verify.DEFAULT_MIN_TOP1["bfloat16"]
+    )
     assert ok, results
     assert all(r["mean_kl"] < 5e-3 for r in results), results  # measured 1.3-1.8e-3: bf16 rounding, no more
     assert all(r["max_abs_diff"] > 1e-3 for r in results)  # it really ran in bf16
@@ -74,8 +75,10 @@ def test_orbax_dir_is_refused_with_the_way_out(tmp_path, tiny_llama_dir, capsys)
     orbax_dir = save_params(tmp_path / "orbax", loaded.cfg, nnx.state(loaded.model))
     assert verify.main(["--model", str(orbax_dir)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {orbax_dir}: an Orbax checkpoint, which transformers cannot read: export it first "
-                   f"(python -m diffpo_jax.convert to-hf {orbax_dir} OUT) and verify OUT")
+    assert err == (
+        f"error: {orbax_dir}: an Orbax checkpoint, which transformers cannot read: export it first "
+        f"(python -m diffpo_jax.convert to-hf {orbax_dir} OUT) and verify OUT"
+    )
 
 
 def test_reward_models_verify_their_scores(tmp_path, smollm2, capsys):

@@ -34,8 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             manifest = self_distill.run_command(args)
         else:
             manifest = build(
-                args.source, args.out, prompt_field=args.prompt_field, responses_field=args.responses_field,
-                scores_field=args.scores_field, overwrite=args.overwrite,
+                args.source,
+                args.out,
+                prompt_field=args.prompt_field,
+                responses_field=args.responses_field,
+                scores_field=args.scores_field,
+                overwrite=args.overwrite,
             )
     except TrajectoryDataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -46,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         for reason, entry in dropped["reasons"].items():
             if entry["count"]:
                 print(f"  dropped {entry['count']} {label}: {reason} (first: {', '.join(entry['first_ids'])})")
-    print(f"  merged duplicate responses: {manifest['merged_duplicate_responses']},"
-          f" prompts whose best score is tied: {manifest['best_score_ties']}")
+    print(
+        f"  merged duplicate responses: {manifest['merged_duplicate_responses']},"
+        f" prompts whose best score is tied: {manifest['best_score_ties']}"
+    )
     return 0
 
 

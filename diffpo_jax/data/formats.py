@@ -34,7 +34,8 @@ import os
 import re
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from etils import epath
 
@@ -112,8 +113,12 @@ def _messages(where: str, rec: Any) -> str | Messages:
     if isinstance(rec.get("prompt"), str):
         return rec["prompt"]
     msgs = rec.get("messages")
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+    ok = (
+        isinstance(msgs, list)
+        and msgs
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        )
     )
     if not ok:
         raise FormatError(f"{where}: field 'prompt' (a string) or 'messages' (a list of {{role, content}}) is missing")
@@ -126,8 +131,9 @@ def _string_list(where: str, value: Any, name: str) -> list[str]:
     return value
 
 
-def read_records(path: str | os.PathLike, fmt: str, *, with_drafts: bool,
-                 questions: str | os.PathLike | None = None) -> list[Record]:
+def read_records(
+    path: str | os.PathLike, fmt: str, *, with_drafts: bool, questions: str | os.PathLike | None = None
+) -> list[Record]:
     """The records of `path` (local or URL) in order. with_drafts: refine inputs (each needs its draft(s));
     else generate inputs (mt_bench: `path` is question.jsonl). mt_bench refine inputs need `questions`."""
     path = as_path(path)
@@ -186,7 +192,11 @@ def refined_output(fmt: str, record: Record, refined: list[str], stats: list[dic
     if fmt == "jsonl":
         return rec | {"refined": refined[0], "stats": stats[0]}
     if fmt == "alpaca_eval":
-        return rec | {"output": refined[0], "draft": record.drafts[0], "generator": f"{rec.get('generator', '')}{SUFFIX}"}
+        return rec | {
+            "output": refined[0],
+            "draft": record.drafts[0],
+            "generator": f"{rec.get('generator', '')}{SUFFIX}",
+        }
     choice = dict(rec["choices"][0]) | {"turns": refined, "draft_turns": record.drafts}
     return rec | {"model_id": rec["model_id"] + SUFFIX, "choices": [choice] + rec["choices"][1:], "tstamp": time.time()}
 
@@ -205,7 +215,9 @@ def refined_pairs(fmt: str, output: dict[str, Any]) -> tuple[str, list[tuple[str
     if fmt == "alpaca_eval":
         return output["instruction"], [] if "error" in output else [(output["draft"], output["output"])]
     choice = output["choices"][0]
-    return f"question {output['question_id']}", [] if "error" in output else list(zip(choice["draft_turns"], choice["turns"]))
+    return f"question {output['question_id']}", [] if "error" in output else list(
+        zip(choice["draft_turns"], choice["turns"])
+    )
 
 
 def generated_output(fmt: str, record: Record, answers: list[str], model_id: str) -> dict[str, Any]:
@@ -262,9 +274,19 @@ class ResumableOutput:
     file. OUT itself is written directly: an object appears whole when its upload ends, where a rename
     would be a copy and a delete."""
 
-    def __init__(self, path: str | os.PathLike, fmt: str, records: list[Record], options: dict[str, Any], *,
-                 process: int = 0, processes: int = 1, barrier: Callable[[str], None] = lambda name: None,
-                 flush_every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fmt: str,
+        records: list[Record],
+        options: dict[str, Any],
+        *,
+        process: int = 0,
+        processes: int = 1,
+        barrier: Callable[[str], None] = lambda name: None,
+        flush_every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.path, self.fmt, self.records, self.barrier = as_path(path), fmt, records, barrier
         self.process = process
         self.header = json.loads(json.dumps({"options": options}))  # as it reads back
@@ -305,14 +327,18 @@ class ResumableOutput:
                 lines = lines[:-1]
                 rows = [json.loads(line) for line in lines]
             if not rows or rows[0] != self.header:
-                raise FormatError(f"{f}: written by a run with other options ({rows[0] if rows else 'no header'}); "
-                                  "delete it to start over")
+                raise FormatError(
+                    f"{f}: written by a run with other options ({rows[0] if rows else 'no header'}); "
+                    "delete it to start over"
+                )
             for row in rows[1:]:
                 i = row.get("index")
                 if not isinstance(i, int) or not 0 <= i < len(self.records):
                     raise FormatError(f"{f}: record index {i} is not in the input's {len(self.records)} records")
                 if row.get("source") != _fingerprint(self.records[i].raw):
-                    raise FormatError(f"{f}: record {i} does not match {self.records[i].where}; delete it to start over")
+                    raise FormatError(
+                        f"{f}: record {i} does not match {self.records[i].where}; delete it to start over"
+                    )
                 done[i] = row["output"]
             if f.name == self.partial.name or f.name.startswith(self.partial.name + ".part-"):
                 own += lines[1:]

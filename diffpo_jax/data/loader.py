@@ -79,10 +79,10 @@ class RecordEncoder:
 
     def prompt(self, prompt) -> tuple[np.ndarray, np.ndarray, bool]:
         ids = prompt_ids(self.tokenizer, prompt)
-        ids, cut = ids[-self.prompt_len:], len(ids) > self.prompt_len
+        ids, cut = ids[-self.prompt_len :], len(ids) > self.prompt_len
         tokens = np.full(self.prompt_len, self.pad_id, np.int32)
         mask = np.zeros(self.prompt_len, bool)
-        tokens[self.prompt_len - len(ids):], mask[self.prompt_len - len(ids):] = ids, True
+        tokens[self.prompt_len - len(ids) :], mask[self.prompt_len - len(ids) :] = ids, True
         return tokens, mask, cut
 
     def response(self, text: str) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -112,9 +112,20 @@ class TrajectoryLoader:
     (None when endless), `stats` (rows served and rows truncated, by field).
     """
 
-    def __init__(self, data_dir, tokenizer, *, global_batch_size: int, prompt_len: int, response_len: int = 256,
-                 seed: int = 0, num_epochs: int | None = 1, shard_index: int | None = None,
-                 shard_count: int | None = None, indices: list[int] | None = None):
+    def __init__(
+        self,
+        data_dir,
+        tokenizer,
+        *,
+        global_batch_size: int,
+        prompt_len: int,
+        response_len: int = 256,
+        seed: int = 0,
+        num_epochs: int | None = 1,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        indices: list[int] | None = None,
+    ):
         if shard_index is None or shard_count is None:
             import jax
 
@@ -147,7 +158,8 @@ class TrajectoryLoader:
         self.num_batches = None if num_epochs is None else num_epochs * self.steps_per_epoch
         rows_per_epoch = self.steps_per_epoch * self.batch_size
         dataset = (
-            grain.MapDataset.range(rows_per_epoch).repeat(num_epochs)
+            grain.MapDataset.range(rows_per_epoch)
+            .repeat(num_epochs)
             .map_with_index(lambda position, _: self._row(*divmod(position, rows_per_epoch)))
             .batch(self.batch_size, drop_remainder=True)
         )
@@ -197,14 +209,30 @@ class TrajectoryLoader:
         self.stats = dict(state["stats"])
 
 
-def make_loader(data_dir: str | os.PathLike, tokenizer: Any, *, global_batch_size: int, prompt_len: int,
-                response_len: int = 256, seed: int = 0, num_epochs: int | None = 1,
-                shard_index: int | None = None, shard_count: int | None = None,
-                indices: list[int] | None = None) -> TrajectoryLoader:
+def make_loader(
+    data_dir: str | os.PathLike,
+    tokenizer: Any,
+    *,
+    global_batch_size: int,
+    prompt_len: int,
+    response_len: int = 256,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    indices: list[int] | None = None,
+) -> TrajectoryLoader:
     """Batches of the dataset in `data_dir` (see module doc); shards default to jax's process index/count;
     `indices`: the dataset records to serve (default all; the trainer leaves out its held-out split)."""
     return TrajectoryLoader(
-        data_dir, tokenizer, global_batch_size=global_batch_size, prompt_len=prompt_len,
-        response_len=response_len, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-        shard_count=shard_count, indices=indices,
+        data_dir,
+        tokenizer,
+        global_batch_size=global_batch_size,
+        prompt_len=prompt_len,
+        response_len=response_len,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        indices=indices,
     )

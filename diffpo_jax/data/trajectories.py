@@ -47,8 +47,14 @@ _FILE_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 # Why a source row is unusable (counted per row) ...
 RECORD_REASONS = (
-    "not_an_object", "missing_field", "bad_prompt", "empty_prompt", "bad_responses", "bad_scores",
-    "non_numeric_score", "length_mismatch",
+    "not_an_object",
+    "missing_field",
+    "bad_prompt",
+    "empty_prompt",
+    "bad_responses",
+    "bad_scores",
+    "non_numeric_score",
+    "length_mismatch",
 )
 # ... and why a pooled prompt is dropped (counted per prompt; ids: its first row).
 PROMPT_REASONS = ("fewer_than_2_responses", "fewer_than_2_distinct_responses")
@@ -190,7 +196,10 @@ def rank(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 
 def collect(
-    sources: list[str], *, prompt_field: str = "prompt", responses_field: str = "all_generated_responses",
+    sources: list[str],
+    *,
+    prompt_field: str = "prompt",
+    responses_field: str = "all_generated_responses",
     scores_field: str = "all_rm_scores",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The ranked records (sorted by id) and the manifest, without writing anything."""
@@ -215,7 +224,8 @@ def collect(
         if read == malformed:
             raise TrajectoryDataError(
                 f"{source}: no usable rows ({read} read, {malformed} malformed: {_summary(bad_rows)})"
-                if read else f"{source}: no rows"
+                if read
+                else f"{source}: no rows"
             )
         per_source.append({"source": source, "kind": kind, "rows": read, "malformed_rows": malformed})
 
@@ -228,10 +238,14 @@ def collect(
             bad_prompts.add(reason, entry["first_row"])
             continue
         best_ties += ranked[-1][1] == ranked[-2][1]
-        records.append({
-            "id": record_id(entry["prompt"]), "prompt": entry["prompt"],
-            "best": ranked[-1][0], "others": [text for text, _ in ranked[:-1]],
-        })
+        records.append(
+            {
+                "id": record_id(entry["prompt"]),
+                "prompt": entry["prompt"],
+                "best": ranked[-1][0],
+                "others": [text for text, _ in ranked[:-1]],
+            }
+        )
     if not records:
         raise TrajectoryDataError(
             f"{', '.join(sources)}: nothing usable ({len(pooled)} prompts, all dropped: {_summary(bad_prompts)};"
@@ -265,9 +279,14 @@ def _summary(tally: _Tally) -> str:
 
 
 def build(
-    sources: list[str], out_dir: str | os.PathLike, *, prompt_field: str = "prompt",
-    responses_field: str = "all_generated_responses", scores_field: str = "all_rm_scores",
-    overwrite: bool = False, extra: dict[str, Any] | None = None,
+    sources: list[str],
+    out_dir: str | os.PathLike,
+    *,
+    prompt_field: str = "prompt",
+    responses_field: str = "all_generated_responses",
+    scores_field: str = "all_rm_scores",
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the dataset of `sources` into `out_dir` (see module doc); returns the manifest, which
     also holds the entries of `extra` (how the sources were made)."""

@@ -26,8 +26,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from diffpo_jax.chat import Messages, end_of_turn_id, pad_id, prompt_ids, response_ids
-from diffpo_jax.decoding.jacobi import jacobi_decode, jacobi_stream
 from diffpo_jax.decoding.devices import check_rows
+from diffpo_jax.decoding.jacobi import jacobi_decode, jacobi_stream
 from diffpo_jax.decoding.sampler import generate, generate_stream
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import LoadedModel, ModelSourceError
@@ -111,7 +111,9 @@ class Decoder:
         return tuple(jax.device_put(x, batch_sharding(self.mesh, x.ndim)) for x in arrays)
 
     def _under_mesh(self):
-        return contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
+        return (
+            contextlib.nullcontext() if self.mesh is None else jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh)
+        )
 
     # ------------------------------------------------------------------ decoding
 
@@ -135,9 +137,15 @@ class Decoder:
         assert 0 < len(prompts) == len(drafts) and (len(prompts) <= self.batch_size or not trajectory)
         assert hold_lens is None or (len(hold_lens) == len(prompts) and max(hold_lens) <= hold_draft_prefix)
         n = self.max_new_tokens
-        options = dict(block_size=block_size, max_new_tokens=n, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-                       max_iterations=n if max_iterations is None else max_iterations,
-                       hold_draft_prefix=hold_draft_prefix, realign=realign)  # fmt: skip
+        options = dict(
+            block_size=block_size,
+            max_new_tokens=n,
+            stop_tokens=self.stop_tokens,
+            pad_id=self.pad_id,
+            max_iterations=n if max_iterations is None else max_iterations,
+            hold_draft_prefix=hold_draft_prefix,
+            realign=realign,
+        )
         count = max(len(prompts), self.batch_size)
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))), count)
         d, dlen = self._pad(drafts, n + block_size, count)
@@ -145,11 +153,27 @@ class Decoder:
         holds[: len(prompts)] = holds[: len(prompts)] if hold_lens is None else hold_lens
         with self._under_mesh():
             if len(prompts) > self.batch_size:
-                r = jacobi_stream(self.graphdef, self.state, p, plen, d, dlen, batch_size=self.batch_size,
-                                  mesh=self.mesh, hold_lens=holds, **options)
+                r = jacobi_stream(
+                    self.graphdef,
+                    self.state,
+                    p,
+                    plen,
+                    d,
+                    dlen,
+                    batch_size=self.batch_size,
+                    mesh=self.mesh,
+                    hold_lens=holds,
+                    **options,
+                )
             else:
-                r = jacobi_decode(self.graphdef, self.state, *self._put(p, plen, d, dlen), hold_lens=self._put(holds)[0],
-                                  trajectory=trajectory, **options)
+                r = jacobi_decode(
+                    self.graphdef,
+                    self.state,
+                    *self._put(p, plen, d, dlen),
+                    hold_lens=self._put(holds)[0],
+                    trajectory=trajectory,
+                    **options,
+                )
         r = jax.device_get(r)
         outputs = []
         for i in range(len(prompts)):
@@ -175,12 +199,18 @@ class Decoder:
         assert 0 < len(prompts) == len(keys)
         count = max(len(prompts), self.batch_size)
         p, plen = self._pad(prompts, bucket(max(map(len, prompts))), count)
-        options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_p=top_p,
-                       stop_tokens=self.stop_tokens, pad_id=self.pad_id)
+        options = dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop_tokens=self.stop_tokens,
+            pad_id=self.pad_id,
+        )
         with self._under_mesh():
             if len(prompts) > self.batch_size:
-                g = generate_stream(self.graphdef, self.state, p, plen, keys, batch_size=self.batch_size, mesh=self.mesh,
-                                    **options)
+                g = generate_stream(
+                    self.graphdef, self.state, p, plen, keys, batch_size=self.batch_size, mesh=self.mesh, **options
+                )
             else:
                 padded_keys = keys[np.r_[np.arange(len(prompts)), np.zeros(count - len(prompts), int)]]
                 g = generate(self.graphdef, self.state, *self._put(p, plen, padded_keys), **options)

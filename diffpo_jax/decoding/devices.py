@@ -34,11 +34,20 @@ class MeshError(ValueError):
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--dtype", choices=DTYPES, default=None,
-                    help="activations and weights (default: bfloat16 on GPU/TPU, float32 on CPU)")
-    ap.add_argument("--mesh", metavar="D,F,T", type=parse_mesh, default=None,
-                    help="(data, fsdp, tensor) mesh over this process's devices, one entry may be -1 "
-                         "(default: all devices on data on GPU/TPU, one device on CPU)")
+    ap.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="activations and weights (default: bfloat16 on GPU/TPU, float32 on CPU)",
+    )
+    ap.add_argument(
+        "--mesh",
+        metavar="D,F,T",
+        type=parse_mesh,
+        default=None,
+        help="(data, fsdp, tensor) mesh over this process's devices, one entry may be -1 "
+        "(default: all devices on data on GPU/TPU, one device on CPU)",
+    )
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -59,17 +68,23 @@ def default_dtype(dtype: str | None) -> str:
     return dtype or ("bfloat16" if accelerated() else "float32")
 
 
-def default_shape(weight_bytes: int, num_kv_heads: int, devices: int, device_bytes: int | None
-                  ) -> tuple[tuple[int, int, int], str | None]:
+def default_shape(
+    weight_bytes: int, num_kv_heads: int, devices: int, device_bytes: int | None
+) -> tuple[tuple[int, int, int], str | None]:
     """The default (data, fsdp, tensor) shape on an accelerator and why, when it is not all-data: the
     smallest tensor degree t (dividing the devices and the KV heads) with weight_bytes / t within
     WEIGHT_SHARE of device_bytes (None: unknown, all-data)."""
     if device_bytes:
         for t in range(1, devices + 1):
             if devices % t == 0 and num_kv_heads % t == 0 and weight_bytes / t <= WEIGHT_SHARE * device_bytes:
-                why = None if t == 1 else (
-                    f"weights of {weight_bytes / 2**30:.1f} GiB do not fit replicated in {WEIGHT_SHARE:.0%} of "
-                    f"{device_bytes / 2**30:.1f} GiB per device: tensor-parallel over {t} devices")
+                why = (
+                    None
+                    if t == 1
+                    else (
+                        f"weights of {weight_bytes / 2**30:.1f} GiB do not fit replicated in {WEIGHT_SHARE:.0%} of "
+                        f"{device_bytes / 2**30:.1f} GiB per device: tensor-parallel over {t} devices"
+                    )
+                )
                 return (devices // t, 1, t), why
     return (devices, 1, 1), None
 
@@ -119,8 +134,10 @@ def check_rows(mesh: Mesh, batch_size: int) -> None:
     """A MeshError unless `batch_size` rows split over the mesh's data x fsdp devices."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
-        raise MeshError(f"batch size {batch_size} does not split over the mesh's {shards} data x fsdp devices "
-                        "(pass a multiple, or another --mesh)")
+        raise MeshError(
+            f"batch size {batch_size} does not split over the mesh's {shards} data x fsdp devices "
+            "(pass a multiple, or another --mesh)"
+        )
 
 
 def describe(mesh: Mesh) -> str:

@@ -94,7 +94,9 @@ def _append(prompts, prompt_lens, extra, extra_lens, pad_id):
     b, p = prompts.shape
     s = jnp.broadcast_to(jnp.arange(p + extra.shape[1]), (b, p + extra.shape[1]))
     k = s - prompt_lens[:, None]
-    tokens = jnp.where(s < prompt_lens[:, None], _take(prompts, s, True, pad_id), _take(extra, k, k < extra_lens[:, None], pad_id))
+    tokens = jnp.where(
+        s < prompt_lens[:, None], _take(prompts, s, True, pad_id), _take(extra, k, k < extra_lens[:, None], pad_id)
+    )
     return tokens, prompt_lens + extra_lens
 
 
@@ -151,8 +153,17 @@ def _draft_at(s: _State, offsets: jax.Array, pad_id: int) -> jax.Array:
     return _take(s.drafts, offsets, offsets < s.draft_lens[:, None], pad_id)
 
 
-def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: int, max_new_tokens: int,
-           pad_id: int, trajectory: bool) -> _State:
+def _empty(
+    cfg,
+    rows: int,
+    prompt_width: int,
+    draft_width: int,
+    *,
+    block_size: int,
+    max_new_tokens: int,
+    pad_id: int,
+    trajectory: bool,
+) -> _State:
     """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
     big_n = max_new_tokens
 
@@ -176,8 +187,20 @@ def _empty(cfg, rows: int, prompt_width: int, draft_width: int, *, block_size: i
     )
 
 
-def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, hold_lens, *, hold: int,
-           stop_tokens: tuple[int, ...], pad_id: int) -> _State:
+def _begin(
+    model,
+    s: _State,
+    slots,
+    prompts,
+    prompt_lens,
+    drafts,
+    draft_lens,
+    hold_lens,
+    *,
+    hold: int,
+    stop_tokens: tuple[int, ...],
+    pad_id: int,
+) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
     prompt (and the held draft prefix: hold_lens [R] <= hold tokens of each row) written into their cache
     rows, their state reset, the first window set; the other slots are unchanged."""
@@ -185,9 +208,15 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, ho
     big_n, j = s.tokens.shape[1], jnp.arange(w)
     drafts = jnp.pad(drafts, ((0, 0), (0, max(0, s.drafts.shape[1] - drafts.shape[1]))), constant_values=pad_id)
     sub = slots_lib.rows(s, slots).replace(
-        tokens=jnp.full((r, big_n), pad_id, jnp.int32), n=jnp.zeros((r,), jnp.int32), passes=jnp.zeros((r,), jnp.int32),
-        stopped=jnp.zeros((r,), bool), done=jnp.zeros((r,), bool), capped=jnp.zeros((r,), bool),
-        prompt_lens=prompt_lens, drafts=drafts[:, : s.drafts.shape[1]], draft_lens=draft_lens,
+        tokens=jnp.full((r, big_n), pad_id, jnp.int32),
+        n=jnp.zeros((r,), jnp.int32),
+        passes=jnp.zeros((r,), jnp.int32),
+        stopped=jnp.zeros((r,), bool),
+        done=jnp.zeros((r,), bool),
+        capped=jnp.zeros((r,), bool),
+        prompt_lens=prompt_lens,
+        drafts=drafts[:, : s.drafts.shape[1]],
+        draft_lens=draft_lens,
     )
     if sub.states is not None:
         sub = sub.replace(states=jnp.full_like(sub.states, pad_id))
@@ -202,12 +231,15 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, drafts, draft_lens, ho
     if hold:
         sub = _commit(sub, held, held_lens, stop_tokens, big_n)
     first = jnp.argmax(last, axis=-1).astype(jnp.int32)
-    sub = sub.replace(window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n)
+    sub = sub.replace(
+        window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n
+    )
     return slots_lib.constrain_state(slots_lib.put_rows(s, slots, sub))
 
 
-def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int,
-          realign: bool) -> _State:
+def _loop(
+    model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int, realign: bool
+) -> _State:
     """Jacobi passes over the live rows until every row is done, or one of the `watch` rows is; a row is
     capped after `limit` passes."""
     b, w = s.window.shape
@@ -235,15 +267,28 @@ def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: 
 
 def _result(s: _State) -> JacobiResult:
     return JacobiResult(
-        tokens=s.tokens, lengths=s.n, stopped=s.stopped, converged=s.done & ~s.capped, passes=s.passes,
-        committed=s.n - s.held_n, states=s.states,
+        tokens=s.tokens,
+        lengths=s.n,
+        stopped=s.stopped,
+        converged=s.done & ~s.capped,
+        passes=s.passes,
+        committed=s.n - s.held_n,
+        states=s.states,
     )
 
 
 @partial(
     jax.jit,
-    static_argnames=("graphdef", "block_size", "max_new_tokens", "stop_tokens", "pad_id", "hold_draft_prefix", "realign",
-                     "trajectory"),
+    static_argnames=(
+        "graphdef",
+        "block_size",
+        "max_new_tokens",
+        "stop_tokens",
+        "pad_id",
+        "hold_draft_prefix",
+        "realign",
+        "trajectory",
+    ),
 )
 def jacobi_decode(
     graphdef: nnx.GraphDef,
@@ -270,22 +315,52 @@ def jacobi_decode(
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
-    s = _empty(model.cfg, b, p, drafts.shape[1], block_size=block_size, max_new_tokens=max_new_tokens, pad_id=pad_id,
-               trajectory=trajectory)
-    s = _begin(model, s, jnp.arange(b), prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32),
-               drafts.astype(jnp.int32), draft_lens.astype(jnp.int32), _hold_lens(hold_lens, b, hold_draft_prefix),
-               hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+    s = _empty(
+        model.cfg,
+        b,
+        p,
+        drafts.shape[1],
+        block_size=block_size,
+        max_new_tokens=max_new_tokens,
+        pad_id=pad_id,
+        trajectory=trajectory,
+    )
+    s = _begin(
+        model,
+        s,
+        jnp.arange(b),
+        prompts.astype(jnp.int32),
+        prompt_lens.astype(jnp.int32),
+        drafts.astype(jnp.int32),
+        draft_lens.astype(jnp.int32),
+        _hold_lens(hold_lens, b, hold_draft_prefix),
+        hold=hold_draft_prefix,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+    )
     limit = jnp.asarray(max_new_tokens if max_iterations is None else max_iterations, jnp.int32)
     s = _loop(model, s, limit, jnp.zeros((b,), bool), stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
     return _result(s)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"), donate_argnames=("s",))
-def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, hold_draft_prefix,
-            stop_tokens, pad_id):
+def _refill(
+    graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, hold_draft_prefix, stop_tokens, pad_id
+):
     """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths; hold_len held tokens)."""
-    return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], draft[None],
-                  draft_len[None], hold_len[None], hold=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+    return _begin(
+        nnx.merge(graphdef, state),
+        s,
+        slot[None],
+        prompt[None],
+        prompt_len[None],
+        draft[None],
+        draft_len[None],
+        hold_len[None],
+        hold=hold_draft_prefix,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+    )
 
 
 def _hold_lens(hold_lens, rows: int, hold: int) -> jax.Array:
@@ -327,14 +402,39 @@ def jacobi_stream(
     if not 0 <= hold_draft_prefix <= max_new_tokens:
         raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
     cfg = nnx.merge(graphdef, state).cfg
-    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], block_size=block_size,
-                               max_new_tokens=max_new_tokens, pad_id=pad_id, trajectory=False), mesh)
+    s = slots_lib.place(
+        _empty(
+            cfg,
+            batch_size,
+            prompts.shape[1],
+            drafts.shape[1],
+            block_size=block_size,
+            max_new_tokens=max_new_tokens,
+            pad_id=pad_id,
+            trajectory=False,
+        ),
+        mesh,
+    )
     limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
-    holds = np.full((len(prompts),), hold_draft_prefix, np.int32) if hold_lens is None else np.asarray(hold_lens, np.int32)
+    holds = (
+        np.full((len(prompts),), hold_draft_prefix, np.int32) if hold_lens is None else np.asarray(hold_lens, np.int32)
+    )
 
     def begin(s: _State, slot: int, row: int) -> _State:
-        return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], drafts[row], draft_lens[row],
-                       holds[row], hold_draft_prefix=hold_draft_prefix, stop_tokens=stop_tokens, pad_id=pad_id)  # fmt: skip
+        return _refill(
+            graphdef,
+            state,
+            s,
+            np.int32(slot),
+            prompts[row],
+            prompt_lens[row],
+            drafts[row],
+            draft_lens[row],
+            holds[row],
+            hold_draft_prefix=hold_draft_prefix,
+            stop_tokens=stop_tokens,
+            pad_id=pad_id,
+        )
 
     def advance(s: _State, watch: np.ndarray) -> _State:
         return _advance(graphdef, state, s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)

@@ -46,8 +46,16 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
     shardings = param_shardings(state, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     if kind == "refine":
-        empty = lambda: jacobi._empty(model_cfg, rows, prompt_len, max_new_tokens + block, block_size=block,  # noqa: E731
-                                      max_new_tokens=max_new_tokens, pad_id=0, trajectory=False)
+        empty = lambda: jacobi._empty(
+            model_cfg,
+            rows,
+            prompt_len,
+            max_new_tokens + block,
+            block_size=block,  # noqa: E731
+            max_new_tokens=max_new_tokens,
+            pad_id=0,
+            trajectory=False,
+        )
     else:
         empty = lambda: sampler._empty(model_cfg, rows, prompt_len, max_new_tokens=max_new_tokens, pad_id=0)  # noqa: E731
     placed = jax.eval_shape(lambda: empty())
@@ -58,18 +66,31 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
         if kind == "refine":
             kw = dict(stop_tokens=(1,), pad_id=0)
             loop = jacobi._advance.lower(graphdef, state, s, np.int32(1), np.zeros(rows, bool), realign=True, **kw)
-            refill = jacobi._refill.lower(graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1),
-                                          i32(max_new_tokens + block), np.int32(1), np.int32(0), hold_draft_prefix=0, **kw)
+            refill = jacobi._refill.lower(
+                graphdef,
+                state,
+                s,
+                np.int32(0),
+                i32(prompt_len),
+                np.int32(1),
+                i32(max_new_tokens + block),
+                np.int32(1),
+                np.int32(0),
+                hold_draft_prefix=0,
+                **kw,
+            )
         else:
             key = jax.eval_shape(lambda: jax.random.key(0))
             loop = sampler._advance.lower(graphdef, state, s, np.zeros(rows, bool), 0.7, 1.0, stop_tokens=(1,))
-            refill = sampler._refill.lower(graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1), key, 0.7, 1.0,
-                                           stop_tokens=(1,), pad_id=0)
+            refill = sampler._refill.lower(
+                graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1), key, 0.7, 1.0, stop_tokens=(1,), pad_id=0
+            )
     return {"loop": loop.compile(), "refill": refill.compile()}
 
 
 def peak_bytes(compiled: dict) -> int:
     """The larger per-device peak (argument + output - alias + temp) of the loop and the refill."""
+
     def one(c):
         m = c.memory_analysis()
         return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
@@ -82,9 +103,19 @@ def tensor_degrees(model_cfg, local_devices: int) -> list[int]:
     return [t for t in range(1, local_devices + 1) if local_devices % t == 0 and model_cfg.num_kv_heads % t == 0]
 
 
-def plan(model_cfg, *, devices: int, hosts: int = 1, kind: str, batch: int, prompt_len: int, max_new_tokens: int,
-         block: int = 32, device_memory_gib: float | None = None, mesh_shape: tuple[int, int, int] | None = None
-         ) -> dict[str, Any]:
+def plan(
+    model_cfg,
+    *,
+    devices: int,
+    hosts: int = 1,
+    kind: str,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    block: int = 32,
+    device_memory_gib: float | None = None,
+    mesh_shape: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
     """Per-device memory of decoding `batch` rows (per process) over DEVICES / HOSTS local devices, the
     layout (module doc) and the largest batch that fits `device_memory_gib`. Raises ValueError."""
     import jax
@@ -102,8 +133,17 @@ def plan(model_cfg, *, devices: int, hosts: int = 1, kind: str, batch: int, prom
 
     def measure(shape, rows):
         mesh = make_mesh(shape, jax.devices()[:local])
-        peak = peak_bytes(compile_decode(compiled_cfg, mesh, kind=kind, rows=rows, prompt_len=prompt_len,
-                                         max_new_tokens=max_new_tokens, block=block))
+        peak = peak_bytes(
+            compile_decode(
+                compiled_cfg,
+                mesh,
+                kind=kind,
+                rows=rows,
+                prompt_len=prompt_len,
+                max_new_tokens=max_new_tokens,
+                block=block,
+            )
+        )
         return peak // 2 if half else peak
 
     if mesh_shape is not None:
@@ -119,9 +159,17 @@ def plan(model_cfg, *, devices: int, hosts: int = 1, kind: str, batch: int, prom
         if budget is None or peak <= budget or mesh_shape is not None:
             break
     shape, rows, peak = chosen
-    out = {"devices": devices, "hosts": hosts, "kind": kind, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
-           "batch": rows, "peak": peak, "fits": budget is None or peak <= budget, "device_memory_gib": device_memory_gib,
-           "default_layout": mesh_shape is None}
+    out = {
+        "devices": devices,
+        "hosts": hosts,
+        "kind": kind,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "batch": rows,
+        "peak": peak,
+        "fits": budget is None or peak <= budget,
+        "device_memory_gib": device_memory_gib,
+        "default_layout": mesh_shape is None,
+    }
     if budget is not None:
         out["max_batch"] = largest_batch(lambda b: measure(shape, b), shape[0] * shape[1], rows, peak, budget)
     return out
@@ -151,31 +199,39 @@ def largest_batch(peak_at, shards: int, rows: int, peak: int, budget: float, com
     return max(fits, default=0)
 
 
-    return out
-
-
 def lines(p: dict[str, Any]) -> list[str]:
     """The plan as the CLIs print it."""
     size = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
     how = "(smallest tensor-parallel degree that fits)" if p["default_layout"] else "(--mesh)"
-    out = [f"plan {p['kind']} {p['devices']}/{p['hosts']}: per process {p['devices'] // p['hosts']} devices, "
-           f"mesh {mesh} {how}",
-           f"  batch {p['batch']}: peak {size(p['peak'])} per device (XLA, AOT: weights, slot state and the larger "
-           f"of the decode loop and the refill)"]
+    out = [
+        f"plan {p['kind']} {p['devices']}/{p['hosts']}: per process {p['devices'] // p['hosts']} devices, "
+        f"mesh {mesh} {how}",
+        f"  batch {p['batch']}: peak {size(p['peak'])} per device (XLA, AOT: weights, slot state and the larger "
+        f"of the decode loop and the refill)",
+    ]
     if "max_batch" in p:
-        out.append(f"  device memory {p['device_memory_gib']} GiB ({HEADROOM:.0%} usable): "
-                   f"{'fits' if p['fits'] else 'does NOT fit'}; largest batch that fits: {p['max_batch']}")
+        out.append(
+            f"  device memory {p['device_memory_gib']} GiB ({HEADROOM:.0%} usable): "
+            f"{'fits' if p['fits'] else 'does NOT fit'}; largest batch that fits: {p['max_batch']}"
+        )
     return out
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """--plan, --device-memory and --prompt-len (refine, generate)."""
-    ap.add_argument("--plan", metavar="DEVICES[/HOSTS]",
-                    help="print the AOT-compiled per-device memory of this decode on that many devices (no "
-                         "weights or input; decoding/plan.py), e.g. --plan 8 --device-memory 80")
-    ap.add_argument("--device-memory", type=float, metavar="GIB", help="--plan: memory per device; adds the layout "
-                    "and the largest batch that fit")
+    ap.add_argument(
+        "--plan",
+        metavar="DEVICES[/HOSTS]",
+        help="print the AOT-compiled per-device memory of this decode on that many devices (no "
+        "weights or input; decoding/plan.py), e.g. --plan 8 --device-memory 80",
+    )
+    ap.add_argument(
+        "--device-memory",
+        type=float,
+        metavar="GIB",
+        help="--plan: memory per device; adds the layout and the largest batch that fit",
+    )
     ap.add_argument("--prompt-len", type=int, default=1024, help="--plan: the prompt bucket (tokens)")
 
 
@@ -196,9 +252,18 @@ def main(args: argparse.Namespace, kind: str) -> int:
     try:
         dtype = args.dtype or "bfloat16"  # the accelerator default (decoding/devices.py)
         cfg = config_without_weights(args.base or args.model).replace(dtype=dtype, param_dtype=dtype)
-        p = plan(cfg, devices=devices, hosts=hosts, kind=kind, batch=args.batch_size * getattr(args, "num_samples", 1),
-                 prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens, block=getattr(args, "block_size", 1),
-                 device_memory_gib=args.device_memory, mesh_shape=args.mesh)
+        p = plan(
+            cfg,
+            devices=devices,
+            hosts=hosts,
+            kind=kind,
+            batch=args.batch_size * getattr(args, "num_samples", 1),
+            prompt_len=args.prompt_len,
+            max_new_tokens=args.max_new_tokens,
+            block=getattr(args, "block_size", 1),
+            device_memory_gib=args.device_memory,
+            mesh_shape=args.mesh,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: --plan: {e}", file=sys.stderr)
         return 2

@@ -77,6 +77,7 @@ class _State:
 
 def _empty(cfg, rows: int, prompt_width: int, *, max_new_tokens: int, pad_id: int) -> _State:
     """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
+
     def zeros():  # a buffer per field: the decode loops donate the state, field by field
         return jnp.zeros((rows,), jnp.int32)
 
@@ -111,8 +112,12 @@ def _begin(model, s: _State, slots, prompts, prompt_lens, keys, temperature, top
     written into their cache rows, their state reset, the first token appended; other slots unchanged."""
     r, big_n = slots.shape[0], s.tokens.shape[1]
     sub = slots_lib.rows(s, slots).replace(
-        tokens=jnp.full((r, big_n), pad_id, jnp.int32), t=jnp.zeros((r,), jnp.int32), stopped=jnp.zeros((r,), bool),
-        done=jnp.zeros((r,), bool), prompt_lens=prompt_lens, keys=keys,
+        tokens=jnp.full((r, big_n), pad_id, jnp.int32),
+        t=jnp.zeros((r,), jnp.int32),
+        stopped=jnp.zeros((r,), bool),
+        done=jnp.zeros((r,), bool),
+        prompt_lens=prompt_lens,
+        keys=keys,
     )
     positions = jnp.broadcast_to(jnp.arange(prompts.shape[1], dtype=jnp.int32), prompts.shape)
     hidden, cache = model(prompts, positions, positions < prompt_lens[:, None], sub.cache, return_hidden=True)
@@ -159,16 +164,36 @@ def generate(
     b, p = prompts.shape
     keys = jax.random.split(jax.random.key(0), b) if keys is None else keys
     s = _empty(model.cfg, b, p, max_new_tokens=max_new_tokens, pad_id=pad_id)
-    s = _begin(model, s, jnp.arange(b), prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32), keys, temperature,
-               top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+    s = _begin(
+        model,
+        s,
+        jnp.arange(b),
+        prompts.astype(jnp.int32),
+        prompt_lens.astype(jnp.int32),
+        keys,
+        temperature,
+        top_p,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+    )
     return _result(_loop(model, s, jnp.zeros((b,), bool), temperature, top_p, stop_tokens=stop_tokens))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id"), donate_argnames=("s",))
 def _refill(graphdef, state, s, slot, prompt, prompt_len, key, temperature, top_p, *, stop_tokens, pad_id):
     """Slot `slot` starts decoding one row (prompt [P] with its length, its key)."""
-    return _begin(nnx.merge(graphdef, state), s, slot[None], prompt[None], prompt_len[None], key[None], temperature,
-                  top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+    return _begin(
+        nnx.merge(graphdef, state),
+        s,
+        slot[None],
+        prompt[None],
+        prompt_len[None],
+        key[None],
+        temperature,
+        top_p,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+    )
 
 
 @partial(jax.jit, static_argnames=("graphdef", "stop_tokens"), donate_argnames=("s",))
@@ -201,8 +226,19 @@ def generate_stream(
     temperature, top_p = np.float32(temperature), np.float32(top_p)
 
     def begin(s: _State, slot: int, row: int) -> _State:
-        return _refill(graphdef, state, s, np.int32(slot), prompts[row], prompt_lens[row], keys[row], temperature, top_p,
-                       stop_tokens=stop_tokens, pad_id=pad_id)
+        return _refill(
+            graphdef,
+            state,
+            s,
+            np.int32(slot),
+            prompts[row],
+            prompt_lens[row],
+            keys[row],
+            temperature,
+            top_p,
+            stop_tokens=stop_tokens,
+            pad_id=pad_id,
+        )
 
     def advance(s: _State, watch: np.ndarray) -> _State:
         return _advance(graphdef, state, s, watch, temperature, top_p, stop_tokens=stop_tokens)

@@ -11,7 +11,8 @@ finishes. Rows are independent of each other, so each row's result is the one a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -29,14 +30,21 @@ def fields(s) -> dict[str, Any]:
 
 def rows(s: S, slots: jax.Array) -> S:
     """The slots `slots` of `s`."""
-    return s.replace(**{k: jax.tree.map(lambda x: x[:, slots], v) if k == "cache" else v[slots]
-                        for k, v in fields(s).items()})
+    return s.replace(
+        **{k: jax.tree.map(lambda x: x[:, slots], v) if k == "cache" else v[slots] for k, v in fields(s).items()}
+    )
 
 
 def put_rows(s: S, slots: jax.Array, sub: S) -> S:
     """`s` with its slots `slots` replaced by the rows of `sub`."""
-    return s.replace(**{k: jax.tree.map(lambda x, y: x.at[:, slots].set(y), v, getattr(sub, k)) if k == "cache"
-                        else v.at[slots].set(getattr(sub, k)) for k, v in fields(s).items()})
+    return s.replace(
+        **{
+            k: jax.tree.map(lambda x, y: x.at[:, slots].set(y), v, getattr(sub, k))
+            if k == "cache"
+            else v.at[slots].set(getattr(sub, k))
+            for k, v in fields(s).items()
+        }
+    )
 
 
 def _axes(name: str, x) -> tuple[str | None, ...]:
@@ -48,13 +56,14 @@ def place_shardings(s: S, mesh: Mesh) -> S:
     """The NamedSharding of every array of `s` (arrays or ShapeDtypeStructs): its slots split over the
     mesh's batch devices and the cache's heads over `tensor` (the logical-axis table), in the form jit
     gives its outputs (no trailing None: P('data', None) would compile a second time)."""
+
     def one(name, x):
         spec = tuple(logical_to_spec(_axes(name, x), x.shape, mesh))
         while spec and spec[-1] is None:
             spec = spec[:-1]
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    return s.replace(**{k: jax.tree.map(lambda x: one(k, x), v) for k, v in fields(s).items()})
+    return s.replace(**{k: jax.tree.map(lambda x, k=k: one(k, x), v) for k, v in fields(s).items()})
 
 
 def place(s: S, mesh: Mesh | None) -> S:
@@ -65,11 +74,17 @@ def place(s: S, mesh: Mesh | None) -> S:
 
 def constrain_state(s: S) -> S:
     """`s` pinned to `place`'s shardings under the current mesh (sharding.constrain; unchanged without one)."""
-    return s.replace(**{k: jax.tree.map(lambda x: constrain(x, _axes(k, x)), v) for k, v in fields(s).items()})
+    return s.replace(**{k: jax.tree.map(lambda x, k=k: constrain(x, _axes(k, x)), v) for k, v in fields(s).items()})
 
 
-def stream(s: S, num_rows: int, *, begin: Callable[[S, int, int], S], advance: Callable[[S, np.ndarray], S],
-           result: Callable[[S], Any]) -> dict[str, np.ndarray]:
+def stream(
+    s: S,
+    num_rows: int,
+    *,
+    begin: Callable[[S, int, int], S],
+    advance: Callable[[S, np.ndarray], S],
+    result: Callable[[S], Any],
+) -> dict[str, np.ndarray]:
     """Rows 0..num_rows-1 (num_rows >= 1) through the slots of `s` (all empty: done) with row refill.
 
     begin(s, slot, row): the slot starts decoding the row; advance(s, watch): the loop, until a `watch`

@@ -40,8 +40,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,9 +66,21 @@ def runs(temperatures: list[float], samples: int, seed: int) -> list[tuple[str, 
 
 
 def distill(
-    prompts: Path, out_dir: Path, *, model: str | None = None, temperatures: list[float] = (1.0, 0.7),
-    samples: int = 1, jacobi_states: int = 0, jacobi_block: int = 16, max_new_tokens: int = 256,
-    batch_size: int = 8, seed: int = 0, dtype: str = "float32", overwrite: bool = False, loaded=None, log=print,
+    prompts: Path,
+    out_dir: Path,
+    *,
+    model: str | None = None,
+    temperatures: list[float] = (1.0, 0.7),
+    samples: int = 1,
+    jacobi_states: int = 0,
+    jacobi_block: int = 16,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    loaded=None,
+    log=print,
 ) -> dict[str, Any]:
     """Build the self-distilled dataset of `prompts` into `out_dir` (module doc); returns the manifest.
     `loaded`: an already loaded model to use instead of `model`."""
@@ -85,9 +98,16 @@ def distill(
     work = out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     plan = runs(temperatures, samples, seed)
-    options = {"prompts": str(prompts), "model": model, "runs": plan, "max_new_tokens": max_new_tokens,
-               "batch_size": batch_size, "dtype": dtype, "jacobi_states": jacobi_states,
-               "jacobi_block": jacobi_block}  # fmt: skip
+    options = {
+        "prompts": str(prompts),
+        "model": model,
+        "runs": plan,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "jacobi_states": jacobi_states,
+        "jacobi_block": jacobi_block,
+    }
     options = json.loads(json.dumps(options))
     recorded = work / "options.json"
     if recorded.exists() and json.loads(recorded.read_text()) != options:
@@ -115,40 +135,55 @@ def distill(
     tmp = scored.with_name(scored.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for rec, pairs in zip(records, answers):
-            row = {"prompt": rec.prompt, "all_generated_responses": [text for text, _ in pairs],
-                   "all_rm_scores": [score for _, score in pairs]}  # fmt: skip
+            row = {
+                "prompt": rec.prompt,
+                "all_generated_responses": [text for text, _ in pairs],
+                "all_rm_scores": [score for _, score in pairs],
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(scored)
     provenance = {
-        "prompts": str(prompts), "model": loaded.source, "dtype": dtype, "max_new_tokens": max_new_tokens,
+        "prompts": str(prompts),
+        "model": loaded.source,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
         "runs": [{"file": name, "temperature": t, "seed": s} for name, t, s in plan],
-        "jacobi_states": jacobi_states, "jacobi_block": jacobi_block,
+        "jacobi_states": jacobi_states,
+        "jacobi_block": jacobi_block,
         "score": "minus the sampling temperature (greedy 0): hottest sample = y(0), greedy answer = y(T); "
-                 "Jacobi state after pass p of P of a sample at temperature t: -t (1 - (p+1)/P)",
-    }  # fmt: skip
+        "Jacobi state after pass p of P of a sample at temperature t: -t (1 - (p+1)/P)",
+    }
     return build([str(scored)], out_dir, overwrite=overwrite, extra={"self_distill": provenance})
 
 
-def _sample_file(decoder: Decoder, records: list[Record], path: Path, temperature: float, seed: int,
-                 model: str | None, dtype: str) -> dict[str, Any]:
+def _sample_file(
+    decoder: Decoder, records: list[Record], path: Path, temperature: float, seed: int, model: str | None, dtype: str
+) -> dict[str, Any]:
     """`records` answered into the jsonl file `path` (each gets its `draft`) as `generate --temperature
     temperature --seed seed` answers them: the same keys (record_loop.sample_keys), the whole window through
     the decoder's slots with row refill."""
 
     def decode(indices: list[int], turn: int, _recs, prompt_ids: list[list[int]]) -> list[Output]:
-        return decoder.sample(prompt_ids, record_loop.sample_keys(seed, indices, turn), temperature=temperature,
-                              top_p=1.0)
+        return decoder.sample(
+            prompt_ids, record_loop.sample_keys(seed, indices, turn), temperature=temperature, top_p=1.0
+        )
 
     def answered(rec: Record, outputs: list[Output]) -> dict[str, Any]:
         return generated_output("jsonl", rec, [o.text for o in outputs], "")  # (jsonl records no model id)
 
-    options = {"model": model, "temperature": temperature, "seed": seed, "max_new_tokens": decoder.max_new_tokens,
-               "dtype": dtype}  # fmt: skip
+    options = {
+        "model": model,
+        "temperature": temperature,
+        "seed": seed,
+        "max_new_tokens": decoder.max_new_tokens,
+        "dtype": dtype,
+    }
     return _decode_file(decoder, records, path, options, decode, answered, max(WINDOW, decoder.batch_size))
 
 
-def _refine_file(decoder: Decoder, records: list[Record], path: Path, block: int, model: str | None,
-                 dtype: str) -> dict[str, Any]:
+def _refine_file(
+    decoder: Decoder, records: list[Record], path: Path, block: int, model: str | None, dtype: str
+) -> dict[str, Any]:
     """`records` (with drafts) refined into the jsonl file `path` as `refine --trajectory --block-size block`
     refines them (one batch at a time; stats.trajectory: the response after each pass)."""
 
@@ -159,14 +194,25 @@ def _refine_file(decoder: Decoder, records: list[Record], path: Path, block: int
     def refined(rec: Record, outputs: list[Output]) -> dict[str, Any]:
         return refined_output("jsonl", rec, [o.text for o in outputs], [o.stats for o in outputs])
 
-    options = {"model": model, "block_size": block, "max_new_tokens": decoder.max_new_tokens, "dtype": dtype,
-               "trajectory": True}  # fmt: skip
+    options = {
+        "model": model,
+        "block_size": block,
+        "max_new_tokens": decoder.max_new_tokens,
+        "dtype": dtype,
+        "trajectory": True,
+    }
     return _decode_file(decoder, records, path, options, decode, refined, decoder.batch_size)
 
 
-def _decode_file(decoder: Decoder, records: list[Record], path: Path, options: dict[str, Any],
-                 decode: Callable[..., list[Output]], answered: Callable[[Record, list[Output]], dict],
-                 batch_size: int) -> dict[str, Any]:
+def _decode_file(
+    decoder: Decoder,
+    records: list[Record],
+    path: Path,
+    options: dict[str, Any],
+    decode: Callable[..., list[Output]],
+    answered: Callable[[Record, list[Output]], dict],
+    batch_size: int,
+) -> dict[str, Any]:
     """Decode `records` into the jsonl file `path` through the record loop the decoding CLIs use (`decode`,
     `answered`: its decode and build callbacks), resuming path.partial when it was written with the same
     `options`; returns the summary."""
@@ -181,8 +227,17 @@ def _decode_file(decoder: Decoder, records: list[Record], path: Path, options: d
         outputs.extend(decoded)
         bar.update(len(decoded))
 
-    record_loop.decode_records(decoder, records, out, decode, lambda _rec, _turn, o: o.text, answered, progress,
-                               batch_size=batch_size, window=WINDOW)
+    record_loop.decode_records(
+        decoder,
+        records,
+        out,
+        decode,
+        lambda _rec, _turn, o: o.text,
+        answered,
+        progress,
+        batch_size=batch_size,
+        window=WINDOW,
+    )
     bar.close()
     out.finish()
     elapsed = time.perf_counter() - start
@@ -193,8 +248,9 @@ def _decode_file(decoder: Decoder, records: list[Record], path: Path, options: d
     return summary | {"seconds": round(elapsed, 1), "tokens_per_s": round(tokens / elapsed, 1)}
 
 
-def _jacobi_states(work: Path, name: str, decoder: Decoder, model: str | None, k: int, block: int, dtype: str,
-                   log) -> list[list[tuple[str, float]]]:
+def _jacobi_states(
+    work: Path, name: str, decoder: Decoder, model: str | None, k: int, block: int, dtype: str, log
+) -> list[list[tuple[str, float]]]:
     """Per record of the sample file `name`: up to k (state text, (p + 1) / P) of its Jacobi refinement."""
     out = work / name.replace(".jsonl", ".jacobi.jsonl")
     if not out.exists():
@@ -213,11 +269,18 @@ def add_parser(commands) -> None:
     d = commands.add_parser("distill", help="a model's greedy answers (y(T)) and samples (y(0..T-1)) -> trajectories")
     d.add_argument("--prompts", type=Path, required=True, help="jsonl with `prompt` or `messages` per line")
     d.add_argument("--out", type=Path, required=True, help="dataset directory; generate outputs go to OUT.work/")
-    d.add_argument("--model", default=None, help="hub id, HF folder, .gguf, Orbax or run dir; default: embedded SmolLM2")
+    d.add_argument(
+        "--model", default=None, help="hub id, HF folder, .gguf, Orbax or run dir; default: embedded SmolLM2"
+    )
     d.add_argument("--temperatures", default="1.0,0.7", help="comma-separated sampling temperatures (> 0)")
     d.add_argument("--samples", type=int, default=1, help="samples per temperature")
-    d.add_argument("--jacobi-states", type=int, default=0, metavar="K",
-                   help="also up to K intermediate Jacobi states per sample (CLLM's trajectories)")
+    d.add_argument(
+        "--jacobi-states",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also up to K intermediate Jacobi states per sample (CLLM's trajectories)",
+    )
     d.add_argument("--jacobi-block", type=int, default=16, help="Jacobi window for --jacobi-states")
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=8)
@@ -230,12 +293,23 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     try:
         temperatures = [float(t) for t in args.temperatures.split(",")]
     except ValueError:
-        raise TrajectoryDataError(f"--temperatures {args.temperatures!r}: not a comma-separated list of numbers") from None
+        raise TrajectoryDataError(
+            f"--temperatures {args.temperatures!r}: not a comma-separated list of numbers"
+        ) from None
     try:
         return distill(
-            args.prompts, args.out, model=args.model, temperatures=temperatures, samples=args.samples,
-            jacobi_states=args.jacobi_states, jacobi_block=args.jacobi_block, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+            args.prompts,
+            args.out,
+            model=args.model,
+            temperatures=temperatures,
+            samples=args.samples,
+            jacobi_states=args.jacobi_states,
+            jacobi_block=args.jacobi_block,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            dtype=args.dtype,
             overwrite=args.overwrite,
-        )  # fmt: skip
+        )
     except (FormatError, ModelSourceError, devices.MeshError) as e:
         raise TrajectoryDataError(str(e)) from None

@@ -21,8 +21,9 @@ import importlib.util
 import math
 import numbers
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from diffpo_jax.reward.scorer import Score
 
@@ -88,16 +89,19 @@ class FunctionScorer:
         try:
             values = list(values)
         except TypeError:
-            raise RewardFunctionError(f"reward function {self.spec} returned {type(values).__name__}, "
-                                      "not a list of numbers", first) from None
+            raise RewardFunctionError(
+                f"reward function {self.spec} returned {type(values).__name__}, not a list of numbers", first
+            ) from None
         if len(values) != len(rows):
-            raise RewardFunctionError(f"reward function {self.spec} returned {len(values)} values for "
-                                      f"{len(rows)} answers", first)
+            raise RewardFunctionError(
+                f"reward function {self.spec} returned {len(values)} values for {len(rows)} answers", first
+            )
         scores = []
         for i, v in enumerate(values):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
-                raise RewardFunctionError(f"reward function {self.spec} returned {v!r} ({type(v).__name__}), "
-                                          "not a number", first + i)
+                raise RewardFunctionError(
+                    f"reward function {self.spec} returned {v!r} ({type(v).__name__}), not a number", first + i
+                )
             if not math.isfinite(float(v)):
                 raise RewardFunctionError(f"reward function {self.spec} returned {float(v)}", first + i)
             scores.append(Score(float(v)))

@@ -28,14 +28,18 @@ class LoadedRewardModel:
 def load_reward_model(spec: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None) -> LoadedRewardModel:
     """A reward model from an HF folder or hub id; a causal LM or an Orbax dir is a ModelSourceError."""
     if spec in (None, "", EMBEDDED) or is_orbax_dir(spec):
-        raise ModelSourceError(f"{spec or EMBEDDED}: not a reward model (an HF folder or hub id of a "
-                               "*ForSequenceClassification or ArmoRM checkpoint is needed)")
+        raise ModelSourceError(
+            f"{spec or EMBEDDED}: not a reward model (an HF folder or hub id of a "
+            "*ForSequenceClassification or ArmoRM checkpoint is needed)"
+        )
     ckpt, reference = open_checkpoint(spec)
     try:
         hf = ckpt.hf_config()
         head = HeadConfig.from_hf(hf, source=str(ckpt.path))
         cfg = ModelConfig.from_hf(hf, source=str(ckpt.path)).replace(dtype=dtype, param_dtype=dtype)
-        model = load_module(abstract_reward_model(cfg, head), reward_weight_specs(cfg, head), cfg.num_layers, ckpt, mesh)
+        model = load_module(
+            abstract_reward_model(cfg, head), reward_weight_specs(cfg, head), cfg.num_layers, ckpt, mesh
+        )
     except (WeightsError, UnsupportedModelError, FileNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
     return LoadedRewardModel(cfg, head, model, load_tokenizer(ckpt), str(ckpt.path), reference)

@@ -37,11 +37,25 @@ ARMORM = "LlamaForRewardModelWithGating"
 # ArmoRM-Llama3-8B-v0.1's objectives, in the order of its regression layer (from its model card);
 # 9 and 10 are the DiffPO paper's helpfulness and harmlessness.
 ARMORM_OBJECTIVES = (
-    "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
-    "helpsteer-verbosity", "ultrafeedback-overall_score", "ultrafeedback-instruction_following",
-    "ultrafeedback-truthfulness", "ultrafeedback-honesty", "ultrafeedback-helpfulness", "beavertails-is_safe",
-    "prometheus-score", "argilla-overall_quality", "argilla-judge_lm", "code-complexity", "code-style",
-    "code-explanation", "code-instruction-following", "code-readability",
+    "helpsteer-helpfulness",
+    "helpsteer-correctness",
+    "helpsteer-coherence",
+    "helpsteer-complexity",
+    "helpsteer-verbosity",
+    "ultrafeedback-overall_score",
+    "ultrafeedback-instruction_following",
+    "ultrafeedback-truthfulness",
+    "ultrafeedback-honesty",
+    "ultrafeedback-helpfulness",
+    "beavertails-is_safe",
+    "prometheus-score",
+    "argilla-overall_quality",
+    "argilla-judge_lm",
+    "code-complexity",
+    "code-style",
+    "code-explanation",
+    "code-instruction-following",
+    "code-readability",
 )
 
 
@@ -74,8 +88,7 @@ class HeadConfig:
                 gating_n_hidden=int(hf.get("gating_n_hidden", 3)),
             )
         raise NotARewardModelError(
-            f"{source}: architecture {arch!r} is not a reward model "
-            f"(supported: {', '.join(CLASSIFIERS + (ARMORM,))})"
+            f"{source}: architecture {arch!r} is not a reward model (supported: {', '.join(CLASSIFIERS + (ARMORM,))})"
         )
 
     @property
@@ -89,7 +102,9 @@ class HeadConfig:
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: str) -> nnx.Param:
-    return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), logical_axes=(None,) * len(shape))
+    return nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)), logical_axes=(None,) * len(shape)
+    )
 
 
 def _f32(p: nnx.Param) -> jax.Array:
@@ -159,10 +174,14 @@ def reward_weight_specs(cfg: ModelConfig, head: HeadConfig) -> list[WeightSpec]:
         return specs + [WeightSpec(("head", "score"), "score.weight", 1)]
     specs += [WeightSpec(("head", "regression"), "regression_layer.weight", 1)]
     for i in range(head.gating_n_hidden + 1):
-        specs += [WeightSpec(("head", "gating_w", i), f"gating.layers.{i}.weight", 1),
-                  WeightSpec(("head", "gating_b", i), f"gating.layers.{i}.bias", 0)]
-    return specs + [WeightSpec(("head", "logit_scale"), "gating.logit_scale", 0),
-                    WeightSpec(("head", "transform"), "reward_transform_matrix", 0)]
+        specs += [
+            WeightSpec(("head", "gating_w", i), f"gating.layers.{i}.weight", 1),
+            WeightSpec(("head", "gating_b", i), f"gating.layers.{i}.bias", 0),
+        ]
+    return specs + [
+        WeightSpec(("head", "logit_scale"), "gating.logit_scale", 0),
+        WeightSpec(("head", "transform"), "reward_transform_matrix", 0),
+    ]
 
 
 def abstract_reward_model(cfg: ModelConfig, head: HeadConfig) -> RewardModel:

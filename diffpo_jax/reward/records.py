@@ -29,8 +29,11 @@ from diffpo_jax.paths import as_path
 from diffpo_jax.reward.scorer import Score
 
 SCORE_FORMATS = ("jsonl", "alpaca_eval", "mt_bench", "trajectories")
-DEFAULT_FIELDS = {"jsonl": ("draft", "refined"), "alpaca_eval": ("draft", "output"),
-                  "mt_bench": ("draft_turns", "turns")}
+DEFAULT_FIELDS = {
+    "jsonl": ("draft", "refined"),
+    "alpaca_eval": ("draft", "output"),
+    "mt_bench": ("draft_turns", "turns"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,10 @@ def default_fields(fmt: str, first: Record, given: str | None) -> tuple[str, ...
     raw = first.raw["choices"][0] if fmt == "mt_bench" else first.raw
     fields = tuple(f for f in DEFAULT_FIELDS[fmt] if f in raw)
     if not fields:
-        raise FormatError(f"{first.where}: none of the answer fields {', '.join(DEFAULT_FIELDS[fmt])} is present; "
-                          "name them with --fields")
+        raise FormatError(
+            f"{first.where}: none of the answer fields {', '.join(DEFAULT_FIELDS[fmt])} is present; "
+            "name them with --fields"
+        )
     return fields
 
 
@@ -82,8 +87,12 @@ def _strings(where: str, value: Any, field: str, lists_only: bool = False) -> li
 def _prompt(where: str, value: Any, field: str) -> str | Messages:
     if isinstance(value, str) and value.strip():
         return value
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
     ):
         return value
     raise FormatError(f"{where}: field '{field}' (a string or a list of {{role, content}}) is missing")
@@ -115,8 +124,10 @@ def items(layout: Layout, rec: Record) -> list[tuple[str, str | Messages, str]]:
 def check_best_of_n(layout: Layout, records: list[Record]) -> None:
     """--best-of-n: one field, a list of answers in every record."""
     if layout.fmt != "jsonl" or len(layout.fields) != 1:
-        raise FormatError(f"--best-of-n scores one list field of jsonl records (e.g. --fields samples), "
-                          f"got {', '.join(layout.fields) or 'none'}")
+        raise FormatError(
+            f"--best-of-n scores one list field of jsonl records (e.g. --fields samples), "
+            f"got {', '.join(layout.fields) or 'none'}"
+        )
     (field,) = layout.fields
     for rec in records:
         if not isinstance(rec.raw.get(field), list):
@@ -130,8 +141,10 @@ def is_list_field(layout: Layout, rec: Record, field: str) -> bool:
 def check_finite(rec: Record, field: str, score: Score) -> None:
     values = [score.score, *(score.logits or []), *(score.objectives or {}).values()]
     if not all(math.isfinite(v) for v in values):
-        raise FormatError(f"{rec.where}: field '{field}': the reward model gave a non-finite score ({score.score}); "
-                          "nothing written for it (try --dtype float32)")
+        raise FormatError(
+            f"{rec.where}: field '{field}': the reward model gave a non-finite score ({score.score}); "
+            "nothing written for it (try --dtype float32)"
+        )
 
 
 def scored_output(layout: Layout, rec: Record, scores: list[tuple[str, Score]], best_of_n: bool) -> dict[str, Any]:
@@ -144,7 +157,9 @@ def scored_output(layout: Layout, rec: Record, scores: list[tuple[str, Score]], 
         by_field.setdefault(field, []).append(s)
 
     def per_field(get):
-        return {f: ([get(s) for s in ss] if is_list_field(layout, rec, f) else get(ss[0])) for f, ss in by_field.items()}
+        return {
+            f: ([get(s) for s in ss] if is_list_field(layout, rec, f) else get(ss[0])) for f, ss in by_field.items()
+        }
 
     out["scores"] = dict(rec.raw.get("scores") or {}) | per_field(lambda s: s.score)
     if scores[0][1].objectives is not None:
@@ -152,7 +167,7 @@ def scored_output(layout: Layout, rec: Record, scores: list[tuple[str, Score]], 
     if scores[0][1].logits is not None:
         out["logits"] = dict(rec.raw.get("logits") or {}) | per_field(lambda s: s.logits)
     if best_of_n:
-        (field, ss), = by_field.items()
+        ((field, ss),) = by_field.items()
         best = max(range(len(ss)), key=lambda i: ss[i].score)  # the first of equal best scores
         out["best_of_n"] = {"field": field, "index": best, "score": ss[best].score, "response": rec.raw[field][best]}
     return out

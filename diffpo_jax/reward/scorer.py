@@ -27,7 +27,6 @@ from diffpo_jax.reward.loading import LoadedRewardModel
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.sources import ModelSourceError
 
-
 MIN_BUCKET = 32
 
 
@@ -52,8 +51,9 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, mask: 
 
 
 class Scorer:
-    def __init__(self, loaded: LoadedRewardModel, *, batch_size: int, label: int = 0,
-                 mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self, loaded: LoadedRewardModel, *, batch_size: int, label: int = 0, mesh: jax.sharding.Mesh | None = None
+    ):
         tok = loaded.tokenizer
         if tok is None:
             raise ModelSourceError(f"{loaded.source}: no tokenizer files beside the reward model's weights")
@@ -62,8 +62,10 @@ class Scorer:
             raise ModelSourceError(f"{loaded.source}: --label {label} but the model has {head.num_labels} labels")
         pad = tok.pad_token_id if tok.pad_token_id is not None else loaded.cfg.pad_token_id
         if pad is None and batch_size > 1:  # transformers' rule: no pad token, no batches
-            raise ModelSourceError(f"{loaded.source}: the reward model has no pad token (config pad_token_id "
-                                   "or tokenizer pad_token); score with --batch-size 1")
+            raise ModelSourceError(
+                f"{loaded.source}: the reward model has no pad token (config pad_token_id "
+                "or tokenizer pad_token); score with --batch-size 1"
+            )
         self.loaded, self.tokenizer, self.label, self.mesh = loaded, tok, label, mesh
         self.pad_id = int(pad or 0)
         devices = 1 if mesh is None else mesh.devices.size
@@ -108,8 +110,12 @@ class Scorer:
         head = self.loaded.head
         if head.kind == "armorm":
             names = head.objective_names
-            return [Score(float(out["score"][i]), objectives=dict(zip(names, map(float, out["rewards"][i]))))
-                    for i in range(len(rows))]
+            return [
+                Score(float(out["score"][i]), objectives=dict(zip(names, map(float, out["rewards"][i]))))
+                for i in range(len(rows))
+            ]
         logits = out["logits"]
-        return [Score(float(logits[i, self.label]), logits=logits[i].tolist() if head.num_labels > 1 else None)
-                for i in range(len(rows))]
+        return [
+            Score(float(logits[i, self.label]), logits=logits[i].tolist() if head.num_labels > 1 else None)
+            for i in range(len(rows))
+        ]

@@ -30,6 +30,9 @@ def markdown(summary: dict, title: str) -> str:
     lines += [f"| {f} | {s['n']} | {s['mean']:.4f} |" for f, s in summary["fields"].items()]
     if "win_rate" in summary:
         w = summary["win_rate"]
-        lines += ["", f"Win rate of `{w['of']}` over `{w['over']}` (paired, ties 1/2): **{w['rate']:.3f}** "
-                      f"(bootstrap 95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, {BOOTSTRAP_SAMPLES} resamples)"]
+        lines += [
+            "",
+            f"Win rate of `{w['of']}` over `{w['over']}` (paired, ties 1/2): **{w['rate']:.3f}** "
+            f"(bootstrap 95% CI {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f}, {BOOTSTRAP_SAMPLES} resamples)",
+        ]
     return "\n".join(lines) + "\n"

@@ -79,7 +79,9 @@ def read_records(data_dir: Path) -> list[dict[str, Any]]:
 def holdout_split(records: list[dict[str, Any]], holdout_prompts: int) -> tuple[list[int], list[int]]:
     """(train indices, held-out indices), both ascending; see module doc."""
     if holdout_prompts >= len(records):
-        raise ValueError(f"eval.holdout_prompts {holdout_prompts} leaves none of the {len(records)} prompts for training")
+        raise ValueError(
+            f"eval.holdout_prompts {holdout_prompts} leaves none of the {len(records)} prompts for training"
+        )
     ranked = sorted(range(len(records)), key=lambda i: _hash(records[i]["id"]))
     held = sorted(ranked[:holdout_prompts])
     held_set = set(held)
@@ -95,8 +97,17 @@ def eval_rows(records: list[dict[str, Any]], encoder: RecordEncoder, max_rows: i
 class Evaluator:
     """`evaluator(params) -> metrics` over fixed held-out rows (see module doc)."""
 
-    def __init__(self, cfg: EvalConfig, rows: dict[str, np.ndarray], graphdef: nnx.GraphDef, loss_cfg: LossConfig,
-                 mesh: Mesh, *, stop_tokens: tuple[int, ...], pad_id: int):
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        rows: dict[str, np.ndarray],
+        graphdef: nnx.GraphDef,
+        loss_cfg: LossConfig,
+        mesh: Mesh,
+        *,
+        stop_tokens: tuple[int, ...],
+        pad_id: int,
+    ):
         self.cfg, self.graphdef = cfg, graphdef
         self.stop_tokens, self.pad_id = stop_tokens, pad_id
         self.num_rows = len(rows["best"])
@@ -128,7 +139,9 @@ class Evaluator:
         distinct = []
         state = nnx.state(nnx.merge(self.graphdef, params))
         for lo in range(0, len(self.real), b):
-            parts = jax.device_get(self._losses(params, {k: self._put(v[lo : lo + b]) for k, v in self.loss_rows.items()}))
+            parts = jax.device_get(
+                self._losses(params, {k: self._put(v[lo : lo + b]) for k, v in self.loss_rows.items()})
+            )
             ar, con = ar + float(parts["ar"]), con + float(parts["con"])
             r = self._refine(state, *(x[lo : lo + b] for x in self.decode_rows))
             batch = {k: self.rows[k][lo : lo + b] for k in ("best", "best_mask")}
@@ -166,16 +179,32 @@ class Evaluator:
         """Jacobi-refine one batch of drafts into the greedy answers of the current weights."""
         n = drafts.shape[1] - self.cfg.block_size
         r = jacobi_decode(
-            self.graphdef, state, self._put(prompts), self._put(prompt_lens), self._put(drafts),
-            self._put(draft_lens), block_size=self.cfg.block_size, max_new_tokens=n, stop_tokens=self.stop_tokens,
-            pad_id=self.pad_id, max_iterations=n,
-        )  # fmt: skip
+            self.graphdef,
+            state,
+            self._put(prompts),
+            self._put(prompt_lens),
+            self._put(drafts),
+            self._put(draft_lens),
+            block_size=self.cfg.block_size,
+            max_new_tokens=n,
+            stop_tokens=self.stop_tokens,
+            pad_id=self.pad_id,
+            max_iterations=n,
+        )
         return jax.device_get(r)
 
 
-def make_evaluator(cfg: EvalConfig, loss_cfg: LossConfig, records: list[dict[str, Any]], encoder: RecordEncoder,
-                   graphdef: nnx.GraphDef, mesh: Mesh, *, stop_tokens: tuple[int, ...],
-                   max_rows: int | None = None) -> Evaluator:
+def make_evaluator(
+    cfg: EvalConfig,
+    loss_cfg: LossConfig,
+    records: list[dict[str, Any]],
+    encoder: RecordEncoder,
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    *,
+    stop_tokens: tuple[int, ...],
+    max_rows: int | None = None,
+) -> Evaluator:
     """An Evaluator over the (prompt, y(t)) rows of `records` (the first `max_rows`, default cfg.max_rows);
     `stop_tokens`: where refinement ends a row (the model's `LoadedModel.stop_tokens`, where `refine` stops)."""
     rows = eval_rows(records, encoder, cfg.max_rows if max_rows is None else max_rows)

@@ -62,7 +62,7 @@ Two equal ways to get ce and kl from the hidden states (`LossConfig.chunk`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +98,9 @@ def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray
     return tokens, positions, mask, segments
 
 
-def token_losses(teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def token_losses(
+    teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Per position (ce, kl), fp32 [...]: CE of `targets` under the teacher logits (with gradient) and
     KL(softmax(stop_gradient(teacher)) || softmax(student)). logits: [..., V]; targets: int [...]."""
     t_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)

@@ -17,9 +17,7 @@ folder / run dir with a config.json. Each train preset lists the topologies it i
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 from diffpo_jax.config import ModelConfig, config_without_weights
@@ -48,8 +46,17 @@ def model_config(spec: str) -> ModelConfig:
         raise TrainConfigError(f"--plan: {e}") from None
 
 
-def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: int, response_len: int, loss_cfg,
-                       optimizer_cfg, grad_accum: int = 1):
+def compile_train_step(
+    model_cfg: ModelConfig,
+    mesh,
+    *,
+    rows: int,
+    prompt_len: int,
+    response_len: int,
+    loss_cfg,
+    optimizer_cfg,
+    grad_accum: int = 1,
+):
     """(the train step AOT-compiled on abstract shapes over `mesh`, abstract trained params): `rows` global
     rows of P prompt + N response tokens; nothing is allocated. With `model_cfg.lora` the adapters train
     and the base is frozen, as in the trainer."""
@@ -67,14 +74,22 @@ def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: i
     trained, frozen = split_trainable(state, model_cfg)
     abstract_params = nnx.to_pure_dict(trained)
     tx, schedule = make_optimizer(optimizer_cfg, total_steps=1000)
-    shardings = state_shardings(tx, nnx.to_pure_dict(param_shardings(trained, mesh)), abstract_params, mesh,
-                                nnx.to_pure_dict(param_shardings(frozen, mesh)))
+    shardings = state_shardings(
+        tx,
+        nnx.to_pure_dict(param_shardings(trained, mesh)),
+        abstract_params,
+        mesh,
+        nnx.to_pure_dict(param_shardings(frozen, mesh)),
+    )
     train_step = make_train_step(graphdef, tx, schedule, loss_cfg, shardings, mesh, grad_accum)
     batch = {
-        k: jax.ShapeDtypeStruct((rows, prompt_len if k.startswith("prompt") else response_len),
-                                bool if k.endswith("mask") else jnp.int32, sharding=batch_sharding(mesh, 2))
+        k: jax.ShapeDtypeStruct(
+            (rows, prompt_len if k.startswith("prompt") else response_len),
+            bool if k.endswith("mask") else jnp.int32,
+            sharding=batch_sharding(mesh, 2),
+        )
         for k in BATCH_KEYS
-    }  # fmt: skip
+    }
     target = abstract_state(tx, abstract_params, shardings, nnx.to_pure_dict(frozen))
     return train_step.lower(target, batch).compile(), abstract_params
 
@@ -82,8 +97,12 @@ def compile_train_step(model_cfg: ModelConfig, mesh, *, rows: int, prompt_len: i
 def memory(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled program: argument, output, alias, temp, peak."""
     m = compiled.memory_analysis()
-    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes,
-           "temp": m.temp_size_in_bytes}
+    out = {
+        "argument": m.argument_size_in_bytes,
+        "output": m.output_size_in_bytes,
+        "alias": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+    }
     return out | {"peak": out["argument"] + out["output"] - out["alias"] + out["temp"]}
 
 
@@ -98,14 +117,26 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
     except ValueError as e:
         raise TrainConfigError(f"config: mesh: {e}") from None
     cfg = fit_to_mesh(cfg, shape, devices // hosts)
-    model_cfg = model_config(cfg.model).replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                                                attention=cfg.attention, lora=cfg.lora if cfg.lora.rank else None)
+    model_cfg = model_config(cfg.model).replace(
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        attention=cfg.attention,
+        lora=cfg.lora if cfg.lora.rank else None,
+    )
     shards = shape[0] * shape[1]
     micro = cfg.global_batch_size // cfg.grad_accum
-    out = {"topology": topology, "devices": devices, "hosts": hosts, "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
-           "grad_accum": cfg.grad_accum, "rows_per_micro_batch": micro, "rows_per_device": micro // shards,
-           "rows_per_host": cfg.global_batch_size // hosts,
-           "tokens_per_step": cfg.global_batch_size * (cfg.prompt_len + 2 * cfg.response_len)}  # fmt: skip
+    out = {
+        "topology": topology,
+        "devices": devices,
+        "hosts": hosts,
+        "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "grad_accum": cfg.grad_accum,
+        "rows_per_micro_batch": micro,
+        "rows_per_device": micro // shards,
+        "rows_per_host": cfg.global_batch_size // hosts,
+        "tokens_per_step": cfg.global_batch_size * (cfg.prompt_len + 2 * cfg.response_len),
+    }
     if compile:
         import jax
         from flax import nnx
@@ -114,12 +145,20 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
         from diffpo_jax.sharding import indivisible_dims, make_mesh
 
         if len(jax.devices()) < devices:
-            raise TrainConfigError(f"--plan {topology}: jax has {len(jax.devices())} devices (simulated devices are "
-                                   "set up by the CLI before jax starts)")
+            raise TrainConfigError(
+                f"--plan {topology}: jax has {len(jax.devices())} devices (simulated devices are "
+                "set up by the CLI before jax starts)"
+            )
         mesh = make_mesh(shape, jax.devices()[:devices])
         compiled, params = compile_train_step(
-            model_cfg, mesh, rows=cfg.global_batch_size, prompt_len=cfg.prompt_len, response_len=cfg.response_len,
-            loss_cfg=cfg.loss, optimizer_cfg=cfg.optimizer, grad_accum=cfg.grad_accum,
+            model_cfg,
+            mesh,
+            rows=cfg.global_batch_size,
+            prompt_len=cfg.prompt_len,
+            response_len=cfg.response_len,
+            loss_cfg=cfg.loss,
+            optimizer_cfg=cfg.optimizer,
+            grad_accum=cfg.grad_accum,
         )
         out["params"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
         out["lora_rank"] = cfg.lora.rank
@@ -131,17 +170,21 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
 def lines(p: dict[str, Any]) -> list[str]:
     """The plan as the CLI prints it."""
     mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
-    out = [f"plan {p['topology']}: {p['devices']} devices on {p['hosts']} host(s), mesh {mesh}",
-           f"  batch: {p['grad_accum']} micro-batch(es) of {p['rows_per_micro_batch']} rows, {p['rows_per_device']} "
-           f"row(s) per data-parallel device, {p['rows_per_host']} rows per host per step, "
-           f"{p['tokens_per_step']:,} tokens per step (P + 2N per row)"]  # fmt: skip
+    out = [
+        f"plan {p['topology']}: {p['devices']} devices on {p['hosts']} host(s), mesh {mesh}",
+        f"  batch: {p['grad_accum']} micro-batch(es) of {p['rows_per_micro_batch']} rows, {p['rows_per_device']} "
+        f"row(s) per data-parallel device, {p['rows_per_host']} rows per host per step, "
+        f"{p['tokens_per_step']:,} tokens per step (P + 2N per row)",
+    ]
     if "memory" in p:
         m = p["memory"]
         size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
         params = f"{p['params'] / 1e9:.2f}B" if p["params"] >= 1e9 else f"{p['params'] / 1e6:.1f}M"
         lora = f" trained (LoRA rank {p['lora_rank']} adapters, the base frozen)" if p.get("lora_rank") else ""
-        out.append(f"  model: {params} params{lora}; per device (XLA, AOT): state + batch "
-                   f"{size(m['argument'])}, temp {size(m['temp'])}, peak {size(m['peak'])}")
+        out.append(
+            f"  model: {params} params{lora}; per device (XLA, AOT): state + batch "
+            f"{size(m['argument'])}, temp {size(m['temp'])}, peak {size(m['peak'])}"
+        )
         if p["replicated"]:
             out.append(f"  replicated (mesh axes do not divide them): {'; '.join(p['replicated'])}")
     return out

@@ -42,7 +42,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,6 @@ from diffpo_jax.data.loader import BATCH_KEYS
 from diffpo_jax.lora import union
 from diffpo_jax.sharding import batch_sharding
 from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
-
 
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
 
@@ -72,8 +72,11 @@ def _vdot(a, b) -> jax.Array:
 
 
 def _term_stats(dot, ar2, con2) -> dict[str, jax.Array]:
-    return {"con_ar_cos": dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30),
-            "ar_grad_norm": jnp.sqrt(ar2), "con_grad_norm": jnp.sqrt(con2)}
+    return {
+        "con_ar_cos": dot / jnp.maximum(jnp.sqrt(ar2 * con2), 1e-30),
+        "ar_grad_norm": jnp.sqrt(ar2),
+        "con_grad_norm": jnp.sqrt(con2),
+    }
 
 
 def project_conflict(g_con, g_ar) -> tuple[Any, dict[str, jax.Array]]:
@@ -133,28 +136,44 @@ def make_optimizer(opt: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
     return optax.chain(clip, adamw), schedule
 
 
-def state_shardings(tx: optax.GradientTransformation, params_sharding: dict, abstract_params: dict, mesh: Mesh,
-                    frozen_sharding: dict | None = None) -> TrainState:
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params_sharding: dict,
+    abstract_params: dict,
+    mesh: Mesh,
+    frozen_sharding: dict | None = None,
+) -> TrainState:
     """The TrainState's shardings: params (and frozen params) as given, optimizer moments like their
     params, scalars replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params_sharding, transform_non_params=lambda _: replicated)
+    opt = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, params_sharding, transform_non_params=lambda _: replicated
+    )
     return TrainState(step=replicated, params=params_sharding, opt_state=opt, frozen=frozen_sharding or {})
 
 
-def abstract_state(tx: optax.GradientTransformation, abstract_params: dict, shardings: TrainState,
-                   abstract_frozen: dict | None = None) -> TrainState:
+def abstract_state(
+    tx: optax.GradientTransformation, abstract_params: dict, shardings: TrainState, abstract_frozen: dict | None = None
+) -> TrainState:
     """ShapeDtypeStructs with shardings for every TrainState leaf (restore targets: the checkpointed
     step, params and optimizer state; `frozen` only when `abstract_frozen` is given)."""
-    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), abstract_params, jax.eval_shape(tx.init, abstract_params),
-                        abstract_frozen or {})
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                        shardings if abstract_frozen else shardings.replace(frozen={}))
+    shapes = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        abstract_params,
+        jax.eval_shape(tx.init, abstract_params),
+        abstract_frozen or {},
+    )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        shapes,
+        shardings if abstract_frozen else shardings.replace(frozen={}),
+    )
 
 
-def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainState,
-               frozen: dict | None = None) -> TrainState:
+def init_state(
+    params: dict, tx: optax.GradientTransformation, shardings: TrainState, frozen: dict | None = None
+) -> TrainState:
     """A fresh TrainState (step 0, zero moments) placed on `shardings`; `params` and `frozen` are donated."""
 
     def init(params, frozen):
@@ -165,7 +184,9 @@ def init_state(params: dict, tx: optax.GradientTransformation, shardings: TrainS
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays split over (data, fsdp) (multi-host: rows of all processes)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, local[k].ndim), local[k]) for k in BATCH_KEYS}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, local[k].ndim), local[k]) for k in BATCH_KEYS
+    }
 
 
 def make_train_step(
@@ -193,8 +214,9 @@ def make_train_step(
 
     def term_grads(params, frozen, micro, num_tokens):
         """((L_AR, L_Con), (g_AR, g_Con)) of one micro-batch: one forward, one backward per term."""
-        (ar, con), vjp = jax.vjp(lambda p: tuple(loss_fn(p, frozen, micro, num_tokens)[1][k] for k in ("ar", "con")),
-                                 params)
+        (ar, con), vjp = jax.vjp(
+            lambda p: tuple(loss_fn(p, frozen, micro, num_tokens)[1][k] for k in ("ar", "con")), params
+        )
         one, zero = jnp.ones_like(ar), jnp.zeros_like(ar)
         return (ar, con), (vjp((one, zero))[0], vjp((zero, one))[0])
 

@@ -92,7 +92,6 @@ from diffpo_jax.weights.checkpoint import (
 )
 
 
-
 class TrainConfigError(ValueError):
     """A train config that cannot be used; str() is the one-line message naming the file and key."""
 
@@ -139,8 +138,22 @@ SHARED_CHECK = ".shared-check"  # the token file of check_shared_folder, there f
 # updates up to rounding), when it stops, how it logs, saves and evaluates; not what it trains on
 # (eval.holdout_prompts sets the training split, so it is not among them). output_dir is the run dir.
 RESUMABLE_KEYS = (
-    "output_dir", "mesh", "grad_accum", "remat", "attention", "stop_after", "log_every", "save_every", "keep_checkpoints",
-    "async_checkpoints", "tensorboard", "metrics_flush_s", "topologies", "eval.every", "eval.max_rows", "eval.batch_size",
+    "output_dir",
+    "mesh",
+    "grad_accum",
+    "remat",
+    "attention",
+    "stop_after",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "async_checkpoints",
+    "tensorboard",
+    "metrics_flush_s",
+    "topologies",
+    "eval.every",
+    "eval.max_rows",
+    "eval.batch_size",
     "eval.block_size",
 )
 
@@ -211,8 +224,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("data", "output_dir"):
         if not getattr(cfg, key):
             raise TrainConfigError(f"config: {key} is required (set it in the YAML or pass {key}=...)")
-    for key in ("global_batch_size", "prompt_len", "response_len", "num_epochs", "save_every",
-                "keep_checkpoints", "log_every"):
+    for key in (
+        "global_batch_size",
+        "prompt_len",
+        "response_len",
+        "num_epochs",
+        "save_every",
+        "keep_checkpoints",
+        "log_every",
+    ):
         if getattr(cfg, key) < 1:
             raise TrainConfigError(f"config: {key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.metrics_flush_s < 0:
@@ -228,11 +248,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.attention not in IMPLEMENTATIONS:
         raise TrainConfigError(f"config: attention must be one of {', '.join(IMPLEMENTATIONS)}, got {cfg.attention!r}")
     if cfg.loss.con_positions not in CON_POSITIONS:
-        raise TrainConfigError(f"config: loss.con_positions must be one of {', '.join(CON_POSITIONS)}, "
-                               f"got {cfg.loss.con_positions!r}")
+        raise TrainConfigError(
+            f"config: loss.con_positions must be one of {', '.join(CON_POSITIONS)}, got {cfg.loss.con_positions!r}"
+        )
     if cfg.loss.con_gradient not in CON_GRADIENTS:
-        raise TrainConfigError(f"config: loss.con_gradient must be one of {', '.join(CON_GRADIENTS)}, "
-                               f"got {cfg.loss.con_gradient!r}")
+        raise TrainConfigError(
+            f"config: loss.con_gradient must be one of {', '.join(CON_GRADIENTS)}, got {cfg.loss.con_gradient!r}"
+        )
     for key in ("holdout_prompts", "every"):
         if getattr(cfg.eval, key) < 0:
             raise TrainConfigError(f"config: eval.{key} must be >= 0, got {getattr(cfg.eval, key)}")
@@ -257,11 +279,14 @@ def validate_lora(cfg: TrainConfig) -> TrainConfig:
     if lora.dropout:
         raise TrainConfigError(f"config: lora.dropout must be 0 (flax's nnx.LoRA has no dropout), got {lora.dropout}")
     if not lora.target_modules or set(lora.target_modules) - set(TARGETS):
-        raise TrainConfigError(f"config: lora.target_modules must be some of {', '.join(TARGETS)}, "
-                               f"got {list(lora.target_modules)}")
+        raise TrainConfigError(
+            f"config: lora.target_modules must be some of {', '.join(TARGETS)}, got {list(lora.target_modules)}"
+        )
     if cfg.model.startswith(PRESET):
-        raise TrainConfigError(f"config: lora needs a trained base, not {cfg.model} (a random init): save it first "
-                               "(a run or `convert from-hf`) and give its dir as model")
+        raise TrainConfigError(
+            f"config: lora needs a trained base, not {cfg.model} (a random init): save it first "
+            "(a run or `convert from-hf`) and give its dir as model"
+        )
     return cfg
 
 
@@ -284,8 +309,12 @@ def random_model(preset: str, tokenizer: Any, *, seed: int, dtype: str, param_dt
     except (FileNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
     cfg = cfg.replace(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_ids=(tokenizer.eos_token_id,),
-        pad_token_id=tokenizer.pad_token_id, dtype=dtype, param_dtype=param_dtype,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=dtype,
+        param_dtype=param_dtype,
     )
     abstract = abstract_model(cfg)
     shardings = nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh))
@@ -297,8 +326,9 @@ def random_model(preset: str, tokenizer: Any, *, seed: int, dtype: str, param_dt
 def init_model(spec: str, *, seed: int, dtype: str, param_dtype: str, mesh) -> LoadedModel:
     """`preset:NAME` (random init) or anything `sources.load_model` accepts."""
     if spec.startswith(PRESET):
-        return random_model(spec[len(PRESET):], embedded_tokenizer(), seed=seed, dtype=dtype,
-                            param_dtype=param_dtype, mesh=mesh)
+        return random_model(
+            spec[len(PRESET) :], embedded_tokenizer(), seed=seed, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+        )
     return load_model(spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
 
 
@@ -342,8 +372,9 @@ class MetricsLog:
     killed before that leaves them, and the next opening merges them in (a part's line replaces a line
     of the same step: a close cut short between the two leaves both)."""
 
-    def __init__(self, run_dir: epath.Path, start_step: int, tensorboard: bool, flush_every_s: float = 30.0,
-                 clock=time.monotonic):
+    def __init__(
+        self, run_dir: epath.Path, start_step: int, tensorboard: bool, flush_every_s: float = 30.0, clock=time.monotonic
+    ):
         self.enabled = is_main_process()
         self.path = run_dir / "metrics.jsonl"
         self.flush_every_s, self._clock = flush_every_s, clock
@@ -476,14 +507,17 @@ def fit_to_mesh(cfg: TrainConfig, shape: tuple[int, int, int], devices_per_host:
     fits within one host; TrainConfigError (one line) otherwise. No devices needed (`--plan` uses it)."""
     data, fsdp, tensor = shape
     if devices_per_host % tensor:
-        raise TrainConfigError(f"config: mesh {list(shape)}: tensor = {tensor} does not fit within one host's "
-                               f"{devices_per_host} devices")
+        raise TrainConfigError(
+            f"config: mesh {list(shape)}: tensor = {tensor} does not fit within one host's {devices_per_host} devices"
+        )
     shards = data * fsdp
     grad_accum = cfg.grad_accum
     if not grad_accum:
         if cfg.global_batch_size % shards:
-            raise TrainConfigError(f"config: grad_accum auto: global_batch_size {cfg.global_batch_size} does not "
-                                   f"split over data x fsdp = {shards} devices")
+            raise TrainConfigError(
+                f"config: grad_accum auto: global_batch_size {cfg.global_batch_size} does not "
+                f"split over data x fsdp = {shards} devices"
+            )
         grad_accum = cfg.global_batch_size // shards
     rows = cfg.global_batch_size // grad_accum
     if cfg.global_batch_size % grad_accum or rows % shards:
@@ -577,16 +611,22 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     check_shared_folder(run_dir / SHARED_CHECK, f"output_dir {run_dir}")  # before anything is written
     mesh, cfg = _check_mesh(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = TrainCheckpoints(run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints,
-                                   async_save=cfg.async_checkpoints)
+    checkpoints = TrainCheckpoints(
+        run_dir, every=cfg.save_every, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints
+    )
     start = checkpoints.latest_step() or 0
     if start:
         check_resume_config(cfg, run_dir, allow_config_change)
     model_cfg, tokenizer, stop_tokens, params = _start_model(cfg, run_dir, start, mesh, say)
     if is_main_process():  # the config of this start: what the next resume is checked against
         (run_dir / TRAIN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    model_cfg = model_cfg.replace(dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat,
-                                  attention=cfg.attention, lora=cfg.lora if cfg.lora.rank else None)
+    model_cfg = model_cfg.replace(
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        attention=cfg.attention,
+        lora=cfg.lora if cfg.lora.rank else None,
+    )
     abstract = abstract_model(model_cfg)
     trained, frozen = split_trainable(nnx.state(abstract), model_cfg)  # LoRA: (adapters, base); else (all, none)
     graphdef, abstract_params = nnx.graphdef(abstract), nnx.to_pure_dict(trained)
@@ -598,15 +638,23 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
     data_dir = prepare_data(cfg.data, run_dir)
     train_idx, held = _split(cfg, data_dir, run_dir)
     loader = make_loader(
-        data_dir, tokenizer, global_batch_size=cfg.global_batch_size, prompt_len=cfg.prompt_len,
-        response_len=cfg.response_len, seed=cfg.seed, num_epochs=cfg.num_epochs, indices=train_idx,
+        data_dir,
+        tokenizer,
+        global_batch_size=cfg.global_batch_size,
+        prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len,
+        seed=cfg.seed,
+        num_epochs=cfg.num_epochs,
+        indices=train_idx,
     )
-    evaluate = held and make_evaluator(cfg.eval, cfg.loss, held, loader.encoder, graphdef, mesh,
-                                       stop_tokens=stop_tokens)
+    evaluate = held and make_evaluator(
+        cfg.eval, cfg.loss, held, loader.encoder, graphdef, mesh, stop_tokens=stop_tokens
+    )
     total = min(loader.num_batches, cfg.max_steps or loader.num_batches)
     tx, schedule = make_optimizer(cfg.optimizer, total)
-    shardings = state_shardings(tx, params_sharding, abstract_params, mesh,
-                                nnx.to_pure_dict(param_shardings(frozen, mesh)))
+    shardings = state_shardings(
+        tx, params_sharding, abstract_params, mesh, nnx.to_pure_dict(param_shardings(frozen, mesh))
+    )
     base = params if model_cfg.lora else {}  # LoRA: the frozen base, loaded at every start
     if start:
         target = abstract_state(tx, abstract_params, shardings)
@@ -633,8 +681,9 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
             record = {"step": 0, **evaluate(model_params(state))}
             metrics_log.write(record)
             say(eval_line(record))
-        history, step, stopped = _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate,
-                                       start, total, say)
+        history, step, stopped = _loop(
+            cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evaluate, start, total, say
+        )
         checkpoints.wait()
         checkpoints.close()
     finally:
@@ -671,8 +720,13 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             step += 1
             elapsed = time.perf_counter() - last
-            record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed,
-                      **{f"data_{k}": v for k, v in loader.stats.items()}}
+            record = {
+                "step": step,
+                **metrics,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "step_time_s": elapsed,
+                **{f"data_{k}": v for k, v in loader.stats.items()},
+            }
             if step % cfg.log_every == 0 or step == total:
                 say(progress_line(record, total))
             # checked before an evaluation due now, which a stop skips: SIGTERM's grace is for the checkpoint

@@ -20,12 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 from etils import epath
+from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from diffpo_jax.config import ModelConfig, read_hf_config
@@ -99,7 +100,9 @@ def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Iterat
 # ---------------------------------------------------------------- model dirs
 
 
-def write_model_files(out_dir: str | os.PathLike, cfg: ModelConfig, tokenizer: Any, generation: dict | None = None) -> None:
+def write_model_files(
+    out_dir: str | os.PathLike, cfg: ModelConfig, tokenizer: Any, generation: dict | None = None
+) -> None:
     """config.json (`cfg.to_hf()`, torch_dtype = the stored param dtype), the tokenizer's files and, when
     given, generation_config.json (the source model's, carried through Orbax dirs to the HF export)."""
     if not is_main_process():
@@ -132,8 +135,15 @@ def read_generation_config(model_dir: str | os.PathLike) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def save_params(out_dir: str | os.PathLike, cfg: ModelConfig, params: Any, tokenizer: Any = None, *, overwrite: bool = False,
-                generation: dict | None = None) -> epath.Path:
+def save_params(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Any,
+    tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
+    generation: dict | None = None,
+) -> epath.Path:
     """Write a model dir: config.json, tokenizer files, generation_config.json (when given) and `params/`
     (written from every process's shards)."""
     out_dir = as_path(out_dir)
@@ -206,8 +216,12 @@ def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
     return cfg.replace(param_dtype=hf.get("torch_dtype") or hf.get("dtype") or "float32")
 
 
-def restore_params(path: str | os.PathLike, cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None,
-                   which: nnx.filterlib.Filter = nnx.Param) -> nnx.State:
+def restore_params(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    which: nnx.filterlib.Filter = nnx.Param,
+) -> nnx.State:
     """The params of an Orbax dir as an nnx.State, each array restored straight onto its sharding under
     `mesh` (`param_shardings`), or onto the first local device when `mesh` is None, in `cfg.param_dtype`.
     `which`: the params of a model of `cfg` that the dir holds (nnx.LoRAParam: a LoRA run's adapters)."""

@@ -33,8 +33,8 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-from flax import nnx
 from etils import epath
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from safetensors.numpy import save_file
 from tqdm import tqdm
@@ -61,8 +61,17 @@ from diffpo_jax.weights.peft import adapter_specs, peft_name
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -131,9 +140,11 @@ def write_safetensors(out_dir: os.PathLike, cfg: ModelConfig, params: Any, dtype
     params = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     np_dtype = DTYPES[dtype]
     shards = _plan_shards(cfg, params, np_dtype.itemsize, max_shard_size)
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
-    ]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    )
     weight_map, total = {}, 0
     bar = tqdm(total=sum(map(len, shards)), desc="export", unit="tensor", disable=None if is_main_process() else True)
     out_dir = as_path(out_dir)
@@ -157,8 +168,11 @@ def write_safetensors(out_dir: os.PathLike, cfg: ModelConfig, params: Any, dtype
 def generation_config(cfg: ModelConfig) -> dict[str, Any]:
     """generation_config.json: the special token ids transformers' generate() needs."""
     eos = list(cfg.eos_token_ids)
-    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-           "pad_token_id": cfg.pad_token_id}
+    ids = {
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
     return {k: v for k, v in ids.items() if v is not None}
 
 
@@ -205,8 +219,16 @@ def export_checkpoint(
     dtype = dtype or ("bfloat16" if is_train_run(ckpt) else cfg.param_dtype)
     params = restore_model_params(ckpt, cfg, mesh)
     files = model_files_dir(ckpt)
-    return export_hf(out_dir, cfg, params, tokenizer_from_dir(files), dtype=dtype, max_shard_size=max_bytes,
-                     overwrite=overwrite, generation=read_generation_config(files))
+    return export_hf(
+        out_dir,
+        cfg,
+        params,
+        tokenizer_from_dir(files),
+        dtype=dtype,
+        max_shard_size=max_bytes,
+        overwrite=overwrite,
+        generation=read_generation_config(files),
+    )
 
 
 def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
@@ -223,8 +245,14 @@ def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", overwrite: bool = False,
-                mesh: jax.sharding.Mesh | None = None) -> epath.Path:
+def export_peft(
+    run: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+) -> epath.Path:
     """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc), tensors in `dtype`."""
     out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)
@@ -233,8 +261,10 @@ def export_peft(run: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: st
         raise CheckpointError(f"{run}: not a LoRA run (no adapter_config.json); to-hf exports its model")
     lora, base = found
     cfg = read_orbax_config(run).replace(lora=lora)
-    tensors = {name: t.astype(DTYPES[dtype]) for name, t in
-               peft_tensors(cfg, nnx.to_pure_dict(restore_params(run, cfg, mesh, nnx.LoRAParam))).items()}
+    tensors = {
+        name: t.astype(DTYPES[dtype])
+        for name, t in peft_tensors(cfg, nnx.to_pure_dict(restore_params(run, cfg, mesh, nnx.LoRAParam))).items()
+    }
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         if is_main_process():
             with written_locally(tmp) as local:

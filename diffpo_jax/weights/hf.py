@@ -68,7 +68,9 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
         WeightSpec(("layers", "attn", n), f"{layer}self_attn.{n}.weight", 2 if n == "o_proj" else 1)
         for n in ("q_proj", "k_proj", "v_proj", "o_proj")
     ]
-    specs += [WeightSpec(("layers", "mlp", n), f"{layer}mlp.{n}.weight", 1) for n in ("gate_proj", "up_proj", "down_proj")]
+    specs += [
+        WeightSpec(("layers", "mlp", n), f"{layer}mlp.{n}.weight", 1) for n in ("gate_proj", "up_proj", "down_proj")
+    ]
     specs.append(WeightSpec(("final_norm", "scale"), "model.norm.weight", 0))
     if not cfg.tie_word_embeddings:
         specs.append(WeightSpec(("lm_head",), "lm_head.weight", 1))
@@ -143,8 +145,10 @@ class StoredTensor:
 def safetensors_tensors(path: Path) -> dict[str, StoredTensor]:
     """Every tensor of a .safetensors file by name (validated: `read_safetensors_header`)."""
     table, start = read_safetensors_header(path)
-    return {name: StoredTensor(path, t["dtype"], start + t["data_offsets"][0], tuple(t["shape"]))
-            for name, t in table.items()}
+    return {
+        name: StoredTensor(path, t["dtype"], start + t["data_offsets"][0], tuple(t["shape"]))
+        for name, t in table.items()
+    }
 
 
 class SafetensorsCheckpoint:
@@ -193,11 +197,15 @@ def _flat_range(index: tuple[slice, ...], dims: tuple[int, ...]) -> slice | None
     return slice(bounds[0][0] * inner, bounds[0][1] * inner)
 
 
-def _read_slice(ckpt: Checkpoint, spec: WeightSpec, name: str, shape: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
+def _read_slice(
+    ckpt: Checkpoint, spec: WeightSpec, name: str, shape: tuple[int, ...], index: tuple[slice, ...]
+) -> np.ndarray:
     """Our-layout slice `index` of one (unstacked) parameter of `shape`, reading as little as possible."""
     hf = ckpt.get(name)
     if tuple(hf.shape) != spec.hf_shape(shape):
-        raise WeightsError(f"{ckpt.path}: tensor {name!r} has shape {tuple(hf.shape)}, config expects {spec.hf_shape(shape)}")
+        raise WeightsError(
+            f"{ckpt.path}: tensor {name!r} has shape {tuple(hf.shape)}, config expects {spec.hf_shape(shape)}"
+        )
     if not spec.in_dims:
         return np.asarray(hf[index])
     k = spec.in_dims
@@ -219,8 +227,13 @@ def load_params(cfg: ModelConfig, ckpt: Checkpoint, mesh: jax.sharding.Mesh | No
     return load_module(abstract_model(cfg), weight_specs(cfg), cfg.num_layers, ckpt, mesh)
 
 
-def load_module(abstract: nnx.Module, specs: list[WeightSpec], num_layers: int, ckpt: Checkpoint,
-                mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
+def load_module(
+    abstract: nnx.Module,
+    specs: list[WeightSpec],
+    num_layers: int,
+    ckpt: Checkpoint,
+    mesh: jax.sharding.Mesh | None = None,
+) -> nnx.Module:
     """`abstract` (an nnx.eval_shape'd module) with every parameter in `specs` read from `ckpt` onto its
     sharding (one device without a mesh); the decoder and the reward models (reward/model.py) share it."""
     graphdef, state = nnx.split(abstract)
@@ -231,8 +244,13 @@ def load_module(abstract: nnx.Module, specs: list[WeightSpec], num_layers: int, 
         shardings = param_shardings(state, mesh)
     names = set(ckpt.names())
     missing = [s.hf_name for s in specs if not s.stacked and s.hf_name not in names]
-    missing += [s.hf_name.format(i=i) for s in specs if s.stacked for i in range(num_layers)
-                if s.hf_name.format(i=i) not in names]
+    missing += [
+        s.hf_name.format(i=i)
+        for s in specs
+        if s.stacked
+        for i in range(num_layers)
+        if s.hf_name.format(i=i) not in names
+    ]
     if missing:
         raise WeightsError(f"{ckpt.path}: {len(missing)} tensors missing, e.g. {missing[0]!r}")
 
@@ -253,4 +271,3 @@ def load_module(abstract: nnx.Module, specs: list[WeightSpec], num_layers: int, 
 
         var.set_value(jax.make_array_from_callback(shape, sharding, callback))
     return nnx.merge(graphdef, state)
-

@@ -30,8 +30,9 @@ def peft_name(spec: WeightSpec, layer: int, ours: str) -> str:
 
 def adapter_specs(cfg: ModelConfig) -> list[WeightSpec]:
     """The projections of a model of `cfg` that carry adapters (cfg.lora's target_modules)."""
-    return [s for s in weight_specs(cfg) if s.stacked and s.path[-1] in TARGETS
-            and s.path[-1] in cfg.lora.target_modules]
+    return [
+        s for s in weight_specs(cfg) if s.stacked and s.path[-1] in TARGETS and s.path[-1] in cfg.lora.target_modules
+    ]
 
 
 def read_peft_adapters(folder: str | os.PathLike, cfg: ModelConfig) -> dict:
@@ -59,8 +60,10 @@ def read_peft_adapters(folder: str | os.PathLike, cfg: ModelConfig) -> dict:
                     raise WeightsError(f"{path}: tensor {key!r} is missing (target_modules names {name})")
                 want = tuple(shape.shape[1:][::-1])
                 if stored[key].shape != want:
-                    raise WeightsError(f"{path}: tensor {key!r} has shape {stored[key].shape}, the base and r "
-                                       f"= {cfg.lora.rank} expect {want}")
+                    raise WeightsError(
+                        f"{path}: tensor {key!r} has shape {stored[key].shape}, the base and r "
+                        f"= {cfg.lora.rank} expect {want}"
+                    )
                 layers.append(np.asarray(stored[key].array(), np.float32).T)
             node[f"{name}_lora"][ours] = np.stack(layers)
     unknown = sorted(set(stored) - expected)

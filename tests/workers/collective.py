@@ -6,11 +6,10 @@ import os
 import sys
 import time
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-import huggingface_hub
 
 from diffpo_jax import distributed, sources
 from diffpo_jax.sharding import batch_sharding, make_mesh
@@ -20,7 +19,9 @@ mesh = make_mesh((1, -1, 1))
 local = np.arange(jax.local_device_count(), dtype=np.float32) + jax.local_device_count() * jax.process_index()
 x = jax.make_array_from_process_local_data(batch_sharding(mesh, 1), local)
 total = jax.jit(jnp.sum)(x)
-print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} sum {float(total)}", flush=True)
+print(
+    f"process {jax.process_index()}/{jax.process_count()} devices {jax.device_count()} sum {float(total)}", flush=True
+)
 
 
 def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
