@@ -181,7 +181,8 @@ def build_data(work: Path, prompts: list[str], samples: dict) -> Path:
 
 def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
     """Train RUNS[name] into WORK/runs/DIR (resumed or reused when done); the run dir."""
-    from diffpo_jax.training.trainer import load_config, train
+    from diffpo_jax.training.config import load_config
+    from diffpo_jax.training.trainer import train
 
     sub, overrides = RUNS[name]
     out = work / "runs" / sub

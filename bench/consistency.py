@@ -51,8 +51,9 @@ def run_variant(preset: str, overrides: list[str], out: Path, train_rows: int | 
     from diffpo_jax.data.loader import RecordEncoder
     from diffpo_jax.sharding import make_mesh
     from diffpo_jax.sources import load_model
+    from diffpo_jax.training.config import load_config
     from diffpo_jax.training.evaluation import make_evaluator, read_records
-    from diffpo_jax.training.trainer import load_config, train
+    from diffpo_jax.training.trainer import train
 
     cfg = load_config(ROOT / "configs" / "train" / f"{preset}.yaml", [f"output_dir={out}", *overrides])
     train(cfg, log=lambda line: print(f"  {line}", flush=True))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffpo_jax.data.loader import make_loader
     from diffpo_jax.data.trajectories import MANIFEST, build
     from diffpo_jax.sharding import make_mesh
-    from diffpo_jax.training.trainer import init_model
+    from diffpo_jax.training.start import init_model
 
     line = machine()
     rows = []

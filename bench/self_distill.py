@@ -89,7 +89,8 @@ BATCH, BLOCK, SHOW, TIMED = 8, 16, 4, 8
 def train_run(overrides: list[str], out: Path, steps: int) -> list[dict]:
     """Train the smollm2-135m preset with `overrides` for `steps` steps into `out` (kept: a rerun reuses
     a finished run); its eval lines."""
-    from diffpo_jax.training.trainer import load_config, train
+    from diffpo_jax.training.config import load_config
+    from diffpo_jax.training.trainer import train
 
     metrics = out / "metrics.jsonl"
     if not (out / "checkpoints" / str(steps)).exists():

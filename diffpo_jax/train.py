@@ -25,7 +25,8 @@ from diffpo_jax import distributed
 from diffpo_jax.data.trajectories import TrajectoryDataError
 from diffpo_jax.distributed import DistributedError
 from diffpo_jax.sources import ModelSourceError
-from diffpo_jax.training.trainer import TrainConfigError, load_config, train
+from diffpo_jax.training.config import TrainConfigError, load_config
+from diffpo_jax.training.trainer import train
 from diffpo_jax.weights.checkpoint import CheckpointError
 
 

@@ -85,7 +85,7 @@ def tiny_init_dir(tmp_path_factory, smollm2):
     from flax import nnx
 
     from diffpo_jax.sharding import make_mesh
-    from diffpo_jax.training.trainer import random_model
+    from diffpo_jax.training.start import random_model
     from diffpo_jax.weights.checkpoint import save_params
 
     loaded = random_model(

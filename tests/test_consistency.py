@@ -13,8 +13,8 @@ from diffpo_jax import refine as refine_cli
 from diffpo_jax import train as train_cli
 from diffpo_jax.data import __main__ as data_cli
 from diffpo_jax.data.loader import make_loader
+from diffpo_jax.training.config import TrainConfigError, load_config
 from diffpo_jax.training.evaluation import holdout_split, read_records
-from diffpo_jax.training.trainer import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, HOLDOUT, EVERY = 200, 8, 50

@@ -181,6 +181,7 @@ def test_train_with_an_output_dir_the_processes_do_not_share_fails_at_once(tmp_p
     """train() checks output_dir before anything is written (process 0 alone writes the model files and
     data/ there): two processes with different local run dirs raise the one-line error before the mesh."""
     from diffpo_jax.training import trainer
+    from diffpo_jax.training.config import load_config
 
     class Checked(Exception):
         pass
@@ -188,15 +189,15 @@ def test_train_with_an_output_dir_the_processes_do_not_share_fails_at_once(tmp_p
     def checked(cfg):
         raise Checked
 
-    monkeypatch.setattr(trainer, "_check_mesh", checked)  # what comes after the check: not run here
+    monkeypatch.setattr(trainer, "check_mesh", checked)  # what comes after the check: not run here
     procs = Processes(2, monkeypatch)
-    configs = [trainer.load_config(None, ["data=unused", f"output_dir={tmp_path / f'host{p}/run'}"]) for p in (0, 1)]
+    configs = [load_config(None, ["data=unused", f"output_dir={tmp_path / f'host{p}/run'}"]) for p in (0, 1)]
     results = procs.run(lambda p: trainer.train(configs[p], log=lambda _: None))
     for p, e in enumerate(results):
         assert isinstance(e, distributed.DistributedError), e
         assert str(e) == f"output_dir {tmp_path / f'host{p}/run'}: " + SHARED_ERROR.format(".shared-check")
     assert not (tmp_path / "host1").exists()  # process 1 wrote nothing
-    shared = trainer.load_config(None, ["data=unused", f"output_dir={tmp_path / 'shared'}"])
+    shared = load_config(None, ["data=unused", f"output_dir={tmp_path / 'shared'}"])
     assert [type(e) for e in procs.run(lambda p: trainer.train(shared, log=lambda _: None))] == [Checked, Checked]
     assert list((tmp_path / "shared").iterdir()) == []
 

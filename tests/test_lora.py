@@ -26,8 +26,9 @@ from diffpo_jax.lora import (
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
 from diffpo_jax.sources import ModelSourceError, load_model
+from diffpo_jax.training.config import TrainConfigError, load_config
 from diffpo_jax.training.step import global_batch, init_state, make_optimizer, make_train_step, state_shardings
-from diffpo_jax.training.trainer import TrainConfigError, load_config, train
+from diffpo_jax.training.trainer import train
 from diffpo_jax.weights.checkpoint import TrainCheckpoints, restore_params, write_model_files
 from tests import tiny
 
@@ -321,7 +322,7 @@ def test_a_run_started_before_the_lora_section_resumes(tmp_path, tiny_init_dir, 
     """A train_config.json without the `lora` section (written before it existed) had its defaults."""
     import dataclasses
 
-    from diffpo_jax.training.trainer import TRAIN_CONFIG, check_resume_config
+    from diffpo_jax.training.config import TRAIN_CONFIG, check_resume_config
 
     cfg = dataclasses.replace(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), lora=LoraConfig())
     old = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k != "lora"}

@@ -15,8 +15,10 @@ from etils.epath import testing as epath_testing
 from diffpo_jax.data.trajectories import build
 from diffpo_jax.paths import as_path
 from diffpo_jax.sources import load_model
-from diffpo_jax.training import trainer
-from diffpo_jax.training.trainer import load_config, train
+from diffpo_jax.training import metrics
+from diffpo_jax.training.config import load_config
+from diffpo_jax.training.metrics import MetricsLog
+from diffpo_jax.training.trainer import train
 from diffpo_jax.weights.export import export_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +112,7 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
     interval: O(steps / interval) writes, O(steps) bytes; a reopening merges what a killed run left, and
     after close() the object holds every line. A local dir counts what goes into the fake bucket; a
     fake clock advances 1 s per step."""
-    monkeypatch.setattr(trainer, "PART_LINES", 100)
+    monkeypatch.setattr(metrics, "PART_LINES", 100)
     store = tmp_path / "store"
     (store / "bucket" / "run").mkdir(parents=True)
     now, writes = [0.0], []  # (object, time, characters)
@@ -151,7 +153,7 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
     (obj / "metrics.jsonl").write_text("".join(line(i, 0.0) + "\n" for i in range(1, 6)))
     (obj / "metrics.jsonl.part-000000004").write_text("".join(line(i) + "\n" for i in range(4, 8)))
     with epath_testing.mock_epath(open=open_, glob=glob, **{n: redirect for n in ("exists", "remove", "stat")}):
-        log = trainer.MetricsLog(run_dir, start_step=5, tensorboard=False, flush_every_s=30, clock=lambda: now[0])
+        log = MetricsLog(run_dir, start_step=5, tensorboard=False, flush_every_s=30, clock=lambda: now[0])
         assert (obj / "metrics.jsonl").read_text().splitlines() == [
             line(1, 0.0),
             line(2, 0.0),

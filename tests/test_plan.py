@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffpo_jax.training import plan
-from diffpo_jax.training.trainer import TrainConfigError, load_config
+from diffpo_jax.training.config import TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted((ROOT / "configs" / "train").glob("*.yaml"))

@@ -29,6 +29,8 @@ from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
 from diffpo_jax.sources import load_model
 from diffpo_jax.training import trainer
+from diffpo_jax.training.config import TrainConfigError, load_config
+from diffpo_jax.training.metrics import MetricsLog
 from diffpo_jax.training.step import (
     global_batch,
     init_state,
@@ -36,7 +38,6 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
-from diffpo_jax.training.trainer import MetricsLog, TrainConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20  # 4 epochs of the 40 bundled trajectories in batches of 8

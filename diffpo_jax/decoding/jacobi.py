@@ -19,10 +19,9 @@ Re-alignment (`realign=True`): when the refinement inserts or deletes tokens, th
 is off by a few offsets. After each pass the trailing tokens (next_tok and up to two committed tokens
 before it) are looked up in the draft; at the best match (longest, then nearest the expected offset;
 next_tok alone counts), the draft continuation replaces the window's guesses. Only guesses change, so
-exactness does not. It is on by default: on shifted drafts it cuts the passes several-fold (the guesses
-after a mismatch are otherwise predictions from a wrong context, and the draft tail is misaligned); on
-SmolLM2's own temperature-0.7 drafts (block 16, 64 tokens) it took 0.92 passes per token to 0.76
-(requiring next_tok plus one committed token to match: 0.80).
+exactness does not. It is on by default: the guesses after an insertion or deletion are otherwise
+predictions from a wrong context, and the draft tail is misaligned (passes per token with and without
+it: bench/results/, `refine_speed.py`).
 
 `trajectory=True` also returns the Jacobi trajectory: after each pass, the response the next pass
 builds on, as a full N-token sequence (committed tokens, the window's guesses, the draft at the offsets

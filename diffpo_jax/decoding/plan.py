@@ -9,9 +9,8 @@ argument + output - alias + temp of the larger of the two programs. The largest 
 from two compiles (the state grows linearly in the rows) and is rounded down to a multiple of the
 data x fsdp devices. As for `train --plan`, the figures are XLA:CPU's for the same sharded program, a
 guide to the accelerator's. One correction: XLA:CPU runs bfloat16 matmuls by converting the weights to
-float32 (a float32 copy of every weight in temp, which an accelerator never makes: SmolLM2's bf16 forward
-shows 1.6x its weights in temp, the fp32 one 3%), so a bfloat16 plan compiles the float32 program and
-halves its bytes (its fp32 logits, counted at half, are a small part).
+float32 (a float32 copy of every weight in temp, which an accelerator never makes), so a bfloat16 plan
+compiles the float32 program and halves its bytes (its fp32 logits, counted at half, are a small part).
 
 Layout: `--mesh` when given; otherwise the smallest tensor-parallel degree t (a divisor of the local
 devices and of the KV heads) whose peak at the requested batch fits the device memory, devices / t on

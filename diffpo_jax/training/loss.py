@@ -31,16 +31,15 @@ Positions of the consistency term (`LossConfig.con_positions`):
   - "draft" (the presets): only positions i < len(y(t)), where the student's input token y(t)_{i-1} is a
     draft token (not y(t)'s end-of-turn token or the pad tail past it). Past the draft's end the student
     context says nothing about y(T)_i; asking it to predict the teacher there is asking it to predict
-    without context, and the cheapest way to lower that KL is a prefix-blind model (the collapse to one
-    repeated token measured in bench/RESULTS.md). In refinement those window slots hold pad guesses
+    without context, and the cheapest way to lower that KL is a prefix-blind model (a collapse to one
+    repeated token; bench/RESULTS.md). In refinement those window slots hold pad guesses
     that are never accepted before the tokens in front of them are, so nothing is lost.
   - "frontier": the draft's positions in the `con_window` positions after the first mismatch m (the
     first i with y(t)_i != y(T)_i): m < i <= m + con_window. Jacobi decoding accepts tokens only just
     after its committed prefix, from contexts of that prefix plus a few guesses; these positions are
     those contexts (positions up to m have the same prefix in both rows, so kl = 0 there anyway). Far
     past the mismatch the student's prefix is another answer altogether, and asking it to predict y(T)
-    there teaches it to ignore its prefix: on SmolLM2's own samples, "draft" at w = 1 lifts held-out
-    L_AR from 0.78 to 2.1 nats within 40 steps (bench/RESULTS.md).
+    there teaches it to ignore its prefix, which the held-out L_AR shows (bench/RESULTS.md).
 Positions with the same prefix in both rows (before the first mismatch) have kl = 0 exactly.
 
 Normalisation (both terms): a masked sum over the global batch divided by the number n of valid

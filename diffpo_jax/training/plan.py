@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 from diffpo_jax.config import ModelConfig, config_without_weights
-from diffpo_jax.training.trainer import TrainConfig, TrainConfigError, fit_to_mesh
+from diffpo_jax.training.config import TrainConfig, TrainConfigError, fit_to_mesh
 
 GIB = 1024**3
 

@@ -31,9 +31,9 @@ along g_AR before the update ar_weight * g_AR + w * g_Con. So the consistency te
 against the AR term's direction; it only moves the weights where L_AR is indifferent or agrees.
 `loss.con_gradient = "balance"`: the same two gradients, and g_Con is rescaled to the norm of g_AR
 before the update, ar_weight * g_AR + w * (|g_AR| / |g_Con|) * g_Con: w is then the consistency update's
-norm relative to the AR update's, every step, whatever the data makes the KL's scale (bench/RESULTS.md
-measured the fixed-w balance point w* = |g_AR| / |g_Con| at 0.2-0.4 on self-distilled SmolLM2 data and
-1.2 on reward-ranked examples, so one fixed w cannot suit both).
+norm relative to the AR update's, every step, whatever the data makes the KL's scale (the fixed-w
+balance point w* = |g_AR| / |g_Con| differs between datasets, so one fixed w cannot suit all of them;
+bench/RESULTS.md).
 Both modes add to the metrics the cosine of the two full-batch gradients as they came (`con_ar_cos`) and
 their norms (`ar_grad_norm`, `con_grad_norm`; the balance weight w* = ar_grad_norm / con_grad_norm).
 """
