@@ -65,10 +65,14 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
     "AR only (w=0)": ("ar-only", ["loss.con_weight=0"]),
     "paper (w=1e3, all)": ("paper", ["loss.con_weight=1000", "loss.con_positions=all"]),
     "AR only (w=0), 3 epochs": ("ar-only-3ep", ["loss.con_weight=0", "num_epochs=3"]),
-    # the embedded refiner (diffpo_jax/refiner/): rank-8 adapters on every projection, 10x the full run's lr
-    "LoRA r8, AR only (w=0), 3 epochs": (
+    # LoRA: rank-8 adapters on every projection (lora.py), 10x and 40x the full runs' lr
+    "LoRA r8, AR only (w=0), 3 epochs, lr 5e-4": (
         "lora-ar-3ep",
         ["loss.con_weight=0", "num_epochs=3", "lora.rank=8", "lora.alpha=16", "optimizer.learning_rate=5e-4"],
+    ),
+    "LoRA r8, AR only (w=0), 3 epochs, lr 2e-3": (
+        "lora-ar-3ep-lr2e-3",
+        ["loss.con_weight=0", "num_epochs=3", "lora.rank=8", "lora.alpha=16", "optimizer.learning_rate=2e-3"],
     ),
 }
 UNTRAINED = "untrained SmolLM2"
