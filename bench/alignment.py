@@ -19,7 +19,9 @@ their .partial files, training resumes from its checkpoints), so the benchmark c
    135M model moves within one epoch of 32 steps) and steps (the paper's setting: `--steps-paper`, 16 by
    default: it collapsed within 40 steps before); held-out eval (L_AR on the held-out y(T), Jacobi
    refinement) at step 0 and the end. One more: AR only for 3 epochs (96 steps), to see whether longer
-   training on the same data closes the gap to Best-of-4.
+   training on the same data closes the gap to Best-of-4; and the same as LoRA (rank 8 on every
+   projection, lora.py) at 10x and 40x the lr: the embedded refiner's training. TIMED: the full and the
+   LoRA train step measured back to back in this process (TIMING_STEPS steps each), with their Adam state.
 5. Evaluation on the held-out prompts, per base setup: the reward of the draft; Best-of-2/4/8; the draft
    refined (Jacobi, window BLOCK, batch BATCH with row refill) by the untrained SmolLM2 and each trained
    refiner, holding R = 0 draft tokens and the official script's random 0..12 (`refine --hold-draft-prefix
@@ -57,6 +59,7 @@ SETUPS = {  # name: (file stem, system prompt or None for the model's default, t
 }
 TRAIN_SAMPLES, HELD_SAMPLES, HOLDOUT = 3, 8, 64
 MAX_NEW_TOKENS, BATCH, BLOCK, EPOCHS, LR = 48, 16, 16, 1, 5e-5
+TIMING_STEPS = 6  # train steps per run of the LoRA vs full fine-tuning timing (time_steps)
 GEN_ROWS = 32  # rows per decode while sampling the answers (not timed; the timed drafts use BATCH)
 BEST_OF = (2, 4, 8)
 HOLDS = {"R=0": 0, "R=random 0..12": "random:12"}
@@ -76,6 +79,7 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
     ),
 }
 UNTRAINED = "untrained SmolLM2"
+TIMED = ("AR only (w=0), 3 epochs", "LoRA r8, AR only (w=0), 3 epochs, lr 2e-3")  # full vs LoRA step (time_steps)
 EXAMPLES = 5
 
 
@@ -328,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         report(args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs)
         runs[name] = train_run(work, data, name, args.steps_paper if name.startswith("paper") else None)
         refiners[name] = evaluate_model(work, name, str(runs[name]), prompts, held, samples, reward)
-    report(args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs)
+    pair = [n for n in TIMED if n in runs]
+    timing = time_steps(work, data, pair) if len(pair) == len(TIMED) else {}
+    report(args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs, timing)
 
 
 def _stats(rewards, drafts, seconds, tokens=None, passes=None, committed=None, distinct=None) -> dict:
@@ -346,7 +352,9 @@ def _stats(rewards, drafts, seconds, tokens=None, passes=None, committed=None, d
     }
 
 
-def report(args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs) -> None:
+def report(
+    args, work, prompts, held, samples, sample_rewards, draft_seconds, score_seconds, refiners, runs, timing=None
+) -> None:
     """Write bench/results/alignment.md and the figure from what is done so far."""
     from diffpo_jax.chat import response_ids
 
@@ -425,12 +433,75 @@ def report(args, work, prompts, held, samples, sample_rewards, draft_seconds, sc
             "",
         ]
     lines += _training_lines(runs)
+    if timing:
+        lines += [
+            "## LoRA vs full fine-tuning: the train step, measured back to back in this run",
+            "",
+            table(
+                ["run", "s / step", "trained params", "Adam state (MiB)"],
+                [
+                    [n, f"{t['seconds']:.2f}", f"{t['trained_params']:,}", f"{t['adam_mib']:.1f}"]
+                    for n, t in timing.items()
+                ],
+            ),
+            "",
+        ]
     lines += _examples(prompts, held, samples, sample_rewards, refiners)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_FILE.write_text("\n".join(lines) + "\n")
     (work / "summary.json").write_text(json.dumps(methods, indent=1))
     _plot(methods)
     print("\n".join(lines), flush=True)
+
+
+def time_steps(work: Path, data: Path, names: list[str]) -> dict[str, dict]:
+    """LoRA against full fine-tuning, measured back to back in this process: each run of `names` trained again
+    for TIMING_STEPS steps (no evaluation) into WORK/timing; median seconds of the steps after the first
+    (which compiles), the trained params and their Adam state (two fp32 moments each). Cached."""
+    import shutil
+
+    import jax
+    from flax import nnx
+
+    from diffpo_jax.lora import split_trainable
+    from diffpo_jax.model import abstract_model
+    from diffpo_jax.training.config import load_config
+    from diffpo_jax.training.trainer import train
+    from diffpo_jax.weights.checkpoint import read_orbax_config
+
+    cache = work / "eval" / "step_seconds.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    out = {}
+    for name in names:
+        sub, overrides = RUNS[name]
+        run_dir = work / "timing" / sub
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = load_config(
+            ROOT / "configs" / "train" / "smollm2-135m.yaml",
+            [
+                f"data={data}",
+                f"output_dir={run_dir}",
+                f"optimizer.learning_rate={LR}",
+                "prompt_len=64",
+                f"response_len={MAX_NEW_TOKENS}",
+                "eval.holdout_prompts=0",
+                "save_every=1000",
+                "tensorboard=false",
+                "async_checkpoints=false",
+                f"max_steps={TIMING_STEPS}",
+                *overrides,
+            ],
+        )
+        result = train(cfg, log=lambda line, name=name: print(f"  timing {name}: {line}", flush=True))
+        steps = [m["step_time_s"] for m in result.history][1:]
+        model_cfg = read_orbax_config(run_dir).replace(lora=cfg.lora if cfg.lora.rank else None)
+        trained, _ = split_trainable(nnx.state(abstract_model(model_cfg)), model_cfg)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.to_pure_dict(trained)))
+        out[name] = {"seconds": float(np.median(steps)), "trained_params": n, "adam_mib": 8 * n / 2**20}
+        shutil.rmtree(run_dir, ignore_errors=True)
+    cache.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def _training_lines(runs: dict[str, Path]) -> list[str]:

@@ -27,20 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-from diffpo_jax import distributed, record_loop
-from diffpo_jax.data.formats import (
-    FORMATS,
-    FormatError,
-    check_output_path,
-    generated_output,
-    read_records,
-    sampled_output,
-)
-from diffpo_jax.decoding import devices
-from diffpo_jax.decoding import plan as decode_plan
-from diffpo_jax.distributed import DistributedError
-from diffpo_jax.paths import as_path
-from diffpo_jax.sources import ModelSourceError
+from diffpo_jax.records import cli
+from diffpo_jax.records.formats import generated_output, sampled_output
+from diffpo_jax.records.loop import sample_keys
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
 # outputs do not depend on it)
@@ -61,17 +50,6 @@ RESUME_OPTIONS = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="base model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2",
-    )
-    ap.add_argument(
-        "--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)"
-    )
-    ap.add_argument("--input", type=as_path, help="required, except with --plan")
-    ap.add_argument("--output", type=as_path, help="required, except with --plan")
-    ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -79,21 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=1, help="answers per prompt (> 1: jsonl `samples`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-id", help="generator / model_id written to alpaca_eval and mt_bench records")
-    devices.add_arguments(ap)
-    record_loop.add_arguments(
+    cli.decode_arguments(
         ap,
-        "decode N records at a time through --batch-size slots with row refill (a finished "
+        model_help="base model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2",
+        model_default=None,
+        window_help="decode N records at a time through --batch-size slots with row refill (a finished "
         "row's slot takes the next record), written in input order (default 256; <= "
         "--batch-size: batches of consecutive records, each until its longest answer is done)",
     )
-    ap.add_argument(
-        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
-    )
-    distributed.add_arguments(ap)
-    decode_plan.add_arguments(ap)
     args = ap.parse_args(argv)
-    if not args.plan and (args.input is None or args.output is None):
-        ap.error("--input and --output are required (except with --plan)")
+    cli.check_decode_arguments(ap, args)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
         ap.error("--max-new-tokens, --batch-size and --num-samples must be >= 1")
     if args.num_samples > 1 and args.format != "jsonl":
@@ -104,31 +77,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, loaded=None) -> dict:
-    """Generate drafts for args.input into args.output; returns the summary. `loaded`: an already loaded model to use instead of args.model."""
-    from tqdm import tqdm
-
-    from diffpo_jax.decoding.batching import Decoder
-    from diffpo_jax.sources import load_model
-
-    mesh = devices.decode_mesh(args.mesh, args.base or args.model, args.dtype)
-    devices.check_rows(mesh, args.batch_size * args.num_samples)  # before the model loads
-    check_output_path(args.input, args.output, args.overwrite)
-    records = read_records(args.input, args.format, with_drafts=False)
-    options = record_loop.run_options(args, RESUME_OPTIONS)
-    out = record_loop.open_output(args.output, args.format, records, options)
-    loaded = loaded or load_model(args.model, base=args.base, dtype=options["dtype"], mesh=mesh)
-    model_id = args.model_id or Path(loaded.source).stem
+    """Generate drafts for args.input into args.output; returns the summary. `loaded`: an already loaded model
+    to use instead of args.model."""
     k = args.num_samples
-    decoder = Decoder(loaded, batch_size=args.batch_size * k, max_new_tokens=args.max_new_tokens, mesh=mesh)
+    run = cli.start_decode(
+        args, "generate", rows=args.batch_size * k, resume_options=RESUME_OPTIONS, with_drafts=False, loaded=loaded
+    )
+    model_id = args.model_id or Path(run.loaded.source).stem
     totals = {"rows": 0, "tokens": 0}
-    # the bar counts this process's decoded turns (records come out a window at a time)
-    bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="generate", dynamic_ncols=True)
-    start = time.perf_counter()
 
     def decode(indices: list[int], turn: int, _recs, prompts):
         """Per record: (its index, its k Outputs), the k samples of a prompt in adjacent rows."""
-        keys = record_loop.sample_keys(args.seed, indices, turn, k)
-        outputs = decoder.sample(
+        keys = sample_keys(args.seed, indices, turn, k)
+        outputs = run.decoder.sample(
             [p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p
         )
         return [(i, outputs[j * k : (j + 1) * k]) for j, i in enumerate(indices)]
@@ -137,8 +98,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         outputs = [o for _, samples in results for o in samples]
         totals["rows"] += len(outputs)
         totals["tokens"] += sum(o.stats["tokens"] for o in outputs)
-        bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - start):.1f}")
-        bar.update(len(results))
+        run.bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - run.start):.1f}")
+        run.bar.update(len(results))
 
     def build(rec, turns):
         if k == 1:
@@ -151,26 +112,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
     # A window's records go to the decoder together: its slots decode them with row refill (a finished
     # row's slot takes the next row), or one batch when the window is no larger than --batch-size.
-    skipped = record_loop.decode_records(
-        decoder,
-        records,
-        out,
-        decode,
-        history,
-        build,
-        progress,
-        batch_size=max(args.sort_window, args.batch_size),
-        on_error=args.on_error,
-        window=args.sort_window,
+    summary = cli.finish_decode(
+        run, args, decode, history, build, progress, batch_size=max(args.sort_window, args.batch_size)
     )
-    bar.update(bar.total - bar.n)  # turns of skipped records
-    bar.close()
-    out.finish()
-    elapsed = time.perf_counter() - start
-    return {
-        "devices": devices.describe(mesh),
-        "records": len(records),
-        "skipped": skipped,
+    elapsed = time.perf_counter() - run.start
+    return summary | {
         "turns_generated": totals["rows"],
         "tokens": totals["tokens"],
         "seconds": round(elapsed, 1),
@@ -179,19 +125,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.plan:
-        return decode_plan.main(args, "generate")
-    try:
-        distributed.initialize_from_args(args)
-        summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    if distributed.is_main_process():
-        print(f"wrote {args.output}")
-    return 0
+    return cli.main(parse_args(argv), run, "generate", cli.print_summary)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,32 @@
 """python -m diffpo_jax.refine: refine drafts into the DiffPO model's greedy answers by Jacobi decoding.
 
-  python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO]
+  python -m diffpo_jax.refine --input drafts.jsonl --output refined.jsonl [--model DIFFPO [--base BASE]]
       [--format jsonl|alpaca_eval|mt_bench] [--questions question.jsonl] [--history refined|draft]
       [--block-size 32] [--max-new-tokens 256] [--max-iterations N] [--batch-size 8]
       [--hold-draft-prefix R | random:R] [--no-realign] [--trajectory] [--dtype float32|bfloat16] [--mesh D,F,T]
       [--sort-window 256] [--on-error stop|skip] [--overwrite]
   python -m diffpo_jax.refine --plan DEVICES[/HOSTS] [--device-memory GIB] [--model M] [--prompt-len 1024] [options]
 
-Formats: see `diffpo_jax.data.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
+DIFFPO: any --model (sources.py); by default `embedded-refiner`, the DiffPO refiner trained for this project
+(a LoRA adapter in diffpo_jax/refiner/ on the embedded SmolLM2; README). Formats: see `diffpo_jax.records.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
 OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
 record's prompt is checked before the first forward, and with `--on-error skip` a record that cannot be
 refined is written out with an `error` field instead (counted in the summary). Devices and dtype
 (`--mesh`, `--dtype`; defaults: all local devices data-parallel and bfloat16 on GPU/TPU, one device and
 float32 on CPU): decoding/devices.py; the summary names them. Several processes (launch/, or
 --coordinator/--num-processes/--process-id): each refines every P-th record left over its own devices
-and process 0 writes OUTPUT (record_loop.open_output); a rerun resumes with any process count.
+and process 0 writes OUTPUT (records/output.py); a rerun resumes with any process count.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
-import textwrap
 import time
 
-from diffpo_jax import distributed, record_loop
-from diffpo_jax.data.formats import (
-    FORMATS,
-    FormatError,
-    check_output_path,
-    read_output,
-    read_records,
-    refined_output,
-    refined_pairs,
-)
-from diffpo_jax.decoding import devices
-from diffpo_jax.decoding import plan as decode_plan
-from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
-from diffpo_jax.sources import ModelSourceError
+from diffpo_jax.records import cli
+from diffpo_jax.records.formats import read_output, refined_output, refined_pairs
 
 # the options a resumed run must share with the run that wrote OUTPUT.partial
 RESUME_OPTIONS = (
@@ -80,17 +67,6 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="DiffPO model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded SmolLM2",
-    )
-    ap.add_argument(
-        "--base", help="the base model of a PEFT adapter --model (default: the one its adapter_config.json names)"
-    )
-    ap.add_argument("--input", type=as_path, help="required, except with --plan")
-    ap.add_argument("--output", type=as_path, help="required, except with --plan")
-    ap.add_argument("--format", choices=FORMATS, default="jsonl")
     ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
     ap.add_argument(
         "--history",
@@ -116,24 +92,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="jsonl: stats.trajectory = the response after each Jacobi pass (the intermediate states)",
     )
-    devices.add_arguments(ap)
-    record_loop.add_arguments(
-        ap,
-        "refine N records at a time through --batch-size slots with row refill (a finished row's "
-        "slot takes the next record), written in input order (default 256; <= --batch-size: "
-        "batches of consecutive records, each until its slowest row is done)",
-    )
-    ap.add_argument(
-        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
-    )
-    distributed.add_arguments(ap)
     ap.add_argument(
         "--show", type=int, default=0, metavar="K", help="print the first K drafts and refinements side by side"
     )
-    decode_plan.add_arguments(ap)
+    cli.decode_arguments(
+        ap,
+        model_help="DiffPO model: hub id, HF folder, .gguf, Orbax dir, PEFT adapter folder; default: embedded-refiner, "
+        "the DiffPO refiner trained for this project (README) on the embedded SmolLM2",
+        model_default="embedded-refiner",
+        window_help="refine N records at a time through --batch-size slots with row refill (a finished row's "
+        "slot takes the next record), written in input order (default 256; <= --batch-size: "
+        "batches of consecutive records, each until its slowest row is done)",
+    )
     args = ap.parse_args(argv)
-    if not args.plan and (args.input is None or args.output is None):
-        ap.error("--input and --output are required (except with --plan)")
+    cli.check_decode_arguments(ap, args)
     for name in ("block_size", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -147,24 +119,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, loaded=None) -> dict:
-    """Refine args.input into args.output; returns the summary. `loaded`: an already loaded model to use instead of args.model."""
-    from tqdm import tqdm
-
-    from diffpo_jax.decoding.batching import Decoder
-    from diffpo_jax.sources import load_model
-
-    mesh = devices.decode_mesh(args.mesh, args.base or args.model, args.dtype)
-    devices.check_rows(mesh, args.batch_size)  # before the model loads
-    check_output_path(args.input, args.output, args.overwrite)
-    records = read_records(args.input, args.format, with_drafts=True, questions=args.questions)
-    options = record_loop.run_options(args, RESUME_OPTIONS)
-    out = record_loop.open_output(args.output, args.format, records, options)
-    loaded = loaded or load_model(args.model, base=args.base, dtype=options["dtype"], mesh=mesh)
-    decoder = Decoder(loaded, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mesh=mesh)
+    """Refine args.input into args.output; returns the summary. `loaded`: an already loaded model to use
+    instead of args.model."""
+    run = cli.start_decode(
+        args,
+        "refine",
+        rows=args.batch_size,
+        resume_options=RESUME_OPTIONS,
+        with_drafts=True,
+        questions=args.questions,
+        loaded=loaded,
+    )
+    decoder = run.decoder
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
-    # the bar counts this process's decoded turns (records come out a window at a time)
-    bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc="refine", dynamic_ncols=True)
-    start = time.perf_counter()
 
     def decode(indices: list[int], turn: int, recs, prompts):
         drafts = [decoder.draft_tokens(r.drafts[turn]) for r in recs]
@@ -185,11 +152,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             totals["tokens"] += o.stats["tokens"]
             totals["passes"] += o.stats["passes"]
             totals["converged"] += o.stats["converged"]
-        elapsed = time.perf_counter() - start
-        bar.set_postfix(
+        elapsed = time.perf_counter() - run.start
+        run.bar.set_postfix(
             tok_s=f"{totals['tokens'] / elapsed:.1f}", passes_tok=f"{totals['passes'] / max(totals['tokens'], 1):.3f}"
         )
-        bar.update(len(outputs))
+        run.bar.update(len(outputs))
 
     def build(rec, outputs):
         return refined_output(args.format, rec, [o.text for o in outputs], [o.stats for o in outputs])
@@ -200,26 +167,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     # A window's records go to the decoder together: its batch_size slots refine them with row refill
     # (one batch at a time with --trajectory, or when the window is no larger than a batch).
     per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
-    skipped = record_loop.decode_records(
-        decoder,
-        records,
-        out,
-        decode,
-        history,
-        build,
-        progress,
-        batch_size=per_call,
-        on_error=args.on_error,
-        window=args.sort_window,
-    )
-    bar.update(bar.total - bar.n)  # turns of skipped records
-    bar.close()
-    out.finish()
-    elapsed = time.perf_counter() - start
-    return {
-        "devices": devices.describe(mesh),
-        "records": len(records),
-        "skipped": skipped,
+    summary = cli.finish_decode(run, args, decode, history, build, progress, batch_size=per_call)
+    elapsed = time.perf_counter() - run.start
+    return summary | {
         "turns_refined": totals["rows"],
         "tokens": totals["tokens"],
         "passes": totals["passes"],
@@ -230,45 +180,25 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     }
 
 
-def side_by_side(draft: str, refined: str, width: int = 48, titles: tuple[str, str] = ("draft", "refined")) -> str:
-    """Two wrapped columns under `titles`, draft | refined."""
-
-    def wrap(text):
-        return [w for line in text.splitlines() or [""] for w in textwrap.wrap(line, width) or [""]]
-
-    left, right = wrap(draft), wrap(refined)
-    rows = [titles, ("-" * width, "-" * width)] + list(itertools.zip_longest(left, right, fillvalue=""))
-    return "\n".join(f"{a:<{width}} | {b}" for a, b in rows)
-
-
 def show(path, fmt: str, k: int) -> None:
     """The first k records of the output file, drafts and refinements side by side."""
     for _, rec in read_output(path, fmt)[:k]:
         title, pairs = refined_pairs(fmt, rec)
         print(f"\n=== {title}")
         for draft, refined in pairs:
-            print(side_by_side(draft, refined))
+            print(cli.side_by_side(draft, refined))
         for key in ("error", "stats"):
             if key in rec:
                 print(f"{key}: {rec[key]}")
 
 
+def report(args: argparse.Namespace, summary: dict) -> None:
+    show(args.output, args.format, args.show)
+    cli.print_summary(args, summary)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.plan:
-        return decode_plan.main(args, "refine")
-    try:
-        distributed.initialize_from_args(args)
-        summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError, DistributedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if distributed.is_main_process():
-        show(args.output, args.format, args.show)
-    print("\nsummary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    if distributed.is_main_process():
-        print(f"wrote {args.output}")
-    return 0
+    return cli.main(parse_args(argv), run, "refine", report)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ import json
 import sys
 import time
 
-from diffpo_jax import distributed, record_loop
-from diffpo_jax.data.formats import FormatError, check_output_path
+from diffpo_jax import distributed
 from diffpo_jax.decoding import devices
-from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
+from diffpo_jax.records import cli
+from diffpo_jax.records.formats import FormatError
+from diffpo_jax.records.output import check_output, check_output_path, open_output
 from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.reward.records import SCORE_FORMATS
-from diffpo_jax.sources import ModelSourceError
 
 RESUME_OPTIONS = (
     "model",
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     if args.best_of_n:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
-    options = record_loop.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
-    record_loop.check_output(args.output)  # several processes: a shared folder, before the model loads
+    options = cli.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
+    check_output(args.output)  # several processes: a shared folder, before the model loads
     if args.reward:
         scorer = FunctionScorer(args.reward, batch_size=args.batch_size)
     else:
@@ -137,9 +137,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             except InputError as e:
                 raise FormatError(f"{rec.where}: field '{field}': {e}") from None
         rows_by_record.append(rows)
-    out = record_loop.open_output(
-        args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options
-    )
+    out = open_output(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
 
     bar = tqdm(total=len(out.todo), unit="rec", desc="score", dynamic_ncols=True)  # this process's records
     start, tokens = time.perf_counter(), 0
@@ -192,16 +190,15 @@ def _collect(layout, records, outputs) -> tuple[dict[str, list[float]], tuple[st
 
 def show(path, summary: dict, k: int) -> None:
     """The first k records of a scored jsonl file whose two one-answer fields had a win rate: side by side, scored."""
-    from diffpo_jax.data.formats import jsonl_records
-    from diffpo_jax.refine import side_by_side
+    from diffpo_jax.records.formats import jsonl_records
 
-    if "win_rate" not in summary:
+    if not k or "win_rate" not in summary:
         return
     first, second = summary["win_rate"]["over"], summary["win_rate"]["of"]
     for _, rec in list(jsonl_records(path))[:k]:
         print(f"\n=== {rec.get('id', '')} {rec.get('prompt', '')}".rstrip())
         print(
-            side_by_side(
+            cli.side_by_side(
                 rec[first],
                 rec[second],
                 titles=(f"{first} ({rec['scores'][first]:.3f})", f"{second} ({rec['scores'][second]:.3f})"),
@@ -210,16 +207,7 @@ def show(path, summary: dict, k: int) -> None:
     print()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        distributed.initialize_from_args(args)
-        summary = run(args)
-    except (FormatError, ModelSourceError, devices.MeshError, DistributedError, RewardFunctionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not distributed.is_main_process():  # the summary covers every process's records: process 0 prints it
-        return 0
+def report(args: argparse.Namespace, summary: dict) -> None:
     from diffpo_jax.reward.summary import markdown
 
     show(args.output, summary, args.show)
@@ -238,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
             markdown(summary, f"Scores of {args.input} by {args.model or args.reward}"), encoding="utf-8"
         )
         print(f"wrote {args.report}")
-    print(f"wrote {args.output}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(parse_args(argv), run, None, report)
 
 
 if __name__ == "__main__":

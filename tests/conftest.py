@@ -16,6 +16,42 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the real embedded model (SmolLM2-135M); still runs in CI")
 
 
+@pytest.fixture(autouse=True)
+def _fast_tests_do_not_load_smollm2(request, monkeypatch):
+    """A test not marked slow that reaches the embedded GGUF (in this process) fails, naming the marker."""
+    if request.node.get_closest_marker("slow") is None:
+        from diffpo_jax import sources
+        from diffpo_jax.weights import gguf
+
+        message = "this test loads the embedded SmolLM2: mark it @pytest.mark.slow (or use smol_tokenizer)"
+        assert not {"smollm2", "smollm2_reference"} & set(request.fixturenames), message
+
+        def refuse():
+            raise AssertionError(message)
+
+        for module in (gguf, sources):
+            monkeypatch.setattr(module, "embedded_gguf_path", refuse)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(tmp_path_factory):
+    """SmolLM2-135M-Instruct's tokenizer from its files in tests/data (the embedded GGUF's, saved once; a slow
+    test checks they agree), for tiny models that tokenize real text without reading the GGUF."""
+    import gzip
+    import shutil
+    from pathlib import Path
+
+    from diffpo_jax.weights.checkpoint import tokenizer_from_dir
+
+    source, folder = Path(__file__).parent / "data" / "smollm2_tokenizer", tmp_path_factory.mktemp("smol_tokenizer")
+    for f in source.iterdir():
+        if f.suffix == ".gz":
+            (folder / f.stem).write_bytes(gzip.decompress(f.read_bytes()))
+        else:
+            shutil.copy(f, folder / f.name)
+    return tokenizer_from_dir(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     return tiny.save(tiny.llama_config(tie=False), tmp_path_factory.mktemp("tiny_llama"))
@@ -51,16 +87,16 @@ def smollm2_reference(smollm2):
 
 
 @pytest.fixture(scope="session")
-def smol_rm(tmp_path_factory, smollm2):
+def smol_rm(tmp_path_factory, smol_tokenizer):
     """A random LlamaForSequenceClassification over SmolLM2's vocabulary, saved with SmolLM2's tokenizer
     (whose pad token is its end-of-turn token <|im_end|>)."""
     config = tiny.llama_config(tie=True)
-    config.vocab_size, config.pad_token_id = len(smollm2.tokenizer), smollm2.tokenizer.pad_token_id
+    config.vocab_size, config.pad_token_id = len(smol_tokenizer), smol_tokenizer.pad_token_id
     model = tiny.build_classifier(config, 1, seed=3)
     folder = tmp_path_factory.mktemp("smol_rm")
     model.save_pretrained(folder)
-    smollm2.tokenizer.save_pretrained(folder)
-    return folder, model, smollm2.tokenizer
+    smol_tokenizer.save_pretrained(folder)
+    return folder, model, smol_tokenizer
 
 
 # ---- training runs (tests/test_train.py, tests/test_distributed.py)
@@ -79,7 +115,7 @@ def trajectories_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_init_dir(tmp_path_factory, smollm2):
+def tiny_init_dir(tmp_path_factory, smol_tokenizer):
     """`preset:tiny-llama` (random, sized to the embedded tokenizer) saved as an Orbax model dir, so every
     training run starts from the same weights without reading the GGUF tokenizer again."""
     from flax import nnx
@@ -89,7 +125,7 @@ def tiny_init_dir(tmp_path_factory, smollm2):
     from diffpo_jax.weights.checkpoint import save_params
 
     loaded = random_model(
-        "tiny-llama", smollm2.tokenizer, seed=0, dtype="float32", param_dtype="float32", mesh=make_mesh((1, -1, 1))
+        "tiny-llama", smol_tokenizer, seed=0, dtype="float32", param_dtype="float32", mesh=make_mesh((1, -1, 1))
     )
     assert loaded.cfg.vocab_size == len(loaded.tokenizer) == 49152
     return save_params(tmp_path_factory.mktemp("train") / "init", loaded.cfg, nnx.state(loaded.model), loaded.tokenizer)

@@ -3,6 +3,8 @@
 Not timed: the figures themselves are in bench/results/ (summary: bench/RESULTS.md).
 """
 
+import pytest
+
 from bench import common, memory_plan, refine_speed, train_speed
 
 
@@ -99,14 +101,14 @@ def test_memory_plan_tiny(tmp_path):
     assert "| tiny-llama | 1x2x2 |" in (results / "memory_plan.md").read_text()
 
 
-def test_score_speed_tiny(smollm2, tmp_path):
+def test_score_speed_tiny(smol_tokenizer, tmp_path):
     from bench import score_speed
     from tests import tiny
 
     config = tiny.llama_config(tie=True)
-    config.vocab_size = len(smollm2.tokenizer)
+    config.vocab_size = len(smol_tokenizer)
     lm = tiny.save(config, tmp_path / "lm")
-    smollm2.tokenizer.save_pretrained(lm)
+    smol_tokenizer.save_pretrained(lm)
     results = tmp_path / "results"
     out = score_speed.main(
         ["--model", str(lm), "--answers", "10", "--batch-size", "4", "--repeats", "1", "--results", str(results)]
@@ -159,6 +161,7 @@ def test_accelerator_check_dry_run_prints_every_step():
     assert lint.returncode == 0, lint.stdout
 
 
+@pytest.mark.slow
 def test_pass_cost_smollm2(tmp_path):
     """Every refined answer equals AR greedy (checked inside), and both tables come out."""
     from bench import pass_cost
@@ -221,6 +224,7 @@ def test_loop_passes_counts_each_batch_at_its_slowest_row():
     }
 
 
+@pytest.mark.slow
 def test_bf16_agreement_smollm2(tmp_path):
     """fp32 Jacobi equals fp32 AR (the control); every pair of the table comes out."""
     from bench import bf16_agreement

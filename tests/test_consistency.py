@@ -34,14 +34,14 @@ CONFIG = dict(
 PRESET_LOSS = load_config(ROOT / "configs" / "train" / "tiny.yaml", ["data=d", "output_dir=o"]).loss
 
 
-def test_holdout_split_is_by_prompt_deterministic_and_disjoint(trajectories_dir, smollm2):
+def test_holdout_split_is_by_prompt_deterministic_and_disjoint(trajectories_dir, smol_tokenizer):
     records = read_records(trajectories_dir)
     train, held = holdout_split(records, HOLDOUT)
     assert len(held) == HOLDOUT and sorted(train + held) == list(range(len(records)))
     assert holdout_split(list(reversed(records)), HOLDOUT)[1] == sorted(len(records) - 1 - i for i in held)  # by id
     loader = make_loader(
         trajectories_dir,
-        smollm2.tokenizer,
+        smol_tokenizer,
         global_batch_size=8,
         prompt_len=48,
         response_len=8,

@@ -21,6 +21,7 @@ from diffpo_jax.data.trajectories import (
     build,
     record_id,
 )
+from tests import files
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "trajectories.jsonl"
 CHATML = (
@@ -30,8 +31,7 @@ CHATML = (
 
 
 def write_jsonl(path: Path, rows) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return str(path)
+    return str(files.write_jsonl(path, rows))  # build and the CLI take strings
 
 
 def row(prompt, responses, scores):

@@ -158,7 +158,7 @@ def test_an_output_folder_the_processes_do_not_share_fails_at_once(tmp_path, mon
     other records on each host). Two processes whose --output folders differ (two hosts' local disks)
     both fail at start-up with one line; a shared folder passes and leaves no token file; one process
     checks nothing."""
-    from diffpo_jax.record_loop import check_output
+    from diffpo_jax.records.output import check_output
 
     procs = Processes(2, monkeypatch)
     host = {p: tmp_path / f"host{p}" for p in (0, 1)}

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from diffpo_jax import generate as generate_cli
-from diffpo_jax import record_loop
-from diffpo_jax.data.formats import FormatError, ResumableOutput, read_records
+from diffpo_jax.records import cli
+from diffpo_jax.records.formats import FormatError, read_records
+from diffpo_jax.records.output import ResumableOutput
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Why is the sky blue?", "Name a fruit."]
 TOKENS = "4"  # near-uniform draws over 49152 tokens: two samples of 4 tokens never coincide
@@ -59,7 +60,7 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
         resumed,
         "jsonl",
         read_records(prompts, "jsonl", with_drafts=False),
-        record_loop.run_options(args, generate_cli.RESUME_OPTIONS),
+        cli.run_options(args, generate_cli.RESUME_OPTIONS),
     )
     partial.append(0, out[0] | {"samples": ["FROM PARTIAL"] * 4})
     generate_cli.run(args, loaded)
@@ -96,7 +97,7 @@ def test_num_samples_needs_jsonl_and_is_checked_on_resume(loaded, prompts, tmp_p
         tmp_path / "o.jsonl",
         "jsonl",
         read_records(prompts, "jsonl", with_drafts=False),
-        record_loop.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS),
+        cli.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS),
     )
     with pytest.raises(FormatError, match="other options"):
         generate_cli.run(_args(prompts, tmp_path / "o.jsonl", "--num-samples", "2"), loaded)

@@ -267,3 +267,14 @@ def test_embedded_tokenizer_chat_roundtrip(embedded, smollm2):
     assert ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # special tokens stay single tokens
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+
+
+@pytest.mark.slow
+def test_the_test_tokenizer_is_the_embedded_one(smollm2, smol_tokenizer):
+    """tests/data/smollm2_tokenizer (what fast tests tokenize with) is the embedded GGUF's tokenizer, saved."""
+    ours, gguf = smol_tokenizer, smollm2.tokenizer
+    assert ours.get_vocab() == gguf.get_vocab() and ours.chat_template == gguf.chat_template
+    assert [ours.bos_token_id, ours.eos_token_id, ours.pad_token_id] == [gguf.bos_token_id, gguf.eos_token_id, 2]
+    messages = [{"role": "user", "content": "What is 2 + 2? Réponds en français 🙂"}]
+    for text in ("Hello, world!  Tabs\tand\nnewlines", gguf.apply_chat_template(messages, tokenize=False)):
+        assert ours(text, add_special_tokens=False)["input_ids"] == gguf(text, add_special_tokens=False)["input_ids"]

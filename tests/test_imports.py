@@ -14,8 +14,21 @@ LAYERS = [
     ("model", ["attention", "model", "lora"]),
     ("weights", ["weights", "weights.hf", "weights.gguf", "weights.checkpoint", "weights.peft"]),
     ("loading", ["sources", "weights.export"]),
-    ("libraries", ["data", "data.*", "decoding", "decoding.*", "reward", "reward.*"]),
-    ("loops", ["training", "training.*", "record_loop"]),
+    (
+        "libraries",
+        [
+            "data",
+            "data.*",
+            "decoding",
+            "decoding.*",
+            "reward",
+            "reward.*",
+            "records",
+            "records.formats",
+            "records.output",
+        ],
+    ),
+    ("loops", ["training", "training.*", "records.loop", "records.cli"]),
     ("pipelines", ["pipelines", "pipelines.*"]),
     ("CLIs", ["generate", "refine", "score", "train", "convert", "verify", "data.__main__"]),
 ]

@@ -330,3 +330,28 @@ def test_a_run_started_before_the_lora_section_resumes(tmp_path, tiny_init_dir, 
     check_resume_config(cfg, tmp_path)
     with pytest.raises(TrainConfigError, match=r"lora.rank 0 -> 4"):
         check_resume_config(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), tmp_path)
+
+
+@pytest.mark.slow
+def test_refine_defaults_to_the_embedded_refiner(smollm2):
+    """`refine` without --model loads the shipped adapter (diffpo_jax/refiner/, a PEFT folder the package
+    installs) on the embedded SmolLM2: only the adapted projections differ from the base."""
+    from pathlib import Path
+
+    from diffpo_jax import refine as refine_cli
+    from diffpo_jax.sources import REFINER_DIR
+
+    assert refine_cli.parse_args(["--input", "i", "--output", "o"]).model == "embedded-refiner"
+    refiner = load_model("embedded-refiner")
+    assert refiner.source == f"{REFINER_DIR} on {smollm2.source}" and refiner.stop_tokens == smollm2.stop_tokens
+    base = nnx.to_pure_dict(nnx.state(smollm2.model))
+    assert changed(nnx.to_pure_dict(nnx.state(refiner.model)), base) == {
+        f"['layers']['{kind}']['{name}']"
+        for kind, names in (
+            ("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+        )
+        for name in names
+    }
+    setup = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    assert '"refiner/*.json", "refiner/*.safetensors"' in setup  # installed with the package, not only in a checkout

@@ -261,7 +261,8 @@ def test_decoding_clis_read_and_write_urls_as_local_files(bucket, tiny_init_dir,
 def test_resumable_output_in_a_bucket_grows_by_parts(bucket, tmp_path):
     """An object cannot be appended to: in a bucket the partial file grows by part objects, one per
     flush_every_s at most; a rerun reads and merges them, and OUT is the bytes a local folder gets."""
-    from diffpo_jax.data.formats import ResumableOutput, read_records
+    from diffpo_jax.records.formats import read_records
+    from diffpo_jax.records.output import ResumableOutput
 
     store, _ = bucket
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": str(i)}) + "\n" for i in range(4)))

@@ -107,7 +107,7 @@ def armorm_dir(tmp_path_factory, llama3_tok):
     return folder, model
 
 
-def test_gating_pattern_is_armorms_on_the_llama3_template(llama3_tok, smollm2):
+def test_gating_pattern_is_armorms_on_the_llama3_template(llama3_tok, smol_tokenizer):
     pattern = gating_pattern(llama3_tok)
     assert llama3_tok.decode(pattern) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     ids = conversation_ids(
@@ -122,7 +122,7 @@ def test_gating_pattern_is_armorms_on_the_llama3_template(llama3_tok, smollm2):
     j = gating_position(ids, pattern)
     # the last user turn's <|eot_id|>: what follows is the final assistant header, then the answer
     assert llama3_tok.decode(ids[j:]) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
-    smol = smollm2.tokenizer
+    smol = smol_tokenizer
     assert smol.decode(gating_pattern(smol)) == "<|im_end|>\n<|im_start|>assistant\n"
     ids = conversation_ids(smol, "Hi", "Hello.")
     assert (

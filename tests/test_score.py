@@ -12,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from diffpo_jax import score as score_cli
 from diffpo_jax.data.trajectories import DATA_FILE, build
+from tests.files import write_jsonl
 
 ATOL = 1e-4
 
@@ -21,11 +22,6 @@ def reference_score(rm, messages) -> float:
     ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
     with torch.no_grad():
         return float(model(torch.tensor([ids])).logits[0, 0])
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def read_jsonl(path):
@@ -86,22 +82,22 @@ def test_scores_over_8_devices_are_the_bytes_of_one_device(smol_rm, tmp_path, ca
 def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, capsys):
     """Killed after two records: OUT.partial holds them, no OUT; the rerun scores only the rest and writes the
     same bytes as an uninterrupted run; a rerun with other options is refused, naming the partial file."""
-    from diffpo_jax.data import formats
+    from diffpo_jax.records import output
 
     src = write_jsonl(tmp_path / "in.jsonl", ANSWERS)
     full, out = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
     assert score(smol_rm, "--input", src, "--output", full) == 0
-    append = formats.ResumableOutput.append
+    append = output.ResumableOutput.append
 
     def killed_after_two(self, index, output):
         if len(self.done) == 2:
             raise KeyboardInterrupt
         append(self, index, output)
 
-    monkeypatch.setattr(formats.ResumableOutput, "append", killed_after_two)
+    monkeypatch.setattr(output.ResumableOutput, "append", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         score(smol_rm, "--input", src, "--output", out)
-    monkeypatch.setattr(formats.ResumableOutput, "append", append)
+    monkeypatch.setattr(output.ResumableOutput, "append", append)
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 2
     capsys.readouterr()
@@ -247,8 +243,9 @@ PROMPTS = [
 ]
 
 
-def test_best_of_n_from_generated_samples(smol_rm, smollm2, tmp_path):
+def test_best_of_n_from_generated_samples(smol_rm, tiny_init_dir, tmp_path):
     from diffpo_jax import generate as generate_cli
+    from diffpo_jax.sources import load_model
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:3]])
     samples = tmp_path / "samples.jsonl"
@@ -267,7 +264,7 @@ def test_best_of_n_from_generated_samples(smol_rm, smollm2, tmp_path):
                 "6",
             ]
         ),
-        smollm2,
+        load_model(str(tiny_init_dir)),  # SmolLM2's tokenizer on a tiny random model
     )
     for row in read_jsonl(samples):
         assert len(set(row["samples"])) == 4  # K distinct samples per prompt

@@ -81,14 +81,14 @@ def test_orbax_dir_is_refused_with_the_way_out(tmp_path, tiny_llama_dir, capsys)
     )
 
 
-def test_reward_models_verify_their_scores(tmp_path, smollm2, capsys):
+def test_reward_models_verify_their_scores(tmp_path, smol_tokenizer, capsys):
     from tests import tiny
 
     config = tiny.gemma2_config()
-    config.vocab_size = len(smollm2.tokenizer)
+    config.vocab_size = len(smol_tokenizer)
     folder = tmp_path / "rm"
     tiny.build_classifier(config, 1).save_pretrained(folder)
-    smollm2.tokenizer.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
     assert verify.main(["--model", str(folder), "--atol", "1e-4"]) == 0
     out = capsys.readouterr().out
     assert "PASS: reward model, float32" in out and len(out.splitlines()) == 2 + len(verify.BUILTIN)

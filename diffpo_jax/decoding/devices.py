@@ -11,7 +11,7 @@ One device on CPU, whose "devices" (XLA_FLAGS=--xla_force_host_platform_device_c
 AR step round differently, so refinement equals the bfloat16 greedy decode only up to those roundings
 (README, "Refining answers").
 Several processes (launch/): each decodes its share of the records over its own devices, and process 0
-writes the one output file (record_loop.open_output); the summary says which process it is.
+writes the one output file (records/output.py `open_output`); the summary says which process it is.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Per prompt, y(T) is the model's greedy answer and y(0..T-1) are its samples, hot
 `--jacobi-states K` also up to K intermediate Jacobi states on the way from each sample to the greedy
 answer (CLLM's training data: the contexts Jacobi decoding actually sees, a correct prefix followed by
 guesses). Each answer set is decoded as `python -m diffpo_jax.generate` (or `refine --trajectory`) decodes
-it, through the same `Decoder` and record loop (record_loop.py: jsonl format, batched with row refill,
+it, through the same `Decoder` and record loop (records/loop.py: jsonl format, batched with row refill,
 streamed through OUT.partial, resumable; a sample's key is generate's), written under DIR.work/:
   greedy.jsonl                 temperature 0: y(T), the file `generate --temperature 0` writes
   options.json                 the options below; a rerun with other options stops (delete the folder)
@@ -46,11 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from diffpo_jax import record_loop
-from diffpo_jax.data.formats import FormatError, Record, generated_output, read_records, refined_output
 from diffpo_jax.data.trajectories import TrajectoryDataError, build
 from diffpo_jax.decoding import devices
 from diffpo_jax.decoding.batching import Decoder, Output
+from diffpo_jax.records.formats import FormatError, Record, generated_output, read_records, refined_output
+from diffpo_jax.records.loop import decode_records, sample_keys
+from diffpo_jax.records.output import open_output
 from diffpo_jax.sources import ModelSourceError
 
 WINDOW = 256  # records the record loop takes at a time (generate's and refine's default --sort-window)
@@ -160,13 +161,11 @@ def _sample_file(
     decoder: Decoder, records: list[Record], path: Path, temperature: float, seed: int, model: str | None, dtype: str
 ) -> dict[str, Any]:
     """`records` answered into the jsonl file `path` (each gets its `draft`) as `generate --temperature
-    temperature --seed seed` answers them: the same keys (record_loop.sample_keys), the whole window through
+    temperature --seed seed` answers them: the same keys (records/loop.py `sample_keys`), the whole window through
     the decoder's slots with row refill."""
 
     def decode(indices: list[int], turn: int, _recs, prompt_ids: list[list[int]]) -> list[Output]:
-        return decoder.sample(
-            prompt_ids, record_loop.sample_keys(seed, indices, turn), temperature=temperature, top_p=1.0
-        )
+        return decoder.sample(prompt_ids, sample_keys(seed, indices, turn), temperature=temperature, top_p=1.0)
 
     def answered(rec: Record, outputs: list[Output]) -> dict[str, Any]:
         return generated_output("jsonl", rec, [o.text for o in outputs], "")  # (jsonl records no model id)
@@ -218,7 +217,7 @@ def _decode_file(
     `options`; returns the summary."""
     from tqdm import tqdm
 
-    out = record_loop.open_output(path, "jsonl", records, options)
+    out = open_output(path, "jsonl", records, options)
     bar = tqdm(total=len(out.todo), unit="record", desc=path.name, dynamic_ncols=True)
     outputs: list[Output] = []
     start = time.perf_counter()
@@ -227,7 +226,7 @@ def _decode_file(
         outputs.extend(decoded)
         bar.update(len(decoded))
 
-    record_loop.decode_records(
+    decode_records(
         decoder,
         records,
         out,

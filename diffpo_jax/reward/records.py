@@ -24,8 +24,8 @@ import os
 from typing import Any
 
 from diffpo_jax.chat import Messages, as_messages
-from diffpo_jax.data.formats import FormatError, Record, jsonl_records, read_records
 from diffpo_jax.paths import as_path
+from diffpo_jax.records.formats import FormatError, Record, jsonl_records, read_records
 from diffpo_jax.reward.scorer import Score
 
 SCORE_FORMATS = ("jsonl", "alpaca_eval", "mt_bench", "trajectories")

@@ -1,44 +1,25 @@
-"""The record loop of the decoding CLIs (refine, generate): records in, output records out, in input order.
+"""The record loop of the decoding CLIs (refine, generate, and `data distill`): records in, output records
+out, in input order.
 
-`open_output` opens the output file for this run's processes; `decode_records` takes the records it leaves
-to this process (one process: those the file does not hold yet), checks every first turn against the
-context before any decoding, forms batches (windows sorted by prompt bucket), decodes them turn
-by turn through the caller's callbacks and appends each record to the `ResumableOutput`. It knows the
-file formats (data/formats.py) and the `Decoder` (decoding/batching.py); the decoders know neither.
+`decode_records` takes the records the output file (output.py) leaves to this process (one process: those
+the file does not hold yet), checks every first turn against the context before any decoding, forms
+batches (windows sorted by prompt bucket), decodes them turn by turn through the caller's callbacks and
+appends each record to the `ResumableOutput`. It knows the record formats (formats.py) and the `Decoder`
+(decoding/batching.py); the decoders know neither. `sample_keys`: generate's per-record sampling keys.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from diffpo_jax.data.formats import FormatError, Record, ResumableOutput, turn_prompt
 from diffpo_jax.decoding.batching import ContextError, Decoder, bucket
+from diffpo_jax.records.formats import FormatError, Record, turn_prompt
+from diffpo_jax.records.output import ResumableOutput
 
 R = TypeVar("R")  # what a decode_records callback returns per record
 
 ON_ERROR = ("stop", "skip")
-
-
-def add_arguments(ap: argparse.ArgumentParser, window_help: str) -> None:
-    """--sort-window (what a window is for the CLI: `window_help`) and --on-error."""
-    ap.add_argument("--sort-window", type=int, default=256, metavar="N", help=window_help)
-    ap.add_argument(
-        "--on-error",
-        choices=ON_ERROR,
-        default="stop",
-        help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
-        "or write it out with an `error` field and go on",
-    )
-
-
-def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
-    """The options `names` of a CLI run, which a resumed run must share, with the dtype resolved
-    (devices.default_dtype: call it after jax.distributed starts, as it asks the backend)."""
-    from diffpo_jax.decoding.devices import default_dtype
-
-    return {k: default_dtype(args.dtype) if k == "dtype" else getattr(args, k) for k in names}
 
 
 def sample_keys(seed: int, indices: list[int], turn: int, samples: int = 1):
@@ -54,30 +35,6 @@ def sample_keys(seed: int, indices: list[int], turn: int, samples: int = 1):
 
     records, sample_rows = jnp.repeat(jnp.asarray(indices), samples), jnp.tile(jnp.arange(samples), len(indices))
     return jax.vmap(key)(records, sample_rows)
-
-
-def check_output(path) -> None:
-    """Several processes: fail in seconds unless all see the folder of the output file `path` (local or
-    URL), with the token file OUTPUT.shared-check (distributed.check_shared_folder); nothing with one."""
-    from diffpo_jax.distributed import check_shared_folder
-    from diffpo_jax.paths import as_path
-
-    path = as_path(path)
-    check_shared_folder(path.with_name(path.name + ".shared-check"), f"--output {path}")
-
-
-def open_output(path, fmt: str, records: list[Record], options: dict[str, Any]) -> ResumableOutput:
-    """The output file (local or URL) of a CLI run, shared by this run's processes (one with a single
-    process): each takes a share of the records no earlier run finished, and process 0 writes the file
-    (formats.ResumableOutput). Checks first that the processes share its folder (`check_output`)."""
-    import jax
-
-    from diffpo_jax.paths import sync
-
-    check_output(path)
-    return ResumableOutput(
-        path, fmt, records, options, process=jax.process_index(), processes=jax.process_count(), barrier=sync
-    )
 
 
 def decode_records(
