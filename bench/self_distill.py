@@ -126,8 +126,8 @@ def training_subset(data: Path, holdout: int, n: int) -> Path:
 def held_and_seen(work: Path, run_dir: Path, train_prompts: int = 0) -> tuple[list[dict], list[dict]]:
     """({prompt, draft} of the temperature-0.7 sample) of the held-out prompts of `run_dir` (its
     eval_ids.json), and of as many training prompts (at most `train_prompts` when set), in prompt order."""
-    from diffpo_jax.data.formats import read_records
     from diffpo_jax.data.trajectories import record_id
+    from diffpo_jax.records.formats import read_records
 
     held_ids = set(json.loads((run_dir / "eval_ids.json").read_text()))
     samples = read_records(work / "data.work" / "t0.7-s0.jsonl", "jsonl", with_drafts=True)
