@@ -571,9 +571,11 @@ def _plot(methods: dict[str, dict[str, dict]]) -> None:
         )
         for m in bon[1:]:
             ax.annotate(m.replace("Best-of-", "BoN-"), (entries[m]["seconds"], entries[m]["reward"]), fontsize=7)
+        refiners = list(dict.fromkeys(m.rsplit(", R=", 1)[0] for m in entries if m not in bon))
         for m, s in entries.items():
-            if m not in bon:
-                ax.plot(s["seconds"], s["reward"], "^" if "random" in m else "s", label=m)
+            if m not in bon:  # one colour per refiner: a square at R = 0, a triangle at the random hold
+                color = plt.cm.tab10(refiners.index(m.rsplit(", R=", 1)[0]) % 10)
+                ax.plot(s["seconds"], s["reward"], "^" if "random" in m else "s", color=color, label=m)
         ax.set(xlabel="wall time per answer (s, 2-core CPU)", ylabel="mean VADER reward (held-out)", title=setup)
     axes[0][0].legend(fontsize=6)
     fig.tight_layout()
