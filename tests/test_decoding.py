@@ -27,18 +27,19 @@ LENS = np.array([5, 9, 3, 12, 5, 9, 3, 12], np.int32)  # each prompt twice, so 8
 def setup(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     graphdef, state = nnx.split(lm.model)
-    rng = np.random.default_rng(0)
-    base = rng.integers(3, tiny.VOCAB, (4, P)).astype(np.int32)
+    base = np.random.default_rng(0).integers(3, tiny.VOCAB, (4, P)).astype(np.int32)
     prompts = np.concatenate([base, base])
     for i, n in enumerate(LENS):
         prompts[i, n:] = 0
     greedy = generate(graphdef, state, prompts, LENS, max_new_tokens=N)
-    return graphdef, state, prompts, np.asarray(greedy.tokens), rng
+    return graphdef, state, prompts, np.asarray(greedy.tokens)
 
 
-def _drafts(greedy, rng):
+def _drafts(greedy, seed: int = 0):
     """8 draft kinds (one per row): random, empty, == greedy, shifted right (a token inserted), shifted
-    left (first token deleted), longer than max_new_tokens, shorter, greedy with one token changed."""
+    left (first token deleted), longer than max_new_tokens, shorter, greedy with one token changed. Each
+    test draws its own (the same for any test order)."""
+    rng = np.random.default_rng(seed)
     rows = [
         list(rng.integers(3, tiny.VOCAB, N)),
         [],
@@ -56,7 +57,7 @@ def _drafts(greedy, rng):
 
 
 def test_ar_greedy_matches_transformers(setup, tiny_llama_dir):
-    _, _, prompts, greedy, _ = setup
+    _, _, prompts, greedy = setup
     ref = tiny.load_reference(tiny_llama_dir)
     ref.generation_config.eos_token_id = None
     for row in range(4):
@@ -69,8 +70,8 @@ def test_ar_greedy_matches_transformers(setup, tiny_llama_dir):
     "block_size,realign", [(1, True), (4, True), (4, False), (16, True), (16, False), (N + 3, True)]
 )
 def test_jacobi_equals_greedy(setup, block_size, realign):
-    graphdef, state, prompts, greedy, rng = setup
-    drafts, draft_lens = _drafts(greedy, rng)
+    graphdef, state, prompts, greedy = setup
+    drafts, draft_lens = _drafts(greedy)
     r = jacobi_decode(
         graphdef, state, prompts, LENS, drafts, draft_lens, block_size=block_size, max_new_tokens=N, realign=realign
     )
@@ -85,10 +86,10 @@ def test_jacobi_equals_greedy(setup, block_size, realign):
 
 def test_jacobi_equals_greedy_with_xla_attention(setup, tiny_llama_dir):
     """The fused attention's CPU path (attention.py "xla"): AR greedy and Jacobi give the einsum model's tokens."""
-    _, state, prompts, greedy, rng = setup
+    _, state, prompts, greedy = setup
     graphdef, _ = nnx.split(abstract_model(load_model(str(tiny_llama_dir)).cfg.replace(attention="xla")))
     np.testing.assert_array_equal(np.asarray(generate(graphdef, state, prompts, LENS, max_new_tokens=N).tokens), greedy)
-    drafts, draft_lens = _drafts(greedy, rng)
+    drafts, draft_lens = _drafts(greedy)
     r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, block_size=4, max_new_tokens=N)
     np.testing.assert_array_equal(np.asarray(r.tokens), greedy)
 
@@ -108,7 +109,7 @@ def test_gemma2_sliding_window(tiny_gemma2_dir):
 def test_stop_tokens(setup):
     """A stop token the greedy answer contains ends each row there (kept, then padding), in both decoders;
     a draft ending early with it does not end the row early."""
-    graphdef, state, prompts, greedy, rng = setup
+    graphdef, state, prompts, greedy = setup
     stop = int(greedy[0, 4])
     expected = np.full_like(greedy, -1)
     lengths = np.full(len(greedy), N)
@@ -117,7 +118,7 @@ def test_stop_tokens(setup):
         lengths[i] = hits[0] + 1 if hits.size else N
         expected[i, : lengths[i]] = row[: lengths[i]]
     ar = generate(graphdef, state, prompts, LENS, max_new_tokens=N, stop_tokens=(stop,), pad_id=-1)
-    drafts, draft_lens = _drafts(greedy, rng)
+    drafts, draft_lens = _drafts(greedy)
     drafts[1, :3], draft_lens[1] = [greedy[1, 0], greedy[1, 1], stop], 3  # ends early with the stop token
     jr = jacobi_decode(
         graphdef,
@@ -141,9 +142,9 @@ def test_stop_tokens(setup):
 def test_hold_draft_prefix(setup):
     """The first R draft tokens are kept as they are and the rest is the greedy continuation of
     prompt + those tokens (a draft shorter than R is kept whole)."""
-    graphdef, state, prompts, greedy, rng = setup
+    graphdef, state, prompts, greedy = setup
     r_hold = 3
-    drafts, draft_lens = _drafts(greedy, rng)
+    drafts, draft_lens = _drafts(greedy)
     held_lens = np.minimum(draft_lens, r_hold)
     extended = np.zeros((len(prompts), P + r_hold), np.int32)
     for i in range(len(prompts)):
@@ -164,8 +165,8 @@ def test_hold_draft_prefix(setup):
 def test_per_row_held_prefix_equals_fixed_holds(setup):
     """hold_lens: each row holds its own number of draft tokens (the official script's random 0..12), and
     gets exactly the answer and stats of a run holding that many tokens in every row."""
-    graphdef, state, prompts, greedy, rng = setup
-    drafts, draft_lens = _drafts(greedy, rng)
+    graphdef, state, prompts, greedy = setup
+    drafts, draft_lens = _drafts(greedy)
     holds = np.array([0, 3, 1, 2, 3, 0, 2, 1], np.int32)
     kwargs = dict(block_size=4, max_new_tokens=N, hold_draft_prefix=3)
     got = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, hold_lens=holds, **kwargs))
@@ -181,8 +182,8 @@ def test_per_row_held_prefix_equals_fixed_holds(setup):
 def test_iteration_cap_and_no_recompile(setup):
     """max_iterations caps the passes (rows marked not converged; what they committed is still the greedy
     prefix); new values of every traced input reuse the compilation of test_jacobi_equals_greedy."""
-    graphdef, state, prompts, greedy, rng = setup
-    drafts, draft_lens = _drafts(greedy, rng)
+    graphdef, state, prompts, greedy = setup
+    drafts, draft_lens = _drafts(greedy)
     kwargs = dict(block_size=4, max_new_tokens=N, realign=True)
     jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=N, **kwargs)
     before = jacobi_decode._cache_size()
@@ -202,8 +203,8 @@ def test_trajectory_records_the_state_after_each_pass(setup):
     """trajectory=True changes nothing else; states[:, k] is the response after pass k: its committed part
     is what max_iterations = k + 1 commits, the offsets past the window hold the draft, the last state is
     the answer, and slots past a row's last pass are padding."""
-    graphdef, state, prompts, greedy, rng = setup
-    drafts, draft_lens = _drafts(greedy, rng)
+    graphdef, state, prompts, greedy = setup
+    drafts, draft_lens = _drafts(greedy)
     kwargs = dict(block_size=4, max_new_tokens=N, realign=True, pad_id=-1)
     plain = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, **kwargs)
     r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, trajectory=True, **kwargs)
@@ -258,7 +259,7 @@ def test_sample_greedy_top_p_and_temperature():
 def test_generate_sampling_is_seeded_per_row(setup):
     """Same keys, same tokens; other keys, other tokens; a row's tokens follow its own key and prompt
     whatever the other rows (rows and keys permuted together: tokens permuted the same way)."""
-    graphdef, state, prompts, greedy, _ = setup
+    graphdef, state, prompts, greedy = setup
     kw = dict(max_new_tokens=N, temperature=0.9, top_p=0.95)
     keys = jax.random.split(jax.random.key(1), len(prompts))
     a = np.asarray(generate(graphdef, state, prompts, LENS, keys, **kw).tokens)
@@ -289,8 +290,8 @@ def test_row_refill_equals_one_batch(setup, options):
     tokens and stats jacobi_decode gives it in one batch of 8, with a held draft prefix and a pass cap."""
     from diffpo_jax.decoding.jacobi import jacobi_stream
 
-    graphdef, state, prompts, greedy, rng = setup
-    drafts, draft_lens = _drafts(greedy, rng)
+    graphdef, state, prompts, greedy = setup
+    drafts, draft_lens = _drafts(greedy)
     kwargs = dict(block_size=4, max_new_tokens=N, **options)
     want = jax.device_get(jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, **kwargs))
     got = jacobi_stream(graphdef, state, prompts, LENS, drafts, draft_lens, batch_size=3, **kwargs)
@@ -308,7 +309,7 @@ def test_generate_row_refill_equals_one_batch(setup, temperature):
     (its key decides its samples), rows ending at different steps on a stop token."""
     from diffpo_jax.decoding.sampler import generate_stream
 
-    graphdef, state, prompts, greedy, _ = setup
+    graphdef, state, prompts, greedy = setup
     stop = int(greedy[1, 4])  # ends row 1 (and any row that draws it) early
     kw = dict(max_new_tokens=N, temperature=temperature, top_p=0.95, stop_tokens=(stop,))
     keys = jax.random.split(jax.random.key(1), len(prompts))
