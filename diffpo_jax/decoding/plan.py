@@ -24,6 +24,8 @@ import argparse
 import sys
 from typing import Any
 
+from diffpo_jax.sharding import MESH_AXES
+
 GIB = 1024**3
 HEADROOM = 0.9  # of the device memory a plan may fill (allocator fragmentation, runtime buffers)
 
@@ -162,7 +164,7 @@ def plan(
         "devices": devices,
         "hosts": hosts,
         "kind": kind,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "mesh": dict(zip(MESH_AXES, shape)),
         "batch": rows,
         "peak": peak,
         "fits": budget is None or peak <= budget,

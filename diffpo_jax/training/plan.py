@@ -21,6 +21,7 @@ import math
 from typing import Any
 
 from diffpo_jax.config import ModelConfig, config_without_weights
+from diffpo_jax.sharding import MESH_AXES
 from diffpo_jax.training.config import TrainConfig, TrainConfigError, fit_to_mesh
 
 GIB = 1024**3
@@ -130,7 +131,7 @@ def plan(cfg: TrainConfig, topology: str, *, compile: bool = True) -> dict[str, 
         "topology": topology,
         "devices": devices,
         "hosts": hosts,
-        "mesh": dict(zip(("data", "fsdp", "tensor"), shape)),
+        "mesh": dict(zip(MESH_AXES, shape)),
         "grad_accum": cfg.grad_accum,
         "rows_per_micro_batch": micro,
         "rows_per_device": micro // shards,

@@ -54,7 +54,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from diffpo_jax.data.loader import BATCH_KEYS
 from diffpo_jax.lora import union
-from diffpo_jax.sharding import batch_sharding
+from diffpo_jax.sharding import LOGICAL_RULES, batch_sharding
 from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
 
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
@@ -202,7 +202,7 @@ def make_train_step(
     loss = ar_weight * ar + w * con, ar = L_AR, con = L_Con, grad_norm (before clipping), lr (this update's),
     tokens (valid response positions of the batch, the loss denominator)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    micro_sharding = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+    micro_sharding = NamedSharding(mesh, PartitionSpec(None, LOGICAL_RULES["batch"]))  # [micro-batch, rows, ...]
 
     def loss_fn(params, frozen, micro, num_tokens):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
