@@ -42,7 +42,7 @@ def analyse(
     if layers:  # a real model's depth: one layer's slice of the cache is then a small part of it
         cfg = cfg.replace(num_layers=layers)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     out = {}
 
     def record(name, compiled, state_tree, cache_tree):
@@ -55,15 +55,12 @@ def analyse(
             "cache_bytes": cache,
         }
 
-    js = jax.eval_shape(
-        lambda: jacobi._empty(
-            cfg, batch, prompt, new + block, block_size=block, max_new_tokens=new, pad_id=0, trajectory=False
-        )
-    )
+    opts = jacobi.JacobiOptions(block, new, stop_tokens=(2,))
+    js = jax.eval_shape(lambda: jacobi._empty(cfg, batch, prompt, new + block, opts))
     kw = dict(stop_tokens=(2,), pad_id=0)
     record(
         "jacobi _advance",
-        jacobi._advance.lower(graphdef, state, js, np.int32(new), np.zeros(batch, bool), realign=True, **kw).compile(),
+        jacobi._advance.lower(graphdef, state, js, np.int32(new), np.zeros(batch, bool), opts=opts).compile(),
         js,
         js.cache,
     )
@@ -79,8 +76,7 @@ def analyse(
             i32(new + block),
             np.int32(1),
             np.int32(0),
-            hold_draft_prefix=0,
-            **kw,
+            opts=opts,
         ).compile(),
         js,
         js.cache,

@@ -43,7 +43,7 @@ def split_trainable(state: nnx.State, cfg: ModelConfig) -> tuple[nnx.State, nnx.
 def init_adapters(cfg: ModelConfig, seed: int, shardings: dict) -> dict:
     """Fresh adapters of a model of `cfg` (A random, B zero: the model starts as its base), as a nested
     dict of arrays placed on `shardings` (the base's random init is traced but never computed)."""
-    init = lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam))  # noqa: E731
+    init = lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)), nnx.LoRAParam))
     return jax.jit(init, out_shardings=shardings)()
 
 

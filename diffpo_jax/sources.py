@@ -149,7 +149,7 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
     base_params = nnx.to_pure_dict(
         nnx.state(load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model)
     )
-    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)  # noqa: E731
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     if shapes(base_params) != shapes(nnx.to_pure_dict(nnx.state(abstract_model(cfg)))):
         raise CheckpointError(f"{path}: its base {base} does not have the shapes of the run's config.json")
     adapters = nnx.to_pure_dict(restore_params(path, cfg.replace(lora=lora), mesh, nnx.LoRAParam))

@@ -125,7 +125,7 @@ def test_accelerator_check_dry_run_prints_every_step():
 
     root = Path(__file__).resolve().parent.parent
     script = root / "bench" / "accelerator_check.sh"
-    run = lambda *a: subprocess.run(["bash", str(script), *a], capture_output=True, text=True, cwd=root)  # noqa: E731
+    run = lambda *a: subprocess.run(["bash", str(script), *a], capture_output=True, text=True, cwd=root)
     out = run("--dry-run", "--python", "py", "--install", "cuda12", "--model", "my model")
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [

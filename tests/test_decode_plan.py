@@ -90,7 +90,7 @@ def test_the_clis_plan_without_weights_or_input(capsys):
     import subprocess
     import sys
 
-    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True)
     out = run(
         "diffpo_jax.refine",
         "--plan",

@@ -136,7 +136,7 @@ def make_batch(seed=0, b=3):
     prompt_mask = np.arange(P)[None] >= P - np.array([P, 4, 1])[:b, None]
     best_mask = np.arange(N)[None] < np.array([N, 5, 2])[:b, None]
     worse_mask = np.arange(N)[None] < np.array([3, N, 6])[:b, None]
-    tok = lambda shape, m: np.where(m, rng.integers(3, tiny.VOCAB, shape), 0).astype(np.int32)  # noqa: E731
+    tok = lambda shape, m: np.where(m, rng.integers(3, tiny.VOCAB, shape), 0).astype(np.int32)
     return dict(
         prompt=tok((b, P), prompt_mask),
         prompt_mask=prompt_mask,

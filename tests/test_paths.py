@@ -316,7 +316,7 @@ def test_train_load_and_export_over_urls_equal_local(bucket, tiny_init_dir, tmp_
     url_lines = (store / "run" / "metrics.jsonl").read_text().splitlines()
     local_lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     drop = ("step_time_s", "tokens_per_s", "eval_seconds")
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]  # noqa: E731
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
     assert strip(url_lines) == strip(local_lines)
     assert [m["step"] for m in strip(url_lines)] == [0, 1, 2, 3, 4]
     assert [m["step"] for m in strip(url_lines) if "eval_ar" in m] == [0, 2, 4]

@@ -35,6 +35,7 @@ holds fewer in some rows: the official DiffPO script holds a random 0..12 tokens
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -48,6 +49,25 @@ from diffpo_jax.decoding.sampler import is_stop
 from diffpo_jax.model import Cache, init_cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobiOptions:
+    """The static options of a Jacobi decode: hashable, so each value is one compiled program."""
+
+    block_size: int  # W: the window of tokens one pass runs (next_tok, then W - 1 guesses)
+    max_new_tokens: int  # N
+    stop_tokens: tuple[int, ...] = ()
+    pad_id: int = 0
+    hold_draft_prefix: int = 0  # R: the most draft tokens a row holds fixed (hold_lens picks each row's)
+    realign: bool = True
+    trajectory: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.hold_draft_prefix <= self.max_new_tokens:
+            raise ValueError(
+                f"hold_draft_prefix={self.hold_draft_prefix} must be in [0, max_new_tokens={self.max_new_tokens}]"
+            )
 
 
 @struct.dataclass
@@ -118,24 +138,26 @@ def _commit(s: _State, tokens: jax.Array, count: jax.Array, stop_tokens: tuple[i
     )
 
 
-def _realign(window, tokens, n, drafts, draft_lens):
+def _realign(window_bw, tokens_bn, n_b, drafts_bd, draft_lens_b):
     """window [B, W] for offsets n..: the guesses window[:, 1:] re-seeded from the draft continuation
-    after the best match of the trailing tokens (committed ..., next_tok = window[:, 0]), where found."""
-    b, w = window.shape
+    after the best match of the trailing tokens (committed ..., next_tok = window[:, 0]), where found.
+    Suffixes name the axes: b rows, w window, n response, d draft, g trailing tokens, p draft positions."""
+    b, w = window_bw.shape
     g = jnp.arange(_NGRAM)
-    back = n[:, None] - g
-    trail = jnp.where(g == 0, window[:, :1], _take(tokens, back, back >= 0, -1))  # [B, G], token at offset n-g
-    p = jnp.arange(drafts.shape[1])  # candidate draft index of next_tok
-    idx = jnp.broadcast_to(p[:, None] - g, (b, p.size, _NGRAM))
-    valid = (idx >= 0) & (p[:, None] < draft_lens[:, None, None])
-    eq = (_take(drafts, idx, valid, -1) == trail[:, None, :]) & valid
-    m = jnp.sum(jnp.cumprod(eq, axis=-1), axis=-1)  # [B, D]: trailing tokens matched at p
-    best = jnp.max(m, axis=1, keepdims=True)
-    at = jnp.argmin(jnp.where(m == best, jnp.abs(p - n[:, None]), jnp.iinfo(jnp.int32).max), axis=1)
+    back_bg = n_b[:, None] - g
+    trail_bg = jnp.where(g == 0, window_bw[:, :1], _take(tokens_bn, back_bg, back_bg >= 0, -1))  # token at n - g
+    p = jnp.arange(drafts_bd.shape[1])  # candidate draft index of next_tok
+    idx_bpg = jnp.broadcast_to(p[:, None] - g, (b, p.size, _NGRAM))
+    valid_bpg = (idx_bpg >= 0) & (p[:, None] < draft_lens_b[:, None, None])
+    eq_bpg = (_take(drafts_bd, idx_bpg, valid_bpg, -1) == trail_bg[:, None, :]) & valid_bpg
+    matched_bp = jnp.sum(jnp.cumprod(eq_bpg, axis=-1), axis=-1)  # trailing tokens matched with next_tok at p
+    best_b1 = jnp.max(matched_bp, axis=1, keepdims=True)
+    far = jnp.iinfo(jnp.int32).max
+    at_b = jnp.argmin(jnp.where(matched_bp == best_b1, jnp.abs(p - n_b[:, None]), far), axis=1)  # nearest best
     j = jnp.arange(w)
-    k = at[:, None] + j  # draft index for offset n + j
-    use = (j > 0) & (best > 0) & (k < draft_lens[:, None])
-    return jnp.where(use, _take(drafts, k, use, -1), window)
+    k_bw = at_b[:, None] + j  # draft index for offset n + j
+    use_bw = (j > 0) & (best_b1 > 0) & (k_bw < draft_lens_b[:, None])
+    return jnp.where(use_bw, _take(drafts_bd, k_bw, use_bw, -1), window_bw)
 
 
 def _record_state(s: _State, k: jax.Array, live: jax.Array, draft_at, big_n: int) -> jax.Array:
@@ -152,19 +174,9 @@ def _draft_at(s: _State, offsets: jax.Array, pad_id: int) -> jax.Array:
     return _take(s.drafts, offsets, offsets < s.draft_lens[:, None], pad_id)
 
 
-def _empty(
-    cfg,
-    rows: int,
-    prompt_width: int,
-    draft_width: int,
-    *,
-    block_size: int,
-    max_new_tokens: int,
-    pad_id: int,
-    trajectory: bool,
-) -> _State:
+def _empty(cfg, rows: int, prompt_width: int, draft_width: int, opts: JacobiOptions) -> _State:
     """`rows` empty slots (done, holding nothing) with a cache for prompts of up to `prompt_width` tokens."""
-    big_n = max_new_tokens
+    big_n, block_size, pad_id = opts.max_new_tokens, opts.block_size, opts.pad_id
 
     def zeros():  # a buffer per field: the decode loops donate the state, field by field
         return jnp.zeros((rows,), jnp.int32)
@@ -182,7 +194,7 @@ def _empty(
         drafts=jnp.full((rows, max(draft_width, 1)), pad_id, jnp.int32),
         draft_lens=zeros(),
         held_n=zeros(),
-        states=jnp.full((rows, big_n, big_n), pad_id, jnp.int32) if trajectory else None,
+        states=jnp.full((rows, big_n, big_n), pad_id, jnp.int32) if opts.trajectory else None,
     )
 
 
@@ -195,14 +207,12 @@ def _begin(
     drafts,
     draft_lens,
     hold_lens,
-    *,
-    hold: int,
-    stop_tokens: tuple[int, ...],
-    pad_id: int,
+    opts: JacobiOptions,
 ) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
-    prompt (and the held draft prefix: hold_lens [R] <= hold tokens of each row) written into their cache
+    prompt (and the held draft prefix: hold_lens [R] <= R tokens of each row) written into their cache
     rows, their state reset, the first window set; the other slots are unchanged."""
+    hold, pad_id = opts.hold_draft_prefix, opts.pad_id
     r, w = slots.shape[0], s.window.shape[1]
     big_n, j = s.tokens.shape[1], jnp.arange(w)
     drafts = jnp.pad(drafts, ((0, 0), (0, max(0, s.drafts.shape[1] - drafts.shape[1]))), constant_values=pad_id)
@@ -228,7 +238,7 @@ def _begin(
     # last position only, never [R, P, V] (Gemma-2: 256k vocabulary entries per prompt position)
     sub = sub.replace(cache=cache)
     if hold:
-        sub = _commit(sub, held, held_lens, stop_tokens, big_n)
+        sub = _commit(sub, held, held_lens, opts.stop_tokens, big_n)
     first = jnp.argmax(last, axis=-1).astype(jnp.int32)
     sub = sub.replace(
         window=jnp.where(j == 0, first[:, None], _draft_at(sub, sub.n[:, None] + j, pad_id)), held_n=sub.n
@@ -236,13 +246,11 @@ def _begin(
     return slots_lib.constrain_state(slots_lib.put_rows(s, slots, sub))
 
 
-def _loop(
-    model, s: _State, limit: jax.Array, watch: jax.Array, *, stop_tokens: tuple[int, ...], pad_id: int, realign: bool
-) -> _State:
+def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, opts: JacobiOptions) -> _State:
     """Jacobi passes over the live rows until every row is done, or one of the `watch` rows is; a row is
     capped after `limit` passes."""
     b, w = s.window.shape
-    big_n, j = s.tokens.shape[1], jnp.arange(w)
+    big_n, j, pad_id = s.tokens.shape[1], jnp.arange(w), opts.pad_id
 
     def step(s: _State) -> _State:
         live = ~s.done
@@ -250,10 +258,10 @@ def _loop(
         logits, cache = model(s.window, positions, jnp.broadcast_to(live[:, None], (b, w)), s.cache)
         y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         accepted = 1 + jnp.sum(jnp.cumprod(s.window[:, 1:] == y[:, :-1], axis=1), axis=1)
-        new = _commit(s.replace(cache=cache), s.window, accepted, stop_tokens, big_n)
+        new = _commit(s.replace(cache=cache), s.window, accepted, opts.stop_tokens, big_n)
         src = accepted[:, None] - 1 + j  # index into y of the prediction for offset new.n + j
         window = jnp.where(src < w, _take(y, src, True, 0), _draft_at(new, new.n[:, None] + j, pad_id))
-        if realign:
+        if opts.realign:
             window = _realign(window, new.tokens, new.n, new.drafts, new.draft_lens)
         new = new.replace(window=jnp.where(live[:, None], window, s.window), passes=s.passes + live)
         if new.states is not None:
@@ -308,22 +316,13 @@ def jacobi_decode(
     trajectory: bool = False,
 ) -> JacobiResult:
     """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
-    greedy answers to `prompts` (see the module docstring). max_iterations: cap on passes per row
-    (default max_new_tokens, which always suffices); hold_lens [B]: per-row held tokens (default R)."""
-    if not 0 <= hold_draft_prefix <= max_new_tokens:
-        raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
+    greedy answers to `prompts` (see the module docstring; the keyword options are `JacobiOptions`'s).
+    max_iterations: cap on passes per row (default max_new_tokens, which always suffices); hold_lens [B]:
+    per-row held tokens (default hold_draft_prefix)."""
+    opts = JacobiOptions(block_size, max_new_tokens, stop_tokens, pad_id, hold_draft_prefix, realign, trajectory)
     model = nnx.merge(graphdef, state)
     b, p = prompts.shape
-    s = _empty(
-        model.cfg,
-        b,
-        p,
-        drafts.shape[1],
-        block_size=block_size,
-        max_new_tokens=max_new_tokens,
-        pad_id=pad_id,
-        trajectory=trajectory,
-    )
+    s = _empty(model.cfg, b, p, drafts.shape[1], opts)
     s = _begin(
         model,
         s,
@@ -333,19 +332,14 @@ def jacobi_decode(
         drafts.astype(jnp.int32),
         draft_lens.astype(jnp.int32),
         _hold_lens(hold_lens, b, hold_draft_prefix),
-        hold=hold_draft_prefix,
-        stop_tokens=stop_tokens,
-        pad_id=pad_id,
+        opts,
     )
     limit = jnp.asarray(max_new_tokens if max_iterations is None else max_iterations, jnp.int32)
-    s = _loop(model, s, limit, jnp.zeros((b,), bool), stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
-    return _result(s)
+    return _result(_loop(model, s, limit, jnp.zeros((b,), bool), opts))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "hold_draft_prefix", "stop_tokens", "pad_id"), donate_argnames=("s",))
-def _refill(
-    graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, hold_draft_prefix, stop_tokens, pad_id
-):
+@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
+def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold_len, *, opts: JacobiOptions):
     """Slot `slot` starts refining one row (prompt [P], draft [D] with their lengths; hold_len held tokens)."""
     return _begin(
         nnx.merge(graphdef, state),
@@ -356,9 +350,7 @@ def _refill(
         draft[None],
         draft_len[None],
         hold_len[None],
-        hold=hold_draft_prefix,
-        stop_tokens=stop_tokens,
-        pad_id=pad_id,
+        opts,
     )
 
 
@@ -367,10 +359,10 @@ def _hold_lens(hold_lens, rows: int, hold: int) -> jax.Array:
     return jnp.full((rows,), hold, jnp.int32) if hold_lens is None else jnp.asarray(hold_lens, jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id", "realign"), donate_argnames=("s",))
-def _advance(graphdef, state, s, limit, watch, *, stop_tokens, pad_id, realign):
+@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
+def _advance(graphdef, state, s, limit, watch, *, opts: JacobiOptions):
     """Passes until a `watch` slot's row is done (or every slot is)."""
-    return _loop(nnx.merge(graphdef, state), s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+    return _loop(nnx.merge(graphdef, state), s, limit, watch, opts)
 
 
 def jacobi_stream(
@@ -398,22 +390,9 @@ def jacobi_stream(
     prefill each), so no slot idles while the slowest row of a batch finishes. Each row's answer and
     stats are the ones `jacobi_decode` gives it; the result (numpy) is in row order. `mesh`: the slots
     are split over its data x fsdp devices, as the decoder's batches are. No trajectory."""
-    if not 0 <= hold_draft_prefix <= max_new_tokens:
-        raise ValueError(f"hold_draft_prefix={hold_draft_prefix} must be in [0, max_new_tokens={max_new_tokens}]")
+    opts = JacobiOptions(block_size, max_new_tokens, stop_tokens, pad_id, hold_draft_prefix, realign)
     cfg = nnx.merge(graphdef, state).cfg
-    s = slots_lib.place(
-        _empty(
-            cfg,
-            batch_size,
-            prompts.shape[1],
-            drafts.shape[1],
-            block_size=block_size,
-            max_new_tokens=max_new_tokens,
-            pad_id=pad_id,
-            trajectory=False,
-        ),
-        mesh,
-    )
+    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], opts), mesh)
     limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
     holds = (
         np.full((len(prompts),), hold_draft_prefix, np.int32) if hold_lens is None else np.asarray(hold_lens, np.int32)
@@ -430,12 +409,10 @@ def jacobi_stream(
             drafts[row],
             draft_lens[row],
             holds[row],
-            hold_draft_prefix=hold_draft_prefix,
-            stop_tokens=stop_tokens,
-            pad_id=pad_id,
+            opts=opts,
         )
 
     def advance(s: _State, watch: np.ndarray) -> _State:
-        return _advance(graphdef, state, s, limit, watch, stop_tokens=stop_tokens, pad_id=pad_id, realign=realign)
+        return _advance(graphdef, state, s, limit, watch, opts=opts)
 
     return JacobiResult(**slots_lib.stream(s, len(prompts), begin=begin, advance=advance, result=_result))

@@ -47,26 +47,17 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
     shardings = param_shardings(state, mesh)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     if kind == "refine":
-        empty = lambda: jacobi._empty(
-            model_cfg,
-            rows,
-            prompt_len,
-            max_new_tokens + block,
-            block_size=block,  # noqa: E731
-            max_new_tokens=max_new_tokens,
-            pad_id=0,
-            trajectory=False,
-        )
+        opts = jacobi.JacobiOptions(block, max_new_tokens, stop_tokens=(1,))
+        empty = lambda: jacobi._empty(model_cfg, rows, prompt_len, max_new_tokens + block, opts)
     else:
-        empty = lambda: sampler._empty(model_cfg, rows, prompt_len, max_new_tokens=max_new_tokens, pad_id=0)  # noqa: E731
+        empty = lambda: sampler._empty(model_cfg, rows, prompt_len, max_new_tokens=max_new_tokens, pad_id=0)
     placed = jax.eval_shape(lambda: empty())
     shard_of = slots_lib.place_shardings(placed, mesh)
     s = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), placed, shard_of)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         if kind == "refine":
-            kw = dict(stop_tokens=(1,), pad_id=0)
-            loop = jacobi._advance.lower(graphdef, state, s, np.int32(1), np.zeros(rows, bool), realign=True, **kw)
+            loop = jacobi._advance.lower(graphdef, state, s, np.int32(1), np.zeros(rows, bool), opts=opts)
             refill = jacobi._refill.lower(
                 graphdef,
                 state,
@@ -77,8 +68,7 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
                 i32(max_new_tokens + block),
                 np.int32(1),
                 np.int32(0),
-                hold_draft_prefix=0,
-                **kw,
+                opts=opts,
             )
         else:
             key = jax.eval_shape(lambda: jax.random.key(0))
@@ -202,7 +192,7 @@ def largest_batch(peak_at, shards: int, rows: int, peak: int, budget: float, com
 
 def lines(p: dict[str, Any]) -> list[str]:
     """The plan as the CLIs print it."""
-    size = lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    size = lambda n: f"{n / GIB:.2f} GiB"
     mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
     how = "(smallest tensor-parallel degree that fits)" if p["default_layout"] else "(--mesh)"
     out = [

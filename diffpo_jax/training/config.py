@@ -275,7 +275,7 @@ def check_resume_config(cfg: TrainConfig, run_dir: epath.Path, allow: tuple[str,
     if not path.is_file():
         return
     free = set(RESUMABLE_KEYS) | set(allow)
-    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))  # noqa: E731
+    as_json = lambda c: json.loads(json.dumps(dataclasses.asdict(c)))
     # keys added since the run started (e.g. the lora section) had their defaults then
     old = _flat(as_json(TrainConfig())) | _flat(json.loads(path.read_text()))
     changes = config_changes(old, as_json(cfg))

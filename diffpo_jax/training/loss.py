@@ -133,7 +133,7 @@ def chunked_token_losses(
         return token_losses(head(constrain(ht, RESIDUAL)), head(constrain(hs, RESIDUAL)), tg)
 
     ce, kl = jax.lax.map(one, (slices(teacher_hidden), slices(student_hidden), slices(targets)))
-    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk)[:, :n]  # noqa: E731
+    merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk)[:, :n]
     return merge(ce), merge(kl)
 
 

@@ -179,7 +179,7 @@ def lines(p: dict[str, Any]) -> list[str]:
     ]
     if "memory" in p:
         m = p["memory"]
-        size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        size = lambda n: f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
         params = f"{p['params'] / 1e9:.2f}B" if p["params"] >= 1e9 else f"{p['params'] / 1e6:.1f}M"
         lora = f" trained (LoRA rank {p['lora_rank']} adapters, the base frozen)" if p.get("lora_rank") else ""
         out.append(
