@@ -11,10 +11,10 @@ answer A (1), answer B (2)] with A and B at the same positions gives each answer
 of its own [prompt, answer] row. Being static, the layout lets attention use a kernel that needs its
 mask pattern at trace time (splash; attention.py `Packed` states the positions it assumes).
 
-KV cache layout: slot == position. `cache["k"]`, `cache["v"]`: [L, B, S, Kv, D]. With a cache, each
-row's T tokens sit at consecutive positions (positions[:, 0] + t, all below S: the decoders' prefill,
-Jacobi window and AR step); a forward writes their keys/values as one contiguous slice per row
-(`dynamic_update_slice`: no scatter), padding included, and then attends over all S slots with
+KV cache layout (`KVCache`): slot == position; `k`, `v`: [L, B, S, Kv, D]. With a cache, each row's T
+tokens sit at consecutive positions (positions[:, 0] + t, all below S: the decoders' prefill, Jacobi window
+and AR step); a forward writes their keys/values as one contiguous window per row (one scatter of row
+windows for all rows, `_ROW_WINDOWS`: the program does not grow with the batch), padding included, and then attends over all S slots with
 `slot <= query position` (and the sliding window). Slots past a query's position are never read, so
 stale entries (padding, Jacobi tokens that were not committed, a finished row's last window) need no
 clean-up: they are overwritten when their position is decoded again. Each row advances at its own pace.
@@ -36,13 +36,20 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from diffpo_jax.attention import Packed, attend, choose, softcap_logits, splash_attend, within_reach
 from diffpo_jax.config import LORA_TARGETS, ModelConfig
 from diffpo_jax.sharding import RESIDUAL, constrain
 
-Cache = dict[str, jax.Array]
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer (module doc: slot == position)."""
+
+    k: jax.Array  # [L, B, S, Kv, D]
+    v: jax.Array  # [L, B, S, Kv, D]
+
 
 _FAR = np.iinfo(np.int32).max // 2  # a key position no query reaches (padding keys)
 
@@ -251,11 +258,11 @@ class Transformer(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         mask: jax.Array | None = None,
-        cache: Cache | None = None,
+        cache: KVCache | None = None,
         *,
         segments: np.ndarray | None = None,
         return_hidden: bool = False,
-    ) -> tuple[jax.Array, Cache | None]:
+    ) -> tuple[jax.Array, KVCache | None]:
         """(logits [B, T, V], cache); with return_hidden, the final-normed hidden states [B, T, E] instead
         of logits (`head` turns them into logits: training computes them in chunks, see training/loss.py)."""
         cfg = self.cfg
@@ -275,7 +282,7 @@ class Transformer(nnx.Module):
         if cache is None:
             key_pos = jnp.where(mask, positions, _FAR)
         else:
-            key_pos = jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (tokens.shape[0], cache["k"].shape[2]))
+            key_pos = jnp.broadcast_to(jnp.arange(cache.k.shape[2]), (tokens.shape[0], cache.k.shape[2]))
         starts = positions[:, 0]  # with a cache: each row's first slot (module doc)
 
         graphdef, layer_state = nnx.split(self.layers)
@@ -319,11 +326,11 @@ class Transformer(nnx.Module):
 
         if cfg.remat:
             body = jax.checkpoint(body)
-        kv = None if cache is None else (cache["k"], cache["v"])
+        kv = None if cache is None else (cache.k, cache.v)
         (x, new_kv, _), _ = jax.lax.scan(body, (x, kv, jnp.int32(0)), (layer_state, windows))
 
         x = self.final_norm(x)
-        new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1]}
+        new_cache = None if cache is None else KVCache(k=new_kv[0], v=new_kv[1])
         return (x if return_hidden else self.head(x)), new_cache
 
     def head(self, hidden: jax.Array) -> jax.Array:
@@ -345,11 +352,11 @@ _ROW_WINDOWS = jax.lax.ScatterDimensionNumbers(
 )
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> Cache:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: str | None = None) -> KVCache:
     """An empty KV cache holding positions 0 .. max_len-1 for each of `batch` rows."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

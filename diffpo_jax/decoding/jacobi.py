@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 
 from diffpo_jax.decoding import slots as slots_lib
 from diffpo_jax.decoding.sampler import is_stop
-from diffpo_jax.model import Cache, init_cache
+from diffpo_jax.model import KVCache, init_cache
 
 _NGRAM = 3  # tokens matched when re-aligning: next_tok and the two committed tokens before it
 
@@ -86,7 +86,7 @@ class JacobiResult:
 class _State:
     """The rows being refined; every field but the cache ([L, B, S, Kv, D]) has the row axis first."""
 
-    cache: Cache
+    cache: KVCache
     tokens: jax.Array  # [B, N] committed response tokens, pad_id past n
     n: jax.Array  # [B]
     window: jax.Array  # [B, W] next_tok, then guesses

@@ -27,7 +27,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from diffpo_jax.decoding import slots as slots_lib
-from diffpo_jax.model import Cache, init_cache
+from diffpo_jax.model import KVCache, init_cache
 
 
 @struct.dataclass
@@ -66,7 +66,7 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
 class _State:
     """The rows being decoded; every field but the cache ([L, B, S, Kv, D]) has the row axis first."""
 
-    cache: Cache
+    cache: KVCache
     tokens: jax.Array  # [B, N]; pad_id past each row's tokens
     t: jax.Array  # [B] tokens appended to the row so far
     stopped: jax.Array
