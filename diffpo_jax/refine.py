@@ -24,6 +24,7 @@ import argparse
 import sys
 import time
 
+from diffpo_jax import distributed
 from diffpo_jax.paths import as_path
 from diffpo_jax.records import cli
 from diffpo_jax.records.formats import read_output, refined_output, refined_pairs
@@ -193,7 +194,9 @@ def show(path, fmt: str, k: int) -> None:
 
 
 def report(args: argparse.Namespace, summary: dict) -> None:
-    show(args.output, args.format, args.show)
+    """Process 0 shows the first --show records of the output it wrote; every process its own summary."""
+    if distributed.is_main_process():
+        show(args.output, args.format, args.show)
     cli.print_summary(args, summary)
 
 

@@ -208,7 +208,11 @@ def show(path, summary: dict, k: int) -> None:
 
 
 def report(args: argparse.Namespace, summary: dict) -> None:
+    """The summary covers every process's records: process 0 prints it (and writes --report)."""
     from diffpo_jax.reward.summary import markdown
+
+    if not distributed.is_main_process():
+        return
 
     show(args.output, summary, args.show)
     for field, s in summary["fields"].items():

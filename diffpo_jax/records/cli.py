@@ -140,7 +140,9 @@ def main(
     report: Callable[[argparse.Namespace, dict], None],
 ) -> int:
     """A CLI's main: `--plan` (decode CLIs: `kind` "generate" / "refine"), else jax.distributed and `run`;
-    the errors of bad input, devices or processes print one line and exit 2; process 0 `report`s the summary."""
+    the errors of bad input, devices or processes print one line and exit 2. Every process `report`s its
+    summary (generate / refine: its own share; score's covers all, so it reports on process 0 only), and
+    process 0, which wrote the output, says so."""
     if kind and args.plan:
         return decode_plan.main(args, kind)
     try:
@@ -149,8 +151,8 @@ def main(
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if distributed.is_main_process():  # the summary covers every process's records
-        report(args, summary)
+    report(args, summary)
+    if distributed.is_main_process():
         print(f"wrote {args.output}")
     return 0
 
