@@ -13,7 +13,11 @@ from tests import tiny  # noqa: E402
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads the real embedded model (SmolLM2-135M); still runs in CI")
+    config.addinivalue_line(
+        "markers",
+        "slow: loads the embedded SmolLM2-135M, or runs over ~5 s on 2 cores (many compiles, subprocesses); "
+        "CI runs every test",
+    )
 
 
 @pytest.fixture(autouse=True)

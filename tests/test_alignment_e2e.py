@@ -15,14 +15,11 @@ from diffpo_jax import score as score_cli
 from diffpo_jax import train as train_cli
 from diffpo_jax.data import __main__ as data_cli
 from diffpo_jax.reward.functions import load_reward_function
+from tests.files import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARD = "def vowels(prompts, completions, **kwargs):\n    return [sum(c in 'aeiou' for c in t) / max(len(t), 1) for t in completions]\n"
 PROMPTS, SAMPLES, TOKENS = 16, 6, 8
-
-
-def read(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -34,7 +31,7 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
         json.loads(line)["prompt"] for line in (ROOT / "bench/data/alignment_prompts.jsonl").read_text().splitlines()
     ]
     src = tmp_path / "prompts.jsonl"
-    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:PROMPTS]))
+    write_jsonl(src, ({"prompt": p} for p in prompts[:PROMPTS]))
     samples = tmp_path / "samples.jsonl"
     assert (
         generate_cli.main(
@@ -76,7 +73,7 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
         == 0
     )
     fn = load_reward_function(spec)
-    for row in read(scored):  # the ranking is the function's
+    for row in read_jsonl(scored):  # the ranking is the function's
         assert row["all_rm_scores"] == fn(prompts=[row["prompt"]] * SAMPLES, completions=row["samples"])
     data = tmp_path / "data"
     assert data_cli.main(["build", "--source", str(scored), "--responses-field", "samples", "--out", str(data)]) == 0
@@ -104,9 +101,7 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
     assert train_cli.main(["--config", str(config), f"output_dir={run}"]) == 0
 
     drafts = tmp_path / "drafts.jsonl"
-    drafts.write_text(
-        "".join(json.dumps({"prompt": r["prompt"], "draft": r["samples"][0]}) + "\n" for r in read(samples))
-    )
+    write_jsonl(drafts, ({"prompt": r["prompt"], "draft": r["samples"][0]} for r in read_jsonl(samples)))
     refined = tmp_path / "refined.jsonl"
     assert (
         refine_cli.main(
@@ -132,13 +127,13 @@ def test_refined_answers_beat_their_drafts_after_training_on_reward_ranked_sampl
         score_cli.main(["--reward", spec, "--fields", "draft,refined", "--input", str(refined), "--output", str(final)])
         == 0
     )
-    rows = read(final)
+    rows = read_jsonl(final)
     for r in rows:
         assert r["scores"] == {f: fn(prompts=[r["prompt"]], completions=[r[f]])[0] for f in ("draft", "refined")}
     draft = np.mean([r["scores"]["draft"] for r in rows])
     refined_mean = np.mean([r["scores"]["refined"] for r in rows])
     wins = np.mean([r["scores"]["refined"] > r["scores"]["draft"] for r in rows])
-    best = np.mean([max(r["all_rm_scores"]) for r in read(scored)])
+    best = np.mean([max(r["all_rm_scores"]) for r in read_jsonl(scored)])
     print(f"draft {draft:.3f} refined {refined_mean:.3f} best-of-{SAMPLES} {best:.3f} wins {wins:.2f}")
     assert refined_mean > draft + 0.5 * (best - draft) and wins >= 0.6, (draft, refined_mean, best, wins)  # measured:
     # draft 0.315, refined 0.374 = best-of-6 0.374 (the refiner learned its y(T)), wins 0.88

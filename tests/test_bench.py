@@ -192,6 +192,7 @@ def test_pass_cost_smollm2(tmp_path):
         assert f"Profile of one {name} of prompt 1" in text
 
 
+@pytest.mark.slow
 def test_refine_mixed_schedules_write_the_same_file(tiny_init_dir, tmp_path):
     """--mixed: both schedules run twice and write byte-identical files (SystemExit inside if not; the report says so)."""
     results = tmp_path / "results"

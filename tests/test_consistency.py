@@ -4,7 +4,6 @@ eval metrics; config errors of the `eval` and `loss` sections."""
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,20 +14,16 @@ from diffpo_jax.data import __main__ as data_cli
 from diffpo_jax.data.loader import make_loader
 from diffpo_jax.training.config import TrainConfigError, load_config
 from diffpo_jax.training.evaluation import holdout_split, read_records
+from tests.files import write_jsonl
+from tests.tiny_run import ROOT, read_metrics, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS, HOLDOUT, EVERY = 200, 8, 50
-CONFIG = dict(
-    global_batch_size=8,
-    prompt_len=48,
+CHANGES = dict(
     response_len=16,
-    seed=0,
     max_steps=STEPS,
     num_epochs=1000,
     save_every=1000,
     log_every=40,
-    tensorboard=False,
-    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
     eval={"holdout_prompts": HOLDOUT, "every": EVERY, "max_rows": 16, "batch_size": 8, "block_size": 8},
 )
 PRESET_LOSS = load_config(ROOT / "configs" / "train" / "tiny.yaml", ["data=d", "output_dir=o"]).loss
@@ -57,8 +52,7 @@ def test_holdout_split_is_by_prompt_deterministic_and_disjoint(trajectories_dir,
 
 
 def test_eval_and_loss_config_errors(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps(dict(CONFIG, model="embedded", data="d", output_dir="o")))
+    cfg = write_config(tmp_path / "c.yaml", "embedded", "d", output_dir="o", **CHANGES)
     with pytest.raises(TrainConfigError, match=r"eval: unknown key 'evry'"):
         load_config(cfg, ["eval.evry=3"])
     with pytest.raises(TrainConfigError, match=r"eval.block_size must be >= 1, got 0"):
@@ -73,8 +67,7 @@ def test_eval_and_loss_config_errors(tmp_path):
 
 
 def _train(tmp_path, data_dir, init_dir, name, loss):
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(json.dumps(dict(CONFIG, model=str(init_dir), data=str(data_dir), loss=loss)))
+    config = write_config(tmp_path / f"{name}.yaml", init_dir, data_dir, **CHANGES, loss=loss)
     assert train_cli.main(["--config", str(config), f"output_dir={tmp_path / name}"]) == 0
     return tmp_path / name
 
@@ -84,7 +77,7 @@ def _refine_training_drafts(tmp_path, run_dir, data_dir):
     held = set(json.loads((run_dir / "eval_ids.json").read_text()))
     pairs = [(r["prompt"], d, r["best"]) for r in read_records(data_dir) if r["id"] not in held for d in r["others"]]
     src = tmp_path / f"{run_dir.name}-drafts.jsonl"
-    src.write_text("".join(json.dumps({"prompt": p, "draft": d}) + "\n" for p, d, _ in pairs))
+    write_jsonl(src, ({"prompt": p, "draft": d} for p, d, _ in pairs))
     out = tmp_path / f"{run_dir.name}-refined.jsonl"
     args = refine_cli.parse_args(
         [
@@ -125,7 +118,7 @@ def test_build_train_refine_learns_without_collapse(tmp_path, tiny_init_dir, smo
     )
     ar_only = _train(tmp_path, data_dir, tiny_init_dir, "ar-only", {"con_weight": 0.0})
 
-    lines = [json.loads(x) for x in (preset / "metrics.jsonl").read_text().splitlines()]
+    lines = read_metrics(preset)
     evals = [m for m in lines if "eval_passes_per_token" in m]
     assert [m["step"] for m in evals] == list(range(0, STEPS + 1, EVERY))
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, STEPS + 1))

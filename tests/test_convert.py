@@ -48,11 +48,6 @@ def hf_tensors(folder: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
-
-
 def tree_equal(a, b) -> bool:
     return jax.tree.structure(a) == jax.tree.structure(b) and all(
         np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
@@ -126,7 +121,7 @@ def test_transformers_loads_export_with_equal_logits(round_trip):
     family, src, orbax_dir, exported = round_trip
     model = tiny.load_reference(exported)
     assert type(model).__name__ == HF_CLASS[family]
-    diff = np.abs(torch_logits(model, RANDOM_IDS) - torch_logits(tiny.load_reference(src), RANDOM_IDS)).max()
+    diff = np.abs(tiny.torch_logits(model, RANDOM_IDS) - tiny.torch_logits(tiny.load_reference(src), RANDOM_IDS)).max()
     assert diff <= 1e-5, diff  # measured: 0.0 (same weights, same code)
     # Our load of the Orbax dir (sources.load_model) against transformers on the export.
     results, ok = verify.check(load_model(str(orbax_dir)), model, [], atol=1e-4, min_top1=1.0)
@@ -180,7 +175,8 @@ def test_sharded_safetensors_with_index(llama, tmp_path):
         assert len(held) == 1 or sum(t.nbytes for t in held.values()) <= 40_000
     assert all(np.array_equal(t, hf_tensors(single)[n]) for n, t in tensors.items())
     diff = np.abs(
-        torch_logits(tiny.load_reference(out), RANDOM_IDS) - torch_logits(tiny.load_reference(src), RANDOM_IDS)
+        tiny.torch_logits(tiny.load_reference(out), RANDOM_IDS)
+        - tiny.torch_logits(tiny.load_reference(src), RANDOM_IDS)
     )
     assert diff.max() <= 1e-5
 

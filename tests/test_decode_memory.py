@@ -31,7 +31,10 @@ def test_prefill_memory_does_not_grow_with_the_vocabulary(small_vocab):
         assert big_bytes - small_bytes < 2**20, (name, small_bytes, big_bytes)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (4, 1, 2), (2, 4, 1)])
+@pytest.mark.parametrize(
+    "shape",
+    [(8, 1, 1), pytest.param((4, 1, 2), marks=pytest.mark.slow), pytest.param((2, 4, 1), marks=pytest.mark.slow)],
+)
 def test_row_refill_compiles_once_under_a_mesh(tiny_llama_dir, shape, caplog):
     """The slots' sharding (slots.place) is the one the jitted refill and loop return, so neither compiles
     a second time for the state it gets back."""

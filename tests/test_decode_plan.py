@@ -14,6 +14,7 @@ DECODE_PRESETS = [
 ]
 
 
+@pytest.mark.slow
 def test_default_layout_is_the_smallest_tensor_degree_that_fits():
     cfg = load_preset("tiny-llama")[0]
     roomy = plan.plan(
@@ -84,6 +85,7 @@ def test_the_runtime_default_goes_tensor_parallel_when_weights_do_not_fit():
     assert default_shape(100 * gib, 2, 8, 16 * gib)[0] == (8, 1, 1)  # no degree divides 2 KV heads enough
 
 
+@pytest.mark.slow
 def test_the_clis_plan_without_weights_or_input(capsys):
     """`refine --plan 8 --device-memory 16` for Gemma-2-9B (bf16 by default): tensor-parallel, and the line
     says so; `generate --plan` on the embedded model; a bad topology is one line, exit 2."""

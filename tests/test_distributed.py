@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from diffpo_jax import distributed
+from tests.files import write_jsonl
+from tests.tiny_run import read_metrics, train_command, with_compile_cache, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -60,6 +62,7 @@ def test_two_processes_share_one_mesh():
     ], result.stdout
 
 
+@pytest.mark.slow
 def test_a_dead_process_stops_the_others():
     """No launcher in between: JAX's heartbeats must end the survivor, non-zero, with a message."""
     port, env = free_port(), launcher_env()
@@ -367,33 +370,22 @@ def test_dry_runs_print_the_commands():
 
 # ---- training: 2 processes x 4 CPU devices == 1 process x 8, and checkpoints cross between them
 
-TRAIN = dict(
-    global_batch_size=8,
-    prompt_len=48,
-    response_len=8,
-    num_epochs=1,
-    seed=0,
+CHANGES = dict(
     save_every=2,
     keep_checkpoints=2,
-    log_every=1,
-    tensorboard=False,
     mesh=[1, -1, 1],
     loss={"con_weight": 1000.0, "chunk": 0},
-    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
     eval={"holdout_prompts": 8, "every": 2, "max_rows": 12, "batch_size": 8, "block_size": 4},
 )  # 40 trajectories, 8 held out: 32 / 8 = 4 steps; held-out evaluation at steps 0, 2, 4
 
 
 @pytest.fixture(scope="module")
 def train_config(tmp_path_factory, tiny_init_dir, trajectories_dir):
-    path = tmp_path_factory.mktemp("dist") / "train.yaml"
-    path.write_text(json.dumps(dict(TRAIN, model=str(tiny_init_dir), data=str(trajectories_dir))))  # JSON is YAML
-    return path
+    return write_config(tmp_path_factory.mktemp("dist") / "train.yaml", tiny_init_dir, trajectories_dir, **CHANGES)
 
 
 def train_run(config, run_dir, cache, processes: int, *overrides: str) -> str:
-    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(config), f"output_dir={run_dir}", *overrides]
-    env = dict(launcher_env(), JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd, env = train_command(config, run_dir, *overrides), with_compile_cache(launcher_env(), cache)
     if processes == 1:
         result = subprocess.run(
             cmd,
@@ -416,18 +408,14 @@ def train_run(config, run_dir, cache, processes: int, *overrides: str) -> str:
     return result.stdout
 
 
-def metric_lines(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def train_losses(run_dir) -> np.ndarray:
-    lines = [m for m in metric_lines(run_dir) if "loss" in m]
+    lines = [m for m in read_metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in lines] == list(range(1, len(lines) + 1))
     return np.array([[m["loss"], m["ar"], m["con"]] for m in lines])
 
 
 def eval_metrics(run_dir) -> list[dict]:
-    return [m for m in metric_lines(run_dir) if "eval_ar" in m]
+    return [m for m in read_metrics(run_dir) if "eval_ar" in m]
 
 
 @pytest.fixture(scope="module")
@@ -501,18 +489,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(train_config, xla_cac
     the same step, save it and exit 0; the rerun resumes and gives the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     # evaluation after every step keeps the 4 steps ~1 s apart: the signal lands mid-run
-    cmd = [
-        sys.executable,
-        "-m",
-        "diffpo_jax.train",
-        "--config",
-        str(train_config),
-        f"output_dir={run_dir}",
-        "eval.every=1",
-    ]
-    env = dict(
-        launcher_env(), JAX_COMPILATION_CACHE_DIR=str(xla_cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0"
-    )
+    cmd, env = train_command(train_config, run_dir, "eval.every=1"), with_compile_cache(launcher_env(), xla_cache_dir)
     launcher = subprocess.Popen(
         ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), "2", "--", *cmd],
         env=env,
@@ -579,7 +556,7 @@ def test_decoding_over_two_processes_writes_one_ordered_file(name, tiny_init_dir
     devices; process 0 writes the one output file: byte-identical to one process on one device. (Scores
     are floats: bit for bit with the same rows per device, 4 here; reward/scorer.py.)"""
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in DECODE_ROWS))
+    write_jsonl(inp, DECODE_ROWS)
     command = decode_commands(tiny_init_dir, smol_rm[0])[name]
     outputs = {}
     for processes in (1, 2):
@@ -604,7 +581,7 @@ def test_a_killed_process_resumes_with_another_process_count(tiny_init_dir, smol
     file one process writes."""
     rows = DECODE_ROWS * 4  # 64 records, windows of 4: process 1 is still decoding when it is killed
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(inp, rows)
     command = decode_commands(tiny_init_dir, smol_rm[0])["refine"] + ["--input", str(inp), "--sort-window", "4"]
     want = tmp_path / "one.jsonl"
     assert decode_run(1, command, "--output", str(want)).returncode == 0

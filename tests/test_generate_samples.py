@@ -11,6 +11,7 @@ from diffpo_jax import generate as generate_cli
 from diffpo_jax.records import cli
 from diffpo_jax.records.formats import FormatError, read_records
 from diffpo_jax.records.output import ResumableOutput
+from tests.files import read_jsonl, write_jsonl
 
 PROMPTS = ["Name a colour.", "Say hello.", "Count to three.", "Why is the sky blue?", "Name a fruit."]
 TOKENS = "4"  # near-uniform draws over 49152 tokens: two samples of 4 tokens never coincide
@@ -26,7 +27,7 @@ def loaded(tiny_init_dir):
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    write_jsonl(path, ({"id": i, "prompt": p} for i, p in enumerate(PROMPTS)))
     return path
 
 
@@ -36,9 +37,10 @@ def _args(prompts, out, *extra):
 
 def _generate(loaded, prompts, out, *extra):
     generate_cli.run(_args(prompts, out, *extra), loaded)
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return read_jsonl(out)
 
 
+@pytest.mark.slow
 def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_resume(loaded, prompts, tmp_path):
     hot = ("--temperature", "1.0", "--num-samples", "4")
     out = _generate(loaded, prompts, tmp_path / "b3.jsonl", *hot, "--batch-size", "3")  # 12 rows, last call 8

@@ -31,15 +31,11 @@ from diffpo_jax.training.step import global_batch, init_state, make_optimizer, m
 from diffpo_jax.training.trainer import train
 from diffpo_jax.weights.checkpoint import TrainCheckpoints, restore_params, write_model_files
 from tests import tiny
+from tests.tiny_run import read_metrics, write_config
 
 LORA = LoraConfig(
     rank=4, alpha=8.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 )
-
-
-def torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.float().numpy()
 
 
 def ours(model, ids: np.ndarray) -> np.ndarray:
@@ -66,27 +62,27 @@ def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
     return nnx.merge(nnx.graphdef(abstract_model(cfg)), params), adapters
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
 def test_peft_round_trip_and_merged_exports(family, request, tmp_path):
     base_dir = request.getfixturevalue(f"tiny_{family}_dir")
     model, adapters = lora_run(base_dir, tmp_path / "run", LORA)
     ids = np.random.default_rng(0).integers(3, tiny.VOCAB, (2, 20))
     adapted = ours(model, ids)
-    base_logits = torch_logits(tiny.load_reference(base_dir), ids)
+    base_logits = tiny.torch_logits(tiny.load_reference(base_dir), ids)
     assert np.abs(adapted - base_logits).max() > 0.1  # the adapters change the logits
 
     assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base_dir.resolve()) and config["r"] == 4
     peft = PeftModel.from_pretrained(tiny.load_reference(base_dir), str(tmp_path / "peft")).eval()
-    np.testing.assert_allclose(torch_logits(peft, ids), adapted, atol=1e-4)
+    np.testing.assert_allclose(tiny.torch_logits(peft, ids), adapted, atol=1e-4)
 
     merged = load_model(str(tmp_path / "run"))  # --model RUN_DIR: base + adapters, merged at load
     assert merged.cfg.lora is None and "q_proj_lora" not in nnx.to_pure_dict(nnx.state(merged.model))["layers"]["attn"]
     np.testing.assert_allclose(ours(merged.model, ids), adapted, atol=1e-4)
     assert convert.main(["to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--dtype", "float32"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
-    np.testing.assert_allclose(torch_logits(hf, ids), adapted, atol=1e-4)
+    np.testing.assert_allclose(tiny.torch_logits(hf, ids), adapted, atol=1e-4)
 
 
 def test_to_peft_refuses_a_full_run(tiny_llama_dir, tmp_path, capsys):
@@ -130,8 +126,8 @@ def test_a_peft_folder_is_a_model(family, request, tmp_path):
     base_dir = request.getfixturevalue(f"tiny_{family}_dir")
     peft = peft_adapter(base_dir, tmp_path / "peft")
     ids = np.random.default_rng(2).integers(3, tiny.VOCAB, (2, 16))
-    expected = torch_logits(peft, ids)
-    assert np.abs(expected - torch_logits(tiny.load_reference(base_dir), ids)).max() > 0.1  # the adapter matters
+    expected = tiny.torch_logits(peft, ids)
+    assert np.abs(expected - tiny.torch_logits(tiny.load_reference(base_dir), ids)).max() > 0.1  # the adapter matters
     loaded = load_model(str(tmp_path / "peft"))
     assert loaded.cfg.lora is None and loaded.source == f"{tmp_path / 'peft'} on {base_dir}"
     np.testing.assert_allclose(ours(loaded.model, ids), expected, atol=1e-4)
@@ -195,16 +191,9 @@ def changed(params: dict, base: dict) -> set[str]:
 
 
 STEPS = 4
-RUN = dict(
-    global_batch_size=8,
-    prompt_len=48,
-    response_len=8,
-    num_epochs=1,
+CHANGES = dict(
     max_steps=STEPS,
-    seed=0,
     save_every=2,
-    log_every=1,
-    tensorboard=False,
     async_checkpoints=False,
     loss={"con_weight": 1000.0, "chunk": 4},
     optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0},
@@ -214,8 +203,7 @@ RUN = dict(
 
 
 def run_config(tmp_path, tiny_init_dir, trajectories_dir, name, *overrides):
-    path = tmp_path / "lora.yaml"
-    path.write_text(json.dumps(dict(RUN, model=str(tiny_init_dir), data=str(trajectories_dir))))
+    path = write_config(tmp_path / "lora.yaml", tiny_init_dir, trajectories_dir, **CHANGES)
     return load_config(path, [f"output_dir={tmp_path / name}", *overrides])
 
 
@@ -225,9 +213,10 @@ def lora_reference(tmp_path_factory, tiny_init_dir, trajectories_dir):
     tmp = tmp_path_factory.mktemp("lora")
     result = train(run_config(tmp, tiny_init_dir, trajectories_dir, "reference"), log=lambda _: None)
     assert result.step == STEPS
-    return result, [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, read_metrics(result.run_dir)
 
 
+@pytest.mark.slow
 def test_lora_run_trains_the_adapters_only(lora_reference, tiny_init_dir):
     result, lines = lora_reference
     losses = [m["loss"] for m in lines if "loss" in m]
@@ -254,15 +243,17 @@ def test_lora_run_trains_the_adapters_only(lora_reference, tiny_init_dir):
     }
 
 
+@pytest.mark.slow
 def test_lora_resume_is_exact(lora_reference, tiny_init_dir, trajectories_dir, tmp_path):
     _, expected = lora_reference
     assert train(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run", "stop_after=2"), log=print).step == 2
     assert train(run_config(tmp_path, tiny_init_dir, trajectories_dir, "run"), log=print).start_step == 2
-    got = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    got = read_metrics(tmp_path / "run")
     keys = ("loss", "ar", "con", "grad_norm", "eval_ar", "eval_con")
     assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in expected]
 
 
+@pytest.mark.slow
 def test_lora_one_device_equals_eight(lora_reference, tiny_init_dir, trajectories_dir, tmp_path):
     """The reference run's steps (8 devices, fsdp) replayed on one device (2 micro-batches): same losses;
     the base passes through the steps unchanged."""

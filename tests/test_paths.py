@@ -20,20 +20,16 @@ from diffpo_jax.training.config import load_config
 from diffpo_jax.training.metrics import MetricsLog
 from diffpo_jax.training.trainer import train
 from diffpo_jax.weights.export import export_checkpoint
+from tests.files import write_jsonl
+from tests.tiny_run import write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "gs://bucket"
-CONFIG = dict(
-    global_batch_size=8,
-    prompt_len=48,
-    response_len=8,
+CHANGES = dict(
     num_epochs=2,
-    seed=0,
     save_every=2,
     max_steps=4,
     keep_checkpoints=2,
-    log_every=1,
-    tensorboard=False,
     async_checkpoints=False,
     loss={"con_weight": 1.0, "con_positions": "draft", "chunk": 4},
     optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.0},
@@ -265,7 +261,7 @@ def test_resumable_output_in_a_bucket_grows_by_parts(bucket, tmp_path):
     from diffpo_jax.records.output import ResumableOutput
 
     store, _ = bucket
-    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": str(i)}) + "\n" for i in range(4)))
+    write_jsonl(tmp_path / "in.jsonl", ({"prompt": str(i)} for i in range(4)))
     records, now = read_records(tmp_path / "in.jsonl", "jsonl", with_drafts=False), [0.0]
 
     def opened(where):
@@ -307,8 +303,7 @@ def test_train_load_and_export_over_urls_equal_local(bucket, tiny_init_dir, tmp_
         ("url", f"{BUCKET}/run", f"{BUCKET}/data"),
         ("local", tmp_path / "run", tmp_path / "data"),
     ):
-        config_file = tmp_path / "tiny-test.yaml"
-        config_file.write_text(json.dumps(dict(CONFIG, model=str(tiny_init_dir), data=str(data))))  # JSON is YAML
+        config_file = write_config(tmp_path / "tiny-test.yaml", tiny_init_dir, data, **CHANGES)
         cfg = load_config(config_file, [f"output_dir={out}"])
         runs[where] = train(cfg, log=lambda _: None)
     assert os.fspath(runs["url"].run_dir) == f"{BUCKET}/run"

@@ -71,6 +71,7 @@ def test_aot_memory_is_the_sharded_train_state():
     assert one["argument"] > 7 * m["argument"]  # unsharded: every device holds it all
 
 
+@pytest.mark.slow
 def test_plan_cli_simulates_the_devices(tmp_path):
     """The CLI starts jax with the planned number of (simulated CPU) devices: 16 > the tests' 8."""
     cmd = [

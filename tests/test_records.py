@@ -7,7 +7,7 @@ import pytest
 
 from diffpo_jax.records.formats import FormatError, read_records, turn_prompt
 from diffpo_jax.records.output import ResumableOutput
-from tests.files import write_jsonl
+from tests.files import read_jsonl, write_jsonl
 
 # ------------------------------------------------------------------------------------------ formats
 
@@ -126,7 +126,7 @@ def test_resumable_output(tmp_path):
     assert "cut sh" not in (tmp_path / "out.jsonl.partial").read_text()  # the cut line is gone before appends
     out.append(2, {"n": 2})
     assert out.finish() == [{"n": i} for i in range(3)]
-    assert [json.loads(line) for line in out_path.read_text().splitlines()] == [{"n": i} for i in range(3)]
+    assert read_jsonl(out_path) == [{"n": i} for i in range(3)]
     assert not (tmp_path / "out.jsonl.partial").exists()
     alpaca = ResumableOutput(tmp_path / "out.json", "alpaca_eval", recs[:1], {})
     alpaca.append(0, {"output": "x"})
@@ -164,6 +164,6 @@ def test_resumable_output_over_processes_resumes_with_any_count(tmp_path):
         for i in o.todo:
             o.append(i, {"n": i})
     assert second[0].finish() == [{"n": i} for i in range(7)]
-    assert [json.loads(line) for line in out_path.read_text().splitlines()] == [{"n": i} for i in range(7)]
+    assert read_jsonl(out_path) == [{"n": i} for i in range(7)]
     assert list(tmp_path.glob("out.jsonl.partial*")) == []
     assert second[1].finish() == [{"n": i} for i in range(7)]  # the others read OUT once process 0 wrote it

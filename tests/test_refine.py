@@ -15,7 +15,7 @@ from diffpo_jax.decoding.batching import Decoder, bucket
 from diffpo_jax.records.cli import run_options
 from diffpo_jax.records.formats import FormatError, read_records
 from diffpo_jax.records.output import ResumableOutput
-from tests.files import write_jsonl
+from tests.files import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
     partial = ResumableOutput(tmp_path / "out.jsonl", "jsonl", recs, run_options(args, refine_cli.RESUME_OPTIONS))
     partial.append(0, rows[0] | {"refined": "FROM PARTIAL", "stats": {}})
     summary = refine_cli.run(args, smollm2)
-    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    out = read_jsonl(tmp_path / "out.jsonl")
     assert [o["id"] for o in out] == [0, 1, 2] and out[0]["refined"] == "FROM PARTIAL"
     assert all({k: o[k] for k in r} == r for o, r in zip(out, rows))
     assert out[1]["stats"]["tokens"] <= 8 and out[1]["stats"]["passes"] >= 1 and out[2]["refined"]
@@ -151,7 +151,7 @@ def test_refine_cli_jsonl_resume_and_mt_bench(smollm2, tmp_path):
             ),
             smollm2,
         )
-        (rec,) = [json.loads(line) for line in mt.read_text().splitlines()]
+        (rec,) = read_jsonl(mt)
         assert rec["model_id"] == "base+diffpo" and rec["answer_id"] == "x"
         assert rec["choices"][0]["draft_turns"] == ["Apple.", "Carrot."] and len(rec["choices"][0]["turns"]) == 2
 
@@ -225,7 +225,7 @@ def test_a_bad_record_fails_before_any_decoding_or_is_skipped(tiny_init_dir, tmp
     summary = refine_cli.run(
         refine_cli.parse_args(["--input", str(small), "--output", str(out), "--on-error", "skip", *common]), model
     )
-    got = [json.loads(line) for line in out.read_text().splitlines()]
+    got = read_jsonl(out)
     assert [g.get("id") for g in got] == [0, None, 1] and "refined" in got[0] and "refined" in got[2]
     assert got[1]["prompt"] == rows[-1]["prompt"] and "refined" not in got[1]
     assert got[1]["error"].startswith(f"{small}:2: turn 1: prompt is ")

@@ -2,13 +2,13 @@
 that a reward model goes through: formats, trajectories -> `data build`, --best-of-n, the summary; and the
 one-line errors (import, wrong length, non-number, NaN, an exception inside), with nothing written."""
 
-import json
 from pathlib import Path
 
 import pytest
 
 from diffpo_jax import score as score_cli
 from diffpo_jax.reward.functions import FunctionScorer, RewardFunctionError, load_reward_function
+from tests.files import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 REWARDS = """
@@ -57,20 +57,11 @@ def run(rewards, function, src, out, *args) -> int:
     )
 
 
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def test_jsonl_scores_are_the_functions_values_with_the_summary(rewards, tmp_path, capsys):
-    src, out = write(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
+    src, out = write_jsonl(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
     assert run(rewards, "vowels", src, out, "--batch-size", 3, "--report", tmp_path / "r.md") == 0
     fn = load_reward_function(f"{rewards}:vowels")
-    rows = read(out)
+    rows = read_jsonl(out)
     for rec, row in zip(RECORDS, rows):
         assert {k: v for k, v in row.items() if k != "scores"} == rec
         assert row["scores"] == {f: fn(prompts=[None], completions=[rec[f]])[0] for f in ("draft", "refined")}
@@ -80,7 +71,7 @@ def test_jsonl_scores_are_the_functions_values_with_the_summary(rewards, tmp_pat
     assert f"by {rewards}:vowels" in (tmp_path / "r.md").read_text()
     # the prompt the function sees: the record's string, or its messages
     assert run(rewards, "by_prompt", src, tmp_path / "p.jsonl") == 0
-    assert [r["scores"]["draft"] for r in read(tmp_path / "p.jsonl")] == [7.0, 13.0]
+    assert [r["scores"]["draft"] for r in read_jsonl(tmp_path / "p.jsonl")] == [7.0, 13.0]
 
 
 def test_a_module_path_and_trajectories_into_data_build(tmp_path):
@@ -88,7 +79,7 @@ def test_a_module_path_and_trajectories_into_data_build(tmp_path):
     from diffpo_jax.data.trajectories import build
     from diffpo_jax.training.evaluation import read_records
 
-    src = write(
+    src = write_jsonl(
         tmp_path / "t.jsonl",
         [
             {
@@ -117,7 +108,7 @@ def test_a_module_path_and_trajectories_into_data_build(tmp_path):
         )
         == 0
     )
-    scores = read(out)[0]["all_rm_scores"]
+    scores = read_jsonl(out)[0]["all_rm_scores"]
     assert scores[1] > scores[2] > scores[0]
     build([str(out)], tmp_path / "data")
     (record,) = read_records(tmp_path / "data")
@@ -125,10 +116,10 @@ def test_a_module_path_and_trajectories_into_data_build(tmp_path):
 
 
 def test_best_of_n_picks_the_functions_best(rewards, tmp_path):
-    src = write(tmp_path / "s.jsonl", [{"prompt": "x", "samples": ["zzz", "aaa", "bab"]}])
+    src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "x", "samples": ["zzz", "aaa", "bab"]}])
     out = tmp_path / "b.jsonl"
     assert run(rewards, "vowels", src, out, "--fields", "samples", "--best-of-n") == 0
-    assert read(out)[0]["best_of_n"] == {"field": "samples", "index": 1, "score": 1.0, "response": "aaa"}
+    assert read_jsonl(out)[0]["best_of_n"] == {"field": "samples", "index": 1, "score": 1.0, "response": "aaa"}
 
 
 @pytest.mark.parametrize(
@@ -144,7 +135,7 @@ def test_best_of_n_picks_the_functions_best(rewards, tmp_path):
 def test_bad_functions_fail_in_one_line_naming_the_record_and_write_nothing(
     rewards, tmp_path, capsys, function, message
 ):
-    src, out = write(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
+    src, out = write_jsonl(tmp_path / "in.jsonl", RECORDS), tmp_path / "out.jsonl"
     assert run(rewards, function, src, out, "--batch-size", 4) == 2
     errors = [
         line.split("error: ", 1)[1]

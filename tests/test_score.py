@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from diffpo_jax import score as score_cli
 from diffpo_jax.data.trajectories import DATA_FILE, build
-from tests.files import write_jsonl
+from tests.files import read_jsonl, write_jsonl
 
 ATOL = 1e-4
 
@@ -22,10 +22,6 @@ def reference_score(rm, messages) -> float:
     ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
     with torch.no_grad():
         return float(model(torch.tensor([ids])).logits[0, 0])
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def score(rm, *args) -> int:

@@ -10,6 +10,7 @@ from diffpo_jax import generate as generate_cli
 from diffpo_jax.data.__main__ import main
 from diffpo_jax.data.trajectories import rank
 from diffpo_jax.training.evaluation import read_records
+from tests.files import read_jsonl, write_jsonl
 
 PROMPTS = ["What is the capital of France?", "Name a colour.", "Count to three.", "Say hello.", "Why is the sky blue?"]
 
@@ -17,7 +18,7 @@ PROMPTS = ["What is the capital of France?", "Name a colour.", "Count to three."
 @pytest.fixture
 def prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    write_jsonl(path, ({"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)))
     return path
 
 
@@ -126,7 +127,7 @@ def test_jacobi_states_join_the_samples(tmp_path, prompts, tiny_init_dir):
     )
     work = tmp_path / "data.work"
     greedy, hot = _answers(work / "greedy.jsonl"), _answers(work / "t1-s0.jsonl")
-    refined = [json.loads(line) for line in (work / "t1-s0.jacobi.jsonl").read_text().splitlines()]
+    refined = read_jsonl(work / "t1-s0.jacobi.jsonl")
     by_prompt = {r["prompt"]: r for r in read_records(out)}
     counts = []
     for prompt, g, h, rec in zip(PROMPTS, greedy, hot, refined):

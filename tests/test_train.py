@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import types
 from pathlib import Path
@@ -38,21 +37,16 @@ from diffpo_jax.training.step import (
     make_train_step,
     state_shardings,
 )
+from tests.tiny_run import ROOT, read_metrics, train_command, with_compile_cache, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 20  # 4 epochs of the 40 bundled trajectories in batches of 8
-CONFIG = dict(
-    global_batch_size=8,
-    prompt_len=48,
-    response_len=8,
+CHANGES = dict(
     num_epochs=4,
-    seed=0,
     save_every=4,
     keep_checkpoints=3,
     log_every=5,
     tensorboard=True,
     loss={"con_weight": 1000.0, "chunk": 4},
-    optimizer={"learning_rate": 3e-3, "warmup_ratio": 0.03},
 )
 slow = pytest.mark.slow  # runs of the tiny model, which takes the embedded SmolLM2's tokenizer (session fixture)
 
@@ -60,16 +54,14 @@ slow = pytest.mark.slow  # runs of the tiny model, which takes the embedded Smol
 @pytest.fixture(scope="module")
 def config_file(tmp_path_factory, tiny_init_dir, trajectories_dir):
     path = tmp_path_factory.mktemp("train") / "tiny-test.yaml"
-    path.write_text(json.dumps(dict(CONFIG, model=str(tiny_init_dir), data=str(trajectories_dir))))  # JSON is YAML
-    return path
+    return write_config(path, tiny_init_dir, trajectories_dir, **CHANGES)
 
 
 def run_cli(config_file, run_dir, cache, kill_after=None, sig=None):
     """`python -m diffpo_jax.train` in a subprocess (8 CPU devices, from conftest's XLA_FLAGS); with
     kill_after, send `sig` once metrics.jsonl has that many lines. Returns (returncode, output, lines
     seen when signalled)."""
-    cmd = [sys.executable, "-m", "diffpo_jax.train", "--config", str(config_file), f"output_dir={run_dir}"]
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd, env = train_command(config_file, run_dir), with_compile_cache(os.environ, cache)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = None
     if kill_after is not None:
@@ -82,10 +74,6 @@ def run_cli(config_file, run_dir, cache, kill_after=None, sig=None):
             time.sleep(0.05)
     out = proc.communicate(timeout=600)[0]
     return proc.returncode, out, seen
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -301,8 +289,7 @@ def test_run_dir_is_a_model_for_refine_and_convert(reference, tiny_init_dir, tmp
 
 
 def test_config_errors_are_one_line(tmp_path, capsys):
-    config_file = tmp_path / "tiny-test.yaml"
-    config_file.write_text(json.dumps(dict(CONFIG, model="embedded", data=str(tmp_path / "data"))))
+    config_file = write_config(tmp_path / "tiny-test.yaml", "embedded", tmp_path / "data", **CHANGES)
     with pytest.raises(TrainConfigError, match=r"tiny-test.yaml: unknown key 'lr'"):
         load_config(config_file, ["lr=1e-3"])
     with pytest.raises(TrainConfigError, match=r"optimizer: learning_rate must be a number, got 'fast'"):
@@ -403,7 +390,7 @@ def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     log = MetricsLog(tmp_path, start_step=3, tensorboard=False)
     log.write({"step": 4, "loss": 2.0})
     log.close()
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+    assert read_metrics(tmp_path) == [
         {"step": 1, "loss": 1.0},
         {"step": 2, "loss": 1.0},
         {"step": 3, "loss": 1.0},

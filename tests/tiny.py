@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -123,3 +124,9 @@ def llama3_tokenizer():
         pad_token="<|end_of_text|>",
         chat_template=LLAMA3_TEMPLATE,
     )
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    """A transformers (or peft) model's fp32 logits for the token ids `ids` [B, T]."""
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
