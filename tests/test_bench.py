@@ -8,6 +8,7 @@ import pytest
 from bench import common, memory_plan, refine_speed, train_speed
 
 
+@pytest.mark.slow
 def test_refine_speed_tiny(tiny_llama_dir, tmp_path):
     results = tmp_path / "results"
     out = refine_speed.main(

@@ -45,6 +45,7 @@ def test_default_layout_is_the_smallest_tensor_degree_that_fits():
     assert given["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and not given["default_layout"]
 
 
+@pytest.mark.slow
 def test_the_largest_batch_fits_and_one_more_step_does_not():
     cfg = load_preset("tiny-llama")[0]
     kw = dict(devices=8, kind="refine", prompt_len=64, max_new_tokens=32, block=8)

@@ -162,6 +162,7 @@ def test_hold_draft_prefix(setup):
     assert held_lens[0] == r_hold and held_lens[1] == 0 and tokens[0, :3].tolist() != greedy[0, :3].tolist()
 
 
+@pytest.mark.slow
 def test_per_row_held_prefix_equals_fixed_holds(setup):
     """hold_lens: each row holds its own number of draft tokens (the official script's random 0..12), and
     gets exactly the answer and stats of a run holding that many tokens in every row."""

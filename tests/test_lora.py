@@ -62,7 +62,8 @@ def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
     return nnx.merge(nnx.graphdef(abstract_model(cfg)), params), adapters
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_peft_round_trip_and_merged_exports(family, request, tmp_path):
     base_dir = request.getfixturevalue(f"tiny_{family}_dir")
     model, adapters = lora_run(base_dir, tmp_path / "run", LORA)

@@ -312,7 +312,8 @@ def test_packed_pattern_is_the_position_mask_on_real_queries(window):
         Packed(np.array([1, 1, 2]), mask, (0,))
 
 
-@pytest.mark.parametrize("arch", ["llama", pytest.param("gemma2", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_splash_loss_and_gradients_equal_einsum(tiny_llama_dir, tiny_gemma2_dir, arch):
     """Training's packed rows through the splash kernel (interpreted on CPU: the kernel TPUs run): the loss
     terms and their gradients equal the einsum reference's, on one device and on a (2, 2, 2) mesh (rows

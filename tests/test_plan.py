@@ -59,6 +59,7 @@ def test_model_configs_come_without_downloads():
         plan.model_config("someone/unknown-model")
 
 
+@pytest.mark.slow
 def test_aot_memory_is_the_sharded_train_state():
     """tiny on the tests' 8 devices (fsdp 8): the compiled step's arguments hold fp32 params and two AdamW
     moments split 8 ways (plus the batch and a few scalars)."""

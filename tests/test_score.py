@@ -239,6 +239,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow
 def test_best_of_n_from_generated_samples(smol_rm, tiny_init_dir, tmp_path):
     from diffpo_jax import generate as generate_cli
     from diffpo_jax.sources import load_model

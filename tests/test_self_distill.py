@@ -45,6 +45,7 @@ def _answers(path):
     return [json.loads(line)["draft"] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_greedy_answer_is_best_and_samples_are_ranked_hottest_first(tmp_path, prompts, tiny_init_dir, capsys):
     out = tmp_path / "data"
     assert _distill(prompts, out, tiny_init_dir, "--temperatures", "1.0,0.7") == 0
