@@ -80,16 +80,16 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     """Generate drafts for args.input into args.output; returns the summary. `loaded`: an already loaded model
     to use instead of args.model."""
     k = args.num_samples
-    run = cli.start_decode(
+    job = cli.start_decode(
         args, "generate", rows=args.batch_size * k, resume_options=RESUME_OPTIONS, with_drafts=False, loaded=loaded
     )
-    model_id = args.model_id or Path(run.loaded.source).stem
+    model_id = args.model_id or Path(job.loaded.source).stem
     totals = {"rows": 0, "tokens": 0}
 
     def decode(indices: list[int], turn: int, _recs, prompts):
         """Per record: (its index, its k Outputs), the k samples of a prompt in adjacent rows."""
         keys = sample_keys(args.seed, indices, turn, k)
-        outputs = run.decoder.sample(
+        outputs = job.decoder.sample(
             [p for p in prompts for _ in range(k)], keys, temperature=args.temperature, top_p=args.top_p
         )
         return [(i, outputs[j * k : (j + 1) * k]) for j, i in enumerate(indices)]
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         outputs = [o for _, samples in results for o in samples]
         totals["rows"] += len(outputs)
         totals["tokens"] += sum(o.stats["tokens"] for o in outputs)
-        run.bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - run.start):.1f}")
-        run.bar.update(len(results))
+        job.bar.set_postfix(tok_s=f"{totals['tokens'] / (time.perf_counter() - job.start):.1f}")
+        job.bar.update(len(results))
 
     def build(rec, turns):
         if k == 1:
@@ -113,9 +113,9 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     # A window's records go to the decoder together: its slots decode them with row refill (a finished
     # row's slot takes the next row), or one batch when the window is no larger than --batch-size.
     summary = cli.finish_decode(
-        run, args, decode, history, build, progress, batch_size=max(args.sort_window, args.batch_size)
+        job, args, decode, history, build, progress, batch_size=max(args.sort_window, args.batch_size)
     )
-    elapsed = time.perf_counter() - run.start
+    elapsed = time.perf_counter() - job.start
     return summary | {
         "turns_generated": totals["rows"],
         "tokens": totals["tokens"],

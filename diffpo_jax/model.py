@@ -14,10 +14,11 @@ mask pattern at trace time (splash; attention.py `Packed` states the positions i
 KV cache layout (`KVCache`): slot == position; `k`, `v`: [L, B, S, Kv, D]. With a cache, each row's T
 tokens sit at consecutive positions (positions[:, 0] + t, all below S: the decoders' prefill, Jacobi window
 and AR step); a forward writes their keys/values as one contiguous window per row (one scatter of row
-windows for all rows, `_ROW_WINDOWS`: the program does not grow with the batch), padding included, and then attends over all S slots with
-`slot <= query position` (and the sliding window). Slots past a query's position are never read, so
-stale entries (padding, Jacobi tokens that were not committed, a finished row's last window) need no
-clean-up: they are overwritten when their position is decoded again. Each row advances at its own pace.
+windows for all rows, `_ROW_WINDOWS`: the program does not grow with the batch), padding included, and
+then attends over all S slots with `slot <= query position` (and the sliding window). Slots past a query's
+position are never read, so stale entries (padding, Jacobi tokens that were not committed, a finished row's
+last window) need no clean-up: they are overwritten when their position is decoded again. Each row advances
+at its own pace.
 
 Layers are stacked (every parameter under `layers` has a leading layer axis) and run with
 `jax.lax.scan`: one compiled layer whatever the depth. Per-layer differences (Gemma-2's sliding

@@ -122,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace, loaded=None) -> dict:
     """Refine args.input into args.output; returns the summary. `loaded`: an already loaded model to use
     instead of args.model."""
-    run = cli.start_decode(
+    job = cli.start_decode(
         args,
         "refine",
         rows=args.batch_size,
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         questions=args.questions,
         loaded=loaded,
     )
-    decoder = run.decoder
+    decoder = job.decoder
     totals = {"rows": 0, "tokens": 0, "passes": 0, "committed": 0, "converged": 0}
 
     def decode(indices: list[int], turn: int, recs, prompts):
@@ -153,11 +153,11 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             totals["tokens"] += o.stats["tokens"]
             totals["passes"] += o.stats["passes"]
             totals["converged"] += o.stats["converged"]
-        elapsed = time.perf_counter() - run.start
-        run.bar.set_postfix(
+        elapsed = time.perf_counter() - job.start
+        job.bar.set_postfix(
             tok_s=f"{totals['tokens'] / elapsed:.1f}", passes_tok=f"{totals['passes'] / max(totals['tokens'], 1):.3f}"
         )
-        run.bar.update(len(outputs))
+        job.bar.update(len(outputs))
 
     def build(rec, outputs):
         return refined_output(args.format, rec, [o.text for o in outputs], [o.stats for o in outputs])
@@ -168,8 +168,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     # A window's records go to the decoder together: its batch_size slots refine them with row refill
     # (one batch at a time with --trajectory, or when the window is no larger than a batch).
     per_call = args.batch_size if args.trajectory else max(args.sort_window, args.batch_size)
-    summary = cli.finish_decode(run, args, decode, history, build, progress, batch_size=per_call)
-    elapsed = time.perf_counter() - run.start
+    summary = cli.finish_decode(job, args, decode, history, build, progress, batch_size=per_call)
+    elapsed = time.perf_counter() - job.start
     return summary | {
         "turns_refined": totals["rows"],
         "tokens": totals["tokens"],
@@ -197,6 +197,7 @@ def report(args: argparse.Namespace, summary: dict) -> None:
     """Process 0 shows the first --show records of the output it wrote; every process its own summary."""
     if distributed.is_main_process():
         show(args.output, args.format, args.show)
+    print()  # a blank line between the records shown and the summary
     cli.print_summary(args, summary)
 
 

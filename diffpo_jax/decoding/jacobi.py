@@ -210,7 +210,7 @@ def _begin(
     opts: JacobiOptions,
 ) -> _State:
     """Slots `slots` (int32 [R]) start refining rows (prompts [R, P], drafts [R, D], with lengths): the
-    prompt (and the held draft prefix: hold_lens [R] <= R tokens of each row) written into their cache
+    prompt (and the held draft prefix: hold_lens [R] <= opts.hold_draft_prefix tokens of each row) written into their cache
     rows, their state reset, the first window set; the other slots are unchanged."""
     hold, pad_id = opts.hold_draft_prefix, opts.pad_id
     r, w = slots.shape[0], s.window.shape[1]
