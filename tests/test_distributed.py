@@ -387,23 +387,10 @@ def train_config(tmp_path_factory, tiny_init_dir, trajectories_dir):
 def train_run(config, run_dir, cache, processes: int, *overrides: str) -> str:
     cmd, env = train_command(config, run_dir, *overrides), with_compile_cache(launcher_env(), cache)
     if processes == 1:
-        result = subprocess.run(
-            cmd,
-            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=ROOT,
-        )
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     else:
-        result = subprocess.run(
-            ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), str(processes), "--", *cmd],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd=ROOT,
-        )
+        cmd = ["bash", str(LAUNCH / "local_multiprocess.sh"), "--port", str(free_port()), str(processes), "--", *cmd]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
