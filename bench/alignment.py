@@ -95,8 +95,16 @@ def held_out(prompts: list[str]) -> list[int]:
     return holdout_split([{"id": record_id(p)} for p in prompts], HOLDOUT)[1]
 
 
-def generate_samples(work: Path, prompts: list[str], held: list[int], loaded) -> dict[str, dict[int, list[str]]]:
-    """{setup: {prompt index: samples}}: TRAIN_SAMPLES per training prompt, HELD_SAMPLES per held-out one."""
+def generate_samples(
+    work: Path,
+    prompts: list[str],
+    held: list[int],
+    loaded,
+    train_samples: int = TRAIN_SAMPLES,
+    held_samples: int = HELD_SAMPLES,
+) -> dict[str, dict[int, list[str]]]:
+    """{setup: {prompt index: samples}}: train_samples per training prompt, held_samples per held-out one (sample
+    k of a prompt does not depend on how many are drawn: records/loop.py sample_keys)."""
     from diffpo_jax import generate
 
     held_set = set(held)
@@ -104,8 +112,8 @@ def generate_samples(work: Path, prompts: list[str], held: list[int], loaded) ->
     for setup, (stem, system, temperature) in SETUPS.items():
         out[setup] = {}
         for part, idx, k in (
-            ("train", [i for i in range(len(prompts)) if i not in held_set], TRAIN_SAMPLES),
-            ("held", held, HELD_SAMPLES),
+            ("train", [i for i in range(len(prompts)) if i not in held_set], train_samples),
+            ("held", held, held_samples),
         ):
             path = work / "samples" / f"{stem}-{part}.jsonl"
             if not path.exists():
@@ -226,7 +234,14 @@ def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
 
 
 def evaluate_model(
-    work: Path, name: str, source: str | None, prompts: list[str], held: list[int], samples: dict, reward
+    work: Path,
+    name: str,
+    source: str | None,
+    prompts: list[str],
+    held: list[int],
+    samples: dict,
+    reward,
+    holds: dict = HOLDS,
 ) -> dict:
     """Per setup and hold: refine the held-out drafts with the model `source`: texts, rewards, stats, seconds
     (cached in WORK/eval)."""
@@ -243,12 +258,12 @@ def evaluate_model(
     result = {}
     for setup in SETUPS:
         drafts = [decoder.draft_tokens(samples[setup][i][0]) for i in held]
-        for hold_name, spec in HOLDS.items():
-            holds = hold_lens(spec, list(range(len(held))))  # per answer under random:R, else None
+        for hold_name, spec in holds.items():
+            lens = hold_lens(spec, list(range(len(held))))  # per answer under random:R, else None
             kw = dict(block_size=BLOCK, hold_draft_prefix=hold_max(spec))
-            decoder.refine(prompt_ids[:BATCH], drafts[:BATCH], hold_lens=holds and holds[:BATCH], **kw)  # warm-up
+            decoder.refine(prompt_ids[:BATCH], drafts[:BATCH], hold_lens=lens and lens[:BATCH], **kw)  # warm-up
             start = time.perf_counter()
-            outs = decoder.refine(prompt_ids, drafts, hold_lens=holds, **kw)
+            outs = decoder.refine(prompt_ids, drafts, hold_lens=lens, **kw)
             seconds = time.perf_counter() - start
             texts = [o.text for o in outs]
             result[f"{setup} | {hold_name}"] = {

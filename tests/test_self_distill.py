@@ -3,12 +3,11 @@ through `generate`; reruns resume from the work directory; bad options and input
 
 import json
 
-import numpy as np
 import pytest
 
 from diffpo_jax import generate as generate_cli
 from diffpo_jax.data.__main__ import main
-from diffpo_jax.data.trajectories import rank
+from diffpo_jax.pipelines.self_distill import noise, repeats, spread_states
 from diffpo_jax.training.evaluation import read_records
 from tests.files import read_jsonl, write_jsonl
 
@@ -135,12 +134,32 @@ def test_jacobi_states_join_the_samples(tmp_path, prompts, tiny_init_dir):
         trajectory = rec["stats"]["trajectory"]
         assert len(trajectory) == rec["stats"]["passes"] >= 1
         assert rec["draft"] == h and rec["refined"] == trajectory[-1] == g  # Jacobi reaches the greedy answer
-        passes = len(trajectory)
-        # scores: sample -1, state after pass p of P: -1 + (p + 1) / P for 6 passes p spread over
-        # 0 .. P - 2 (fewer when they round to the same pass), greedy 0
-        picks = {round(x) for x in np.linspace(0, passes - 2, 6)} if passes >= 2 else set()
-        counts.append(len(picks))
-        pairs = [(g, 0.0), (h, -1.0)] + [(trajectory[p], -1 + (p + 1) / passes) for p in picks]
-        expected = [text for text, _ in rank(pairs)]
-        assert by_prompt[prompt]["best"] == g and by_prompt[prompt]["others"] == expected[:-1], (prompt, trajectory)
-    assert max(counts) > 1 and min(counts) < 6  # rows with intermediate states, rows with fewer than asked
+        # y(0) the sample (score -1), then up to 6 distinct intermediate states, noisiest first (score -noise),
+        # then y(T): every state one the refinement passed through, the fixed point never among them
+        others = by_prompt[prompt]["others"]
+        assert by_prompt[prompt]["best"] == g and (h == g or others[0] == h), (prompt, others)
+        states = others[1:] if h != g else others
+        assert set(states) <= set(trajectory[:-1]) and g not in states and len(states) <= 6, (prompt, trajectory)
+        counts.append(len(states))
+    assert max(counts) > 1  # rows with intermediate states, rows with fewer than asked
+
+
+def test_states_spread_over_noise_levels():
+    # noise: the share of the fixed point's tokens a state does not hold at their positions
+    assert noise([1, 2, 3, 4], [1, 2, 3, 4]) == 0.0
+    assert noise([1, 9, 3], [1, 2, 3, 4]) == 0.5  # position 1 differs, position 3 is missing
+    states = ["a", "b", "b", "c", "d", "e"]
+    noises = [0.9, 0.5, 0.5, 0.0, 0.7, 0.2]  # "c" holds the fixed point's tokens: never a y(t)
+    # distinct states with noise > 0 from the noisiest: a 0.9, d 0.7, b 0.5, e 0.2; picks spread over that order
+    assert spread_states(states, noises, 2) == [("a", 0.9), ("e", 0.2)]
+    assert spread_states(states, noises, 3) == [("a", 0.9), ("b", 0.5), ("e", 0.2)]
+    assert spread_states(states, noises, 9) == [("a", 0.9), ("d", 0.7), ("b", 0.5), ("e", 0.2)]
+    assert spread_states(["c"], [0.0], 4) == []
+
+
+def test_repetitive_fixed_points():
+    assert repeats([5, 5, 5, 5])  # one token four times
+    assert repeats([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3, 7])  # a 3-token run four times
+    assert not repeats([1, 2, 3, 1, 2, 3, 1, 2, 3])  # three times only
+    assert not repeats([5, 5, 5, 6, 5, 5, 5])
+    assert not repeats(list(range(40)))

@@ -16,11 +16,13 @@ streamed through OUT.partial, resumable; a sample's key is generate's), written 
   t{TEMP}-s{K}.jsonl           sample K at temperature TEMP, seeded with `seed` + the run's position in
                                this list (greedy: `seed`)
   t{TEMP}-s{K}.jacobi.jsonl    --jacobi-states: that sample refined with `--trajectory` (block
-                               `--jacobi-block`); of a refinement in P passes, the states after passes
-                               round(linspace(0, P - 2, K)) (distinct; the last pass gives the answer)
+                               `--jacobi-block`); of its intermediate states (the last pass gives the
+                               answer), up to K spread over noise levels (`spread_states`; a state's noise:
+                               the share of the greedy answer's tokens it does not hold yet)
+  drafts-{K}.jsonl (.jacobi)   --drafts: the K-th given draft file's drafts (and their Jacobi states)
   scored.jsonl                 one row per prompt: prompt, all_generated_responses, all_rm_scores, where a
-                               response's score is minus its temperature (greedy 0); the state
-                               after pass p of P of a sample at temperature t scores -t (1 - (p+1)/P)
+                               response's score is minus its temperature (greedy 0, a given draft 1); a
+                               Jacobi state of an answer at temperature t scores -t x its noise
 and `scored.jsonl` is built into DIR by `trajectories.build`, so ranking, merging and the manifest are
 the reward-ranked path's: responses ascending by (score, text) puts the hottest samples first and the
 greedy answer last; a sample equal to the greedy answer merges into it, and a prompt whose samples all
@@ -29,6 +31,13 @@ manifest's `self_distill` entry records the model, temperatures, seeds and lengt
 same options resumes every unfinished answer set; the work directory is kept (it is the data's
 provenance) and can be deleted once DIR exists. Devices and layout: the decoding CLIs' defaults
 (decoding/devices.py: all local devices on the data axis on GPU/TPU, one device on CPU).
+
+Drafts (`--drafts FILE`, repeatable; DiffPO's stage B): the answers come from other models' answer files
+(`generate` outputs of the same prompts, in order) instead of the model's samples, and with --jacobi-states
+the states are those the model (a trained refiner) passes through when it refines them at inference, from
+the draft to its fixed point (its greedy answer, at R = 0). `--drop-repetitive` leaves out prompts whose
+greedy answer repeats itself (REPEATS_RULE; counted in the manifest's `self_distill` entry): on such fixed
+points a consistency term teaches the loop, not the answer.
 
 Use it to teach a model to refine its OWN drafts quickly (Jacobi decoding then reaches the greedy answer
 in fewer passes); use reward-ranked responses (`data build`) to teach alignment (y(T) = the best-scored
@@ -79,16 +88,19 @@ def distill(
     batch_size: int = 8,
     seed: int = 0,
     dtype: str = "float32",
+    drafts: list[Path] = (),
+    drop_repetitive: bool = False,
     overwrite: bool = False,
     loaded=None,
     log=print,
 ) -> dict[str, Any]:
     """Build the self-distilled dataset of `prompts` into `out_dir` (module doc); returns the manifest.
+    `drafts`: answer files of other models (module doc, "Drafts") used instead of the model's own samples.
     `loaded`: an already loaded model to use instead of `model`."""
     from diffpo_jax.sources import load_model
 
-    temperatures = list(temperatures)
-    if not temperatures or any(t <= 0 for t in temperatures) or samples < 1:
+    temperatures = [] if drafts else list(temperatures)
+    if not drafts and (not temperatures or any(t <= 0 for t in temperatures) or samples < 1):
         raise TrajectoryDataError("self-distillation needs temperatures > 0 and samples >= 1")
     if jacobi_states < 0 or jacobi_block < 1:
         raise TrajectoryDataError("--jacobi-states must be >= 0 and --jacobi-block >= 1")
@@ -96,6 +108,7 @@ def distill(
     if out_dir.exists() and not overwrite:
         raise TrajectoryDataError(f"{out_dir}: already exists (pass --overwrite to replace it)")
     records = read_records(prompts, "jsonl", with_drafts=False)  # fail on bad prompts before loading
+    draft_sets = [_read_drafts(Path(path), records) for path in drafts]
     work = out_dir.with_name(out_dir.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     plan = runs(temperatures, samples, seed)
@@ -108,6 +121,8 @@ def distill(
         "dtype": dtype,
         "jacobi_states": jacobi_states,
         "jacobi_block": jacobi_block,
+        "drafts": [str(path) for path in drafts],
+        "drop_repetitive": drop_repetitive,
     }
     options = json.loads(json.dumps(options))
     recorded = work / "options.json"
@@ -124,18 +139,25 @@ def distill(
             continue
         summary = _sample_file(decoder, records, work / name, temperature, run_seed, model, dtype)
         log(f"{work / name}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    answers: list[list[tuple[str, float]]] = [[] for _ in records]  # per prompt: (text, score)
-    for name, t, _ in plan:
+    greedy = [rec.drafts[0] for rec in read_records(work / "greedy.jsonl", "jsonl", with_drafts=True)]
+    answers: list[list[tuple[str, float]]] = [[(g, 0.0)] for g in greedy]  # per prompt: (text, score)
+    answer_sets = [(name, t) for name, t, _ in plan[1:]] + [(f"drafts-{k}.jsonl", 1.0) for k in range(len(drafts))]
+    for k, texts in enumerate(draft_sets):
+        _write_drafts(work / f"drafts-{k}.jsonl", records, texts)
+    for name, t in answer_sets:
         for i, rec in enumerate(read_records(work / name, "jsonl", with_drafts=True)):
             answers[i].append((rec.drafts[0], -t))
-        if jacobi_states and t > 0:
-            states = _jacobi_states(work, name, decoder, model, jacobi_states, jacobi_block, dtype, log)
+        if jacobi_states:
+            states = _jacobi_states(work, name, decoder, model, jacobi_states, jacobi_block, dtype, greedy, log)
             for i, row in enumerate(states):
-                answers[i] += [(text, -t * (1 - frac)) for text, frac in row]
+                answers[i] += [(text, -t * noise) for text, noise in row]
+    repetitive = [i for i, g in enumerate(greedy) if drop_repetitive and repeats(decoder.draft_tokens(g)[:-1])]
     scored = work / "scored.jsonl"
     tmp = scored.with_name(scored.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
-        for rec, pairs in zip(records, answers):
+        for i, (rec, pairs) in enumerate(zip(records, answers)):
+            if i in repetitive:
+                continue
             row = {
                 "prompt": rec.prompt,
                 "all_generated_responses": [text for text, _ in pairs],
@@ -151,8 +173,15 @@ def distill(
         "runs": [{"file": name, "temperature": t, "seed": s} for name, t, s in plan],
         "jacobi_states": jacobi_states,
         "jacobi_block": jacobi_block,
-        "score": "minus the sampling temperature (greedy 0): hottest sample = y(0), greedy answer = y(T); "
-        "Jacobi state after pass p of P of a sample at temperature t: -t (1 - (p+1)/P)",
+        "drafts": [str(path) for path in drafts],
+        "score": "minus the sampling temperature (greedy 0; a given draft 1): hottest sample = y(0), greedy answer "
+        "= y(T); a Jacobi state of a sample at temperature t: -t x its noise (share of the greedy answer's "
+        "tokens it does not hold yet)",
+        "dropped_repetitive_fixed_points": {
+            "count": len(repetitive),
+            "first_lines": [i + 1 for i in repetitive[:5]],
+            "rule": REPEATS_RULE if drop_repetitive else "off",
+        },
     }
     return build([str(scored)], out_dir, overwrite=overwrite, extra={"self_distill": provenance})
 
@@ -248,20 +277,78 @@ def _decode_file(
 
 
 def _jacobi_states(
-    work: Path, name: str, decoder: Decoder, model: str | None, k: int, block: int, dtype: str, log
+    work: Path, name: str, decoder: Decoder, model: str | None, k: int, block: int, dtype: str, greedy: list[str], log
 ) -> list[list[tuple[str, float]]]:
-    """Per record of the sample file `name`: up to k (state text, (p + 1) / P) of its Jacobi refinement."""
+    """Per record of the answer file `name`: up to k (state text, noise) of its Jacobi refinement, spread over
+    noise levels (`spread_states`)."""
     out = work / name.replace(".jsonl", ".jacobi.jsonl")
     if not out.exists():
         summary = _refine_file(decoder, read_records(work / name, "jsonl", with_drafts=True), out, block, model, dtype)
         log(f"{out}: " + ", ".join(f"{key} {v}" for key, v in summary.items()))
     rows = []
-    for line in out.read_text(encoding="utf-8").splitlines():
+    for line, fixed in zip(out.read_text(encoding="utf-8").splitlines(), greedy):
         trajectory = json.loads(line)["stats"]["trajectory"]
-        passes = len(trajectory)
-        picks = sorted({round(x) for x in np.linspace(0, passes - 2, k)}) if passes >= 2 else []
-        rows.append([(trajectory[p], (p + 1) / passes) for p in picks])
+        target = decoder.draft_tokens(fixed)
+        rows.append(
+            spread_states(trajectory[:-1], [noise(decoder.draft_tokens(t), target) for t in trajectory[:-1]], k)
+        )
     return rows
+
+
+def noise(state: list[int], fixed: list[int]) -> float:
+    """The share of the fixed point's tokens that `state` does not hold at their positions (0: the fixed point)."""
+    held = sum(a == b for a, b in zip(state, fixed))
+    return round(1 - held / max(len(fixed), 1), 4)
+
+
+def spread_states(states: list[str], noises: list[float], k: int) -> list[tuple[str, float]]:
+    """Up to k (state, noise) of a refinement's intermediate states, spread over their noise levels: the
+    distinct states with noise > 0 ordered from the noisiest (ties: the earlier pass first), then the picks
+    round(linspace(0, n - 1, k)) of that order (fewer when they coincide)."""
+    seen, ranked = set(), []
+    for p in sorted(range(len(states)), key=lambda p: (-noises[p], p)):
+        if noises[p] > 0 and states[p] not in seen:
+            seen.add(states[p])
+            ranked.append((states[p], noises[p]))
+    picks = sorted({round(x) for x in np.linspace(0, len(ranked) - 1, k)}) if ranked else []
+    return [ranked[p] for p in picks]
+
+
+REPEATS_RULE = "a run of 1..8 tokens repeated 4 or more times in a row (CLLM's detect_repetitive_patterns)"
+
+
+def repeats(tokens: list[int], max_period: int = 8, times: int = 4) -> bool:
+    """True when some run of 1..max_period tokens occurs `times` or more times back to back (REPEATS_RULE)."""
+    for period in range(1, max_period + 1):
+        run = 0
+        for i in range(period, len(tokens)):
+            run = run + 1 if tokens[i] == tokens[i - period] else 0
+            if run >= period * (times - 1):
+                return True
+    return False
+
+
+def _read_drafts(path: Path, records: list[Record]) -> list[str]:
+    """The first draft of each record of the answer file `path`, whose prompts must be `records`' in order."""
+    drafted = read_records(path, "jsonl", with_drafts=True)
+    if len(drafted) != len(records):
+        raise TrajectoryDataError(f"{path}: {len(drafted)} records, the prompts file has {len(records)}")
+    for line, (rec, want) in enumerate(zip(drafted, records), 1):
+        if rec.prompt != want.prompt:
+            raise TrajectoryDataError(f"{path}:{line}: prompt differs from the prompts file's line {line}")
+    return [rec.drafts[0] for rec in drafted]
+
+
+def _write_drafts(path: Path, records: list[Record], texts: list[str]) -> None:
+    """The drafts as the jsonl answer file the record loop reads (prompt + draft), written once."""
+    if path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    rows = (
+        {("prompt" if isinstance(r.prompt, str) else "messages"): r.prompt, "draft": t} for r, t in zip(records, texts)
+    )
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
 
 
 def add_parser(commands) -> None:
@@ -281,6 +368,16 @@ def add_parser(commands) -> None:
         help="also up to K intermediate Jacobi states per sample (CLLM's trajectories)",
     )
     d.add_argument("--jacobi-block", type=int, default=16, help="Jacobi window for --jacobi-states")
+    d.add_argument(
+        "--drafts",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an answer file of another model (jsonl: the prompts' records with `draft`) used instead of the "
+        "model's own samples; repeat for several (stage B: a refiner's Jacobi states from a base's drafts)",
+    )
+    d.add_argument("--drop-repetitive", action="store_true", help="drop prompts whose greedy answer repeats itself")
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
@@ -308,6 +405,8 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
             batch_size=args.batch_size,
             seed=args.seed,
             dtype=args.dtype,
+            drafts=args.drafts,
+            drop_repetitive=args.drop_repetitive,
             overwrite=args.overwrite,
         )
     except (FormatError, ModelSourceError, devices.MeshError) as e:

@@ -19,7 +19,7 @@ from diffpo_jax.config import PRESET, LoraConfig
 from diffpo_jax.lora import TARGETS
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.training.evaluation import EvalConfig
-from diffpo_jax.training.loss import CON_GRADIENTS, CON_POSITIONS, LossConfig
+from diffpo_jax.training.loss import CON_GRADIENTS, CON_NORMS, CON_POSITIONS, LossConfig
 from diffpo_jax.training.step import OptimizerConfig
 
 
@@ -191,6 +191,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key in ("max_rows", "batch_size", "block_size"):
         if getattr(cfg.eval, key) < 1:
             raise TrainConfigError(f"config: eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
+    if cfg.loss.con_norm not in CON_NORMS:
+        raise TrainConfigError(
+            f"config: loss.con_norm must be one of {', '.join(CON_NORMS)}, got {cfg.loss.con_norm!r}"
+        )
+    if cfg.loss.con_warmup_steps < 0:
+        raise TrainConfigError(f"config: loss.con_warmup_steps must be >= 0, got {cfg.loss.con_warmup_steps}")
     if cfg.loss.con_window < 1:
         raise TrainConfigError(f"config: loss.con_window must be >= 1, got {cfg.loss.con_window}")
     if cfg.loss.chunk < 0:

@@ -79,6 +79,8 @@ class LossConfig:
     con_positions: str = "all"  # "all" (paper) | "draft" | "frontier": which positions L_Con covers (module doc)
     con_window: int = 16  # "frontier": positions covered after the first mismatch
     con_gradient: str = "sum"  # "sum" (paper) | "project" | "balance": g_Con projected / rescaled (training/step.py)
+    con_norm: str = "token"  # "token": w weighs the per-token KL | "vocab": w / V (the paper's w read at its scale)
+    con_warmup_steps: int = 0  # w ramps linearly from 0 to its value over this many updates (0: w from the start)
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
@@ -153,6 +155,23 @@ def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Arra
 
 CON_POSITIONS = ("all", "draft", "frontier")
 CON_GRADIENTS = ("sum", "project", "balance")
+CON_NORMS = ("token", "vocab")
+
+
+def effective_con_weight(cfg: LossConfig, step: jax.Array | int, vocab_size: int) -> jax.Array:
+    """The w that multiplies L_Con (a per-token mean) at update `step`: cfg.con_weight, divided by the vocabulary
+    size under con_norm = "vocab", times min(1, step / con_warmup_steps) while the warm-up lasts.
+
+    "vocab" is the paper's w at its own scale: PyTorch's `KLDivLoss(reduction="mean")` over [tokens, V] logits
+    (its default, and what a CLLM-derived trainer gets from `F.kl_div` without reduction="batchmean") divides
+    the summed KL by tokens x V, so the paper's w = 1e3 is 1e3 / V per token: 0.0039 for Gemma-2 (V = 256,000),
+    0.0078 for Llama-3, 0.020 for SmolLM2 (V = 49,152)."""
+    if cfg.con_norm not in CON_NORMS:
+        raise ValueError(f"con_norm must be one of {CON_NORMS}, got {cfg.con_norm!r}")
+    w = cfg.con_weight / (vocab_size if cfg.con_norm == "vocab" else 1)
+    if cfg.con_warmup_steps:
+        w = w * jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / cfg.con_warmup_steps)
+    return jnp.asarray(w, jnp.float32)
 
 
 def first_mismatch(batch: Batch) -> jax.Array:
@@ -177,10 +196,18 @@ def con_mask(batch: Batch, con_positions: str, con_window: int = 16) -> jax.Arra
 
 
 def diffpo_loss(
-    ce: jax.Array, kl: jax.Array, batch: Batch, cfg: LossConfig, *, num_tokens: jax.Array
+    ce: jax.Array,
+    kl: jax.Array,
+    batch: Batch,
+    cfg: LossConfig,
+    *,
+    num_tokens: jax.Array,
+    con_weight: jax.Array | float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(ar_weight * L_AR + w * L_Con, {"ar": L_AR, "con": L_Con}): masked sums divided by `num_tokens`
-    (the valid positions of the global batch, see module doc)."""
+    (the valid positions of the global batch, see module doc). w: `con_weight` (the trainer passes
+    `effective_con_weight`), else cfg.con_weight as written."""
     ar = jnp.sum(ce * batch["best_mask"]) / num_tokens
     con = jnp.sum(kl * con_mask(batch, cfg.con_positions, cfg.con_window)) / num_tokens
-    return cfg.ar_weight * ar + cfg.con_weight * con, {"ar": ar, "con": con}
+    w = cfg.con_weight if con_weight is None else con_weight
+    return cfg.ar_weight * ar + w * con, {"ar": ar, "con": con}

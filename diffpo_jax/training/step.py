@@ -55,7 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from diffpo_jax.data.loader import BATCH_KEYS
 from diffpo_jax.lora import union
 from diffpo_jax.sharding import LOGICAL_RULES, batch_sharding
-from diffpo_jax.training.loss import LossConfig, diffpo_loss, response_token_losses
+from diffpo_jax.training.loss import LossConfig, diffpo_loss, effective_con_weight, response_token_losses
 
 METRICS = ("loss", "ar", "con", "grad_norm", "lr", "tokens")
 
@@ -204,10 +204,10 @@ def make_train_step(
     replicated = NamedSharding(mesh, PartitionSpec())
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, LOGICAL_RULES["batch"]))  # [micro-batch, rows, ...]
 
-    def loss_fn(params, frozen, micro, num_tokens):
+    def loss_fn(params, frozen, micro, num_tokens, w):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
             ce, kl = response_token_losses(nnx.merge(graphdef, frozen, params), micro, loss_cfg.chunk)
-        return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens)
+        return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens, con_weight=w)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     separate = loss_cfg.con_gradient != "sum"  # the two terms' gradients, taken apart (module doc)
@@ -215,13 +215,15 @@ def make_train_step(
     def term_grads(params, frozen, micro, num_tokens):
         """((L_AR, L_Con), (g_AR, g_Con)) of one micro-batch: one forward, one backward per term."""
         (ar, con), vjp = jax.vjp(
-            lambda p: tuple(loss_fn(p, frozen, micro, num_tokens)[1][k] for k in ("ar", "con")), params
+            lambda p: tuple(loss_fn(p, frozen, micro, num_tokens, 0.0)[1][k] for k in ("ar", "con")), params
         )
         one, zero = jnp.ones_like(ar), jnp.zeros_like(ar)
         return (ar, con), (vjp((one, zero))[0], vjp((zero, one))[0])
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         num_tokens = jnp.maximum(jnp.sum(batch["best_mask"]), 1).astype(jnp.float32)
+        vocab_size = nnx.merge(graphdef, state.frozen, state.params).cfg.vocab_size  # static; traces no compute
+        w = effective_con_weight(loss_cfg, state.step, vocab_size)  # warm-up and the vocab reading (loss.py)
 
         def split(x):  # [B, ...] -> [grad_accum, B / grad_accum, ...], micro-batch m = rows m::grad_accum
             x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1)
@@ -235,7 +237,7 @@ def make_train_step(
             if separate:
                 (a, c), (g_ar, g_con) = term_grads(state.params, state.frozen, micro, num_tokens)
                 return ((add(grads[0], g_ar), add(grads[1], g_con)), ar + a, con + c), None
-            (_, parts), g = grad_fn(state.params, state.frozen, micro, num_tokens)
+            (_, parts), g = grad_fn(state.params, state.frozen, micro, num_tokens, w)
             return (add(grads, g), ar + parts["ar"], con + parts["con"]), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -245,12 +247,12 @@ def make_train_step(
         extra = {}
         if separate:
             g_con, extra = ADJUST_CON_GRADIENT[loss_cfg.con_gradient](grads[1], grads[0])
-            grads = jax.tree.map(lambda a, c: loss_cfg.ar_weight * a + loss_cfg.con_weight * c, grads[0], g_con)
+            grads = jax.tree.map(lambda a, c: loss_cfg.ar_weight * a + w * c, grads[0], g_con)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": loss_cfg.ar_weight * ar + loss_cfg.con_weight * con,
+            "loss": loss_cfg.ar_weight * ar + w * con,
             "ar": ar,
             "con": con,
             "grad_norm": optax.tree.norm(grads),

@@ -1,0 +1,295 @@
+"""DiffPO's efficiency half: does a consistency stage (stage B) make the embedded refiner (stage A, AR only) refine
+real drafts in fewer passes while keeping its answers?
+
+    python -m bench.efficiency [--work out/efficiency] [--runs NAME ...] [--states 4] [--epochs 1]
+
+One command, every stage cached in WORK (a killed run resumes: the decoding stages resume their .partial files,
+training its checkpoints):
+1. Drafts (bench/alignment.py's prompts, held-out split and base setups): per setup, sample 0 of each of the 256
+   training prompts and DRAFTS_HELD samples of each of the 64 held-out ones (sample 0 = the draft refined,
+   Best-of-k = the best of samples 0..k-1), MAX_NEW_TOKENS tokens: the same drafts as bench.alignment's.
+2. Stage B data: `data distill --drafts` with the stage A refiner (STAGE_A, the shipped embedded refiner) on the
+   training prompts: y(T) = its greedy answer (the fixed point at R = 0), y(t) = each setup's draft and up to
+   `--states` of the Jacobi states the refiner passes through from it, spread over noise levels; prompts whose
+   fixed point repeats itself dropped.
+3. Stage B training (RUNS): a new rank-8 LoRA adapter on the merged stage A model, AR on the fixed point +
+   w x KL over the frontier after the first mismatch (con_window BLOCK), w warmed up from 0 over WARMUP steps.
+4. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
+   draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
+   share of answers identical to stage A's, distinct tokens per answer, seconds per answer; Best-of-2/4.
+Writes bench/results/efficiency.md and bench/figures/efficiency.png (reward against seconds per answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.alignment import (
+    BATCH,
+    BLOCK,
+    MAX_NEW_TOKENS,
+    REWARD,
+    ROOT,
+    SETUPS,
+    _messages,
+    _stats,
+    evaluate_model,
+    generate_samples,
+    held_out,
+    read_prompts,
+)
+from bench.common import command, machine, table
+
+RESULTS_FILE = ROOT / "bench" / "results" / "efficiency.md"
+FIGURE = ROOT / "bench" / "figures" / "efficiency.png"
+STAGE_A = "embedded-refiner"
+DRAFTS_HELD = 4
+BEST_OF = (2, 4)
+WARMUP = 8
+HOLD = {"R=0": 0}
+LORA = ["lora.rank=8", "lora.alpha=16"]
+RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset)
+    "stage B, w=1 frontier": (
+        "b-w1",
+        ["loss.con_weight=1", "optimizer.learning_rate=5e-4"],
+    ),
+    "stage B, w=1e3/V frontier (paper's w, vocab scale)": (
+        "b-paper-vocab",
+        ["loss.con_weight=1000", "loss.con_norm=vocab", "optimizer.learning_rate=5e-4"],
+    ),
+}
+
+
+def build_stage_b(work: Path, prompts: list[str], held: list[int], samples: dict, states: int) -> Path:
+    """The stage B dataset (module doc, step 2) in WORK/data-b."""
+    from diffpo_jax.pipelines.self_distill import distill
+
+    data = work / "data-b"
+    if data.exists():
+        return data
+    train = [i for i in range(len(prompts)) if i not in set(held)]
+    src = work / "train-prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": prompts[i]}) + "\n" for i in train))
+    drafts = []
+    for setup, (stem, _, _) in SETUPS.items():
+        path = work / f"drafts-{stem}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"prompt": prompts[i], "draft": samples[setup][i][0]}) + "\n" for i in train)
+        )
+        drafts.append(path)
+    manifest = distill(
+        src,
+        data,
+        model=STAGE_A,
+        drafts=drafts,
+        jacobi_states=states,
+        jacobi_block=BLOCK,
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=BATCH,
+        drop_repetitive=True,
+    )
+    print(f"stage B data: {manifest['kept']} prompts, {manifest['responses_per_prompt']['total']} responses")
+    return data
+
+
+def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
+    """Train RUNS[name] into WORK/runs/DIR on top of stage A (resumed, or reused when done); the run dir."""
+    from diffpo_jax.training.config import load_config
+    from diffpo_jax.training.trainer import train
+
+    sub, overrides = RUNS[name]
+    out = work / "runs" / sub
+    done = out / "done"
+    if not done.exists():
+        print(f"train: {name}", flush=True)
+        cfg = load_config(
+            ROOT / "configs" / "train" / "smollm2-135m.yaml",
+            [
+                f"model={STAGE_A}",
+                f"data={data}",
+                f"output_dir={out}",
+                f"num_epochs={epochs}",
+                "prompt_len=64",
+                f"response_len={MAX_NEW_TOKENS}",
+                "eval.holdout_prompts=0",
+                "save_every=16",
+                "tensorboard=false",
+                "log_every=4",
+                "loss.con_positions=frontier",
+                f"loss.con_window={BLOCK}",
+                f"loss.con_warmup_steps={WARMUP}",
+                *LORA,
+                *overrides,
+            ],
+        )
+        result = train(cfg, log=lambda line: print(f"  {line}", flush=True))
+        if result.stopped or result.step < result.total_steps:
+            raise SystemExit(f"{name}: stopped at step {result.step}; rerun to resume")
+        done.write_text(json.dumps({"step": result.step}) + "\n")
+    return out
+
+
+def time_drafter(work: Path, prompts: list[str], held: list[int], loaded) -> dict[str, dict[str, float]]:
+    """Per setup: the drafter's seconds per answer and tokens/s, BATCH rows with row refill, after a warm-up."""
+    import jax
+
+    from diffpo_jax.decoding.batching import Decoder
+
+    cache = work / "eval" / "drafter.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    decoder = Decoder(loaded, batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS)
+    out = {}
+    for setup, (_, system, temperature) in SETUPS.items():
+        ids = [decoder.prompt_tokens(_messages(prompts[i], system).get("messages") or prompts[i]) for i in held]
+        keys = jax.random.split(jax.random.key(1), len(ids))
+        decoder.sample(ids[:BATCH], keys[:BATCH], temperature=temperature, top_p=1.0)  # warm-up
+        start = time.perf_counter()
+        outs = decoder.sample(ids, keys, temperature=temperature, top_p=1.0)
+        seconds = time.perf_counter() - start
+        out[setup] = {
+            "seconds_per_answer": seconds / len(ids),
+            "tokens_per_s": sum(len(o.tokens) for o in outs) / seconds,
+        }
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "efficiency")
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
+    ap.add_argument("--epochs", type=int, default=1, help="stage B epochs")
+    args = ap.parse_args(argv)
+    from diffpo_jax.reward.functions import load_reward_function
+    from diffpo_jax.sources import load_model
+
+    fn = load_reward_function(str(ROOT / REWARD))
+
+    def reward(texts: list[str]) -> list[float]:
+        return [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    prompts = read_prompts()
+    held = held_out(prompts)
+    loaded = load_model(None, dtype="float32")
+    samples = generate_samples(work, prompts, held, loaded, train_samples=1, held_samples=DRAFTS_HELD)
+    drafter = time_drafter(work, prompts, held, loaded)
+    data = build_stage_b(work, prompts, held, samples, args.states)
+    refiners = {
+        "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD)
+    }
+    report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+    for name in args.runs:
+        run = train_stage_b(work, data, name, args.epochs)
+        refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD)
+        report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+
+
+def report(argv, prompts, held, samples, reward, drafter, refiners, data, states) -> None:
+    """bench/results/efficiency.md and the figure, from what has run so far."""
+    key = " | R=0"
+    stage_a = refiners["stage A (embedded refiner)"]
+    manifest = json.loads((data / "manifest.json").read_text())
+    lines = [
+        "# efficiency: stage B (consistency on the refiner's own Jacobi states) on top of the embedded refiner",
+        "",
+        f"{machine()}",
+        "",
+        f"Command: `{command('bench.efficiency', argv)}`",
+        "",
+        f"Stage B data: {manifest['kept']} prompts, {manifest['responses_per_prompt']['total']} responses "
+        f"(y(T) = stage A's greedy answer; drafts of {len(SETUPS)} setups and up to {states} Jacobi states each); "
+        f"repetitive fixed points dropped: {manifest['self_distill']['dropped_repetitive_fixed_points']['count']}.",
+        "",
+    ]
+    points = {}
+    for setup in SETUPS:
+        drafts = [reward([samples[setup][i][0]])[0] for i in held]
+        rows = [
+            [
+                "draft",
+                f"{np.mean(drafts):.3f}",
+                "",
+                "",
+                f"{drafter[setup]['tokens_per_s']:.1f}",
+                "",
+                "",
+                f"{drafter[setup]['seconds_per_answer']:.2f}",
+            ]
+        ]
+        points[setup] = {"draft": (drafter[setup]["seconds_per_answer"], float(np.mean(drafts)))}
+        for k in BEST_OF:
+            best = [max(reward(samples[setup][i][:k])) for i in held]
+            seconds = k * drafter[setup]["seconds_per_answer"]
+            rows.append([f"Best-of-{k}", f"{np.mean(best):.3f}", "", "", "", "", "", f"{seconds:.2f}"])
+            points[setup][f"Best-of-{k}"] = (seconds, float(np.mean(best)))
+        for name, result in refiners.items():
+            r = result[setup + key]
+            s = _stats(r["rewards"], drafts, r["seconds_per_answer"])
+            tokens = sum(r["tokens"])
+            same = np.mean([a == b for a, b in zip(r["texts"], stage_a[setup + key]["texts"])])
+            seconds = drafter[setup]["seconds_per_answer"] + r["seconds_per_answer"]
+            rows.append(
+                [
+                    name,
+                    f"{s['reward']:.3f}",
+                    f"{s['win']:.2f} ({s['ci'][0]:.2f}-{s['ci'][1]:.2f})",
+                    f"{r['passes'] / max(tokens, 1):.3f}",
+                    f"{tokens / (r['seconds_per_answer'] * len(r['texts'])):.1f}",
+                    f"{same:.2f}",
+                    f"{np.mean(r['distinct']):.2f}",
+                    f"{seconds:.2f}",
+                ]
+            )
+            points[setup][name] = (seconds, s["reward"])
+        lines += [
+            f"## {setup} (held-out {len(held)} prompts, R = 0, batch {BATCH}, window {BLOCK})",
+            "",
+            table(
+                [
+                    "method",
+                    "reward",
+                    "win over draft (95% CI)",
+                    "passes / token",
+                    "tokens/s",
+                    "= stage A",
+                    "distinct",
+                    "s / answer (draft + refine)",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    RESULTS_FILE.write_text("\n".join(lines) + "\n")
+    _plot(points)
+    print(f"wrote {RESULTS_FILE}", flush=True)
+
+
+def _plot(points: dict[str, dict[str, tuple[float, float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.5), squeeze=False)
+    for ax, (setup, methods) in zip(axes[0], points.items()):
+        for name, (x, y) in methods.items():
+            ax.scatter(x, y)
+            ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=setup, xlabel="seconds per answer (2-core CPU)", ylabel="mean VADER reward")
+    fig.tight_layout()
+    FIGURE.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(FIGURE, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
