@@ -234,3 +234,41 @@ def test_chunked_equals_plain_values_and_grads(model):
         np.testing.assert_allclose(
             np.asarray(g_chunked), np.asarray(g_plain), rtol=1e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def test_effective_con_weight_reads_the_paper_w_per_vocabulary_entry_and_warms_up():
+    from diffpo_jax.training.loss import effective_con_weight
+
+    token, vocab = LossConfig(con_weight=1000.0), LossConfig(con_weight=1000.0, con_norm="vocab")
+    assert float(effective_con_weight(token, 0, 256_000)) == 1000.0
+    # PyTorch KLDivLoss(reduction="mean") over [tokens, V]: the per-token KL divided by V
+    np.testing.assert_allclose(float(effective_con_weight(vocab, 0, 256_000)), 1000.0 / 256_000, rtol=1e-6)
+    np.testing.assert_allclose(float(effective_con_weight(vocab, 0, 49_152)), 0.020345, rtol=1e-4)
+    ramp = LossConfig(con_weight=2.0, con_warmup_steps=4)
+    assert [float(effective_con_weight(ramp, s, 10)) for s in (0, 1, 2, 4, 9)] == [0.0, 0.5, 1.0, 2.0, 2.0]
+    with pytest.raises(ValueError, match="con_norm"):
+        effective_con_weight(LossConfig(con_norm="mean"), 0, 10)
+
+
+def test_diffpo_loss_takes_the_effective_weight():
+    ce, kl = jnp.ones((1, 3)), jnp.full((1, 3), 2.0)
+    batch = {"best_mask": jnp.ones((1, 3), bool), "worse_mask": jnp.ones((1, 3), bool)}
+    cfg = LossConfig(con_weight=1000.0, con_positions="all")
+    total, parts = diffpo_loss(ce, kl, batch, cfg, num_tokens=jnp.float32(3.0), con_weight=0.5)
+    assert float(parts["con"]) == 2.0 and float(total) == 1.0 + 0.5 * 2.0
+    assert float(diffpo_loss(ce, kl, batch, cfg, num_tokens=jnp.float32(3.0))[0]) == 1.0 + 1000.0 * 2.0
+
+
+def test_vocab_reading_equals_pytorch_kldivloss_mean():
+    # w * KLDivLoss(reduction="mean") over [tokens, V] (what a CLLM-derived PyTorch trainer computes) equals
+    # effective_con_weight(con_norm="vocab") x our per-token mean KL
+    from diffpo_jax.training.loss import effective_con_weight, token_losses
+
+    rng = np.random.default_rng(0)
+    t, s = rng.normal(size=(6, 50)).astype(np.float32), rng.normal(size=(6, 50)).astype(np.float32)
+    _, kl = token_losses(jnp.asarray(t), jnp.asarray(s), jnp.zeros((6,), jnp.int32))
+    ours = float(effective_con_weight(LossConfig(con_weight=1e3, con_norm="vocab"), 0, 50)) * float(jnp.mean(kl))
+    torch_loss = 1e3 * F.kl_div(
+        F.log_softmax(torch.tensor(s), -1), F.log_softmax(torch.tensor(t), -1), log_target=True, reduction="mean"
+    )
+    np.testing.assert_allclose(ours, float(torch_loss), rtol=1e-5)

@@ -405,3 +405,41 @@ def test_presets_load(preset):
     if preset not in ("tiny", "smollm2-135m"):  # the paper's settings
         assert cfg.response_len == 256 and cfg.num_epochs == 1 and cfg.optimizer.warmup_ratio == 0.03
         assert cfg.optimizer.learning_rate == 2e-6
+
+
+def test_step_warms_the_consistency_weight_up_and_reads_it_per_vocabulary_entry(
+    tiny_init_dir, trajectories_dir, config_file
+):
+    """loss.con_warmup_steps = 2, con_norm = vocab: the step's loss is L_AR + w_s L_Con with w_s = (1000 / V)
+    min(1, s / 2) at update s = 0, 1, 2, 3."""
+    cfg = load_config(
+        config_file,
+        ["output_dir=unused", "loss.con_norm=vocab", "loss.con_warmup_steps=2", "loss.con_positions=all"],
+    )
+    loaded = load_model(str(tiny_init_dir))
+    graphdef, params = nnx.split(loaded.model)
+    batch = next(
+        iter(
+            make_loader(
+                trajectories_dir,
+                loaded.tokenizer,
+                global_batch_size=cfg.global_batch_size,
+                prompt_len=cfg.prompt_len,
+                response_len=cfg.response_len,
+                num_epochs=1,
+            )
+        )
+    )
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    abstract = abstract_model(loaded.cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
+    shardings = state_shardings(
+        tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), nnx.to_pure_dict(nnx.state(abstract)), mesh
+    )
+    step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh)
+    state = init_state(nnx.to_pure_dict(params), tx, shardings)
+    for s, ramp in enumerate((0.0, 0.5, 1.0, 1.0)):
+        state, m = step(state, global_batch(batch, mesh))
+        w = 1000.0 / loaded.cfg.vocab_size * ramp
+        assert float(m["con"]) > 1e-4
+        assert float(m["loss"]) == pytest.approx(float(m["ar"]) + w * float(m["con"]), rel=1e-6), s
