@@ -13,7 +13,8 @@ training its checkpoints):
    `--states` of the Jacobi states the refiner passes through from it, spread over noise levels; prompts whose
    fixed point repeats itself dropped.
 3. Stage B training (RUNS): a new rank-8 LoRA adapter on the merged stage A model, AR on the fixed point +
-   w x KL over the frontier after the first mismatch (con_window BLOCK), w warmed up from 0 over WARMUP steps.
+   w x KL over the frontier after the first mismatch (con_window BLOCK), w warmed up from 0 over WARMUP steps;
+   the KL's teacher the live model (stop-gradient) or the frozen stage A (`loss.teacher=frozen`).
 4. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
    draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
    share of answers identical to stage A's, distinct tokens per answer, seconds per answer; Best-of-2/4.
@@ -57,6 +58,10 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
     "stage B, w=1 frontier": (
         "b-w1",
         ["loss.con_weight=1", "optimizer.learning_rate=5e-4"],
+    ),
+    "stage B, w=1 frontier, frozen teacher": (
+        "b-w1-frozen",
+        ["loss.con_weight=1", "loss.teacher=frozen", "optimizer.learning_rate=5e-4"],
     ),
     "stage B, w=1e3/V frontier (paper's w, vocab scale)": (
         "b-paper-vocab",

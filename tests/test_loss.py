@@ -272,3 +272,39 @@ def test_vocab_reading_equals_pytorch_kldivloss_mean():
         F.log_softmax(torch.tensor(s), -1), F.log_softmax(torch.tensor(t), -1), log_target=True, reduction="mean"
     )
     np.testing.assert_allclose(ours, float(torch_loss), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_frozen_teacher_takes_the_kl_target_from_the_frozen_model(tiny_llama_dir, chunk):
+    """loss.teacher = "frozen": ce is the live model's on [prompt, y(T)], the KL's teacher the frozen model's
+    distribution on the same row (run apart), the student the live model's on [prompt, y(t)]; no gradient
+    reaches the frozen model."""
+    live = load_model(str(tiny_llama_dir)).model
+    graphdef, state = nnx.split(live)
+    frozen = nnx.merge(graphdef, jax.tree.map(lambda x: x * 0.5, state))  # another model of the same shape
+    rng = np.random.default_rng(1)
+    b, p, n, v = 2, 5, 7, live.cfg.vocab_size
+    batch = {
+        "prompt": jnp.asarray(rng.integers(3, v, (b, p)), jnp.int32),
+        "prompt_mask": jnp.ones((b, p), bool),
+        "best": jnp.asarray(rng.integers(3, v, (b, n)), jnp.int32),
+        "best_mask": jnp.ones((b, n), bool),
+        "worse": jnp.asarray(rng.integers(3, v, (b, n)), jnp.int32),
+        "worse_mask": jnp.ones((b, n), bool),
+    }
+    pos = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
+    ones = jnp.ones((b, p + n), bool)
+    row = lambda m, resp: m(jnp.concatenate([batch["prompt"], resp], 1), pos, ones)[0][:, p - 1 : p - 1 + n]
+    ref_ce, _ = token_losses(row(live, batch["best"]), row(live, batch["worse"]), batch["best"])
+    _, ref_kl = token_losses(row(frozen, batch["best"]), row(live, batch["worse"]), batch["best"])
+    ce, kl = response_token_losses(live, batch, chunk, frozen)
+    np.testing.assert_allclose(ce, ref_ce, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(kl, ref_kl, atol=1e-5, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(kl - response_token_losses(live, batch, chunk)[1]))) > 1e-3  # not the live KL
+
+    def total(frozen_state):
+        ce, kl = response_token_losses(live, batch, chunk, nnx.merge(graphdef, frozen_state))
+        return jnp.sum(ce) + jnp.sum(kl)
+
+    grads = jax.grad(total)(nnx.state(frozen))
+    assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(grads))

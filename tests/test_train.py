@@ -298,6 +298,11 @@ def test_config_errors_are_one_line(tmp_path, capsys):
         load_config(config_file, ["mesh=[2,2]"])
     with pytest.raises(TrainConfigError, match=r"output_dir is required"):
         load_config(config_file)
+    with pytest.raises(TrainConfigError, match=r"loss.teacher=frozen needs lora.rank > 0"):
+        load_config(config_file, ["output_dir=x", "loss.teacher=frozen"])
+    with pytest.raises(TrainConfigError, match=r"loss.con_norm must be one of token, vocab, got 'mean'"):
+        load_config(config_file, ["output_dir=x", "loss.con_norm=mean"])
+    assert load_config(config_file, ["output_dir=x", "loss.teacher=frozen", "lora.rank=4"]).loss.teacher == "frozen"
     assert load_config(config_file, ["optimizer.learning_rate=1e-4", "output_dir=x"]).optimizer.learning_rate == 1e-4
     assert train_cli.main(["--config", str(config_file), "global_batch_size=12", f"output_dir={tmp_path / 'r'}"]) == 2
     err = capsys.readouterr().err

@@ -19,7 +19,7 @@ from diffpo_jax.config import PRESET, LoraConfig
 from diffpo_jax.lora import TARGETS
 from diffpo_jax.sharding import make_mesh
 from diffpo_jax.training.evaluation import EvalConfig
-from diffpo_jax.training.loss import CON_GRADIENTS, CON_NORMS, CON_POSITIONS, LossConfig
+from diffpo_jax.training.loss import CON_GRADIENTS, CON_NORMS, CON_POSITIONS, TEACHERS, LossConfig
 from diffpo_jax.training.step import OptimizerConfig
 
 
@@ -195,6 +195,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise TrainConfigError(
             f"config: loss.con_norm must be one of {', '.join(CON_NORMS)}, got {cfg.loss.con_norm!r}"
         )
+    if cfg.loss.teacher not in TEACHERS:
+        raise TrainConfigError(f"config: loss.teacher must be one of {', '.join(TEACHERS)}, got {cfg.loss.teacher!r}")
+    if cfg.loss.teacher == "frozen" and not cfg.lora.rank:
+        raise TrainConfigError("config: loss.teacher=frozen needs lora.rank > 0 (the frozen base is the teacher)")
     if cfg.loss.con_warmup_steps < 0:
         raise TrainConfigError(f"config: loss.con_warmup_steps must be >= 0, got {cfg.loss.con_warmup_steps}")
     if cfg.loss.con_window < 1:

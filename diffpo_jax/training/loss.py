@@ -81,6 +81,7 @@ class LossConfig:
     con_gradient: str = "sum"  # "sum" (paper) | "project" | "balance": g_Con projected / rescaled (training/step.py)
     con_norm: str = "token"  # "token": w weighs the per-token KL | "vocab": w / V (the paper's w read at its scale)
     con_warmup_steps: int = 0  # w ramps linearly from 0 to its value over this many updates (0: w from the start)
+    teacher: str = "live"  # the KL's teacher: "live" (the trained model, stop-gradient) | "frozen" (the base: LoRA)
     chunk: int = 0  # response positions per lm-head slice; 0 = all at once (see module doc)
 
 
@@ -100,13 +101,19 @@ def sequences(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray
 
 
 def token_losses(
-    teacher_logits: jax.Array, student_logits: jax.Array, targets: jax.Array
+    teacher_logits: jax.Array,
+    student_logits: jax.Array,
+    targets: jax.Array,
+    frozen_teacher_logits: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per position (ce, kl), fp32 [...]: CE of `targets` under the teacher logits (with gradient) and
-    KL(softmax(stop_gradient(teacher)) || softmax(student)). logits: [..., V]; targets: int [...]."""
+    KL(softmax(stop_gradient(teacher)) || softmax(student)), the KL's teacher being `frozen_teacher_logits`
+    when given (loss.teacher = "frozen"). logits: [..., V]; targets: int [...]."""
     t_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
     s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     ce = -jnp.take_along_axis(t_logp, targets[..., None], axis=-1)[..., 0]
+    if frozen_teacher_logits is not None:
+        t_logp = jax.nn.log_softmax(frozen_teacher_logits.astype(jnp.float32), axis=-1)
     p_logp = jax.lax.stop_gradient(t_logp)
     kl = jnp.sum(jnp.exp(p_logp) * (p_logp - s_logp), axis=-1)
     return ce, kl
@@ -118,9 +125,11 @@ def chunked_token_losses(
     student_hidden: jax.Array,
     targets: jax.Array,
     chunk: int,
+    frozen: tuple[Callable[[jax.Array], jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """`token_losses(head(teacher_hidden), head(student_hidden), targets)` over `chunk`-position slices
-    of axis 1, each slice rematerialised in the backward pass. hidden: [b, N, E]; targets: [b, N]."""
+    """`token_losses(head(teacher_hidden), head(student_hidden), targets[, frozen_head(frozen_hidden)])` over
+    `chunk`-position slices of axis 1, each slice rematerialised in the backward pass. hidden: [b, N, E];
+    targets: [b, N]; frozen: (frozen_head, frozen_hidden) of a frozen teacher."""
     b, n = targets.shape
     pad = -n % chunk
     k = (n + pad) // chunk
@@ -131,16 +140,20 @@ def chunked_token_losses(
 
     @jax.checkpoint
     def one(xs):
-        ht, hs, tg = xs
-        return token_losses(head(constrain(ht, RESIDUAL)), head(constrain(hs, RESIDUAL)), tg)
+        ht, hs, tg, hf = xs
+        frozen_logits = None if hf is None else frozen[0](constrain(hf, RESIDUAL))
+        return token_losses(head(constrain(ht, RESIDUAL)), head(constrain(hs, RESIDUAL)), tg, frozen_logits)
 
-    ce, kl = jax.lax.map(one, (slices(teacher_hidden), slices(student_hidden), slices(targets)))
+    hidden_f = None if frozen is None else slices(frozen[1])
+    ce, kl = jax.lax.map(one, (slices(teacher_hidden), slices(student_hidden), slices(targets), hidden_f))
     merge = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, k * chunk)[:, :n]
     return merge(ce), merge(kl)
 
 
-def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Array, jax.Array]:
-    """Per response position (ce, kl) [b, N] from one call of `model` (a Transformer) on the batch."""
+def response_token_losses(model, batch: Batch, chunk: int = 0, frozen_teacher=None) -> tuple[jax.Array, jax.Array]:
+    """Per response position (ce, kl) [b, N] from one call of `model` (a Transformer) on the batch; with
+    `frozen_teacher` (a Transformer: loss.teacher = "frozen") the KL's teacher is its distribution on
+    [prompt, y(T)] (one more call, on those rows only, under stop_gradient) instead of `model`'s."""
     tokens, positions, mask, segments = sequences(batch)
     hidden, _ = model(tokens, positions, mask, segments=segments, return_hidden=True)
     n = batch["best"].shape[1]
@@ -148,14 +161,22 @@ def response_token_losses(model, batch: Batch, chunk: int = 0) -> tuple[jax.Arra
     last_prompt = hidden[:, p - 1 : p]  # predicts token 0 of both answers
     teacher = constrain(hidden[:, p - 1 : p - 1 + n], RESIDUAL)
     student = constrain(jnp.concatenate([last_prompt, hidden[:, p + n : p + 2 * n - 1]], axis=1), RESIDUAL)
+    frozen = None
+    if frozen_teacher is not None:
+        f_hidden, _ = frozen_teacher(
+            tokens[:, : p + n], positions[:, : p + n], mask[:, : p + n], segments=segments[: p + n], return_hidden=True
+        )
+        frozen = (frozen_teacher.head, jax.lax.stop_gradient(constrain(f_hidden[:, p - 1 : p - 1 + n], RESIDUAL)))
     if chunk:
-        return chunked_token_losses(model.head, teacher, student, batch["best"], chunk)
-    return token_losses(model.head(teacher), model.head(student), batch["best"])
+        return chunked_token_losses(model.head, teacher, student, batch["best"], chunk, frozen)
+    frozen_logits = None if frozen is None else frozen[0](frozen[1])
+    return token_losses(model.head(teacher), model.head(student), batch["best"], frozen_logits)
 
 
 CON_POSITIONS = ("all", "draft", "frontier")
 CON_GRADIENTS = ("sum", "project", "balance")
 CON_NORMS = ("token", "vocab")
+TEACHERS = ("live", "frozen")
 
 
 def effective_con_weight(cfg: LossConfig, step: jax.Array | int, vocab_size: int) -> jax.Array:

@@ -13,7 +13,9 @@ it mirrors (Adam's mu / nu), scalars are replicated. The batch is split over (da
 LoRA (lora.py): `params` are the adapters alone, so only they get gradients and optimizer state, and
 `TrainState.frozen` holds the base (sharded as in full fine-tuning, passed through every step as it
 came); without LoRA `frozen` is empty. Both loss terms, the consistency teacher pass included, run
-the one adapted model.
+the one adapted model, unless `loss.teacher = "frozen"`: then the KL's teacher is the base alone (the
+adapters zeroed), one more forward over [prompt, y(T)] without a backward: the target stays where stage A
+put it instead of moving with the student.
 
 Precision: parameters, gradients and optimizer state are in `param_dtype` (fp32 = master weights),
 activations in the model config's `dtype` (e.g. bf16; the model casts weights at use); the loss's
@@ -205,10 +207,14 @@ def make_train_step(
     micro_sharding = NamedSharding(mesh, PartitionSpec(None, LOGICAL_RULES["batch"]))  # [micro-batch, rows, ...]
 
     def loss_fn(params, frozen, micro, num_tokens, w):
+        model = nnx.merge(graphdef, frozen, params)
+        # loss.teacher = "frozen" (LoRA): the base without adapters (zero adapters add nothing) teaches the KL
+        teacher = nnx.merge(graphdef, frozen, jax.tree.map(jnp.zeros_like, params)) if frozen_teacher else None
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations pinned (sharding.constrain)
-            ce, kl = response_token_losses(nnx.merge(graphdef, frozen, params), micro, loss_cfg.chunk)
+            ce, kl = response_token_losses(model, micro, loss_cfg.chunk, teacher)
         return diffpo_loss(ce, kl, micro, loss_cfg, num_tokens=num_tokens, con_weight=w)
 
+    frozen_teacher = loss_cfg.teacher == "frozen"
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     separate = loss_cfg.con_gradient != "sum"  # the two terms' gradients, taken apart (module doc)
 
