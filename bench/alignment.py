@@ -143,7 +143,7 @@ def generate_samples(
                     loaded=loaded,
                 )
             recs = [json.loads(line) for line in path.read_text().splitlines()]
-            out[setup] |= {i: r["samples"] for i, r in zip(idx, recs)}
+            out[setup] |= {i: r["samples"] if k > 1 else [r["draft"]] for i, r in zip(idx, recs)}  # generate's fields
     return out
 
 
