@@ -67,6 +67,10 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
     "presets (w=1, draft)": ("presets", ["loss.con_weight=1", "loss.con_positions=draft"]),
     "AR only (w=0)": ("ar-only", ["loss.con_weight=0"]),
     "paper (w=1e3, all)": ("paper", ["loss.con_weight=1000", "loss.con_positions=all"]),
+    "paper at its scale (w=1e3/V, all)": (  # PyTorch KLDivLoss(reduction="mean"): w / V per token (loss.py)
+        "paper-vocab",
+        ["loss.con_weight=1000", "loss.con_norm=vocab", "loss.con_positions=all"],
+    ),
     "AR only (w=0), 3 epochs": ("ar-only-3ep", ["loss.con_weight=0", "num_epochs=3"]),
     # LoRA: rank-8 adapters on every projection (lora.py), 10x and 40x the full runs' lr
     "LoRA r8, AR only (w=0), 3 epochs, lr 5e-4": (
