@@ -51,6 +51,11 @@ RESULTS_FILE = ROOT / "bench" / "results" / "efficiency.md"
 FIGURE = ROOT / "bench" / "figures" / "efficiency.png"
 STAGE_A = "embedded-refiner"
 DRAFTS_HELD = 1  # the draft only: Best-of-k of these drafts' seeds is bench.alignment's (module doc)
+# bench/results/alignment.md (2026-12): draft and Best-of-k mean reward per setup, the same seeds as these drafts
+ALIGNMENT_REWARDS = {
+    "neutral, t=1.0": {"draft": 0.465, 2: 0.697, 4: 0.798, 8: 0.882},
+    "grumpy, t=0.7": {"draft": 0.350, 2: 0.621, 4: 0.788, 8: 0.860},
+}
 WARMUP = 8
 HOLD = {"R=0": 0}
 LORA = ["lora.rank=8", "lora.alpha=16"]
@@ -228,6 +233,13 @@ def report(argv, prompts, held, samples, reward, drafter, refiners, data, states
             ]
         ]
         points[setup] = {"draft": (drafter[setup]["seconds_per_answer"], float(np.mean(drafts)))}
+        for k in (2, 4, 8):  # bench.alignment's rewards of the same samples; k drafts' time measured here
+            seconds = k * drafter[setup]["seconds_per_answer"]
+            reward_k = ALIGNMENT_REWARDS[setup][k]
+            rows.append(
+                [f"Best-of-{k} (reward: bench.alignment)", f"{reward_k:.3f}", "", "", "", "", "", f"{seconds:.2f}"]
+            )
+            points[setup][f"Best-of-{k}"] = (seconds, reward_k)
         for name, result in refiners.items():
             r = result[setup + key]
             s = _stats(r["rewards"], drafts, r["seconds_per_answer"])
@@ -249,6 +261,9 @@ def report(argv, prompts, held, samples, reward, drafter, refiners, data, states
             points[setup][name] = (seconds, s["reward"])
         lines += [
             f"## {setup} (held-out {len(held)} prompts, R = 0, batch {BATCH}, window {BLOCK})",
+            "",
+            f"Drafts' mean reward here {np.mean(drafts):.3f}, in bench.alignment {ALIGNMENT_REWARDS[setup]['draft']:.3f} "
+            "(the same seeds).",
             "",
             table(
                 [
