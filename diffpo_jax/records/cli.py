@@ -43,7 +43,7 @@ NEUTRAL_OPTIONS = (
     "input",  # checked by content: each record's fingerprint (records/output.py), not by name
     "output",  # the file itself
     "overwrite",  # whether an existing output may be replaced
-    "mesh",  # where rows run: a row's result is the same on any layout (tests: the same bytes on 1 or 8 devices)
+    "mesh",  # where rows run, not what they compute (tests: the same bytes on 1 or 8 devices); resumable on any
     "coordinator",  # processes: each takes a share of the same records; a rerun resumes with any count
     "num_processes",
     "process_id",
