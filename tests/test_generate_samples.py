@@ -100,7 +100,7 @@ def test_num_samples_needs_jsonl_and_is_checked_on_resume(loaded, prompts, tmp_p
         "jsonl",
         read_records(prompts, "jsonl", with_drafts=False),
         cli.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS),
-    )
+    ).append(0, {"draft": "from the partial file"})
     with pytest.raises(FormatError, match="other options"):
         generate_cli.run(_args(prompts, tmp_path / "o.jsonl", "--num-samples", "2"), loaded)
 

@@ -255,6 +255,9 @@ def test_partial_files_of_other_options_are_refused_unless_overwrite(tmp_path):
     redo = ResumableOutput(out_path, "jsonl", recs, {"block_size": 16, "realign": False}, overwrite=True)
     assert redo.todo == [0, 1] and redo.done == {}
     assert read_jsonl(tmp_path / "out.jsonl.partial") == [{"options": {"block_size": 16, "realign": False}}]
+    # a partial file with no record yet (a run stopped before its first, e.g. by a wrong --model): replaced
+    assert ResumableOutput(out_path, "jsonl", recs, {"block_size": 8}).todo == [0, 1]
+    assert read_jsonl(tmp_path / "out.jsonl.partial") == [{"options": {"block_size": 8}}]
 
 
 def test_a_run_killed_between_out_and_its_done_file_finishes_on_rerun(tmp_path, monkeypatch):

@@ -137,8 +137,8 @@ class ResumableOutput:
         self._url, self.flush_every_s, self._clock = is_url(self.path), flush_every_s, clock
         self._sources = [_fingerprint(r.raw) for r in records]
         conflict = None if overwrite else self._existing_output()
-        done, own_rows, own_parts, stale = self._read_partials(discard=overwrite)
-        if conflict and not self._partial_files():  # partial files of this run: it began replacing OUT
+        done, own_rows, own_parts, stale, began = self._read_partials(discard=overwrite)
+        if conflict and not began:  # partial files of this run: it began replacing OUT
             raise FormatError(f"{self.path}: {conflict}; pass --overwrite to replace it")
         barrier("resumable-output-read")  # every process has read the files before any writes one
         if process == 0:  # OUT is to be replaced: its OUT.done goes first
@@ -192,10 +192,12 @@ class ResumableOutput:
 
     def _read_partials(
         self, discard: bool = False
-    ) -> tuple[dict[int, dict], list[str], list[epath.Path], list[epath.Path]]:
+    ) -> tuple[dict[int, dict], list[str], list[epath.Path], list[epath.Path], bool]:
         """The outputs in all partial files by record index; this process's record lines (whole ones) and
-        part files; the files of other options or input when `discard` (else those are refused)."""
-        done, own, own_parts, stale = {}, [], [], []
+        part files; the files of other options or input to discard: with `discard`, or when they hold no
+        record (a run stopped before its first, e.g. by a wrong --model: nothing to lose), else refused;
+        whether any file is this run's."""
+        done, own, own_parts, stale, began = {}, [], [], [], False
         for f in self._partial_files():
             lines = f.read_text(encoding="utf-8").splitlines()
             try:
@@ -205,16 +207,17 @@ class ResumableOutput:
                 lines = lines[:-1]
                 rows = [json.loads(line) for line in lines]
             problem = self._mismatch(rows)
-            if problem and discard:
+            if problem and (discard or len(rows) <= 1):
                 stale.append(f)
                 continue
             if problem:
                 raise FormatError(f"{f}: {problem}; pass --overwrite to start over")
+            began = True
             done |= {row["index"]: row["output"] for row in rows[1:]}
             if f.name == self.partial.name or f.name.startswith(self.partial.name + ".part-"):
                 own += lines[1:]
                 own_parts += [f] if f.name != self.partial.name else []
-        return done, own, own_parts, stale
+        return done, own, own_parts, stale, began
 
     def _mismatch(self, rows: list[Any]) -> str | None:
         """Why the rows of a partial file are not this run's (None: they are)."""
