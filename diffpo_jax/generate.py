@@ -15,9 +15,9 @@ batch_size * K rows at a time, and the rows of a --sort-window go through them w
 Sampling is reproducible and per row: sample k of turn t of input record i (0-based) draws with the key
 fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
 a resumed run gives the same outputs, and sample 0 of K is the K = 1 draft of the same seed. Output is
-streamed and resumed, and a finished one kept, as in `refine`; bad input exits 2 with a one-line message, or with `--on-error skip`
-goes out as the input record plus `error` (as in `refine`). `--mesh`, `--dtype` and several processes
-as in `refine`.
+streamed and resumed, and a finished one kept, as in `refine`; bad input exits 2 with a one-line message,
+or with `--on-error skip` goes out as the input record plus `error` (as in `refine`). `--mesh`, `--dtype`
+and several processes as in `refine`.
 """
 
 from __future__ import annotations

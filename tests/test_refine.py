@@ -1,6 +1,6 @@
-"""The refine / generate CLIs: error paths without a model, a finished output kept, decoding on a tiny model or the session's SmolLM2
-(slow: refine text == transformers' greedy text), byte-identical files on any mesh. The formats and the
-resumable output: tests/test_records.py."""
+"""The refine / generate CLIs: error paths without a model, a finished output kept, decoding on a tiny model
+or the session's SmolLM2 (slow: refine text == transformers' greedy text), byte-identical files on any mesh.
+The formats and the resumable output: tests/test_records.py."""
 
 import json
 import subprocess
