@@ -15,9 +15,9 @@ batch_size * K rows at a time, and the rows of a --sort-window go through them w
 Sampling is reproducible and per row: sample k of turn t of input record i (0-based) draws with the key
 fold_in(fold_in(fold_in(jax.random.key(seed), i), t), k). So the outputs do not depend on --batch-size,
 a resumed run gives the same outputs, and sample 0 of K is the K = 1 draft of the same seed. Output is
-streamed and resumed as in `refine`; bad input exits 2 with a one-line message, or with `--on-error skip`
-goes out as the input record plus `error` (as in `refine`). `--mesh`, `--dtype` and several processes
-as in `refine`.
+streamed and resumed, and a finished one kept, as in `refine`; bad input exits 2 with a one-line message,
+or with `--on-error skip` goes out as the input record plus `error` (as in `refine`). `--mesh`, `--dtype`
+and several processes as in `refine`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ from diffpo_jax.records import cli
 from diffpo_jax.records.formats import generated_output, sampled_output
 from diffpo_jax.records.loop import sample_keys
 
-# the options a resumed run must share with the run that wrote OUTPUT.partial (not --batch-size: the
-# outputs do not depend on it)
+# the options a resumed run (or a rerun on a finished OUTPUT) must share with the run that wrote it
 RESUME_OPTIONS = (
     "model",
     "base",
@@ -46,9 +45,13 @@ RESUME_OPTIONS = (
     "dtype",
     "on_error",
 )
+# the options that cannot change OUTPUT (records/cli.py); every other option is in RESUME_OPTIONS
+NEUTRAL_OPTIONS = cli.DECODE_NEUTRAL_OPTIONS + (
+    "batch_size",  # each row samples with its own key (module doc): the outputs do not depend on it
+)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -65,6 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "row's slot takes the next record), written in input order (default 256; <= "
         "--batch-size: batches of consecutive records, each until its longest answer is done)",
     )
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
     cli.check_decode_arguments(ap, args)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:

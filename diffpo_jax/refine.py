@@ -9,7 +9,9 @@
 
 DIFFPO: any --model (sources.py); by default `embedded-refiner`, the DiffPO refiner trained for this project
 (a LoRA adapter in diffpo_jax/refiner/ on the embedded SmolLM2; README). Formats: see `diffpo_jax.records.formats`. Results stream to OUTPUT.partial; a rerun resumes from it;
-OUTPUT appears by rename when every record is done. Bad input exits 2 with a one-line message; every
+OUTPUT appears by rename when every record is done. The same command on a finished OUTPUT decodes nothing
+("already complete", exit 0); other options or input there, or an OUTPUT it did not write, exit 2 naming
+what differs, unless --overwrite (records/output.py). Bad input exits 2 with a one-line message; every
 record's prompt is checked before the first forward, and with `--on-error skip` a record that cannot be
 refined is written out with an `error` field instead (counted in the summary). Devices and dtype
 (`--mesh`, `--dtype`; defaults: all local devices data-parallel and bfloat16 on GPU/TPU, one device and
@@ -29,18 +31,26 @@ from diffpo_jax.paths import as_path
 from diffpo_jax.records import cli
 from diffpo_jax.records.formats import read_output, refined_output, refined_pairs
 
-# the options a resumed run must share with the run that wrote OUTPUT.partial
+# the options a resumed run (or a rerun on a finished OUTPUT) must share with the run that wrote it
 RESUME_OPTIONS = (
     "model",
     "base",
     "format",
+    "questions",  # by content (cli.run_options)
     "history",
+    "block_size",
+    "realign",
     "max_new_tokens",
     "max_iterations",
     "hold_draft_prefix",
     "dtype",
     "trajectory",
     "on_error",
+)
+# the options that cannot change OUTPUT (records/cli.py); every other option is in RESUME_OPTIONS
+NEUTRAL_OPTIONS = cli.DECODE_NEUTRAL_OPTIONS + (
+    "batch_size",  # rows are refined independently (the pass cap is per row)
+    "show",  # prints records of the finished output
 )
 
 
@@ -66,7 +76,7 @@ def hold_lens(spec: int | str, indices: list[int]) -> list[int] | None:
     return [int(np.random.default_rng(i).integers(0, hold_max(spec) + 1)) for i in indices]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.refine", description=__doc__.split("\n")[0])
     ap.add_argument("--questions", type=as_path, help="mt_bench: FastChat question.jsonl")
     ap.add_argument(
@@ -77,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--max-iterations", type=int, help="cap on Jacobi passes per batch (default: max-new-tokens)")
+    ap.add_argument("--max-iterations", type=int, help="cap on Jacobi passes per row (default: max-new-tokens)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument(
         "--hold-draft-prefix",
@@ -105,6 +115,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "slot takes the next record), written in input order (default 256; <= --batch-size: "
         "batches of consecutive records, each until its slowest row is done)",
     )
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
     cli.check_decode_arguments(ap, args)
     for name in ("block_size", "max_new_tokens", "batch_size"):

@@ -13,10 +13,10 @@ TRL-style as function(prompts=[...], completions=[...]) -> one float per answer 
 examples/rewards/vader.py is one); --batch-size answers per call, no devices. What each
 format reads and writes: reward/records.py. The summary prints each field's mean score and, when two
 one-answer fields are scored, the paired win rate of the second over the first with a bootstrap 95%
-interval (`--report` writes it as a Markdown table). Results stream to OUTPUT.partial and resume as in
-`refine`; OUTPUT appears by rename at the end. Devices, dtype and several processes as in `refine`
-(decoding/devices.py: `--mesh`, `--dtype`; each process scores its share of the records, process 0 writes
-OUTPUT). Bad input exits 2 with a one-line message naming the file, record and field.
+interval (`--report` writes it as a Markdown table). Results stream to OUTPUT.partial and resume, and a
+finished OUTPUT is kept, as in `refine`; OUTPUT appears by rename at the end. Devices, dtype and several
+processes as in `refine` (decoding/devices.py: `--mesh`, `--dtype`; each process scores its share of the
+records, process 0 writes OUTPUT). Bad input exits 2 with a one-line message naming the file, record and field.
 """
 
 from __future__ import annotations
@@ -31,15 +31,17 @@ from diffpo_jax.decoding import devices
 from diffpo_jax.paths import as_path
 from diffpo_jax.records import cli
 from diffpo_jax.records.formats import FormatError
-from diffpo_jax.records.output import check_output, check_output_path, open_output
+from diffpo_jax.records.output import check_output_path, open_output
 from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.reward.records import SCORE_FORMATS
 
+# the options a resumed run (or a rerun on a finished OUTPUT) must share with the run that wrote it
 RESUME_OPTIONS = (
     "model",
     "reward",
     "format",
     "fields",
+    "questions",  # by content (cli.run_options)
     "prompt_field",
     "responses_field",
     "scores_field",
@@ -47,10 +49,16 @@ RESUME_OPTIONS = (
     "label",
     "dtype",
 )
+# the options that cannot change OUTPUT (records/cli.py); every other option is in RESUME_OPTIONS
+NEUTRAL_OPTIONS = cli.NEUTRAL_OPTIONS + (
+    "batch_size",  # each answer is scored alone (padding masked)
+    "report",  # writes the summary to its own file
+    "show",  # prints records of the finished output
+)
 RECORDS_PER_CHUNK = 16  # batches of rows scored between appends to OUTPUT.partial
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m diffpo_jax.score", description=__doc__.split("\n")[0])
     scorer = ap.add_mutually_exclusive_group(required=True)
     scorer.add_argument("--model", help="reward model: HF folder or hub id")
@@ -74,11 +82,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="K",
         help="jsonl with two one-answer fields: print the first K records' answers side by side with their scores",
     )
-    ap.add_argument(
-        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
-    )
+    ap.add_argument("--overwrite", action="store_true", help=cli.OVERWRITE_HELP)
     devices.add_arguments(ap)
     distributed.add_arguments(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
@@ -122,7 +133,8 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
         check_best_of_n(layout, records)
     per_record = [items(layout, rec) for rec in records]  # every record checked before any work
     options = cli.run_options(args, RESUME_OPTIONS) | {"fields": list(layout.fields)}
-    check_output(args.output)  # several processes: a shared folder, before the model loads
+    out_fmt = "alpaca_eval" if args.format == "alpaca_eval" else "jsonl"
+    out = open_output(args.output, out_fmt, records, options, overwrite=args.overwrite)  # before the model loads
     if args.reward:
         scorer = FunctionScorer(args.reward, batch_size=args.batch_size)
     else:
@@ -137,8 +149,6 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
             except InputError as e:
                 raise FormatError(f"{rec.where}: field '{field}': {e}") from None
         rows_by_record.append(rows)
-    out = open_output(args.output, "alpaca_eval" if args.format == "alpaca_eval" else "jsonl", records, options)
-
     bar = tqdm(total=len(out.todo), unit="rec", desc="score", dynamic_ncols=True)  # this process's records
     start, tokens = time.perf_counter(), 0
     chunk = RECORDS_PER_CHUNK * scorer.batch_size

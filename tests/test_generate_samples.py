@@ -51,7 +51,7 @@ def test_samples_are_distinct_reproducible_and_independent_of_batch_size_and_res
         assert "draft" not in o and len(set(o["samples"])) == 4, o
         assert o["sample_keys"] == [[0, i, 0, k] for k in range(4)]
     text = (tmp_path / "b3.jsonl").read_text()
-    assert _generate(loaded, prompts, tmp_path / "b3.jsonl", *hot, "--batch-size", "3") == out
+    assert _generate(loaded, prompts, tmp_path / "b3.jsonl", *hot, "--batch-size", "3", "--overwrite") == out
     assert (tmp_path / "b3.jsonl").read_text() == text
     assert _generate(loaded, prompts, tmp_path / "b1.jsonl", *hot, "--batch-size", "1") == out  # 4 rows
 
@@ -100,6 +100,34 @@ def test_num_samples_needs_jsonl_and_is_checked_on_resume(loaded, prompts, tmp_p
         "jsonl",
         read_records(prompts, "jsonl", with_drafts=False),
         cli.run_options(_args(prompts, tmp_path / "o.jsonl"), generate_cli.RESUME_OPTIONS),
-    )
+    ).append(0, {"draft": "from the partial file"})
     with pytest.raises(FormatError, match="other options"):
         generate_cli.run(_args(prompts, tmp_path / "o.jsonl", "--num-samples", "2"), loaded)
+
+
+def test_a_finished_output_is_complete_and_another_seed_is_refused(loaded, prompts, tmp_path, capsys, monkeypatch):
+    """The same command on a finished output (any --batch-size: the outputs do not depend on it): 'already
+    complete', exit 0, before the model loads, the file untouched; another --seed: exit 2 naming it."""
+    out = tmp_path / "g.jsonl"
+    greedy = ("--temperature", "0", "--batch-size", "4")
+    _generate(loaded, prompts, out, *greedy)  # 4 rows, as in test_greedy_samples_are_the_greedy_draft
+    files, text = sorted(tmp_path.iterdir()), out.read_text()
+
+    def refuse_to_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("diffpo_jax.sources.load_model", refuse_to_load)
+    argv = ["--input", str(prompts), "--output", str(out), "--max-new-tokens", TOKENS, *greedy]
+    capsys.readouterr()
+    for extra in ((), ("--batch-size", "2")):
+        assert generate_cli.main([*argv, *extra]) == 0
+        assert (
+            capsys.readouterr().out
+            == f"{out}: already complete (the same options and input); pass --overwrite to redo it\n"
+        )
+    assert generate_cli.main([*argv, "--seed", "1"]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {out}: written with other options (seed 0, now 1); pass --overwrite to replace it\n"
+    )
+    assert sorted(tmp_path.iterdir()) == files and out.read_text() == text

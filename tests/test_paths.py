@@ -246,9 +246,10 @@ def test_decoding_clis_read_and_write_urls_as_local_files(bucket, tiny_init_dir,
             )
             == 0
         )
-    names = ["drafts.jsonl", "in.jsonl", "refined.jsonl", "report.md", "scored.jsonl"]
+    outputs = ["drafts.jsonl", "refined.jsonl", "scored.jsonl"]  # each with the .done of its run
+    names = sorted(["in.jsonl", "report.md", *outputs, *(name + ".done" for name in outputs)])
     assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir()) == names
-    for name in ("drafts.jsonl", "refined.jsonl", "scored.jsonl"):
+    for name in outputs:
         assert (store / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     assert [json.loads(x)["id"] for x in (store / "scored.jsonl").read_text().splitlines()] == [0, 1, 2]
     assert not list(Path.cwd().iterdir())  # no ./gs: folder
@@ -286,7 +287,7 @@ def test_resumable_output_in_a_bucket_grows_by_parts(bucket, tmp_path):
     for i in range(4):
         local.append(i, {"n": i})
     local.finish()
-    assert [p.name for p in store.iterdir()] == ["out.jsonl"]
+    assert sorted(p.name for p in store.iterdir()) == ["out.jsonl", "out.jsonl.done"]
     assert (store / "out.jsonl").read_bytes() == (tmp_path / "out.jsonl").read_bytes()
 
 

@@ -1,12 +1,14 @@
 """The answer files of generate / refine / score: reading the formats (every problem one line naming the file,
-line and field), what refine writes and reads back, the resumable output over processes."""
+line and field), what refine writes and reads back, the resumable output over processes, a finished output
+kept (OUT.done), and every CLI option either in the resume check or known not to change the output."""
 
 import json
 
 import pytest
 
+from diffpo_jax.records import output
 from diffpo_jax.records.formats import FormatError, read_records, turn_prompt
-from diffpo_jax.records.output import ResumableOutput
+from diffpo_jax.records.output import OutputComplete, ResumableOutput
 from tests.files import read_jsonl, write_jsonl
 
 # ------------------------------------------------------------------------------------------ formats
@@ -167,3 +169,163 @@ def test_resumable_output_over_processes_resumes_with_any_count(tmp_path):
     assert read_jsonl(out_path) == [{"n": i} for i in range(7)]
     assert list(tmp_path.glob("out.jsonl.partial*")) == []
     assert second[1].finish() == [{"n": i} for i in range(7)]  # the others read OUT once process 0 wrote it
+
+
+def _finished(out_path, recs, options):
+    out = ResumableOutput(out_path, "jsonl", recs, options)
+    for i in out.todo:
+        out.append(i, {"n": i})
+    out.finish()
+
+
+def test_a_finished_output_is_complete_and_anything_else_there_is_refused_unless_overwrite(tmp_path):
+    """The same options and input on a finished OUT: OutputComplete, nothing written. Other options, another
+    input, OUT changed since, or an OUT with no OUT.done: refused with one line naming what differs, nothing
+    written; `overwrite` redoes it, and the new OUT.done makes the new options the complete ones."""
+    recs = read_records(
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(3)]),
+        "jsonl",
+        with_drafts=True,
+    )
+    other = read_records(
+        write_jsonl(tmp_path / "other.jsonl", [{"prompt": "z", "draft": "d"}] * 3), "jsonl", with_drafts=True
+    )
+    out_path = tmp_path / "out.jsonl"
+    _finished(out_path, recs, {"max_new_tokens": 8, "block_size": 32})
+    files, text = sorted(p.name for p in tmp_path.iterdir()), out_path.read_text()
+    assert files == ["in.jsonl", "other.jsonl", "out.jsonl", "out.jsonl.done"]
+    with pytest.raises(OutputComplete) as e:
+        ResumableOutput(out_path, "jsonl", recs, {"max_new_tokens": 8, "block_size": 32})
+    assert str(e.value) == f"{out_path}: already complete (the same options and input); pass --overwrite to redo it"
+    for records, options, message in (
+        (recs, {"max_new_tokens": 16, "block_size": 32}, "written with other options (max_new_tokens 8, now 16)"),
+        (recs, {"max_new_tokens": 8}, "written with other options (block_size 32, now unset)"),
+        (other, {"max_new_tokens": 8, "block_size": 32}, "written from another input (3 records, now 3)"),
+        (recs[:2], {"max_new_tokens": 8, "block_size": 32}, "written from another input (3 records, now 2)"),
+    ):
+        with pytest.raises(FormatError) as e:
+            ResumableOutput(out_path, "jsonl", records, options)
+        assert str(e.value).startswith(f"{out_path}: {message}") and "\n" not in str(e.value)
+        assert str(e.value).endswith("; pass --overwrite to replace it")
+    out_path.write_text(text.replace('"n": 2', '"n": 3'))
+    with pytest.raises(FormatError, match="changed since it was written"):
+        ResumableOutput(out_path, "jsonl", recs, {"max_new_tokens": 8, "block_size": 32})
+    (tmp_path / "out.jsonl.done").unlink()
+    with pytest.raises(FormatError, match="already exists, with no out.jsonl.done naming the options"):
+        ResumableOutput(out_path, "jsonl", recs, {"max_new_tokens": 8, "block_size": 32})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "other.jsonl", "out.jsonl"]  # none written
+
+    out_path.unlink()
+    _finished(out_path, recs, {"max_new_tokens": 8})
+    text = out_path.read_text()
+    redo = ResumableOutput(out_path, "jsonl", recs, {"max_new_tokens": 16}, overwrite=True)
+    assert redo.todo == [0, 1, 2] and not (tmp_path / "out.jsonl.done").exists()
+    assert out_path.read_text() == text  # the old OUT stays until the new one replaces it
+    for i in redo.todo:
+        redo.append(i, {"m": i})
+    redo.finish()
+    assert read_jsonl(out_path) == [{"m": i} for i in range(3)]
+    with pytest.raises(OutputComplete):
+        ResumableOutput(out_path, "jsonl", recs, {"max_new_tokens": 16})
+    with pytest.raises(OutputComplete):  # the input's name does not matter, its records do
+        ResumableOutput(
+            out_path,
+            "jsonl",
+            read_records(
+                write_jsonl(tmp_path / "copy.jsonl", [{"prompt": str(i), "draft": "d"} for i in range(3)]),
+                "jsonl",
+                with_drafts=True,
+            ),
+            {"max_new_tokens": 16},
+        )
+
+
+def test_partial_files_of_other_options_are_refused_unless_overwrite(tmp_path):
+    recs = read_records(
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "d"}] * 2), "jsonl", with_drafts=True
+    )
+    out_path = tmp_path / "out.jsonl"
+    ResumableOutput(out_path, "jsonl", recs, {"block_size": 32, "realign": True}).append(0, {"n": 0})
+    with pytest.raises(FormatError) as e:
+        ResumableOutput(out_path, "jsonl", recs, {"block_size": 16, "realign": False})
+    assert str(e.value) == (
+        f"{out_path}.partial: written by a run with other options (block_size 32, now 16; realign true, now false); "
+        "pass --overwrite to start over"
+    )
+    redo = ResumableOutput(out_path, "jsonl", recs, {"block_size": 16, "realign": False}, overwrite=True)
+    assert redo.todo == [0, 1] and redo.done == {}
+    assert read_jsonl(tmp_path / "out.jsonl.partial") == [{"options": {"block_size": 16, "realign": False}}]
+    # a partial file with no record yet (a run stopped before its first, e.g. by a wrong --model): replaced
+    assert ResumableOutput(out_path, "jsonl", recs, {"block_size": 8}).todo == [0, 1]
+    assert read_jsonl(tmp_path / "out.jsonl.partial") == [{"options": {"block_size": 8}}]
+
+
+def test_a_run_killed_between_out_and_its_done_file_finishes_on_rerun(tmp_path, monkeypatch):
+    """OUT is written before OUT.done: killed between the two, the partial files are still there, so the rerun
+    is this run going on (not an OUT of unknown origin): it writes OUT.done, and the next rerun is complete."""
+    recs = read_records(
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "d"}] * 2), "jsonl", with_drafts=True
+    )
+    out_path = tmp_path / "out.jsonl"
+    out = ResumableOutput(out_path, "jsonl", recs, {})
+    out.append(0, {"n": 0})
+    out.append(1, {"n": 1})
+    write_whole = output._write_whole
+
+    def killed_at_the_done_file(path, text):
+        if path.name.endswith(".done"):
+            raise KeyboardInterrupt
+        write_whole(path, text)
+
+    monkeypatch.setattr(output, "_write_whole", killed_at_the_done_file)
+    with pytest.raises(KeyboardInterrupt):
+        out.finish()
+    monkeypatch.setattr(output, "_write_whole", write_whole)
+    assert read_jsonl(out_path) == [{"n": 0}, {"n": 1}] and not (tmp_path / "out.jsonl.done").exists()
+    again = ResumableOutput(out_path, "jsonl", recs, {})
+    assert again.todo == []
+    assert again.finish() == [{"n": 0}, {"n": 1}]
+    with pytest.raises(OutputComplete):
+        ResumableOutput(out_path, "jsonl", recs, {})
+
+
+def test_reopening_never_cuts_the_partial_file_short(tmp_path, monkeypatch):
+    """Each start rewrites the partial file (the cut last line dropped, parts merged): through a new file
+    renamed over it, so a kill during that write leaves every record done before."""
+    from etils import epath
+
+    recs = read_records(
+        write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "d"}] * 3), "jsonl", with_drafts=True
+    )
+    out_path = tmp_path / "out.jsonl"
+    first = ResumableOutput(out_path, "jsonl", recs, {})
+    first.append(0, {"n": 0})
+    first.append(1, {"n": 1})
+    path_type, write_text = type(epath.Path(tmp_path)), type(epath.Path(tmp_path)).write_text
+
+    def killed_while_writing(self, data, *args, **kwargs):  # the file opened (emptied), half written, killed
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(path_type, "write_text", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        ResumableOutput(out_path, "jsonl", recs, {})
+    monkeypatch.setattr(path_type, "write_text", write_text)
+    assert ResumableOutput(out_path, "jsonl", recs, {}).done == {0: {"n": 0}, 1: {"n": 1}}
+
+
+@pytest.mark.parametrize("module", ["generate", "refine", "score"])
+def test_every_option_is_in_the_resume_check_or_cannot_change_the_output(module):
+    """Walks every option of the CLI's parser: each is in RESUME_OPTIONS (a rerun with another value is refused
+    or redone) or on NEUTRAL_OPTIONS (commented: why it cannot change the output), never both; a new option
+    fails here until it is placed."""
+    import importlib
+
+    cli = importlib.import_module(f"diffpo_jax.{module}")
+    options = {action.dest for action in cli.parser()._actions}
+    resume, neutral = set(cli.RESUME_OPTIONS), set(cli.NEUTRAL_OPTIONS)
+    assert not resume & neutral
+    assert options - resume - neutral == set(), "place each new option in RESUME_OPTIONS or NEUTRAL_OPTIONS"
+    assert resume | neutral <= options  # no stale names
+    if module == "refine":
+        assert {"block_size", "realign", "questions", "max_iterations", "hold_draft_prefix"} <= resume

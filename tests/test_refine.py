@@ -1,6 +1,6 @@
-"""The refine / generate CLIs: error paths without a model, decoding on a tiny model or the session's SmolLM2
-(slow: refine text == transformers' greedy text), byte-identical files on any mesh. The formats and the
-resumable output: tests/test_records.py."""
+"""The refine / generate CLIs: error paths without a model, a finished output kept, decoding on a tiny model
+or the session's SmolLM2 (slow: refine text == transformers' greedy text), byte-identical files on any mesh.
+The formats and the resumable output: tests/test_records.py."""
 
 import json
 import subprocess
@@ -52,6 +52,90 @@ def test_output_equal_to_input_is_refused_unless_overwrite(tmp_path, capsys):
         )
         assert cli.parse_args(["--input", str(src), "--output", str(src), "--overwrite"]).overwrite
     assert src.read_text() == '{"prompt": "a", "draft": "b"}\n'
+
+
+class Loading(Exception):
+    """Raised by a load_model patched in: the run got past its output checks."""
+
+
+def refuse_to_load(*_args, **_kwargs):
+    raise Loading
+
+
+def test_refine_on_a_finished_output_decodes_nothing_and_other_options_are_refused(tmp_path, capsys, monkeypatch):
+    """Issue 38: a finished --max-new-tokens 8 output. The same command again: 'already complete', exit 0,
+    before the model loads, the file untouched; --max-new-tokens 16 (once silently redone), and each option
+    the resume check once missed, or another input / --questions file: exit 2 naming what differs, nothing
+    written; --overwrite goes on to decode."""
+    monkeypatch.setattr("diffpo_jax.sources.load_model", refuse_to_load)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "b"}, {"prompt": "c", "draft": "d"}])
+    out = tmp_path / "out.jsonl"
+    command = ["--input", str(src), "--output", str(out), "--max-new-tokens", "8"]
+    options = run_options(refine_cli.parse_args(command), refine_cli.RESUME_OPTIONS)
+    finished = ResumableOutput(out, "jsonl", read_records(src, "jsonl", with_drafts=True), options)
+    for i in finished.todo:
+        finished.append(i, {"refined": str(i)})
+    finished.finish()
+    files, text = sorted(tmp_path.iterdir()), out.read_text()
+    capsys.readouterr()
+    assert refine_cli.main(command) == 0
+    assert (
+        capsys.readouterr().out
+        == f"{out}: already complete (the same options and input); pass --overwrite to redo it\n"
+    )
+    for extra, differs in (
+        (["--max-new-tokens", "16"], "max_new_tokens 8, now 16"),
+        (["--block-size", "16"], "block_size 32, now 16"),
+        (["--no-realign"], "realign true, now false"),
+        (["--max-iterations", "3"], "max_iterations null, now 3"),
+        (["--hold-draft-prefix", "random:2"], 'hold_draft_prefix 0, now "random:2"'),
+    ):
+        assert refine_cli.main(command + extra) == 2
+        assert capsys.readouterr().err == (
+            f"error: {out}: written with other options ({differs}); pass --overwrite to replace it\n"
+        )
+    assert sorted(tmp_path.iterdir()) == files and out.read_text() == text
+    with pytest.raises(Loading):
+        refine_cli.main(command + ["--max-new-tokens", "16", "--overwrite"])
+    assert out.read_text() == text and not out.with_name("out.jsonl.done").exists()  # replaced at the end
+
+    # --questions by its content: the same file name with other questions is another run
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 5, "turns": ["Name a fruit."]}])
+    answers = write_jsonl(
+        tmp_path / "a.jsonl",
+        [{"question_id": 5, "model_id": "m", "answer_id": "x", "choices": [{"index": 0, "turns": ["Apple."]}]}],
+    )
+    mt = tmp_path / "mt.jsonl"
+    command = ["--input", str(answers), "--output", str(mt), "--format", "mt_bench", "--questions", str(questions)]
+    args = refine_cli.parse_args(command)
+    recs = read_records(answers, "mt_bench", with_drafts=True, questions=questions)
+    finished = ResumableOutput(mt, "mt_bench", recs, run_options(args, refine_cli.RESUME_OPTIONS))
+    finished.append(0, {"question_id": 5})
+    finished.finish()
+    capsys.readouterr()
+    assert refine_cli.main(command) == 0 and "already complete" in capsys.readouterr().out
+    write_jsonl(questions, [{"question_id": 5, "turns": ["Name a vegetable."]}])
+    assert refine_cli.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {mt}: written with other options (questions "sha1:') and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("cli", [refine_cli, generate_cli])
+def test_an_output_folder_or_unreachable_url_fails_before_the_model_loads(cli, tmp_path, capsys, monkeypatch):
+    """Once found only when the finished output was renamed into place, after all decoding: now one line,
+    exit 2, before the model loads, nothing written (gs:// without gcsfs: the package and the requirements)."""
+    monkeypatch.setattr("diffpo_jax.sources.load_model", refuse_to_load)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # not installed
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "draft": "b"}])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert cli.main(["--input", str(src), "--output", str(folder)]) == 2
+    assert capsys.readouterr().err == f"error: {folder}: is a folder; --output names the file to write\n"
+    assert cli.main(["--input", str(src), "--output", "gs://bucket/out.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gs://bucket/out.jsonl: cannot be reached: ") and err.count("\n") == 1
+    assert "gcsfs" in err and err.endswith("; pip install -r requirements-gcs.txt\n")
+    assert sorted(tmp_path.iterdir()) == [folder, src] and not list(folder.iterdir())
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2 (slow)

@@ -103,6 +103,68 @@ def test_a_killed_run_resumes_to_the_same_file(smol_rm, tmp_path, monkeypatch, c
     assert out.read_text() == full.read_text() and not partial.exists()
 
 
+def test_a_finished_output_is_complete_and_other_options_are_refused_unless_overwrite(
+    smol_rm, tmp_path, capsys, monkeypatch
+):
+    """The same command on a finished output: 'already complete', exit 0, before the model loads, the file
+    untouched; another --label or --fields: exit 2 naming it; --overwrite rescores, and that is then complete."""
+    from diffpo_jax.reward import loading
+
+    src = write_jsonl(tmp_path / "in.jsonl", ANSWERS)
+    out = tmp_path / "out.jsonl"
+    assert score(smol_rm, "--input", src, "--output", out) == 0
+    files, text = sorted(tmp_path.iterdir()), out.read_text()
+    load = loading.load_reward_model
+
+    def refuse_to_load(*_args, **_kwargs):
+        raise AssertionError("the reward model was loaded")
+
+    monkeypatch.setattr(loading, "load_reward_model", refuse_to_load)
+    capsys.readouterr()
+    assert score(smol_rm, "--input", src, "--output", out, "--batch-size", 3) == 0
+    assert (
+        capsys.readouterr().out
+        == f"{out}: already complete (the same options and input); pass --overwrite to redo it\n"
+    )
+    for extra, differs in (
+        (("--label", 1), "label 0, now 1"),
+        (("--fields", "draft"), 'fields ["draft", "refined"], now ["draft"]'),
+    ):
+        assert score(smol_rm, "--input", src, "--output", out, *extra) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {out}: written with other options ({differs}); pass --overwrite to replace it\n"
+    assert sorted(tmp_path.iterdir()) == files and out.read_text() == text
+    monkeypatch.setattr(loading, "load_reward_model", load)
+    assert score(smol_rm, "--input", src, "--output", out, "--fields", "draft", "--overwrite") == 0
+    assert [set(r["scores"]) for r in read_jsonl(out)] == [{"draft"}] * 3
+    monkeypatch.setattr(loading, "load_reward_model", refuse_to_load)
+    capsys.readouterr()
+    assert score(smol_rm, "--input", src, "--output", out, "--fields", "draft") == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_an_output_folder_or_unreachable_url_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from diffpo_jax.reward import loading
+
+    def refuse_to_load(*_args, **_kwargs):
+        raise AssertionError("the reward model was loaded")
+
+    monkeypatch.setattr(loading, "load_reward_model", refuse_to_load)
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # not installed
+    src = write_jsonl(tmp_path / "in.jsonl", ANSWERS)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert score_cli.main(["--model", "rm", "--input", str(src), "--output", str(folder)]) == 2
+    assert capsys.readouterr().err == f"error: {folder}: is a folder; --output names the file to write\n"
+    assert score_cli.main(["--model", "rm", "--input", str(src), "--output", "gs://bucket/scored.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: gs://bucket/scored.jsonl: cannot be reached: ") and "gcsfs" in err
+    assert err.endswith("; pip install -r requirements-gcs.txt\n") and err.count("\n") == 1
+    assert sorted(tmp_path.iterdir()) == [folder, src]
+
+
 def test_alpaca_eval_and_mt_bench(smol_rm, tmp_path):
     alpaca = tmp_path / "a.json"
     alpaca.write_text(

@@ -23,11 +23,38 @@ from diffpo_jax.distributed import DistributedError
 from diffpo_jax.paths import as_path
 from diffpo_jax.records.formats import FORMATS, FormatError, Record, read_records
 from diffpo_jax.records.loop import ON_ERROR, decode_records
-from diffpo_jax.records.output import ResumableOutput, check_output_path, open_output
+from diffpo_jax.records.output import OutputComplete, ResumableOutput, check_output_path, content_digest, open_output
 from diffpo_jax.reward.functions import RewardFunctionError
 from diffpo_jax.sources import ModelSourceError
 
 ERRORS = (FormatError, ModelSourceError, devices.MeshError, DistributedError, RewardFunctionError)  # exit 2
+
+OVERWRITE_HELP = (
+    "replace an existing --output (also the --input file itself), redoing it, and discard partial files of "
+    "other options or input; without it the same command on a finished output says 'already complete', "
+    "and an output of other options or input is refused"
+)
+
+# The options of every answer-file CLI that cannot change what --output holds: a run that differs only in
+# these resumes, or is 'already complete'. Each CLI's RESUME_OPTIONS plus its own such list must name
+# every option of its parser (tests/test_records.py walks them), so a new option is placed knowingly.
+NEUTRAL_OPTIONS = (
+    "help",
+    "input",  # checked by content: each record's fingerprint (records/output.py), not by name
+    "output",  # the file itself
+    "overwrite",  # whether an existing output may be replaced
+    "mesh",  # where rows run, not what they compute (tests: the same bytes on 1 or 8 devices); resumable on any
+    "coordinator",  # processes: each takes a share of the same records; a rerun resumes with any count
+    "num_processes",
+    "process_id",
+)
+# generate / refine also: scheduling and --plan (which prints a plan and writes nothing)
+DECODE_NEUTRAL_OPTIONS = NEUTRAL_OPTIONS + (
+    "sort_window",  # which records share a decoder call: rows are independent, sampled by input index
+    "plan",
+    "device_memory",
+    "prompt_len",
+)
 
 
 def decode_arguments(ap: argparse.ArgumentParser, *, model_help: str, model_default: str | None, window_help: str):
@@ -48,9 +75,7 @@ def decode_arguments(ap: argparse.ArgumentParser, *, model_help: str, model_defa
         help="a record that cannot be decoded (prompt past the context): stop with its line (default), "
         "or write it out with an `error` field and go on",
     )
-    ap.add_argument(
-        "--overwrite", action="store_true", help="allow --output to be the --input file (replaced at the end)"
-    )
+    ap.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     distributed.add_arguments(ap)
     decode_plan.add_arguments(ap)
 
@@ -62,8 +87,17 @@ def check_decode_arguments(ap: argparse.ArgumentParser, args: argparse.Namespace
 
 def run_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
     """The options `names` of a CLI run, which a resumed run must share, with the dtype resolved
-    (devices.default_dtype: call it after jax.distributed starts, as it asks the backend)."""
-    return {k: devices.default_dtype(args.dtype) if k == "dtype" else getattr(args, k) for k in names}
+    (devices.default_dtype: call it after jax.distributed starts, as it asks the backend) and --questions
+    by its content (call it after the records were read: a missing file is a FormatError there)."""
+
+    def value(name):
+        if name == "dtype":
+            return devices.default_dtype(args.dtype)
+        if name == "questions" and args.questions is not None:
+            return content_digest(args.questions)
+        return getattr(args, name)
+
+    return {k: value(k) for k in names}
 
 
 @dataclasses.dataclass
@@ -103,7 +137,7 @@ def start_decode(
     check_output_path(args.input, args.output, args.overwrite)
     records = read_records(args.input, args.format, with_drafts=with_drafts, questions=questions)
     options = run_options(args, resume_options)
-    out = open_output(args.output, args.format, records, options)
+    out = open_output(args.output, args.format, records, options, overwrite=args.overwrite)
     loaded = loaded or load_model(args.model, base=args.base, dtype=options["dtype"], mesh=mesh)
     decoder = Decoder(loaded, batch_size=rows, max_new_tokens=args.max_new_tokens, mesh=mesh)
     bar = tqdm(total=sum(records[i].num_turns for i in out.todo), unit="turn", desc=kind, dynamic_ncols=True)
@@ -142,12 +176,16 @@ def main(
     """A CLI's main: `--plan` (decode CLIs: `kind` "generate" / "refine"), else jax.distributed and `run`;
     the errors of bad input, devices or processes print one line and exit 2. Every process `report`s its
     summary (generate / refine: its own share; score's covers all, so it reports on process 0 only), and
-    process 0, which wrote the output, says so."""
+    process 0, which wrote the output, says so. An output already complete: one line, exit 0."""
     if kind and args.plan:
         return decode_plan.main(args, kind)
     try:
         distributed.initialize_from_args(args)
         summary = run(args)
+    except OutputComplete as e:
+        if distributed.is_main_process():
+            print(e)
+        return 0
     except ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
