@@ -119,6 +119,8 @@ def generate_samples(
             ("train", [i for i in range(len(prompts)) if i not in held_set], train_samples),
             ("held", held, held_samples),
         ):
+            if not idx or not k:
+                continue
             path = work / "samples" / f"{stem}-{part}.jsonl"
             if not path.exists():
                 src = path.with_name(path.stem + ".input.jsonl")

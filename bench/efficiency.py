@@ -50,6 +50,7 @@ from bench.common import command, machine, table
 RESULTS_FILE = ROOT / "bench" / "results" / "efficiency.md"
 FIGURE = ROOT / "bench" / "figures" / "efficiency.png"
 STAGE_A = "embedded-refiner"
+STYLE2 = ROOT / "bench" / "data" / "heldout_style2_prompts.jsonl"  # 64 held-out prompts written in another style
 DRAFTS_HELD = 1  # the draft only: Best-of-k of these drafts' seeds is bench.alignment's (module doc)
 # bench/results/alignment.md (2026-12): draft and Best-of-k mean reward per setup, the same seeds as these drafts
 ALIGNMENT_REWARDS = {
@@ -194,13 +195,30 @@ def main(argv: list[str] | None = None) -> None:
         "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD)
     }
     report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+    sources = {"stage A (embedded refiner)": STAGE_A}
     for name in args.runs:
         run = train_stage_b(work, data, name, args.epochs)
+        sources[name] = str(run)
         refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD)
         report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+    style2 = second_held_out(work / "style2", loaded, sources, reward)
+    report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states, style2)
 
 
-def report(argv, prompts, held, samples, reward, drafter, refiners, data, states) -> None:
+def second_held_out(work: Path, loaded, sources: dict[str, str], reward) -> dict:
+    """The second held-out set (STYLE2): per setup, the drafts' rewards and each refiner's rewards (R = 0)."""
+    prompts = [json.loads(line)["prompt"] for line in STYLE2.read_text().splitlines() if line.strip()]
+    idx = list(range(len(prompts)))
+    samples = generate_samples(work, prompts, idx, loaded, train_samples=0, held_samples=1)
+    out = {setup: {"draft": reward([samples[setup][i][0] for i in idx])} for setup in SETUPS}
+    for name, source in sources.items():
+        result = evaluate_model(work, name, source, prompts, idx, samples, reward, HOLD)
+        for setup in SETUPS:
+            out[setup][name] = result[setup + " | R=0"]["rewards"]
+    return out
+
+
+def report(argv, prompts, held, samples, reward, drafter, refiners, data, states, style2=None) -> None:
     """bench/results/efficiency.md and the figure, from what has run so far."""
     key = " | R=0"
     stage_a = refiners["stage A (embedded refiner)"]
@@ -278,6 +296,21 @@ def report(argv, prompts, held, samples, reward, drafter, refiners, data, states
                 ],
                 rows,
             ),
+            "",
+        ]
+    if style2:
+        rows = []
+        for setup, methods in style2.items():
+            drafts = methods["draft"]
+            rows.append([setup, "draft", f"{np.mean(drafts):.3f}", ""])
+            for name, rewards in methods.items():
+                if name != "draft":
+                    s = _stats(rewards, drafts, None)
+                    rows.append(["", name, f"{s['reward']:.3f}", f"{s['win']:.2f} ({s['ci'][0]:.2f}-{s['ci'][1]:.2f})"])
+        lines += [
+            f"## Second held-out set ({STYLE2.name}: 64 casual chat messages, another style), R = 0",
+            "",
+            table(["setup", "method", "reward", "win over draft (95% CI)"], rows),
             "",
         ]
     RESULTS_FILE.write_text("\n".join(lines) + "\n")
