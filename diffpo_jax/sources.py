@@ -35,7 +35,7 @@ from flax import nnx
 
 from diffpo_jax.chat import end_of_turn_id
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
-from diffpo_jax.lora import ADAPTER_CONFIG, merge_adapters, read_adapter_config, union
+from diffpo_jax.lora import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.sharding import param_shardings
@@ -55,7 +55,7 @@ from diffpo_jax.weights.peft import read_peft_adapters
 EMBEDDED = "embedded"
 EMBEDDED_REFINER = "embedded-refiner"
 REFINER_DIR = Path(__file__).resolve().parent / "refiner"  # the embedded refiner's PEFT folder
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 
 
@@ -106,31 +106,45 @@ def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
             return SafetensorsCheckpoint(path), {"pretrained_model_name_or_path": str(path)}
         if path.exists():
             raise ModelSourceError(f"{path}: not a model (expected a folder or a .gguf file)")
-        if _HUB_ID.match(spec) and not spec.startswith("."):
+        if _is_hub_id(spec):
             return open_checkpoint(_download(spec))
         raise ModelSourceError(f"{path}: no such file or directory")
     except (WeightsError, UnsupportedModelError, FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
 
 
-def _download(repo_id: str) -> str:
-    """The local snapshot of hub repo `repo_id`, downloaded once per host: the host's first process
-    fetches it, every process then reads that cache (a barrier between; collective in multi-process runs)."""
+def _is_hub_id(spec: str | None) -> bool:
+    """`spec` names a hub repo ("org/name" that is no local path)."""
+    return (
+        spec is not None
+        and HUB_ID.match(spec) is not None
+        and not spec.startswith(".")
+        and not Path(spec).expanduser().exists()
+    )
+
+
+def _download(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot of hub repo `repo_id` at `revision` (default: main), downloaded once per host:
+    the host's first process fetches it, every process then reads that cache (a barrier between;
+    collective in multi-process runs)."""
     from huggingface_hub import snapshot_download
 
     fetched = None
     if first_on_host():
         try:
-            fetched = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+            fetched = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
         except Exception as e:  # raised after the barrier, so the other processes are not left waiting
             fetched = e
     sync(f"diffpo_jax.sources.download:{repo_id}")
     try:
         if isinstance(fetched, Exception):
             raise fetched
-        return fetched or snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True)
+        return fetched or snapshot_download(
+            repo_id, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True
+        )
     except Exception as e:  # network, auth, missing repo: one line for the user
-        raise ModelSourceError(f"{repo_id}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
+        at = f" at revision {revision}" if revision else ""
+        raise ModelSourceError(f"{repo_id}{at}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(ckpt: Checkpoint):
@@ -145,13 +159,19 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
     found = read_adapter_config(model_files_dir(path))
     if found is None:
         return nnx.to_pure_dict(restore_params(path, cfg, mesh))
-    lora, base = found
-    base_params = nnx.to_pure_dict(
-        nnx.state(load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model)
+    lora = found.lora()
+    base = load_model(
+        found.base,
+        revision=found.revision,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        mesh=mesh,
+        with_tokenizer=False,
     )
+    base_params = nnx.to_pure_dict(nnx.state(base.model))
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     if shapes(base_params) != shapes(nnx.to_pure_dict(nnx.state(abstract_model(cfg)))):
-        raise CheckpointError(f"{path}: its base {base} does not have the shapes of the run's config.json")
+        raise CheckpointError(f"{path}: its base {found.base} does not have the shapes of the run's config.json")
     adapters = nnx.to_pure_dict(restore_params(path, cfg.replace(lora=lora), mesh, nnx.LoRAParam))
     return merge_adapters(union(base_params, adapters), lora)
 
@@ -169,28 +189,34 @@ def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, wi
     return LoadedModel(cfg, model, tokenizer, str(path), {}, read_generation_config(files))
 
 
-def _is_peft_folder(spec: str) -> bool:
-    path = Path(spec).expanduser()
-    return not is_url(spec) and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+def _adapter_folder(spec: str) -> Path | None:
+    """The local folder of `spec` when it is a PEFT adapter (adapter_config.json and adapter weights:
+    a LoRA run's dir has the config but its adapters in Orbax checkpoints), else None. A URL's files
+    are copied to this host's cache first (paths.local_dir)."""
+    path = as_path(spec)
+    if not (path / ADAPTER_CONFIG).is_file() or not any((path / w).is_file() for w in ADAPTER_WEIGHT_FILES):
+        return None
+    return Path(local_dir(path))
 
 
 def _load_peft(
     folder: Path, base: str | None, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool
 ) -> LoadedModel:
-    """A PEFT adapter folder on `base` (default: the base its config names), merged at load (module doc)."""
+    """A PEFT adapter folder on `base` (default: the base its config names, at its revision), merged at load."""
     try:
-        lora, named = read_adapter_config(folder)
-    except (ValueError, KeyError) as e:
-        raise ModelSourceError(f"{folder / ADAPTER_CONFIG}: {e}" if isinstance(e, KeyError) else str(e)) from None
-    base_spec = base or named
-    if base_spec not in (None, "", EMBEDDED) and _is_peft_folder(base_spec):
+        adapter = read_adapter_config(folder)
+    except ValueError as e:
+        raise ModelSourceError(str(e)) from None
+    base_spec = base or adapter.base
+    resolved, base_folder = _resolve(base_spec, None if base else adapter.revision)
+    if base_folder is not None:
         raise ModelSourceError(f"{folder}: its base {base_spec} is itself an adapter folder, not a model")
-    loaded = load_model(base_spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
-    cfg = loaded.cfg.replace(lora=lora)
+    loaded = _load_weights(resolved, dtype, param_dtype, mesh, with_tokenizer)
     try:
-        adapters = read_peft_adapters(folder, cfg)
+        lora, adapters = read_peft_adapters(folder, loaded.cfg, adapter)
     except WeightsError as e:
         raise ModelSourceError(f"{e} (base: {base_spec})") from None
+    cfg = loaded.cfg.replace(lora=lora)
     abstract = nnx.state(abstract_model(cfg), nnx.LoRAParam)
     if mesh is None:
         adapters = jax.device_put(adapters, jax.local_devices()[0])
@@ -205,25 +231,40 @@ def _load_peft(
     )
 
 
+def _resolve(spec: str | None, revision: str | None) -> tuple[str | None, Path | None]:
+    """(`spec` with a hub id replaced by its local snapshot at `revision`, its adapter folder or None)."""
+    if spec == EMBEDDED_REFINER:
+        spec = str(REFINER_DIR)
+    if _is_hub_id(spec):
+        spec = _download(spec, revision)
+    return spec, None if spec in (None, "", EMBEDDED) else _adapter_folder(spec)
+
+
 def load_model(
     spec: str | None = None,
     *,
     base: str | None = None,
+    revision: str | None = None,
     dtype: str = "float32",
     param_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype).
-    `base`: the base model of a PEFT adapter folder `spec` (default: the one its config names)."""
-    if spec == EMBEDDED_REFINER:
-        spec = str(REFINER_DIR)
-    if spec not in (None, "", EMBEDDED) and _is_peft_folder(spec):
-        return _load_peft(Path(spec).expanduser(), base, dtype, param_dtype, mesh, with_tokenizer)
+    `base`: the base model of a PEFT adapter folder `spec` (default: the one its config names).
+    `revision`: the hub revision of a hub id `spec` (default: the main branch)."""
+    spec, folder = _resolve(spec, revision)
+    if folder is not None:
+        return _load_peft(folder, base, dtype, param_dtype, mesh, with_tokenizer)
     if base:
         raise ModelSourceError(
             f"--base {base}: only a PEFT adapter folder takes a base, and {spec or EMBEDDED} is not one"
         )
+    return _load_weights(spec, dtype, param_dtype, mesh, with_tokenizer)
+
+
+def _load_weights(spec: str | None, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
+    """A model that is no adapter: an Orbax dir, or the weights `open_checkpoint` opens."""
     if spec not in (None, "", EMBEDDED) and is_orbax_dir(spec):
         return _load_orbax(as_path(spec), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)
