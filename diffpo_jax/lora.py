@@ -214,6 +214,8 @@ class AdapterConfig:
         elif excluded and (key in excluded or any(key.endswith(f".{k}") for k in excluded)):
             return False
         if isinstance(self.target_modules, str):
+            if self.target_modules.lower() == "all-linear":  # every Linear but the output head: all of TARGETS
+                return key.rsplit(".", 1)[-1] in TARGETS
             return re.fullmatch(self.target_modules, key) is not None
         if key in self.target_modules:
             return True

@@ -111,29 +111,11 @@ def test_merge_adapters_is_the_adapted_forward(tiny_gemma2_dir, tmp_path):
     np.testing.assert_allclose(ours(plain, ids), adapted, atol=1e-5)
 
 
-def peft_adapter(base_dir, folder, seed: int = 0, **config):
-    """An adapter made and saved by peft itself (random, non-zero B) on the transformers base; returns the
-    PeftModel. `config`: peft.LoraConfig's fields over r 4, alpha 6 on five of the seven projections."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    fields = dict(
-        r=4,
-        lora_alpha=6,
-        target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
-        init_lora_weights=False,
-    )
-    model = get_peft_model(tiny.load_reference(base_dir), PeftLoraConfig(**(fields | config))).eval()
-    model.save_pretrained(str(folder))
-    return model
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_a_peft_folder_is_a_model(family, request, tmp_path):
     """--model PEFT_FOLDER: peft's own adapter on its named base, or on --base, gives peft's logits."""
     base_dir = request.getfixturevalue(f"tiny_{family}_dir")
-    peft = peft_adapter(base_dir, tmp_path / "peft")
+    peft = tiny.peft_adapter(base_dir, tmp_path / "peft")
     ids = np.random.default_rng(2).integers(3, tiny.VOCAB, (2, 16))
     expected = tiny.torch_logits(peft, ids)
     assert np.abs(expected - tiny.torch_logits(tiny.load_reference(base_dir), ids)).max() > 0.1  # the adapter matters
@@ -166,11 +148,15 @@ HONOURED = {
 
 @pytest.mark.parametrize("fields", HONOURED.values(), ids=HONOURED.keys())
 def test_peft_adapter_configs_are_honoured(fields, tiny_llama_dir, tmp_path):
-    peft = peft_adapter(tiny_llama_dir, tmp_path / "peft", **fields)
+    peft = tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft", **fields)
     ids = np.random.default_rng(3).integers(3, tiny.VOCAB, (2, 16))
     expected = tiny.torch_logits(peft, ids)
     assert np.abs(expected - tiny.torch_logits(tiny.load_reference(tiny_llama_dir), ids)).max() > 0.1
     np.testing.assert_allclose(ours(load_model(str(tmp_path / "peft")).model, ids), expected, atol=1e-4)
+    if fields == HONOURED["all-linear"]:  # peft saved the qualified names; the shorthand itself loads too
+        path = tmp_path / "peft" / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"target_modules": "all-linear"}))
+        np.testing.assert_allclose(ours(load_model(str(tmp_path / "peft")).model, ids), expected, atol=1e-4)
 
 
 # adapter_config.json fields that change the math and are not honoured: one line naming the file and field.
@@ -185,7 +171,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("fields, problem", REFUSED.values(), ids=REFUSED.keys())
 def test_peft_adapter_configs_that_change_the_math_are_refused(fields, problem, tiny_llama_dir, tmp_path):
-    peft_adapter(tiny_llama_dir, tmp_path / "peft", **fields)
+    tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft", **fields)
     with pytest.raises(ModelSourceError) as e:
         load_model(str(tmp_path / "peft"))
     assert str(e.value).startswith(f"{tmp_path / 'peft' / 'adapter_config.json'}: {problem}"), str(e.value)
@@ -193,7 +179,7 @@ def test_peft_adapter_configs_that_change_the_math_are_refused(fields, problem, 
 
 
 def test_unknown_adapter_config_fields_are_refused(tiny_llama_dir, tmp_path):
-    peft_adapter(tiny_llama_dir, tmp_path / "peft")
+    tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft")
     path = tmp_path / "peft" / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"lora_magic": 2}))
     with pytest.raises(ModelSourceError, match=f"^{path}: lora_magic = 2: a field this loader does not know"):
@@ -234,7 +220,7 @@ def test_to_peft_dtype_round_trips(tiny_llama_dir, tmp_path):
 def test_bad_peft_folders_are_one_line_errors(tiny_llama_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    peft_adapter(tiny_llama_dir, tmp_path / "peft")
+    tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft")
     weights = tmp_path / "peft" / "adapter_model.safetensors"
     tensors = load_file(weights)
     name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
