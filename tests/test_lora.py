@@ -65,7 +65,7 @@ def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_peft_round_trip_and_merged_exports(family, request, tmp_path):
+def test_peft_round_trip_and_merged_exports(family, request, tmp_path, capsys):
     base_dir = request.getfixturevalue(f"tiny_{family}_dir")
     model, adapters = lora_run(base_dir, tmp_path / "run", LORA)
     ids = np.random.default_rng(0).integers(3, tiny.VOCAB, (2, 20))
@@ -73,7 +73,9 @@ def test_peft_round_trip_and_merged_exports(family, request, tmp_path):
     base_logits = tiny.torch_logits(tiny.load_reference(base_dir), ids)
     assert np.abs(adapted - base_logits).max() > 0.1  # the adapters change the logits
 
+    capsys.readouterr()
     assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 0
+    assert capsys.readouterr().err == ""  # peft loads an HF folder: no note
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base_dir.resolve()) and config["r"] == 4
     peft = PeftModel.from_pretrained(tiny.load_reference(base_dir), str(tmp_path / "peft")).eval()
@@ -93,6 +95,21 @@ def test_to_peft_refuses_a_full_run(tiny_llama_dir, tmp_path, capsys):
     assert convert.main(["to-peft", str(tmp_path / "run"), str(tmp_path / "peft")]) == 2
     assert "not a LoRA run (no adapter_config.json)" in capsys.readouterr().err
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.slow
+def test_to_peft_says_when_peft_cannot_load_the_base(tiny_llama_dir, tmp_path, capsys):
+    """to-peft names the run's base; an HF folder or hub id peft loads (test_peft_round_trip...), an Orbax dir
+    it cannot: one line says so (the folder still loads here, where an Orbax dir is a model)."""
+    assert convert.main(["from-hf", str(tiny_llama_dir), str(tmp_path / "orbax")]) == 0
+    lora_run(tmp_path / "orbax", tmp_path / "orbax_run", LORA)
+    capsys.readouterr()
+    assert convert.main(["to-peft", str(tmp_path / "orbax_run"), str(tmp_path / "orbax_peft")]) == 0
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'orbax_peft'}: peft cannot load its base_model_name_or_path '{tmp_path / 'orbax'}' "
+        "(an Orbax dir: convert to-hf exports it as an HF folder); diffpo_jax can: give peft an HF export of "
+        "that model as the base\n"
+    )
 
 
 def test_merge_adapters_is_the_adapted_forward(tiny_gemma2_dir, tmp_path):

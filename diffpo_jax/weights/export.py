@@ -257,7 +257,7 @@ def peft_base(base: str) -> str | None:
         if path.is_file():
             return "a file, not an HF folder"
         if is_orbax_dir(path):
-            return "an Orbax dir (convert to-hf exports it as an HF folder)"
+            return "an Orbax dir: convert to-hf exports it as an HF folder"
         if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
             return "not an HF folder (config.json and *.safetensors)"
         return None
