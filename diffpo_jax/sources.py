@@ -25,16 +25,20 @@ stop tokens (`stop_tokens`: see `stop_token_ids`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 
 from diffpo_jax.chat import end_of_turn_id
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
+from diffpo_jax.distributed import is_main_process
 from diffpo_jax.lora import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
@@ -43,6 +47,7 @@ from diffpo_jax.weights.checkpoint import (
     CheckpointError,
     is_orbax_dir,
     model_files_dir,
+    params_dir,
     read_generation_config,
     read_orbax_config,
     restore_params,
@@ -160,6 +165,7 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
     if found is None:
         return nnx.to_pure_dict(restore_params(path, cfg, mesh))
     lora = found.lora()
+    check_base_identity(model_files_dir(path), found.base, found.revision)
     base = load_model(
         found.base,
         revision=found.revision,
@@ -174,6 +180,73 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
         raise CheckpointError(f"{path}: its base {found.base} does not have the shapes of the run's config.json")
     adapters = nnx.to_pure_dict(restore_params(path, cfg.replace(lora=lora), mesh, nnx.LoRAParam))
     return merge_adapters(union(base_params, adapters), lora)
+
+
+# ---------------------------------------------------------------- a LoRA run's base, identified
+
+BASE_IDENTITY = "base.json"  # in a LoRA run dir: {"model": its train config's model, "identity": model_identity}
+_SAMPLE = 1 << 20  # a weight file is identified by its size and the hash of its first and last MiB
+
+
+def _fingerprint(path: epath.Path) -> str:
+    size = path.stat().length
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_SAMPLE))
+        f.seek(max(_SAMPLE, size - _SAMPLE))
+        digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def model_identity(spec: str | None, revision: str | None = None) -> dict:
+    """What the model `spec` resolves to now: {"source": the resolved path (a hub id's snapshot path names
+    its commit), "files": {each config and weight file, relative to source: "size:hash"}}. The files: a
+    .gguf file itself; an HF folder's config.json and *.safetensors; an Orbax dir's config.json and params;
+    an adapter folder's adapter_config.json and weights. A `preset:` spec (a random init): no files."""
+    if spec is not None and spec.startswith("preset:"):
+        return {"source": spec, "files": {}}
+    spec, folder = _resolve(spec, revision)
+    source = as_path(embedded_gguf_path() if spec in (None, "", EMBEDDED) else folder or spec)
+    if not source.is_dir():
+        root, files = source.parent, [source]
+    elif folder is not None:
+        root, files = source, [source / n for n in (ADAPTER_CONFIG, *ADAPTER_WEIGHT_FILES)]
+    elif is_orbax_dir(source):
+        root = model_files_dir(source)
+        files = [root / "config.json", *(d / n for d, _, names in params_dir(source).walk() for n in names)]
+    else:
+        root, files = source, [source / "config.json", *source.glob("*.safetensors")]
+    return {
+        "source": os.fspath(source),
+        "files": {
+            os.path.relpath(os.fspath(p), os.fspath(root)): _fingerprint(p) for p in sorted(files) if p.is_file()
+        },
+    }
+
+
+def write_base_identity(run_dir, spec: str | None) -> None:
+    """Record in LoRA run dir `run_dir` the identity of its base `spec` (on the main process)."""
+    if is_main_process():
+        record = {"model": spec, "identity": model_identity(spec)}
+        (as_path(run_dir) / BASE_IDENTITY).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_base_identity(run_dir, spec: str | None, revision: str | None = None) -> None:
+    """A ModelSourceError unless `spec` resolves to the base LoRA run dir `run_dir` was trained on (its
+    BASE_IDENTITY; a run dir without one, from before it was written, is not checked)."""
+    path = as_path(run_dir) / BASE_IDENTITY
+    if not path.is_file():
+        return
+    was = json.loads(path.read_text())["identity"]
+    now = model_identity(spec, revision)
+    if now["files"] == was["files"]:
+        return
+    differ = sorted(n for n in set(now["files"]) | set(was["files"]) if now["files"].get(n) != was["files"].get(n))
+    raise ModelSourceError(
+        f"{path}: this LoRA run's base was {was['source']}; {spec or EMBEDDED} is now {now['source']}, a different "
+        f"model ({differ[0]} differs{f', and {len(differ) - 1} more files' if len(differ) > 1 else ''}): its "
+        "adapters only fit their own base"
+    )
 
 
 def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:

@@ -26,7 +26,7 @@ from diffpo_jax.lora import (
 )
 from diffpo_jax.model import abstract_model
 from diffpo_jax.sharding import make_mesh, param_shardings
-from diffpo_jax.sources import ModelSourceError, load_model
+from diffpo_jax.sources import ModelSourceError, load_model, write_base_identity
 from diffpo_jax.training.config import TrainConfigError, load_config
 from diffpo_jax.training.step import global_batch, init_state, make_optimizer, make_train_step, state_shardings
 from diffpo_jax.training.trainer import train
@@ -56,6 +56,7 @@ def lora_run(base_dir, run_dir, lora: LoraConfig, seed: int = 0):
     adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(next(keys), x.shape, x.dtype), fresh)
     write_model_files(run_dir, base.cfg, base.tokenizer)
     write_adapter_config(run_dir, lora, base_reference(str(base_dir)))
+    write_base_identity(run_dir, str(base_dir))
     checkpoints = TrainCheckpoints(run_dir, every=1, keep=1, async_save=False)
     checkpoints.save(3, adapters, {"count": np.zeros((), np.int32)}, {}, force=True)
     checkpoints.close()
@@ -109,6 +110,22 @@ def test_to_peft_says_when_peft_cannot_load_the_base(tiny_llama_dir, tmp_path, c
         f"note: {tmp_path / 'orbax_peft'}: peft cannot load its base_model_name_or_path '{tmp_path / 'orbax'}' "
         "(an Orbax dir: convert to-hf exports it as an HF folder); diffpo_jax can: give peft an HF export of "
         "that model as the base\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_lora_run_loads_on_its_own_base_only(tmp_path):
+    """--model RUN_DIR on a base folder whose weights were replaced by another model's of the same shapes
+    (same file sizes): refused, naming the run's base.json and the file that differs."""
+    base = tiny.save(tiny.llama_config(False), tmp_path / "base", seed=0)
+    lora_run(base, tmp_path / "run", LORA)
+    load_model(str(tmp_path / "run"), with_tokenizer=False)
+    tiny.save(tiny.llama_config(False), base, seed=1)
+    with pytest.raises(ModelSourceError) as e:
+        load_model(str(tmp_path / "run"), with_tokenizer=False)
+    assert str(e.value) == (
+        f"{tmp_path / 'run' / 'base.json'}: this LoRA run's base was {base}; {base} is now {base}, a different model "
+        "(model.safetensors differs): its adapters only fit their own base"
     )
 
 
@@ -334,6 +351,27 @@ def test_lora_resume_is_exact(lora_reference, tiny_init_dir, trajectories_dir, t
     got = read_metrics(tmp_path / "run")
     keys = ("loss", "ar", "con", "grad_norm", "eval_ar", "eval_con")
     assert [[m.get(k) for k in keys] for m in got] == [[m.get(k) for k in keys] for m in expected]
+
+
+@pytest.mark.slow
+def test_a_lora_run_resumes_on_its_own_base_only(tiny_init_dir, trajectories_dir, tmp_path):
+    """`model` now resolving to another model (its Orbax params replaced by a different init's): the
+    resume is refused before any step, naming the run's base.json and a file that differs."""
+    import shutil
+
+    from diffpo_jax.sharding import make_mesh
+    from diffpo_jax.training.start import embedded_tokenizer, random_model
+    from diffpo_jax.weights.checkpoint import save_params
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_init_dir, base)
+    assert train(run_config(tmp_path, base, trajectories_dir, "run", "stop_after=2"), log=print).step == 2
+    other = random_model(
+        "tiny-llama", embedded_tokenizer(), seed=1, dtype="float32", param_dtype="float32", mesh=make_mesh((1, -1, 1))
+    )
+    save_params(base, other.cfg, nnx.state(other.model), other.tokenizer, overwrite=True)
+    with pytest.raises(ModelSourceError, match=f"^{tmp_path / 'run' / 'base.json'}: this LoRA run's base was {base}; "):
+        train(run_config(tmp_path, base, trajectories_dir, "run"), log=print)
 
 
 @pytest.mark.slow
