@@ -12,6 +12,10 @@ A LoRA train run dir (training/trainer.py) holds the adapters only (checkpoints/
 (`base_model_name_or_path`: the train config's `model`, a local path made absolute). Loading the run
 (`sources.restore_model_params`: --model RUN_DIR, convert to-hf) loads that base as any --model and
 merges the adapters into it once: decoding then runs the plain model.
+
+A PEFT adapter's adapter_config.json is read as an `AdapterConfig` (`read_adapter_config`): every field
+honoured, inert at inference, or at peft's default, else a one-line refusal naming the field; its
+`module(key)` gives each module's rank and scale with peft's matching rules.
 """
 
 from __future__ import annotations
@@ -321,6 +325,8 @@ def read_adapter_config(folder: str | os.PathLike) -> AdapterConfig | None:
             raise ValueError(f"{path}: {field} is missing")
     if not isinstance(c["r"], int) or c["r"] < 1:
         raise _refuse(path, "r", c["r"], "expected a positive integer")
+    if not isinstance(c["lora_alpha"], (int, float)):
+        raise _refuse(path, "lora_alpha", c["lora_alpha"], "expected a number")
     layers = c.get("layers_to_transform")
     if not (layers is None or isinstance(layers, int) or isinstance(layers, list)):
         raise _refuse(path, "layers_to_transform", layers, "expected a layer index or a list of them")

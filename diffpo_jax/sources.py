@@ -9,14 +9,18 @@ Accepted, in the order they are tried:
     dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders.
     A LoRA run's dir: the base its adapter_config.json names, loaded as any of these, with the run's
     adapters merged into it at load (lora.py)
-  - a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, weights/peft.py): its base
-    (`base=`, the CLIs' --base, else the config's base_model_name_or_path) loaded as any of these, the
-    adapters merged into it at load; the tokenizer is the folder's when it has one, else the base's
+  - a PEFT adapter (adapter_config.json + adapter weights decide, whatever else the folder holds; a
+    folder, a hub repo or a URL; weights/peft.py): its base (`base=`, the CLIs' --base, else the config's
+    base_model_name_or_path at its `revision`) loaded as any of these, the adapters merged into it at
+    load; the tokenizer is the folder's when it has one, else the base's. A hub id is resolved to its
+    local snapshot first, so an adapter repo is found as a folder.
   - "embedded-refiner": the DiffPO refiner trained for this project, a PEFT folder inside the package
     (diffpo_jax/refiner/) on the embedded SmolLM2; `refine`'s default
 A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
 files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
+A LoRA run dir records its base's identity (`BASE_IDENTITY`, `model_identity`); a run whose base now
+resolves to another model is refused (`check_base_identity`).
 A `LoadedModel` carries what decoding needs besides the weights, resolved here once: the source's
 generation_config.json (`generation`, carried into the Orbax dirs and HF folders written from it) and the
 stop tokens (`stop_tokens`: see `stop_token_ids`).
@@ -202,9 +206,7 @@ def model_identity(spec: str | None, revision: str | None = None) -> dict:
     """What the model `spec` resolves to now: {"source": the resolved path (a hub id's snapshot path names
     its commit), "files": {each config and weight file, relative to source: "size:hash"}}. The files: a
     .gguf file itself; an HF folder's config.json and *.safetensors; an Orbax dir's config.json and params;
-    an adapter folder's adapter_config.json and weights. A `preset:` spec (a random init): no files."""
-    if spec is not None and spec.startswith("preset:"):
-        return {"source": spec, "files": {}}
+    an adapter folder's adapter_config.json and weights."""
     spec, folder = _resolve(spec, revision)
     source = as_path(embedded_gguf_path() if spec in (None, "", EMBEDDED) else folder or spec)
     if not source.is_dir():

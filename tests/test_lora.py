@@ -212,6 +212,17 @@ def test_peft_adapter_configs_that_change_the_math_are_refused(fields, problem, 
     assert "\n" not in str(e.value)
 
 
+def test_a_rank_that_is_not_the_patterns_names_the_pattern(tiny_llama_dir, tmp_path):
+    tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft", rank_pattern={"v_proj": 2})
+    path = tmp_path / "peft" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"rank_pattern": {"v_proj": 3}}))
+    name = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"
+    with pytest.raises(
+        ModelSourceError, match=f"'{name}' has rank 2, but {path} gives its module rank_pattern\\['v_proj'\\] = 3"
+    ):
+        load_model(str(tmp_path / "peft"))
+
+
 def test_unknown_adapter_config_fields_are_refused(tiny_llama_dir, tmp_path):
     tiny.peft_adapter(tiny_llama_dir, tmp_path / "peft")
     path = tmp_path / "peft" / "adapter_config.json"

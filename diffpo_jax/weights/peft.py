@@ -4,7 +4,9 @@ A PEFT LoRA folder holds `adapter_config.json` (lora.py reads it) and `adapter_m
 layer and targeted projection, `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and
 `lora_B.weight` = B^T [out, r] (in / out flattened as HF's Linear has them). Ours are stacked over layers,
 `lora_a` [L, in, r] and `lora_b` [L, r, out] beside the projection (model.py); weights/export.py writes
-PEFT's names with `peft_name`, `read_peft_adapters` reads them back.
+PEFT's names with `peft_name`, `read_peft_adapters` reads them back (any peft LoRA adapter whose
+adapter_config.json lora.py accepts: per-module ranks zero-padded to the largest, per-module scales folded
+into B).
 """
 
 from __future__ import annotations
