@@ -95,7 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "from-hf":
             out = from_hf(args.model, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
         elif args.command == "to-peft":
-            out = export_peft(args.run, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, mesh=default_mesh())
+            out = export_peft(
+                args.run,
+                args.out_dir,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                mesh=default_mesh(),
+                say=lambda line: print(line, file=sys.stderr),
+            )
         else:
             out = export_checkpoint(
                 args.ckpt,

@@ -9,14 +9,18 @@ Accepted, in the order they are tried:
     dir (its latest checkpoint) or one of its step dirs (checkpoints/<step>); tried before HF folders.
     A LoRA run's dir: the base its adapter_config.json names, loaded as any of these, with the run's
     adapters merged into it at load (lora.py)
-  - a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, weights/peft.py): its base
-    (`base=`, the CLIs' --base, else the config's base_model_name_or_path) loaded as any of these, the
-    adapters merged into it at load; the tokenizer is the folder's when it has one, else the base's
+  - a PEFT adapter (adapter_config.json + adapter weights decide, whatever else the folder holds; a
+    folder, a hub repo or a URL; weights/peft.py): its base (`base=`, the CLIs' --base, else the config's
+    base_model_name_or_path at its `revision`) loaded as any of these, the adapters merged into it at
+    load; the tokenizer is the folder's when it has one, else the base's. A hub id is resolved to its
+    local snapshot first, so an adapter repo is found as a folder.
   - "embedded-refiner": the DiffPO refiner trained for this project, a PEFT folder inside the package
     (diffpo_jax/refiner/) on the embedded SmolLM2; `refine`'s default
 A URL (`gs://...`, paths.py) may name an Orbax dir (read by Orbax where it is) or an HF folder (its
 files copied to this host's cache first).
 Every failure is a `ModelSourceError` whose one-line message names the path and the problem.
+A LoRA run dir records its base's identity (`BASE_IDENTITY`, `model_identity`); a run whose base now
+resolves to another model is refused (`check_base_identity`).
 A `LoadedModel` carries what decoding needs besides the weights, resolved here once: the source's
 generation_config.json (`generation`, carried into the Orbax dirs and HF folders written from it) and the
 stop tokens (`stop_tokens`: see `stop_token_ids`).
@@ -25,17 +29,21 @@ stop tokens (`stop_tokens`: see `stop_token_ids`).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 
 from diffpo_jax.chat import end_of_turn_id
 from diffpo_jax.config import ModelConfig, UnsupportedModelError
-from diffpo_jax.lora import ADAPTER_CONFIG, merge_adapters, read_adapter_config, union
+from diffpo_jax.distributed import is_main_process
+from diffpo_jax.lora import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES, merge_adapters, read_adapter_config, union
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, first_on_host, is_url, local_dir, sync
 from diffpo_jax.sharding import param_shardings
@@ -43,6 +51,7 @@ from diffpo_jax.weights.checkpoint import (
     CheckpointError,
     is_orbax_dir,
     model_files_dir,
+    params_dir,
     read_generation_config,
     read_orbax_config,
     restore_params,
@@ -55,7 +64,7 @@ from diffpo_jax.weights.peft import read_peft_adapters
 EMBEDDED = "embedded"
 EMBEDDED_REFINER = "embedded-refiner"
 REFINER_DIR = Path(__file__).resolve().parent / "refiner"  # the embedded refiner's PEFT folder
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 
 
@@ -106,31 +115,45 @@ def open_checkpoint(spec: str | None) -> tuple[Checkpoint, dict[str, Any]]:
             return SafetensorsCheckpoint(path), {"pretrained_model_name_or_path": str(path)}
         if path.exists():
             raise ModelSourceError(f"{path}: not a model (expected a folder or a .gguf file)")
-        if _HUB_ID.match(spec) and not spec.startswith("."):
+        if _is_hub_id(spec):
             return open_checkpoint(_download(spec))
         raise ModelSourceError(f"{path}: no such file or directory")
     except (WeightsError, UnsupportedModelError, FileNotFoundError, ModuleNotFoundError, ValueError) as e:
         raise ModelSourceError(str(e)) from None
 
 
-def _download(repo_id: str) -> str:
-    """The local snapshot of hub repo `repo_id`, downloaded once per host: the host's first process
-    fetches it, every process then reads that cache (a barrier between; collective in multi-process runs)."""
+def _is_hub_id(spec: str | None) -> bool:
+    """`spec` names a hub repo ("org/name" that is no local path)."""
+    return (
+        spec is not None
+        and HUB_ID.match(spec) is not None
+        and not spec.startswith(".")
+        and not Path(spec).expanduser().exists()
+    )
+
+
+def _download(repo_id: str, revision: str | None = None) -> str:
+    """The local snapshot of hub repo `repo_id` at `revision` (default: main), downloaded once per host:
+    the host's first process fetches it, every process then reads that cache (a barrier between;
+    collective in multi-process runs)."""
     from huggingface_hub import snapshot_download
 
     fetched = None
     if first_on_host():
         try:
-            fetched = snapshot_download(repo_id, allow_patterns=_HUB_FILES)
+            fetched = snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES)
         except Exception as e:  # raised after the barrier, so the other processes are not left waiting
             fetched = e
     sync(f"diffpo_jax.sources.download:{repo_id}")
     try:
         if isinstance(fetched, Exception):
             raise fetched
-        return fetched or snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True)
+        return fetched or snapshot_download(
+            repo_id, revision=revision, allow_patterns=_HUB_FILES, local_files_only=True
+        )
     except Exception as e:  # network, auth, missing repo: one line for the user
-        raise ModelSourceError(f"{repo_id}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
+        at = f" at revision {revision}" if revision else ""
+        raise ModelSourceError(f"{repo_id}{at}: cannot download from the HF hub ({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(ckpt: Checkpoint):
@@ -145,15 +168,87 @@ def restore_model_params(path: str | os.PathLike, cfg: ModelConfig, mesh=None) -
     found = read_adapter_config(model_files_dir(path))
     if found is None:
         return nnx.to_pure_dict(restore_params(path, cfg, mesh))
-    lora, base = found
-    base_params = nnx.to_pure_dict(
-        nnx.state(load_model(base, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh, with_tokenizer=False).model)
+    lora = found.lora()
+    check_base_identity(model_files_dir(path), found.base, found.revision)
+    base = load_model(
+        found.base,
+        revision=found.revision,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        mesh=mesh,
+        with_tokenizer=False,
     )
+    base_params = nnx.to_pure_dict(nnx.state(base.model))
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     if shapes(base_params) != shapes(nnx.to_pure_dict(nnx.state(abstract_model(cfg)))):
-        raise CheckpointError(f"{path}: its base {base} does not have the shapes of the run's config.json")
+        raise CheckpointError(f"{path}: its base {found.base} does not have the shapes of the run's config.json")
     adapters = nnx.to_pure_dict(restore_params(path, cfg.replace(lora=lora), mesh, nnx.LoRAParam))
     return merge_adapters(union(base_params, adapters), lora)
+
+
+# ---------------------------------------------------------------- a LoRA run's base, identified
+
+BASE_IDENTITY = "base.json"  # in a LoRA run dir: {"model": its train config's model, "identity": model_identity}
+_SAMPLE = 1 << 20  # a weight file is identified by its size and the hash of its first and last MiB
+
+
+def _fingerprint(path: epath.Path) -> str:
+    size = path.stat().length
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        digest.update(f.read(_SAMPLE))
+        f.seek(max(_SAMPLE, size - _SAMPLE))
+        digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def model_identity(spec: str | None, revision: str | None = None) -> dict:
+    """What the model `spec` resolves to now: {"source": the resolved path (a hub id's snapshot path names
+    its commit), "files": {each config and weight file, relative to source: "size:hash"}}. The files: a
+    .gguf file itself; an HF folder's config.json and *.safetensors; an Orbax dir's config.json and params;
+    an adapter folder's adapter_config.json and weights."""
+    spec, folder = _resolve(spec, revision)
+    source = as_path(embedded_gguf_path() if spec in (None, "", EMBEDDED) else folder or spec)
+    if not source.is_dir():
+        root, files = source.parent, [source]
+    elif folder is not None:
+        root, files = source, [source / n for n in (ADAPTER_CONFIG, *ADAPTER_WEIGHT_FILES)]
+    elif is_orbax_dir(source):
+        root = model_files_dir(source)
+        files = [root / "config.json", *(d / n for d, _, names in params_dir(source).walk() for n in names)]
+    else:
+        root, files = source, [source / "config.json", *source.glob("*.safetensors")]
+    return {
+        "source": os.fspath(source),
+        "files": {
+            os.path.relpath(os.fspath(p), os.fspath(root)): _fingerprint(p) for p in sorted(files) if p.is_file()
+        },
+    }
+
+
+def write_base_identity(run_dir, spec: str | None) -> None:
+    """Record in LoRA run dir `run_dir` the identity of its base `spec` (on the main process)."""
+    if is_main_process():
+        record = {"model": spec, "identity": model_identity(spec)}
+        (as_path(run_dir) / BASE_IDENTITY).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_base_identity(run_dir, spec: str | None, revision: str | None = None) -> None:
+    """A ModelSourceError unless `spec` resolves to the base LoRA run dir `run_dir` was trained on (its
+    BASE_IDENTITY; a run dir without one, from before it was written, is not checked)."""
+    path = as_path(run_dir) / BASE_IDENTITY
+    if not path.is_file():
+        return
+    was = json.loads(path.read_text())["identity"]
+    now = model_identity(spec, revision)
+    if now["files"] == was["files"]:
+        return
+    differ = sorted(n for n in set(now["files"]) | set(was["files"]) if now["files"].get(n) != was["files"].get(n))
+    raise ModelSourceError(
+        f"{path}: this LoRA run's base was {was['source']}; {spec or EMBEDDED} is now {now['source']}, a different "
+        f"model ({differ[0]} differs{f', and {len(differ) - 1} more files' if len(differ) > 1 else ''}): its "
+        "adapters only fit their own base"
+    )
 
 
 def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
@@ -169,28 +264,34 @@ def _load_orbax(path: os.PathLike, dtype: str, param_dtype: str | None, mesh, wi
     return LoadedModel(cfg, model, tokenizer, str(path), {}, read_generation_config(files))
 
 
-def _is_peft_folder(spec: str) -> bool:
-    path = Path(spec).expanduser()
-    return not is_url(spec) and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+def _adapter_folder(spec: str) -> Path | None:
+    """The local folder of `spec` when it is a PEFT adapter (adapter_config.json and adapter weights:
+    a LoRA run's dir has the config but its adapters in Orbax checkpoints), else None. A URL's files
+    are copied to this host's cache first (paths.local_dir)."""
+    path = as_path(spec)
+    if not (path / ADAPTER_CONFIG).is_file() or not any((path / w).is_file() for w in ADAPTER_WEIGHT_FILES):
+        return None
+    return Path(local_dir(path))
 
 
 def _load_peft(
     folder: Path, base: str | None, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool
 ) -> LoadedModel:
-    """A PEFT adapter folder on `base` (default: the base its config names), merged at load (module doc)."""
+    """A PEFT adapter folder on `base` (default: the base its config names, at its revision), merged at load."""
     try:
-        lora, named = read_adapter_config(folder)
-    except (ValueError, KeyError) as e:
-        raise ModelSourceError(f"{folder / ADAPTER_CONFIG}: {e}" if isinstance(e, KeyError) else str(e)) from None
-    base_spec = base or named
-    if base_spec not in (None, "", EMBEDDED) and _is_peft_folder(base_spec):
+        adapter = read_adapter_config(folder)
+    except ValueError as e:
+        raise ModelSourceError(str(e)) from None
+    base_spec = base or adapter.base
+    resolved, base_folder = _resolve(base_spec, None if base else adapter.revision)
+    if base_folder is not None:
         raise ModelSourceError(f"{folder}: its base {base_spec} is itself an adapter folder, not a model")
-    loaded = load_model(base_spec, dtype=dtype, param_dtype=param_dtype, mesh=mesh, with_tokenizer=with_tokenizer)
-    cfg = loaded.cfg.replace(lora=lora)
+    loaded = _load_weights(resolved, dtype, param_dtype, mesh, with_tokenizer)
     try:
-        adapters = read_peft_adapters(folder, cfg)
+        lora, adapters = read_peft_adapters(folder, loaded.cfg, adapter)
     except WeightsError as e:
         raise ModelSourceError(f"{e} (base: {base_spec})") from None
+    cfg = loaded.cfg.replace(lora=lora)
     abstract = nnx.state(abstract_model(cfg), nnx.LoRAParam)
     if mesh is None:
         adapters = jax.device_put(adapters, jax.local_devices()[0])
@@ -205,25 +306,40 @@ def _load_peft(
     )
 
 
+def _resolve(spec: str | None, revision: str | None) -> tuple[str | None, Path | None]:
+    """(`spec` with a hub id replaced by its local snapshot at `revision`, its adapter folder or None)."""
+    if spec == EMBEDDED_REFINER:
+        spec = str(REFINER_DIR)
+    if _is_hub_id(spec):
+        spec = _download(spec, revision)
+    return spec, None if spec in (None, "", EMBEDDED) else _adapter_folder(spec)
+
+
 def load_model(
     spec: str | None = None,
     *,
     base: str | None = None,
+    revision: str | None = None,
     dtype: str = "float32",
     param_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     with_tokenizer: bool = True,
 ) -> LoadedModel:
     """Load `spec` (see module doc); activations in `dtype`, weights in `param_dtype` (default: dtype).
-    `base`: the base model of a PEFT adapter folder `spec` (default: the one its config names)."""
-    if spec == EMBEDDED_REFINER:
-        spec = str(REFINER_DIR)
-    if spec not in (None, "", EMBEDDED) and _is_peft_folder(spec):
-        return _load_peft(Path(spec).expanduser(), base, dtype, param_dtype, mesh, with_tokenizer)
+    `base`: the base model of a PEFT adapter folder `spec` (default: the one its config names).
+    `revision`: the hub revision of a hub id `spec` (default: the main branch)."""
+    spec, folder = _resolve(spec, revision)
+    if folder is not None:
+        return _load_peft(folder, base, dtype, param_dtype, mesh, with_tokenizer)
     if base:
         raise ModelSourceError(
             f"--base {base}: only a PEFT adapter folder takes a base, and {spec or EMBEDDED} is not one"
         )
+    return _load_weights(spec, dtype, param_dtype, mesh, with_tokenizer)
+
+
+def _load_weights(spec: str | None, dtype: str, param_dtype: str | None, mesh, with_tokenizer: bool) -> LoadedModel:
+    """A model that is no adapter: an Orbax dir, or the weights `open_checkpoint` opens."""
     if spec not in (None, "", EMBEDDED) and is_orbax_dir(spec):
         return _load_orbax(as_path(spec), dtype, param_dtype, mesh, with_tokenizer)
     ckpt, reference = open_checkpoint(spec)

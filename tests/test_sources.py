@@ -1,13 +1,16 @@
 """--model resolution: every bad input is a one-line error naming the path and the problem."""
 
 import json
+import os
 import shutil
 
+import numpy as np
 import pytest
 
 from diffpo_jax import verify
 from diffpo_jax.config import ModelConfig, load_preset, preset_names
 from diffpo_jax.sources import ModelSourceError, load_model
+from tests import tiny
 
 
 def error_of(spec) -> str:
@@ -102,3 +105,70 @@ def test_to_hf_loads_in_transformers(tiny_gemma2_dir, tiny_llama_dir):
         cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
         theirs = AutoConfig.for_model(**cfg.to_hf())
         assert ModelConfig.from_hf(theirs.to_dict()) == cfg
+
+
+# ---------------------------------------------------------------- PEFT adapters wherever they are
+
+
+def adapter_logits(folder, ids):
+    model = load_model(str(folder), with_tokenizer=False).model
+    return np.asarray(model(ids, np.arange(ids.shape[1])[None].repeat(len(ids), 0))[0])
+
+
+IDS = np.random.default_rng(4).integers(3, tiny.VOCAB, (1, 12))
+
+
+@pytest.fixture
+def adapter(tiny_llama_dir, tmp_path):
+    """(a peft adapter folder on the tiny Llama, peft's logits of IDS)."""
+    peft = tiny.peft_adapter(tiny_llama_dir, tmp_path / "adapter")
+    return tmp_path / "adapter", tiny.torch_logits(peft, IDS)
+
+
+def test_an_adapter_beside_a_config_json_is_an_adapter(adapter, tiny_llama_dir):
+    """adapter_config.json and adapter weights decide, whatever else the folder holds (as transformers)."""
+    folder, expected = adapter
+    shutil.copy(tiny_llama_dir / "config.json", folder)
+    np.testing.assert_allclose(adapter_logits(folder, IDS), expected, atol=1e-4)
+
+
+def test_an_adapter_on_the_hub_loads_its_base_at_its_revision(adapter, tiny_llama_dir, monkeypatch):
+    """A hub id naming an adapter repo is an adapter; its base, a hub id, is fetched at the config's
+    revision (huggingface_hub's snapshot_download stands in: local folders, the calls recorded)."""
+    import huggingface_hub
+
+    folder, expected = adapter
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config |= {"base_model_name_or_path": "org/base", "revision": "0123abcd"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, revision))
+        return str({"org/adapter": folder, "org/base": tiny_llama_dir}[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    np.testing.assert_allclose(adapter_logits("org/adapter", IDS), expected, atol=1e-4)
+    assert calls == [("org/adapter", None), ("org/base", "0123abcd")]
+
+
+def test_an_adapter_at_a_url_is_an_adapter(adapter, tmp_path, monkeypatch):
+    """gs://bucket/adapter (a local dir stands in for the bucket, etils' mock_epath) is read from this
+    host's copy, as any URL folder."""
+    from etils.epath import testing as epath_testing
+
+    folder, expected = adapter
+    store = tmp_path / "store"
+    shutil.copytree(folder, store / "bucket" / "adapter")
+    monkeypatch.setenv("DIFFPO_CACHE", str(tmp_path / "cache"))
+
+    def local(p):
+        s = os.fspath(p)
+        return str(store / s[len("gs://") :]) if s.startswith("gs://") else p
+
+    def redirect(fn, path, *args, **kwargs):
+        return fn(local(path), *(local(a) if isinstance(a, (str, os.PathLike)) else a for a in args), **kwargs)
+
+    names = ["open", "copy", "exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "rename", "replace", "stat"]
+    with epath_testing.mock_epath(**{name: redirect for name in names}):
+        np.testing.assert_allclose(adapter_logits("gs://bucket/adapter", IDS), expected, atol=1e-4)

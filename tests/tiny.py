@@ -77,6 +77,24 @@ def load_reference(folder: Path):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def peft_adapter(base_dir, folder, seed: int = 0, **config):
+    """An adapter made and saved by peft itself (random, non-zero B) on the transformers base; returns the
+    PeftModel. `config`: peft.LoraConfig's fields over r 4, alpha 6 on five of the seven projections."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    fields = dict(
+        r=4,
+        lora_alpha=6,
+        target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    model = get_peft_model(load_reference(base_dir), PeftLoraConfig(**(fields | config))).eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
 def build_classifier(config, num_labels: int, seed: int = 0):
     """A random *ForSequenceClassification reward model (score head of `num_labels`) over `config`."""
     from transformers import Gemma2ForSequenceClassification, LlamaForSequenceClassification

@@ -19,7 +19,14 @@ from diffpo_jax.lora import base_reference, write_adapter_config
 from diffpo_jax.model import Transformer, abstract_model
 from diffpo_jax.paths import as_path, local_dir, sync
 from diffpo_jax.sharding import param_shardings
-from diffpo_jax.sources import LoadedModel, ModelSourceError, load_model, stop_token_ids
+from diffpo_jax.sources import (
+    LoadedModel,
+    ModelSourceError,
+    check_base_identity,
+    load_model,
+    stop_token_ids,
+    write_base_identity,
+)
 from diffpo_jax.training.config import TrainConfig, TrainConfigError
 from diffpo_jax.training.evaluation import EVAL_IDS, holdout_split, read_records
 from diffpo_jax.weights.checkpoint import (
@@ -85,10 +92,13 @@ def prepare_data(data: str, run_dir: epath.Path) -> epath.Path:
 def start_model(cfg: TrainConfig, run_dir: epath.Path, start: int, mesh, say):
     """(model config, tokenizer, stop tokens, initial params or None when resuming): from the run dir or
     `cfg.model` (whose model files, generation_config.json included, the run dir gets at its first start).
-    A LoRA run loads its frozen base from `cfg.model` at every start (its checkpoints hold the adapters)."""
+    A LoRA run loads its frozen base from `cfg.model` at every start (its checkpoints hold the adapters):
+    its first start records the base's identity (sources.BASE_IDENTITY), a resume refuses another base."""
     if start:
         say(f"resuming {run_dir} from step {start}")
-        if not cfg.lora.rank:
+        if cfg.lora.rank:
+            check_base_identity(run_dir, cfg.model)
+        else:
             model_cfg, tokenizer = read_orbax_config(run_dir), tokenizer_from_dir(run_dir)
             return model_cfg, tokenizer, stop_token_ids(model_cfg, tokenizer, read_generation_config(run_dir)), None
     loaded = init_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)
@@ -96,6 +106,7 @@ def start_model(cfg: TrainConfig, run_dir: epath.Path, start: int, mesh, say):
         write_model_files(run_dir, loaded.cfg, loaded.tokenizer, loaded.generation)
         if cfg.lora.rank:
             write_adapter_config(run_dir, cfg.lora, base_reference(cfg.model))
+            write_base_identity(run_dir, cfg.model)
         say(f"model {loaded.source} -> {run_dir}")
     return loaded.cfg, loaded.tokenizer, loaded.stop_tokens, nnx.to_pure_dict(nnx.state(loaded.model))
 

@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,11 +43,12 @@ from tqdm import tqdm
 from diffpo_jax.config import ModelConfig
 from diffpo_jax.distributed import is_main_process
 from diffpo_jax.lora import ADAPTER_WEIGHTS, read_adapter_config, write_adapter_config
-from diffpo_jax.paths import as_path, written_locally
-from diffpo_jax.sources import restore_model_params
+from diffpo_jax.paths import as_path, is_url, written_locally
+from diffpo_jax.sources import EMBEDDED, HUB_ID, restore_model_params
 from diffpo_jax.weights.checkpoint import (
     CheckpointError,
     check_out_dir,
+    is_orbax_dir,
     is_train_run,
     model_files_dir,
     read_generation_config,
@@ -245,6 +247,23 @@ def peft_tensors(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def peft_base(base: str) -> str | None:
+    """Why peft cannot load `base` (a LoRA run's base, as its adapter_config.json names it), or None when
+    it can: a hub id, or an HF folder (config.json and safetensors weights, not an Orbax dir)."""
+    if base in ("", EMBEDDED):
+        return "the embedded GGUF model"
+    if is_url(base) or Path(base).expanduser().exists():
+        path = as_path(base)
+        if path.is_file():
+            return "a file, not an HF folder"
+        if is_orbax_dir(path):
+            return "an Orbax dir: convert to-hf exports it as an HF folder"
+        if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+            return "not an HF folder (config.json and *.safetensors)"
+        return None
+    return None if HUB_ID.match(base) else "neither a hub id nor a folder"
+
+
 def export_peft(
     run: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -252,14 +271,16 @@ def export_peft(
     dtype: str = "float32",
     overwrite: bool = False,
     mesh: jax.sharding.Mesh | None = None,
+    say=print,
 ) -> epath.Path:
-    """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc), tensors in `dtype`."""
+    """A LoRA train run dir (latest step) or step dir -> a PEFT adapter folder (module doc), tensors in `dtype`.
+    Its base_model_name_or_path is the run's base; when peft cannot load that, `say` tells so in one line."""
     out_dir = as_path(out_dir)
     check_out_dir(out_dir, overwrite)
     found = read_adapter_config(model_files_dir(run))
     if found is None:
         raise CheckpointError(f"{run}: not a LoRA run (no adapter_config.json); to-hf exports its model")
-    lora, base = found
+    lora = found.lora()
     cfg = read_orbax_config(run).replace(lora=lora)
     tensors = {
         name: t.astype(DTYPES[dtype])
@@ -269,5 +290,11 @@ def export_peft(
         if is_main_process():
             with written_locally(tmp) as local:
                 save_file(tensors, os.fspath(local / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        write_adapter_config(tmp, lora, base)
+        write_adapter_config(tmp, lora, found.base)
+    why = peft_base(found.base)
+    if why is not None:
+        say(
+            f"note: {out_dir}: peft cannot load its base_model_name_or_path {found.base!r} ({why}); diffpo_jax "
+            "can: give peft an HF export of that model as the base"
+        )
     return out_dir

@@ -4,7 +4,9 @@ A PEFT LoRA folder holds `adapter_config.json` (lora.py reads it) and `adapter_m
 layer and targeted projection, `base_model.model.<HF module>.lora_A.weight` = A^T [r, in] and
 `lora_B.weight` = B^T [out, r] (in / out flattened as HF's Linear has them). Ours are stacked over layers,
 `lora_a` [L, in, r] and `lora_b` [L, r, out] beside the projection (model.py); weights/export.py writes
-PEFT's names with `peft_name`, `read_peft_adapters` reads them back.
+PEFT's names with `peft_name`, `read_peft_adapters` reads them back (any peft LoRA adapter whose
+adapter_config.json lora.py accepts: per-module ranks zero-padded to the largest, per-module scales folded
+into B).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from diffpo_jax.config import ModelConfig
-from diffpo_jax.lora import ADAPTER_WEIGHTS, TARGETS
+from diffpo_jax.config import LoraConfig, ModelConfig
+from diffpo_jax.lora import ADAPTER_WEIGHTS, TARGETS, AdapterConfig
 from diffpo_jax.model import abstract_model
 from diffpo_jax.weights.hf import WeightsError, WeightSpec, safetensors_tensors, weight_specs
 
@@ -35,38 +37,65 @@ def adapter_specs(cfg: ModelConfig) -> list[WeightSpec]:
     ]
 
 
-def read_peft_adapters(folder: str | os.PathLike, cfg: ModelConfig) -> dict:
-    """The adapters of PEFT folder `folder` for a model of `cfg` (cfg.lora from its adapter_config.json), as
-    the nested dict of fp32 host arrays the model's LoRA params take. Every tensor the config implies must be
-    there with its shape, and no other: a missing, misshapen or unknown tensor is a WeightsError naming it."""
+def read_peft_adapters(folder: str | os.PathLike, cfg: ModelConfig, adapter: AdapterConfig) -> tuple[LoraConfig, dict]:
+    """The adapters of PEFT folder `folder` on a model of `cfg` (`adapter`: its adapter_config.json) as one
+    LoraConfig and the nested dict of fp32 host arrays a model of cfg.replace(lora=...) takes. peft may give
+    each module its own rank and scale (rank_pattern, alpha_pattern, use_rslora) or none (target_modules,
+    exclude_modules, layers_to_transform): each module's scale is folded into its B and its rank padded
+    with zeros to the largest (A B unchanged), an untargeted layer's adapter is zero, and the LoraConfig
+    has scale 1. Every tensor the config implies must be there with its shape, and no other: a missing,
+    misshapen or unknown tensor is a WeightsError naming it (a wrong rank names the rank's source)."""
     path = Path(folder) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise WeightsError(f"{path}: missing (a PEFT adapter folder holds adapter_config.json and {ADAPTER_WEIGHTS})")
+        raise WeightsError(f"{path}: missing (adapters load from safetensors: peft saves {ADAPTER_WEIGHTS} by default)")
     stored = safetensors_tensors(path)
-    shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.LoRAParam))
+    modules = {}  # (spec, layer) -> (rank, scale, the rank's source), for the targeted ones
+    for spec in weight_specs(cfg):
+        if spec.stacked and spec.path[-1] in TARGETS:
+            for i in range(cfg.num_layers):
+                key = spec.hf_name.format(i=i).removesuffix(".weight")
+                if adapter.targets(key):
+                    modules[spec, i] = adapter.module(key)
+    if not modules:
+        raise WeightsError(
+            f"{adapter.path}: target_modules {adapter.target_modules!r} names none of this model's projections"
+        )
+    rank = max(r for r, _, _ in modules.values())
+    names = tuple(dict.fromkeys(spec.path[-1] for spec, _ in modules))
+    lora = LoraConfig(rank=rank, alpha=float(rank), target_modules=names)
+    shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg.replace(lora=lora)), nnx.LoRAParam))
     out, expected = {}, set()
-    for spec in adapter_specs(cfg):
+    for spec in adapter_specs(cfg.replace(lora=lora)):
         *module, name = spec.path
         node, mine = out, shapes
         for key in module:
             node, mine = node.setdefault(key, {}), mine[key]
-        node[f"{name}_lora"] = {}
-        for ours, shape in mine[f"{name}_lora"].items():
-            layers = []
-            for i in range(cfg.num_layers):
+        a_shape, b_shape = mine[f"{name}_lora"]["lora_a"].shape, mine[f"{name}_lora"]["lora_b"].shape
+        a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+        for i in range(cfg.num_layers):
+            if (spec, i) not in modules:
+                continue
+            r, scale, source = modules[spec, i]
+            for ours, want, target in (("lora_a", (r, a_shape[1]), a), ("lora_b", (b_shape[2], r), b)):
                 key = peft_name(spec, i, ours)
                 expected.add(key)
                 if key not in stored:
-                    raise WeightsError(f"{path}: tensor {key!r} is missing (target_modules names {name})")
-                want = tuple(shape.shape[1:][::-1])
-                if stored[key].shape != want:
+                    raise WeightsError(f"{path}: tensor {key!r} is missing (adapter_config.json targets its module)")
+                got = stored[key].shape
+                rank_dim = 0 if ours == "lora_a" else 1
+                if len(got) == 2 and got[1 - rank_dim] == want[1 - rank_dim] and got[rank_dim] != r:
                     raise WeightsError(
-                        f"{path}: tensor {key!r} has shape {stored[key].shape}, the base and r "
-                        f"= {cfg.lora.rank} expect {want}"
+                        f"{path}: tensor {key!r} has rank {got[rank_dim]}, but {adapter.path} gives its module {source}"
                     )
-                layers.append(np.asarray(stored[key].array(), np.float32).T)
-            node[f"{name}_lora"][ours] = np.stack(layers)
+                if got != want:
+                    raise WeightsError(f"{path}: tensor {key!r} has shape {got}, the base and rank {r} expect {want}")
+                t = np.asarray(stored[key].array(), np.float32).T
+                if ours == "lora_a":
+                    target[i, :, :r] = t
+                else:
+                    target[i, :r, :] = scale * t
+        node[f"{name}_lora"] = {"lora_a": a, "lora_b": b}
     unknown = sorted(set(stored) - expected)
     if unknown:
         raise WeightsError(f"{path}: {len(unknown)} tensors this model's adapters do not have, e.g. {unknown[0]!r}")
-    return out
+    return lora, out

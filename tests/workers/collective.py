@@ -24,7 +24,7 @@ print(
 )
 
 
-def snapshot_download(repo_id, allow_patterns=None, local_files_only=False):
+def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
     print(f"snapshot_download {repo_id} local_files_only={local_files_only}", flush=True)
     return "/nonexistent/snapshot"
 
