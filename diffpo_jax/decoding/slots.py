@@ -2,11 +2,12 @@
 
 A decoder's loop state is a struct dataclass of B slots: every field has the slot axis first, except the
 KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it, `place` splits
-the slots over a mesh's data x fsdp devices. `stream` runs any number of rows through the slots: each
-slot decodes one row at a time (the first B rows started by the decoder's `_start`, one prefill after the
-other in one program, as the one-batch decoders start); when rows finish, the jitted loop returns to the host, which moves their
-results out and starts the next rows in their slots, so no slot idles while the slowest row of a batch
-finishes. Rows are independent of each other, so each row's result is the one a single batch gives it.
+the slots over a mesh's data x fsdp devices, `start` begins rows in a loop carrying the state (one row's
+prefill at a time: the decoders' `_start`, which a one-batch decode and a stream's first B rows run).
+`stream` runs any number of rows through the slots: each slot decodes one row at a time; when rows
+finish, the jitted loop returns to the host, which moves their results out and starts the next rows in
+their slots, so no slot idles while the slowest row of a batch finishes. Rows are independent of each
+other, so each row's result is the one a single batch gives it.
 """
 
 from __future__ import annotations
@@ -108,18 +109,16 @@ def stream(
     batch_size = s.done.shape[0]
     started = min(num_rows, batch_size)
     slot_row = np.where(np.arange(batch_size) < started, np.arange(batch_size), -1)  # the row each slot decodes
-    pending = iter(range(started, num_rows))
-    waiting = num_rows - started  # rows not yet in a slot
+    next_row = started  # the next row to wait for a slot
     out: dict[str, np.ndarray] = {}
     while (slot_row >= 0).any():
-        s = advance(s, (slot_row >= 0) & (waiting > 0))
+        s = advance(s, (slot_row >= 0) & (next_row < num_rows))
         done, got = jax.device_get((s.done, fields(result(s))))
         for slot in np.flatnonzero((slot_row >= 0) & done):
             for name, value in got.items():
                 out.setdefault(name, np.zeros((num_rows, *value.shape[1:]), value.dtype))[slot_row[slot]] = value[slot]
-            row = next(pending, None)
-            slot_row[slot] = -1 if row is None else row
-            if row is not None:
-                waiting -= 1
-                s = begin(s, slot, row)
+            slot_row[slot] = next_row if next_row < num_rows else -1
+            if next_row < num_rows:
+                s = begin(s, slot, next_row)
+                next_row += 1
     return out
