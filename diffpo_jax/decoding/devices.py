@@ -161,7 +161,7 @@ def weight_bytes(model: str | None, dtype: str, *, reward: bool = False) -> tupl
             except ValueError:
                 cfg = ModelConfig.from_hf(_config_json(model))
             module = abstract_model(cfg)
-    except Exception:  # no config at hand (missing, offline, unsupported): the load says why
+    except (OSError, ValueError, KeyError):  # no config at hand (missing, offline, unsupported): the load says why
         return 0, 1
     count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module)))
     return count * jax.numpy.dtype(dtype).itemsize, cfg.num_kv_heads
