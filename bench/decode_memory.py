@@ -1,6 +1,8 @@
 """How much memory do the decode loops hold besides their state? compile().memory_analysis() of the jitted
-Jacobi and AR loops (`_advance`, the row-refill loop; `jacobi_decode` / `generate`, one batch) and of the
-prefill (`_refill`, one row), on a small-vocabulary config where the KV cache dominates.
+Jacobi and AR loops (`_advance`: every decode's loop, row refill's and one batch's), of the prefill of row
+refill (`_refill`, one row) and of the start of a batch (`_start`: `jacobi_decode` / `generate` and the
+stream's first B rows, one row's prefill after the other), on a small-vocabulary config where the KV cache
+dominates.
 
     python -m bench.decode_memory [--preset tiny-llama] [--batch 8] [--prompt 256] [--new 256] [--block 16]
         [--vocab V] [--layers 8] [--results DIR]
@@ -82,17 +84,17 @@ def analyse(
         js.cache,
     )
     record(
-        "jacobi_decode",
-        jacobi.jacobi_decode.lower(
+        "jacobi _start",
+        jacobi._start.lower(
             graphdef,
             state,
             i32(batch, prompt),
             i32(batch),
             i32(batch, new + block),
             i32(batch),
-            block_size=block,
-            max_new_tokens=new,
-            **kw,
+            i32(batch),
+            batch_size=batch,
+            opts=opts,
         ).compile(),
         js,
         js.cache,
@@ -106,9 +108,18 @@ def analyse(
         ss.cache,
     )
     record(
-        "generate",
-        sampler.generate.lower(
-            graphdef, state, i32(batch, prompt), i32(batch), keys, max_new_tokens=new, **kw
+        "sampler _start",
+        sampler._start.lower(
+            graphdef,
+            state,
+            i32(batch, prompt),
+            i32(batch),
+            keys,
+            np.float32(0.7),
+            np.float32(1.0),
+            batch_size=batch,
+            max_new_tokens=new,
+            **kw,
         ).compile(),
         ss,
         ss.cache,

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace, loaded=None) -> dict:
     from diffpo_jax.reward.scorer import Scorer
     from diffpo_jax.reward.summary import summarize
 
-    mesh = devices.decode_mesh(args.mesh)
+    mesh = devices.decode_mesh(args.mesh, args.model, args.dtype, reward=True)  # sized by the reward model
     check_output_path(args.input, args.output, args.overwrite)
     records = read_score_records(args.input, args.format, args.questions)
     layout = Layout(

@@ -1,6 +1,9 @@
 """Decode memory and compile-count invariants, from XLA's own compiled programs (no accelerator needed):
-the decode loops update the KV cache in place and alias the donated state, the prefill projects the last
-position only (its memory does not grow with the vocabulary), and row refill compiles once under a mesh."""
+the decode loops update the KV cache in place and alias the donated state, every decode (one batch
+included) runs them, the prefill projects the last position only (its memory does not grow with the
+vocabulary), and row refill compiles once, with or without a mesh."""
+
+import contextlib
 
 import jax
 import numpy as np
@@ -20,11 +23,35 @@ def test_decode_loops_hold_one_cache_and_alias_the_donated_state(small_vocab):
         assert m["temp_caches"] <= 1.25 * 0.5, (name, m)  # besides the state: under half a cache (was 1.34)
         assert m["alias_states"] == pytest.approx(1.0), (name, m)  # the output state is the donated input
     assert small_vocab["jacobi _refill"]["alias_states"] == pytest.approx(1.0)
+    for name in ("jacobi _start", "sampler _start"):  # one batch's start: one row's prefill at a time
+        assert small_vocab[name]["temp_caches"] <= 1.0, (name, small_vocab[name])  # all 8 rows at once: 7.29
+
+
+def test_one_batch_decode_runs_the_row_refill_programs(monkeypatch):
+    """jacobi_decode and generate (a file of at most --batch-size records, every --trajectory run) run the
+    programs measured above and planned by --plan: `_start`, then the donated loop `_advance` (they were
+    one jitted program holding 8.29 KV caches of temp, aliasing nothing)."""
+    from flax import nnx
+
+    from diffpo_jax.config import load_preset
+    from diffpo_jax.decoding import jacobi, sampler
+    from diffpo_jax.model import Transformer
+
+    calls = []
+    for label, module in (("jacobi", jacobi), ("sampler", sampler)):
+        for name in ("_start", "_advance"):
+            f, tag = getattr(module, name), f"{label}.{name}"
+            monkeypatch.setattr(module, name, lambda *a, f=f, tag=tag, **kw: calls.append(tag) or f(*a, **kw))
+    graphdef, state = nnx.split(Transformer(load_preset("tiny-llama")[0], rngs=nnx.Rngs(0)))
+    prompts, lens = np.full((2, 4), 5, np.int32), np.array([4, 2], np.int32)
+    jacobi.jacobi_decode(graphdef, state, prompts, lens, prompts, lens, block_size=2, max_new_tokens=3, trajectory=True)
+    sampler.generate(graphdef, state, prompts, lens, max_new_tokens=3)
+    assert calls == ["jacobi._start", "jacobi._advance", "sampler._start", "sampler._advance"]
 
 
 def test_prefill_memory_does_not_grow_with_the_vocabulary(small_vocab):
     big = analyse(vocab=32768)
-    for name in ("jacobi _refill", "jacobi_decode", "generate"):
+    for name in ("jacobi _refill", "jacobi _start", "sampler _start"):
         small_bytes = small_vocab[name]["temp_caches"] * small_vocab[name]["cache_bytes"]
         big_bytes = big[name]["temp_caches"] * big[name]["cache_bytes"]
         # [B, P, V] fp32 logits would add 8 x 256 x 32768 x 4 bytes = 256 MiB; the head's weights are arguments
@@ -33,18 +60,19 @@ def test_prefill_memory_does_not_grow_with_the_vocabulary(small_vocab):
 
 @pytest.mark.parametrize(
     "shape",
-    [(8, 1, 1), pytest.param((4, 1, 2), marks=pytest.mark.slow), pytest.param((2, 4, 1), marks=pytest.mark.slow)],
+    [None, (8, 1, 1), pytest.param((4, 1, 2), marks=pytest.mark.slow), pytest.param((2, 4, 1), marks=pytest.mark.slow)],
 )
-def test_row_refill_compiles_once_under_a_mesh(tiny_llama_dir, shape, caplog):
-    """The slots' sharding (slots.place) is the one the jitted refill and loop return, so neither compiles
-    a second time for the state it gets back."""
+def test_row_refill_compiles_once(tiny_llama_dir, shape, caplog):
+    """The state the jitted refill and loop get is the one they return (under a mesh: the slots' sharding,
+    slots.place; without one: committed to the device, as `_start` returns it, where an eagerly built first
+    state was uncommitted and compiled the refill twice), so neither compiles a second time."""
     from flax import nnx
 
     from diffpo_jax.decoding import jacobi, sampler
     from diffpo_jax.sharding import make_mesh
     from diffpo_jax.sources import load_model
 
-    mesh = make_mesh(shape)
+    mesh = None if shape is None else make_mesh(shape)
     graphdef, state = nnx.split(load_model(str(tiny_llama_dir), mesh=mesh).model)
     rng = np.random.default_rng(0)
     lens = np.array([3, 5, 7, 4] * 5, np.int32)
@@ -54,7 +82,8 @@ def test_row_refill_compiles_once_under_a_mesh(tiny_llama_dir, shape, caplog):
     funcs = (jacobi._refill, jacobi._advance, sampler._refill, sampler._advance)
     for f in funcs:
         f.clear_cache()
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), jax.log_compiles(True), caplog.at_level("WARNING"):
+    under = contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+    with under, jax.log_compiles(True), caplog.at_level("WARNING"):
         jacobi.jacobi_stream(
             graphdef,
             state,

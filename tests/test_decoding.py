@@ -186,13 +186,15 @@ def test_iteration_cap_and_no_recompile(setup):
     graphdef, state, prompts, greedy = setup
     drafts, draft_lens = _drafts(greedy)
     kwargs = dict(block_size=4, max_new_tokens=N, realign=True)
+    from diffpo_jax.decoding import jacobi
+
     jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=N, **kwargs)
-    before = jacobi_decode._cache_size()
+    before = (jacobi._start._cache_size(), jacobi._advance._cache_size())
     r = jacobi_decode(
         graphdef, state, prompts, LENS[::-1].copy(), drafts[::-1].copy(), draft_lens, max_iterations=2, **kwargs
     )
     r = jacobi_decode(graphdef, state, prompts, LENS, drafts, draft_lens, max_iterations=2, **kwargs)
-    assert jacobi_decode._cache_size() == before
+    assert (jacobi._start._cache_size(), jacobi._advance._cache_size()) == before
     assert np.all(np.asarray(r.passes) == 2) and not np.all(r.converged)
     lengths, tokens = np.asarray(r.lengths), np.asarray(r.tokens)
     np.testing.assert_array_equal(np.asarray(r.converged), lengths == N)

@@ -183,6 +183,26 @@ def test_metrics_in_a_bucket_are_written_in_parts_at_most_every_interval(tmp_pat
     assert sum(w[2] for w in writes) < 6 * size
 
 
+def test_tensorboard_is_off_for_a_url_run_dir(bucket, tmp_path):
+    """An event file in a bucket would be uploaded whole at each flush (O(steps^2) bytes): a URL run dir
+    gets no TensorBoard, and a note says so (the trainer prints it); a local run dir keeps it."""
+    store, _ = bucket
+    (store / "run").mkdir()  # the trainer makes the run dir first
+    log = MetricsLog(as_path(f"{BUCKET}/run"), start_step=0, tensorboard=True)
+    log.write({"step": 1, "loss": 1.0})
+    log.close()
+    assert log.note == (
+        "tensorboard: off for a URL run dir (gs://bucket/run: its event files would be uploaded whole at each "
+        "flush); metrics.jsonl holds the same scalars"
+    )
+    assert sorted(p.name for p in (store / "run").iterdir()) == ["metrics.jsonl"]
+    (tmp_path / "local").mkdir()
+    local = MetricsLog(tmp_path / "local", start_step=0, tensorboard=True)
+    local.write({"step": 1, "loss": 1.0})
+    local.close()
+    assert local.note is None and list((tmp_path / "local" / "tensorboard").glob("events.out.tfevents.*"))
+
+
 def test_decoding_clis_read_and_write_urls_as_local_files(bucket, tiny_init_dir, tmp_path):
     """generate, refine and score with --input/--output/--report in a bucket (issue 29: argparse's Path made
     `gs://b/x` a local ./gs:/b/x): each writes there, nothing under the cwd (the fixture checks), the same

@@ -334,18 +334,18 @@ def test_resume_refuses_a_changed_config_unless_allowed(config_file, tmp_path, c
     assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2, 3]
 
 
-def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
-    """SIGTERM during a step after which an evaluation is due: the loop stops after that step without
-    evaluating (the grace period is for the checkpoint), writes its metrics and saves it. Fakes around
-    trainer._loop: no model, no devices."""
+def _loop_with_sigterm(monkeypatch, *, in_step=None, in_eval=None):
+    """trainer._loop over fakes (no model, no devices): 5 steps, an evaluation due after each, SIGTERM sent
+    while step `in_step` is in flight or during the evaluation after step `in_eval`. Returns (last step,
+    stopped, the history's steps, events)."""
     monkeypatch.setattr(trainer, "global_batch", lambda batch, mesh: batch)
     cfg = load_config(None, ["data=d", "output_dir=o", "log_every=1", "save_every=100", "eval.every=1"])
     events, steps = [], []
 
     def train_step(state, batch):
         steps.append(len(steps) + 1)
-        if steps[-1] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # while step 2 is in flight
+        if steps[-1] == in_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         return state, dict(loss=1.0, ar=1.0, con=0.0, grad_norm=1.0, lr=1e-3)
 
     class Loader:
@@ -372,6 +372,8 @@ def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
 
     def evaluate(params):
         events.append(("eval",))
+        if steps[-1] == in_eval:
+            os.kill(os.getpid(), signal.SIGTERM)
         return dict(
             eval_ar=1.0,
             eval_con=0.0,
@@ -385,8 +387,23 @@ def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
     history, step, stopped = trainer._loop(
         cfg, state, train_step, Loader(), None, Checkpoints(), Metrics(), evaluate, 0, 5, lambda _: None
     )
-    assert (step, stopped, [m["step"] for m in history]) == (2, True, [1, 2])
+    return step, stopped, [m["step"] for m in history], events
+
+
+def test_sigterm_skips_a_due_evaluation_and_saves(monkeypatch):
+    """SIGTERM during a step after which an evaluation is due: the loop stops after that step without
+    evaluating (the grace period is for the checkpoint), writes its metrics and saves it."""
+    step, stopped, history, events = _loop_with_sigterm(monkeypatch, in_step=2)
+    assert (step, stopped, history) == (2, True, [1, 2])
     assert events == [("eval",), ("metrics", 1, True), ("metrics", 2, False), ("save", 2), ("flush",)]
+
+
+def test_sigterm_during_an_evaluation_stops_right_after_it(monkeypatch):
+    """SIGTERM during the evaluation after step 2: the loop stops after it (metrics with the evaluation,
+    a checkpoint of step 2), not after another train step."""
+    step, stopped, history, events = _loop_with_sigterm(monkeypatch, in_eval=2)
+    assert (step, stopped, history) == (2, True, [1, 2])
+    assert events == [("eval",), ("metrics", 1, True), ("eval",), ("metrics", 2, True), ("save", 2), ("flush",)]
 
 
 def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):

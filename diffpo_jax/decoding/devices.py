@@ -5,7 +5,10 @@ axis table as training (sharding.LOGICAL_RULES): batch rows split over data x fs
 fsdp and tensor (tensor: attention heads, MLP and with them the KV cache). Default on GPU/TPU: every
 local device on the data axis (rows data-parallel, parameters replicated), unless the weights would
 fill more than WEIGHT_SHARE of a device's memory (`memory_stats()`): then the smallest tensor-parallel
-degree that brings them under it (`default_shape`; the CLIs say so; `--plan` gives the whole picture).
+degree that brings them under it, or else the largest degree that divides the devices and the KV heads
+when its share fits the device at all, or else a one-line refusal with the figures (`default_shape`; the
+CLIs say so; `--plan` gives the whole picture). The weights are sized from the model's config alone (a
+hub id's config.json is the one file fetched; `score` sizes its reward model).
 One device on CPU, whose "devices" (XLA_FLAGS=--xla_force_host_platform_device_count) share the same cores.
 `--dtype` default: bfloat16 on GPU/TPU, float32 on CPU. In bfloat16 a W-token Jacobi pass and a one-token
 AR step round differently, so refinement equals the bfloat16 greedy decode only up to those roundings
@@ -73,20 +76,36 @@ def default_shape(
 ) -> tuple[tuple[int, int, int], str | None]:
     """The default (data, fsdp, tensor) shape on an accelerator and why, when it is not all-data: the
     smallest tensor degree t (dividing the devices and the KV heads) with weight_bytes / t within
-    WEIGHT_SHARE of device_bytes (None: unknown, all-data)."""
-    if device_bytes:
-        for t in range(1, devices + 1):
-            if devices % t == 0 and num_kv_heads % t == 0 and weight_bytes / t <= WEIGHT_SHARE * device_bytes:
-                why = (
-                    None
-                    if t == 1
-                    else (
-                        f"weights of {weight_bytes / 2**30:.1f} GiB do not fit replicated in {WEIGHT_SHARE:.0%} of "
-                        f"{device_bytes / 2**30:.1f} GiB per device: tensor-parallel over {t} devices"
-                    )
-                )
-                return (devices // t, 1, t), why
-    return (devices, 1, 1), None
+    WEIGHT_SHARE of device_bytes (None: unknown, all-data). When no degree brings them under it: the
+    largest degree, said in `why`, if its share of the weights fits the device at all; else a MeshError
+    with the figures."""
+    if not device_bytes:
+        return (devices, 1, 1), None
+    degrees = [t for t in range(1, devices + 1) if devices % t == 0 and num_kv_heads % t == 0]
+    gib = lambda n: f"{n / 2**30:.1f} GiB"
+    head = f"weights of {gib(weight_bytes)}"
+    for t in degrees:
+        if weight_bytes / t <= WEIGHT_SHARE * device_bytes:
+            why = (
+                f"{head} do not fit replicated in {WEIGHT_SHARE:.0%} of {gib(device_bytes)} per device: "
+                f"tensor-parallel over {t} devices"
+            )
+            return (devices // t, 1, t), None if t == 1 else why
+    t = degrees[-1]
+    largest = (
+        f"the largest degree dividing the {devices} devices and the {num_kv_heads} KV heads, "
+        f"{gib(weight_bytes / t)} each"
+    )
+    if weight_bytes / t > device_bytes:
+        raise MeshError(
+            f"{head} do not fit {gib(device_bytes)} per device even tensor-parallel over {t} devices ({largest}): "
+            "shard them over fsdp too (--mesh D,F,T) or use more devices (--plan shows what fits)"
+        )
+    why = (
+        f"{head} are more than {WEIGHT_SHARE:.0%} of {gib(device_bytes)} per device even tensor-parallel over "
+        f"{t} devices ({largest}): tensor-parallel over {t} devices, little memory left for the KV cache"
+    )
+    return (devices // t, 1, t), why
 
 
 def device_memory() -> int | None:
@@ -95,15 +114,17 @@ def device_memory() -> int | None:
     return stats.get("bytes_limit")
 
 
-def decode_mesh(shape: tuple[int, int, int] | None, model: str | None = None, dtype: str | None = None) -> Mesh:
-    """The mesh of `--mesh` (default: module doc; `model`, the --model spec, sizes the weights when its
-    config is known without downloading) over this process's devices (the first D*F*T of them when the
-    shape has no -1); a MeshError names a shape the devices cannot make."""
+def decode_mesh(
+    shape: tuple[int, int, int] | None, model: str | None = None, dtype: str | None = None, *, reward: bool = False
+) -> Mesh:
+    """The mesh of `--mesh` (default: module doc; `model`, the --model spec, a reward model's when
+    `reward`, sizes the weights: `weight_bytes`) over this process's devices (the first D*F*T of them when
+    the shape has no -1); a MeshError names a shape the devices cannot make, or weights no default fits."""
     devices = jax.local_devices()
     if shape is None and not accelerated():
         shape = (1, 1, 1)
     elif shape is None:
-        weights, kv_heads = _weights(model, default_dtype(dtype))
+        weights, kv_heads = weight_bytes(model, default_dtype(dtype), reward=reward)
         shape, why = default_shape(weights, kv_heads, len(devices), device_memory())
         if why:
             print(f"mesh: {why} (--mesh sets another layout; --plan shows what fits)", file=sys.stderr)
@@ -115,19 +136,49 @@ def decode_mesh(shape: tuple[int, int, int] | None, model: str | None = None, dt
         raise MeshError(f"--mesh: {e}") from None
 
 
-def _weights(model: str | None, dtype: str) -> tuple[int, int]:
-    """(weight bytes in `dtype`, KV heads) of model `model`, or (0, 1) when its config is not at hand."""
+def weight_bytes(model: str | None, dtype: str, *, reward: bool = False) -> tuple[int, int]:
+    """(bytes of the weights in `dtype`, KV heads) of model `model` (`reward`: a reward model's, its head
+    included), sized from its config alone: `config.config_without_weights` (presets, local folders, run
+    dirs, PEFT folders), else a URL folder's config.json, else a hub id's config.json (only that file is
+    fetched: `hf_hub_download`). (0, 1) when no config is at hand (a model that cannot be read fails
+    when it loads)."""
     from flax import nnx
 
-    from diffpo_jax.config import config_without_weights
+    from diffpo_jax.config import ModelConfig, config_without_weights
     from diffpo_jax.model import abstract_model
+    from diffpo_jax.reward.model import HeadConfig, abstract_reward_model
 
-    try:
-        cfg = config_without_weights(model)
-    except (FileNotFoundError, ValueError):
+    if model is None and reward:
         return 0, 1
-    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model(cfg))))
+    try:
+        if reward:
+            hf = _config_json(model)
+            cfg = ModelConfig.from_hf(hf)
+            module = abstract_reward_model(cfg, HeadConfig.from_hf(hf))
+        else:
+            try:
+                cfg = config_without_weights(model)
+            except ValueError:
+                cfg = ModelConfig.from_hf(_config_json(model))
+            module = abstract_model(cfg)
+    except (OSError, ValueError, KeyError):  # no config at hand (missing, offline, unsupported): the load says why
+        return 0, 1
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(module)))
     return count * jax.numpy.dtype(dtype).itemsize, cfg.num_kv_heads
+
+
+def _config_json(model: str) -> dict:
+    """The config.json of a local or URL folder, or of hub repo `model` (that one file downloaded)."""
+    import json
+    from pathlib import Path
+
+    from diffpo_jax.paths import as_path, is_url
+
+    if is_url(model) or Path(model).expanduser().exists():
+        return json.loads((as_path(model) / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
 
 
 def check_rows(mesh: Mesh, batch_size: int) -> None:

@@ -284,19 +284,6 @@ def _result(s: _State) -> JacobiResult:
     )
 
 
-@partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "block_size",
-        "max_new_tokens",
-        "stop_tokens",
-        "pad_id",
-        "hold_draft_prefix",
-        "realign",
-        "trajectory",
-    ),
-)
 def jacobi_decode(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -318,24 +305,28 @@ def jacobi_decode(
     """Refine `drafts` (right-padded int32 [B, D] + lengths [B]; any D, empty rows allowed) into the
     greedy answers to `prompts` (see the module docstring; the keyword options are `JacobiOptions`'s).
     max_iterations: cap on passes per row (default max_new_tokens, which always suffices); hold_lens [B]:
-    per-row held tokens (default hold_draft_prefix)."""
+    per-row held tokens (default hold_draft_prefix). The programs of row refill: `_start` (the rows'
+    prefills, one row at a time) and the donated loop `_advance`, run once to the end."""
     opts = JacobiOptions(block_size, max_new_tokens, stop_tokens, pad_id, hold_draft_prefix, realign, trajectory)
+    b = prompts.shape[0]
+    holds = np.full((b,), hold_draft_prefix, np.int32) if hold_lens is None else hold_lens
+    s = _start(graphdef, state, prompts, prompt_lens, drafts, draft_lens, holds, batch_size=b, opts=opts)
+    limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
+    return _result(_advance(graphdef, state, s, limit, np.zeros((b,), bool), opts=opts))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "batch_size", "opts"))
+def _start(
+    graphdef, state, prompts, prompt_lens, drafts, draft_lens, hold_lens, *, batch_size: int, opts: JacobiOptions
+):
+    """`batch_size` slots, the first R refining rows 0..R-1 (prompts [R, P], drafts [R, D] with their
+    lengths, hold_lens [R]), started one row after the other (slots.start), the others empty."""
     model = nnx.merge(graphdef, state)
-    b, p = prompts.shape
-    s = _empty(model.cfg, b, p, drafts.shape[1], opts)
-    s = _begin(
-        model,
-        s,
-        jnp.arange(b),
-        prompts.astype(jnp.int32),
-        prompt_lens.astype(jnp.int32),
-        drafts.astype(jnp.int32),
-        draft_lens.astype(jnp.int32),
-        _hold_lens(hold_lens, b, hold_draft_prefix),
-        opts,
+    s = _empty(model.cfg, batch_size, prompts.shape[1], drafts.shape[1], opts)
+    rows = (prompts, prompt_lens, drafts, draft_lens, hold_lens)
+    return slots_lib.start(
+        s, tuple(x.astype(jnp.int32) for x in rows), lambda s, slot, row: _begin(model, s, slot, *row, opts)
     )
-    limit = jnp.asarray(max_new_tokens if max_iterations is None else max_iterations, jnp.int32)
-    return _result(_loop(model, s, limit, jnp.zeros((b,), bool), opts))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
@@ -352,11 +343,6 @@ def _refill(graphdef, state, s, slot, prompt, prompt_len, draft, draft_len, hold
         hold_len[None],
         opts,
     )
-
-
-def _hold_lens(hold_lens, rows: int, hold: int) -> jax.Array:
-    """Per-row held-prefix lengths: `hold_lens` as int32, or `hold` for every row."""
-    return jnp.full((rows,), hold, jnp.int32) if hold_lens is None else jnp.asarray(hold_lens, jnp.int32)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
@@ -391,12 +377,13 @@ def jacobi_stream(
     stats are the ones `jacobi_decode` gives it; the result (numpy) is in row order. `mesh`: the slots
     are split over its data x fsdp devices, as the decoder's batches are. No trajectory."""
     opts = JacobiOptions(block_size, max_new_tokens, stop_tokens, pad_id, hold_draft_prefix, realign)
-    cfg = nnx.merge(graphdef, state).cfg
-    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], drafts.shape[1], opts), mesh)
     limit = np.int32(max_new_tokens if max_iterations is None else max_iterations)
     holds = (
         np.full((len(prompts),), hold_draft_prefix, np.int32) if hold_lens is None else np.asarray(hold_lens, np.int32)
     )
+    k = min(len(prompts), batch_size)
+    first = (prompts[:k], prompt_lens[:k], drafts[:k], draft_lens[:k], holds[:k])
+    s = slots_lib.place(_start(graphdef, state, *first, batch_size=batch_size, opts=opts), mesh)
 
     def begin(s: _State, slot: int, row: int) -> _State:
         return _refill(

@@ -1,11 +1,12 @@
 """Will this decode fit? `refine|generate --plan DEVICES[/HOSTS] --device-memory GIB`, no weights loaded.
 
 Without weights or data, the decode loop (`_advance`: the Jacobi passes of `refine`, the AR steps of
-`generate`) and the one-row prefill of row refill (`_refill`) are compiled ahead of time over DEVICES / HOSTS
+`generate`), the one-row prefill of row refill (`_refill`) and the start of a batch (`_start`: its rows'
+prefills one after the other; a decode of one batch runs `_start` and `_advance`, a longer one all three) are compiled ahead of time over DEVICES / HOSTS
 simulated CPU devices (one process's share: each process decodes its own records over its own devices)
 with abstract shapes: the slots' state ([L, B, S, Kv, D] KV cache with S = prompt + max new tokens
 (+ block)), the weights as the decoder shards them. XLA's memory analysis gives per-device bytes; peak =
-argument + output - alias + temp of the larger of the two programs. The largest batch that fits comes
+argument + output - alias + temp of the largest of the three programs. The largest batch that fits comes
 from two compiles (the state grows linearly in the rows) and is rounded down to a multiple of the
 data x fsdp devices. As for `train --plan`, the figures are XLA:CPU's for the same sharded program, a
 guide to the accelerator's. One correction: XLA:CPU runs bfloat16 matmuls by converting the weights to
@@ -31,8 +32,9 @@ HEADROOM = 0.9  # of the device memory a plan may fill (allocator fragmentation,
 
 
 def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, max_new_tokens: int, block: int):
-    """{"loop": compiled _advance, "refill": compiled _refill} of `kind` ("refine" | "generate") for `rows`
-    slots over `mesh`, on abstract shapes (nothing allocated)."""
+    """{"loop": compiled _advance, "refill": compiled _refill, "start": compiled _start (of `rows` rows)} of
+    `kind` ("refine" | "generate") for `rows` slots over `mesh`, on abstract shapes (nothing allocated):
+    every program a decode runs, in one batch or with row refill."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -41,7 +43,7 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
     from diffpo_jax.decoding import jacobi, sampler
     from diffpo_jax.decoding import slots as slots_lib
     from diffpo_jax.model import abstract_model
-    from diffpo_jax.sharding import param_shardings
+    from diffpo_jax.sharding import batch_sharding, param_shardings
 
     graphdef, state = nnx.split(abstract_model(model_cfg))
     shardings = param_shardings(state, mesh)
@@ -55,6 +57,9 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
     shard_of = slots_lib.place_shardings(placed, mesh)
     s = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), placed, shard_of)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    rows_of = lambda *shape: jax.ShapeDtypeStruct(
+        (rows, *shape), jnp.int32, sharding=batch_sharding(mesh, 1 + len(shape))
+    )
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         if kind == "refine":
             loop = jacobi._advance.lower(graphdef, state, s, np.int32(1), np.zeros(rows, bool), opts=opts)
@@ -70,17 +75,43 @@ def compile_decode(model_cfg, mesh, *, kind: str, rows: int, prompt_len: int, ma
                 np.int32(0),
                 opts=opts,
             )
+            start = jacobi._start.lower(
+                graphdef,
+                state,
+                rows_of(prompt_len),
+                rows_of(),
+                rows_of(max_new_tokens + block),
+                rows_of(),
+                rows_of(),
+                batch_size=rows,
+                opts=opts,
+            )
         else:
             key = jax.eval_shape(lambda: jax.random.key(0))
             loop = sampler._advance.lower(graphdef, state, s, np.zeros(rows, bool), 0.7, 1.0, stop_tokens=(1,))
             refill = sampler._refill.lower(
                 graphdef, state, s, np.int32(0), i32(prompt_len), np.int32(1), key, 0.7, 1.0, stop_tokens=(1,), pad_id=0
             )
-    return {"loop": loop.compile(), "refill": refill.compile()}
+            keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
+            keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=batch_sharding(mesh, 1))
+            start = sampler._start.lower(
+                graphdef,
+                state,
+                rows_of(prompt_len),
+                rows_of(),
+                keys,
+                np.float32(0.7),
+                np.float32(1.0),
+                batch_size=rows,
+                max_new_tokens=max_new_tokens,
+                stop_tokens=(1,),
+                pad_id=0,
+            )
+    return {"loop": loop.compile(), "refill": refill.compile(), "start": start.compile()}
 
 
 def peak_bytes(compiled: dict) -> int:
-    """The larger per-device peak (argument + output - alias + temp) of the loop and the refill."""
+    """The largest per-device peak (argument + output - alias + temp) of the loop, the refill and the start."""
 
     def one(c):
         m = c.memory_analysis()
@@ -198,8 +229,8 @@ def lines(p: dict[str, Any]) -> list[str]:
     out = [
         f"plan {p['kind']} {p['devices']}/{p['hosts']}: per process {p['devices'] // p['hosts']} devices, "
         f"mesh {mesh} {how}",
-        f"  batch {p['batch']}: peak {size(p['peak'])} per device (XLA, AOT: weights, slot state and the larger "
-        f"of the decode loop and the refill)",
+        f"  batch {p['batch']}: peak {size(p['peak'])} per device (XLA, AOT: weights, slot state and the largest "
+        f"of the decode loop, the refill and the start)",
     ]
     if "max_batch" in p:
         out.append(

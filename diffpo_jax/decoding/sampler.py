@@ -144,7 +144,6 @@ def _result(s: _State) -> Generation:
     return Generation(tokens=s.tokens, lengths=s.t, stopped=s.stopped)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "stop_tokens", "pad_id"))
 def generate(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -159,24 +158,41 @@ def generate(
     pad_id: int = 0,
 ) -> Generation:
     """Autoregressive decoding of up to `max_new_tokens` tokens per row (see the module docstring).
-    `keys`: one key per row (a key array [B]), needed only when temperature > 0."""
-    model = nnx.merge(graphdef, state)
-    b, p = prompts.shape
+    `keys`: one key per row (a key array [B]), needed only when temperature > 0. The programs of row
+    refill: `_start` (the rows' prefills, one row at a time) and the donated loop `_advance`, run once to
+    the end."""
+    b = prompts.shape[0]
     keys = jax.random.split(jax.random.key(0), b) if keys is None else keys
-    s = _empty(model.cfg, b, p, max_new_tokens=max_new_tokens, pad_id=pad_id)
-    s = _begin(
-        model,
-        s,
-        jnp.arange(b),
-        prompts.astype(jnp.int32),
-        prompt_lens.astype(jnp.int32),
+    temperature, top_p = np.float32(temperature), np.float32(top_p)
+    s = _start(
+        graphdef,
+        state,
+        prompts,
+        prompt_lens,
         keys,
         temperature,
         top_p,
+        batch_size=b,
+        max_new_tokens=max_new_tokens,
         stop_tokens=stop_tokens,
         pad_id=pad_id,
     )
-    return _result(_loop(model, s, jnp.zeros((b,), bool), temperature, top_p, stop_tokens=stop_tokens))
+    return _result(_advance(graphdef, state, s, np.zeros((b,), bool), temperature, top_p, stop_tokens=stop_tokens))
+
+
+@partial(jax.jit, static_argnames=("graphdef", "batch_size", "max_new_tokens", "stop_tokens", "pad_id"))
+def _start(
+    graphdef, state, prompts, prompt_lens, keys, temperature, top_p, *, batch_size, max_new_tokens, stop_tokens, pad_id
+):
+    """`batch_size` slots, the first R decoding rows 0..R-1 (prompts [R, P] with lengths, keys [R]),
+    started one row after the other (slots.start), the others empty."""
+    model = nnx.merge(graphdef, state)
+    s = _empty(model.cfg, batch_size, prompts.shape[1], max_new_tokens=max_new_tokens, pad_id=pad_id)
+
+    def begin(s, slot, row):
+        return _begin(model, s, slot, *row, temperature, top_p, stop_tokens=stop_tokens, pad_id=pad_id)
+
+    return slots_lib.start(s, (prompts.astype(jnp.int32), prompt_lens.astype(jnp.int32), keys), begin)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "stop_tokens", "pad_id"), donate_argnames=("s",))
@@ -221,9 +237,22 @@ def generate_stream(
     with row refill (decoding/slots.py): each row's tokens are the ones `generate` gives it (its key
     decides its samples); the result (numpy) is in row order. `mesh`: the slots split over its data x
     fsdp devices, as the decoder's batches are."""
-    cfg = nnx.merge(graphdef, state).cfg
-    s = slots_lib.place(_empty(cfg, batch_size, prompts.shape[1], max_new_tokens=max_new_tokens, pad_id=pad_id), mesh)
     temperature, top_p = np.float32(temperature), np.float32(top_p)
+    k = min(len(prompts), batch_size)
+    s = _start(
+        graphdef,
+        state,
+        prompts[:k],
+        prompt_lens[:k],
+        keys[:k],
+        temperature,
+        top_p,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=stop_tokens,
+        pad_id=pad_id,
+    )
+    s = slots_lib.place(s, mesh)
 
     def begin(s: _State, slot: int, row: int) -> _State:
         return _refill(

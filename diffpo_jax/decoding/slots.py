@@ -2,10 +2,12 @@
 
 A decoder's loop state is a struct dataclass of B slots: every field has the slot axis first, except the
 KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it, `place` splits
-the slots over a mesh's data x fsdp devices. `stream` runs any number of rows through the slots: each
-slot decodes one row at a time; when rows finish, the jitted loop returns to the host, which moves their
-results out and starts the next rows in their slots, so no slot idles while the slowest row of a batch
-finishes. Rows are independent of each other, so each row's result is the one a single batch gives it.
+the slots over a mesh's data x fsdp devices, `start` begins rows in a loop carrying the state (one row's
+prefill at a time: the decoders' `_start`, which a one-batch decode and a stream's first B rows run).
+`stream` runs any number of rows through the slots: each slot decodes one row at a time; when rows
+finish, the jitted loop returns to the host, which moves their results out and starts the next rows in
+their slots, so no slot idles while the slowest row of a batch finishes. Rows are independent of each
+other, so each row's result is the one a single batch gives it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,18 @@ def constrain_state(s: S) -> S:
     return s.replace(**{k: jax.tree.map(lambda x, k=k: constrain(x, _axes(k, x)), v) for k, v in fields(s).items()})
 
 
+def start(s: S, rows: tuple[jax.Array, ...], begin: Callable[[S, jax.Array, tuple[jax.Array, ...]], S]) -> S:
+    """Slots 0..R-1 of `s` start decoding rows 0..R-1 (`rows`: arrays with the R rows first, inside a jitted
+    function): begin(s, slots int32 [1], the row's arrays [1, ...]) one row after the other in a loop that
+    carries `s`, so starting a batch holds one row's prefill at a time, as row refill does, never R rows'
+    activations (8 rows' prefill held 7 KV caches of temp, bench/decode_memory.py)."""
+
+    def one(r, s):
+        return begin(s, r[None], tuple(jax.lax.dynamic_slice_in_dim(x, r, 1) for x in rows))
+
+    return constrain_state(jax.lax.fori_loop(0, rows[0].shape[0], one, s))
+
+
 def stream(
     s: S,
     num_rows: int,
@@ -85,28 +99,26 @@ def stream(
     advance: Callable[[S, np.ndarray], S],
     result: Callable[[S], Any],
 ) -> dict[str, np.ndarray]:
-    """Rows 0..num_rows-1 (num_rows >= 1) through the slots of `s` (all empty: done) with row refill.
+    """Rows 0..num_rows-1 (num_rows >= 1) through the slots of `s`, whose first min(num_rows, B) slots
+    already decode rows 0, 1, .. (the decoders' `_start`) and the rest are empty (done), with row refill.
 
     begin(s, slot, row): the slot starts decoding the row; advance(s, watch): the loop, until a `watch`
-    slot's row is done (or every slot is); result(s): a struct dataclass of per-slot results. Returns
-    each result field as a numpy array in row order."""
+    slot's row is done (or every slot is; once no row waits for a slot, nothing is watched: finished rows
+    keep their results, so the loop runs to the end in one call); result(s): a struct dataclass of
+    per-slot results. Returns each result field as a numpy array in row order."""
     batch_size = s.done.shape[0]
-    slot_row = np.full(batch_size, -1)  # the row each slot decodes, -1: none
-    pending = iter(range(num_rows))
+    started = min(num_rows, batch_size)
+    slot_row = np.where(np.arange(batch_size) < started, np.arange(batch_size), -1)  # the row each slot decodes
+    next_row = started  # the next row to wait for a slot
     out: dict[str, np.ndarray] = {}
-
-    def refill(s: S, slot: int) -> S:
-        row = next(pending, None)
-        slot_row[slot] = -1 if row is None else row
-        return s if row is None else begin(s, slot, row)
-
-    for slot in range(batch_size):
-        s = refill(s, slot)
     while (slot_row >= 0).any():
-        s = advance(s, slot_row >= 0)
+        s = advance(s, (slot_row >= 0) & (next_row < num_rows))
         done, got = jax.device_get((s.done, fields(result(s))))
         for slot in np.flatnonzero((slot_row >= 0) & done):
             for name, value in got.items():
                 out.setdefault(name, np.zeros((num_rows, *value.shape[1:]), value.dtype))[slot_row[slot]] = value[slot]
-            s = refill(s, slot)
+            slot_row[slot] = next_row if next_row < num_rows else -1
+            if next_row < num_rows:
+                s = begin(s, slot, next_row)
+                next_row += 1
     return out

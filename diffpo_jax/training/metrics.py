@@ -36,7 +36,8 @@ class MetricsLog:
     `metrics.jsonl.part-<first step>` of about PART_LINES lines (a write replaces only the newest part):
     O(steps) bytes in all. close() writes the whole metrics.jsonl once and removes the parts; a run
     killed before that leaves them, and the next opening merges them in (a part's line replaces a line
-    of the same step: a close cut short between the two leaves both)."""
+    of the same step: a close cut short between the two leaves both). TensorBoard is off there: an event
+    file in a store is uploaded whole at each flush (O(steps^2) bytes); `note` says so, for the log."""
 
     def __init__(
         self, run_dir: epath.Path, start_step: int, tensorboard: bool, flush_every_s: float = 30.0, clock=time.monotonic
@@ -46,8 +47,15 @@ class MetricsLog:
         self.flush_every_s, self._clock = flush_every_s, clock
         self._file = self._tb = self._lines = None
         self._part, self._parts, self._dirty = [], [], False  # the newest part's lines, the parts written
+        self.note = None
         if not self.enabled:
             return
+        if tensorboard and is_url(run_dir):
+            tensorboard = False
+            self.note = (
+                f"tensorboard: off for a URL run dir ({run_dir}: its event files would be uploaded whole at each "
+                "flush); metrics.jsonl holds the same scalars"
+            )
         if is_url(self.path):
             stale = sorted(self.path.parent.glob(f"{self.path.name}.part-*"), key=lambda p: p.name)
             by_step = {}

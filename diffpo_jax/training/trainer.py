@@ -14,7 +14,8 @@ Run dir (`output_dir`), a train run dir of weights/checkpoint.py, so `--model RU
                                    (step 0: before the first update); in a bucket, the newest lines
                                    are in metrics.jsonl.part-* until the run ends (MetricsLog)
   eval_ids.json                    the held-out record ids (when eval.holdout_prompts > 0)
-  tensorboard/                     event files with the same scalars (process 0)
+  tensorboard/                     event files with the same scalars (process 0; not for a URL run dir,
+                                   whose event files would be uploaded whole at each flush: MetricsLog)
   data/                            the built dataset, when `data` is a source file rather than a built dir
   adapter_config.json              LoRA runs (`lora.rank` > 0): PEFT's config naming the frozen base
                                    (`model`); checkpoints then hold the adapters alone (lora.py)
@@ -27,8 +28,8 @@ ones are written, so the logs read like one uninterrupted run. The config must b
 difference stops with a one-line TrainConfigError naming the keys unless they are in
 `allow_config_change` (`--allow-config-change KEY,...`; a section name allows all its keys); the
 accepted config is then written as the new train_config.json. SIGTERM (e.g. TPU preemption) stops
-after the step in flight, skips an evaluation due after it (the grace period is for the checkpoint),
-saves a checkpoint, waits for it and returns `stopped=True`; with several processes, a SIGTERM to any
+after the step in flight, skips an evaluation due after it (the grace period is for the checkpoint; one
+sent during an evaluation stops the run right after it), saves a checkpoint, waits for it and returns `stopped=True`; with several processes, a SIGTERM to any
 one of them stops all of them after the same step (`any_process`). Several processes need an
 `output_dir` they all see (a bucket URL or a shared filesystem: process 0 alone writes the model files and
 data/, each host its checkpoint shards): checked first, in seconds (distributed.check_shared_folder).
@@ -195,6 +196,8 @@ def train(cfg: TrainConfig, log=print, allow_config_change: tuple[str, ...] = ()
         f"(x{cfg.grad_accum} accumulation), P={cfg.prompt_len} N={cfg.response_len}"
     )
     metrics_log = MetricsLog(run_dir, start, cfg.tensorboard, cfg.metrics_flush_s)
+    if metrics_log.note:
+        say(metrics_log.note)
     try:
         if evaluate and not start:
             record = {"step": 0, **evaluate(model_params(state))}
@@ -245,6 +248,7 @@ def _loop(cfg, state, train_step, loader, mesh, checkpoints, metrics_log, evalua
             if evaluate and not stop and (step == total or (cfg.eval.every and step % cfg.eval.every == 0)):
                 record.update(evaluate(model_params(state)))
                 say(eval_line(record))
+                stop = any_process(sigterm.raised)  # and after it: one sent during it stops now, not a step later
             last = time.perf_counter()
             history.append(record)
             metrics_log.write(record)
