@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -247,7 +248,12 @@ class Service:
             return self.error(e)
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+        def emit(event):  # on the engine thread; after shutdown the loop is gone and nobody listens
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job.emit = emit
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.settings.name}
         self.engine.submit(job)
         if req.stream:

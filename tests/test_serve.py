@@ -23,7 +23,6 @@ from diffpo_jax import generate as generate_cli
 from diffpo_jax import refine as refine_cli
 from diffpo_jax import serve
 from diffpo_jax.decoding import engine as engine_module
-from diffpo_jax.decoding.batching import Decoder
 from tests.files import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,9 +146,11 @@ def test_max_tokens_and_stop_cut_the_answer(server, refined):
     assert ask_streamed(url, RECORDS[0], stop=stop)[0] == full[: full.index(stop)]
 
 
+@pytest.mark.slow
 def test_drafts_are_generates_and_the_upstreams(server, tiny, tmp_path):
-    """No `draft`: the drafter writes the one `generate --seed S` writes (record 0), refined as refine would;
-    a second app whose drafts come from the first over HTTP (--upstream) refines that server's answer."""
+    """No `draft`: the drafter writes the one `generate --seed S` writes (record 0), refined as that draft sent
+    by the client is (refine's answer: the test above); a second app whose drafts come from the first over
+    HTTP (--upstream) refines that server's answer."""
     engine, _, url = server
     prompt = {"prompt": "Tell me a story."}
     inp, out = write_jsonl(tmp_path / "p.jsonl", [prompt]), tmp_path / "d.jsonl"
@@ -158,20 +159,16 @@ def test_drafts_are_generates_and_the_upstreams(server, tiny, tmp_path):
     (drafted,) = read_jsonl(out)
     answer = ask(url, prompt, temperature=0.9, seed=7)
     assert answer.diffpo["draft"] == drafted["draft"]
-    decoder = Decoder(tiny, batch_size=SLOTS, max_new_tokens=N)
-    (expected,) = decoder.refine(
-        [decoder.prompt_tokens(prompt["prompt"])], [decoder.draft_tokens(drafted["draft"])], block_size=W
-    )
-    assert answer.choices[0].message.content == expected.text
+    assert answer.choices[0].message.content == ask(url, drafted).choices[0].message.content
 
     upstream = serve.Service(engine, serve.Settings("diffpo", upstream=url, upstream_model="diffpo"))
     with running(upstream) as front:
         relayed = ask(front, prompt, temperature=0.9, seed=7)
     assert relayed.diffpo["draft"] == answer.choices[0].message.content
-    (expected,) = decoder.refine(
-        [decoder.prompt_tokens(prompt["prompt"])], [decoder.draft_tokens(relayed.diffpo["draft"])], block_size=W
+    assert (
+        relayed.choices[0].message.content
+        == ask(url, prompt | {"draft": relayed.diffpo["draft"]}).choices[0].message.content
     )
-    assert relayed.choices[0].message.content == expected.text
 
 
 def error_of(response: httpx.Response, status: int, code: str | None, param: str | None = None) -> str:
@@ -270,7 +267,9 @@ def test_a_disconnected_stream_frees_its_slot(server, monkeypatch):
     assert ask(url, RECORDS[1]).choices[0].finish_reason and health()["busy"] == 0
 
 
-def test_arguments():
+def test_arguments(tmp_path, capsys):
+    assert serve.main(["--model", str(tmp_path / "nope"), "--draft-model", "none"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
     with pytest.raises(SystemExit):
         serve.parse_args(["--upstream", "http://x/v1"])
     with pytest.raises(SystemExit):
