@@ -160,6 +160,8 @@ def test_drafts_are_generates_and_the_upstreams(server, tiny, tmp_path):
     answer = ask(url, prompt, temperature=0.9, seed=7)
     assert answer.diffpo["draft"] == drafted["draft"]
     assert answer.choices[0].message.content == ask(url, drafted).choices[0].message.content
+    greedy = [ask(url, prompt, temperature=0, seed=seed).diffpo["draft"] for seed in (1, 2)]
+    assert greedy[0] == greedy[1] != answer.diffpo["draft"]  # temperature 0 is greedy, not "unset"
 
     upstream = serve.Service(engine, serve.Settings("diffpo", upstream=url, upstream_model="diffpo"))
     with running(upstream) as front:
@@ -169,6 +171,20 @@ def test_drafts_are_generates_and_the_upstreams(server, tiny, tmp_path):
         relayed.choices[0].message.content
         == ask(url, prompt | {"draft": relayed.diffpo["draft"]}).choices[0].message.content
     )
+
+
+@pytest.mark.slow
+def test_answers_on_a_mesh_equal_refine(tiny_init_dir, refined):
+    """--mesh 2,1,2: the slots split over 2 data devices, heads and KV cache over 2 tensor devices; the
+    answers are still refine's (one device)."""
+    mesh = ["--mesh", "2,1,2", "--draft-model", "none", "--max-prompt-tokens", "64"]
+    engine, service = serve.build(serve.parse_args(["--model", str(tiny_init_dir), *mesh, *DECODE]))
+    with running(service) as url:
+        with ThreadPoolExecutor(len(RECORDS)) as pool:
+            answers = list(pool.map(lambda r: ask(url, r), RECORDS))
+    engine.stop(10)
+    assert [a.choices[0].message.content for a in answers] == [r["refined"] for r in refined]
+    assert [a.diffpo["stats"] for a in answers] == [r["stats"] for r in refined]
 
 
 def error_of(response: httpx.Response, status: int, code: str | None, param: str | None = None) -> str:
@@ -294,18 +310,19 @@ def test_sigterm_drains_and_exits_0(tiny_init_dir, xla_cache_dir):
                 if httpx.get(f"{url}/models").status_code == 200:
                     break
             time.sleep(0.2)
-        first = threading.Event()
+        started = threading.Semaphore(0)
 
         def one(record):
             chunks = []
             for c in ask(url, record, stream=True):
                 chunks.append(c)
-                first.set()
+                if len(chunks) == 1:  # the role chunk: the request is in the engine
+                    started.release()
             return chunks[-1].choices[0].finish_reason
 
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(one, r) for r in RECORDS[:4]]
-            assert first.wait(60)
+            assert all(started.acquire(timeout=60) for _ in futures)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
             late = httpx.post(f"{url}/chat/completions", json={"model": "diffpo", "messages": messages(RECORDS[0]),
