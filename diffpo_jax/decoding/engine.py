@@ -3,7 +3,8 @@
 One thread owns the devices and the jitted functions. It keeps `batch_size` refinement slots (the state
 of `jacobi_stream`: one KV cache for prompts up to the largest bucket) and loops: take the requests that
 arrived (`submit`, from any thread), drop the cancelled ones (their slot is free at once), write drafts
-for the waiting requests that have none (the drafter `Decoder`, one batched AR call, on this thread),
+for the waiting requests that have none (the drafter `Decoder`: one batched AR call of the smallest
+power-of-two batch that holds them, on this thread),
 start waiting requests in the free slots (`jacobi.start_row`: one prefill each, compiled once per
 prompt bucket), run one Jacobi pass over the live slots (`jacobi.run_passes`, compiled once), then
 hand every live request its committed tokens (`Progress`, through the request's `emit`, called on this
@@ -84,6 +85,7 @@ class Engine:
         if drafter is not None and drafter.batch_size != refiner.batch_size:
             raise ValueError("the drafter's batch size must be the refiner's (one draft per free slot)")
         self.refiner, self.drafter = refiner, drafter
+        self._drafters: dict[int, Decoder] = {}  # the drafter at smaller batch sizes (`_drafter_for`)
         self.slots, self.max_new_tokens = refiner.batch_size, refiner.max_new_tokens
         self.prompt_width = bucket(max_prompt_tokens)  # the largest bucket: the longest prompt served
         self.opts = JacobiOptions(
@@ -221,7 +223,7 @@ class Engine:
         for temperature, top_p in dict.fromkeys((job.temperature, job.top_p) for job in todo):
             group = [job for job in todo if (job.temperature, job.top_p) == (temperature, top_p)]
             try:
-                outputs = self.drafter.sample(
+                outputs = self._drafter_for(len(group)).sample(
                     [job.draft_prompt for job in group],
                     jnp.stack([job.key for job in group]),
                     temperature=temperature,
@@ -238,6 +240,19 @@ class Engine:
             if job.draft_ids is None and not job.cancelled:
                 with self.tokenizer_lock:
                     job.draft_ids = self.refiner.draft_tokens(job.draft)
+
+    def _drafter_for(self, rows: int) -> Decoder:
+        """The drafter with the smallest power-of-two batch >= rows (that splits over its mesh), so one
+        draft costs a one-row decode, not the padding of all slots; each size compiles once per bucket."""
+        d = self.drafter
+        size = min(d.batch_size, bucket(rows, minimum=1))
+        if d.mesh is not None and size % (d.mesh.shape["data"] * d.mesh.shape["fsdp"]):
+            size = d.batch_size
+        if size == d.batch_size:
+            return d
+        if size not in self._drafters:
+            self._drafters[size] = Decoder(d.loaded, batch_size=size, max_new_tokens=d.max_new_tokens, mesh=d.mesh)
+        return self._drafters[size]
 
     def _free(self, s, slot: int):
         self._live[slot] = None
