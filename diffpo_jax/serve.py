@@ -38,7 +38,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from diffpo_jax.decoding import devices
@@ -50,6 +50,7 @@ from diffpo_jax.sources import ModelSourceError
 MAX_BODY = 1 << 20  # bytes of a request body (413 past it)
 UPSTREAM_KEY_ENV = "DIFFPO_UPSTREAM_API_KEY"
 ROLES = ("system", "developer", "user", "assistant")
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -258,13 +259,18 @@ class Service:
         self.engine.submit(job)
         if req.stream:
             return StreamingResponse(self._stream(job, req, events, meta), media_type="text/event-stream")
+        answer = asyncio.ensure_future(self._finish(job, req, events))
         try:
-            final = await self._finish(job, req, events)
+            while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_S))[0]:
+                if await request.is_disconnected():  # the client is gone: free the slot, answer no one
+                    self.disconnects += 1
+                    answer.cancel()
+                    return Response(status_code=499)
+            text, finish, progress = answer.result()
         except EngineError as e:
             return self.error(ApiError(500, str(e), None, "engine_error"))
         finally:
-            job.cancelled = True  # a no-op once finished; frees the slot if the handler was cancelled
-        text, finish, progress = final
+            job.cancelled = True  # a no-op once finished
         return JSONResponse(
             meta
             | {

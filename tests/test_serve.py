@@ -251,10 +251,12 @@ def test_key_queue_and_upstream_failures(server):
     assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"
 
 
-def test_a_disconnected_stream_frees_its_slot(server, monkeypatch):
-    """The client goes away after the first tokens; the engine frees the slot before its next pass."""
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def test_a_disconnected_client_frees_its_slot(server, monkeypatch, stream):
+    """The client goes away after the first pass; the engine frees the slot before its next pass."""
     engine, service, url = server
     health = lambda: httpx.get(url.removesuffix("/v1") + "/health").json()  # noqa: E731
+    ask(url, RECORDS[0])  # compiled before the clock of the client's timeout starts
     before = health()
     passes, resume, real = [], threading.Event(), engine_module.run_passes
 
@@ -265,10 +267,15 @@ def test_a_disconnected_stream_frees_its_slot(server, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "run_passes", gated)
-    body = {"model": "diffpo", "messages": messages(RECORDS[0]), "draft": "", "stream": True}
-    with httpx.stream("POST", f"{url}/chat/completions", json=body) as r:
-        lines = (line for line in r.iter_lines() if line)
-        assert '"role"' in next(lines) and '"content"' in next(lines)
+    body = {"model": "diffpo", "messages": messages(RECORDS[0]), "draft": "", "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{url}/chat/completions", json=body) as r:
+            lines = (line for line in r.iter_lines() if line)
+            assert '"role"' in next(lines) and '"content"' in next(lines)
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while the second pass waits
+            httpx.post(f"{url}/chat/completions", json=body, timeout=httpx.Timeout(5, read=1))
+        assert len(passes) == 2
     for _ in range(200):
         if health()["disconnects"] > before["disconnects"]:
             break
