@@ -290,13 +290,17 @@ def test_a_disconnected_client_frees_its_slot(server, monkeypatch, stream):
     assert ask(url, RECORDS[1]).choices[0].finish_reason and health()["busy"] == 0
 
 
-def test_arguments(tmp_path, capsys):
+def test_arguments(tmp_path, capsys, monkeypatch):
     assert serve.main(["--model", str(tmp_path / "nope"), "--draft-model", "none"]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such file or directory\n"
     with pytest.raises(SystemExit):
         serve.parse_args(["--upstream", "http://x/v1"])
     with pytest.raises(SystemExit):
         serve.parse_args(["--upstream", "http://x/v1", "--upstream-model", "m", "--draft-model", "d"])
+    monkeypatch.delenv("SERVE_TEST_KEY", raising=False)
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--api-key-env", "SERVE_TEST_KEY"])
+    assert "--api-key-env SERVE_TEST_KEY: the variable is not set" in capsys.readouterr().err
     args = serve.parse_args([])
     assert (args.host, args.port, args.model, args.draft_model) == ("127.0.0.1", 8000, "embedded-refiner", None)
 
