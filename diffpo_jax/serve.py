@@ -128,6 +128,8 @@ def parse_request(raw: bytes, name: str, max_new_tokens: int) -> ChatRequest:
     if not 0 < top_p <= 1:
         raise ApiError(400, "'top_p' must be in (0, 1]", "top_p", "invalid_value")
     seed = _field(body, "seed", (int,), "an integer", secrets.randbits(31))
+    if not -(2**63) <= seed < 2**63:
+        raise ApiError(400, "'seed' must fit in 64 bits", "seed", "invalid_value")
     stop = _field(body, "stop", (str, list), "a string or a list of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
@@ -232,7 +234,8 @@ class Service:
             self._check_key(request)
             if self.draining or self.engine.failure:
                 raise ApiError(503, self.engine.failure or "the server is shutting down", None, "unavailable")
-            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+            length = request.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_BODY:  # refused before the body is read
                 raise ApiError(413, f"the body is over {MAX_BODY} bytes", None, "request_too_large")
             raw = await request.body()
             if len(raw) > MAX_BODY:

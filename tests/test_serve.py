@@ -207,6 +207,8 @@ def test_bad_requests_are_openai_errors_before_any_decoding(server, monkeypatch)
     error_of(post(good | {"messages": [{"role": "user", "content": 3}]}), 400, None, "messages[0].content")
     error_of(post(good | {"messages": []}), 400, "missing_required_parameter", "messages")
     error_of(post(good | {"n": 2}), 400, "unsupported_value", "n")
+    error_of(post(good | {"seed": 2**64}), 400, "invalid_value", "seed")
+    error_of(post(good | {"temperature": 2.5}), 400, "invalid_value", "temperature")
     long = good | {"messages": [{"role": "user", "content": "word " * 100}]}
     assert error_of(post(long), 400, "context_length_exceeded", "messages").endswith("this server takes at most 64")
     error_of(post(good, content=json.dumps(good | {"pad": "x" * serve.MAX_BODY})), 413, "request_too_large")
