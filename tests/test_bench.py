@@ -5,7 +5,7 @@ Not timed: the figures themselves are in bench/results/ (summary: bench/RESULTS.
 
 import pytest
 
-from bench import common, memory_plan, refine_speed, train_speed
+from bench import common, memory_plan, refine_speed, serve_load, train_speed
 
 
 @pytest.mark.slow
@@ -304,3 +304,19 @@ def test_each_run_writes_its_own_file_and_its_figure_beside_the_folder(tmp_path,
     assert link.endswith("(../figures/run_1.png)") and (tmp_path / "figures" / "run_1.png").is_file()
     assert common.figure("-", "run-4", curves, "passes", "L_AR").endswith("(../figures/run_4.png)")
     assert not (tmp_path / "figures" / "run_4.png").exists()
+
+
+@pytest.mark.slow
+def test_serve_load_tiny(tiny_init_dir, tmp_path):
+    """Both services (2 slots, 1 slot) in subprocesses on a tiny model, a closed loop of 2 clients and Poisson
+    arrivals: every response well formed and each request's answer the same in every run."""
+    model = str(tiny_init_dir)
+    out = serve_load.main(
+        ["--model", model, "--draft-model", model, "--batch-size", "2", "--clients", "2", "--rates", "4",
+         "--requests", "3", "--max-new-tokens", "8", "--block-size", "4", "--results", str(tmp_path / "results")]
+    )  # fmt: skip
+    assert out["bad"] == 0 and out["mismatches"] == 0
+    assert [(r[0], r[1], r[2]) for r in out["rows"]] == [
+        (name, load, 3) for name in ("2 slots", "1 slot") for load in ("closed 2", "poisson 4/s")
+    ]
+    assert (tmp_path / "figures" / "serve_load.png").is_file()

@@ -30,7 +30,7 @@ LAYERS = [
     ),
     ("loops", ["training", "training.*", "records.loop", "records.cli"]),
     ("pipelines", ["pipelines", "pipelines.*"]),
-    ("CLIs", ["generate", "refine", "score", "train", "convert", "verify", "data.__main__"]),
+    ("CLIs", ["generate", "refine", "score", "serve", "train", "convert", "verify", "data.__main__"]),
 ]
 
 

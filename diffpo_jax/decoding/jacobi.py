@@ -246,9 +246,9 @@ def _begin(
     return slots_lib.constrain_state(slots_lib.put_rows(s, slots, sub))
 
 
-def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, opts: JacobiOptions) -> _State:
+def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, opts: JacobiOptions, max_passes=None) -> _State:
     """Jacobi passes over the live rows until every row is done, or one of the `watch` rows is; a row is
-    capped after `limit` passes."""
+    capped after `limit` passes. `max_passes` (traced): stop after that many passes at most (the engine)."""
     b, w = s.window.shape
     big_n, j, pad_id = s.tokens.shape[1], jnp.arange(w), opts.pad_id
 
@@ -269,7 +269,13 @@ def _loop(model, s: _State, limit: jax.Array, watch: jax.Array, opts: JacobiOpti
         capped = ~new.done & (new.passes >= limit)
         return new.replace(done=new.done | capped, capped=new.capped | capped)
 
-    return slots_lib.constrain_state(jax.lax.while_loop(lambda s: ~jnp.all(s.done) & ~jnp.any(s.done & watch), step, s))
+    def going(s: _State) -> jax.Array:
+        return ~jnp.all(s.done) & ~jnp.any(s.done & watch)
+
+    if max_passes is not None:
+        s, _ = jax.lax.while_loop(lambda c: going(c[0]) & (c[1] < max_passes), lambda c: (step(c[0]), c[1] + 1), (s, 0))
+        return slots_lib.constrain_state(s)
+    return slots_lib.constrain_state(jax.lax.while_loop(going, step, s))
 
 
 def _result(s: _State) -> JacobiResult:
@@ -403,3 +409,17 @@ def jacobi_stream(
         return _advance(graphdef, state, s, limit, watch, opts=opts)
 
     return JacobiResult(**slots_lib.stream(s, len(prompts), begin=begin, advance=advance, result=_result))
+
+
+# The slot-level steps of `jacobi_stream`, public for the serving engine (decoding/engine.py), which
+# starts rows in free slots between passes as requests arrive: empty slots, a row started in one
+# (its prefill), the per-slot results.
+empty_slots = _empty
+start_row = _refill
+slot_results = _result
+
+
+@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
+def run_passes(graphdef, state, s, limit, max_passes, *, opts: JacobiOptions):
+    """At most `max_passes` passes over the live slots (fewer when every slot is done)."""
+    return _loop(nnx.merge(graphdef, state), s, limit, jnp.zeros(s.done.shape, bool), opts, max_passes)
