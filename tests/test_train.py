@@ -423,8 +423,10 @@ def test_metrics_of_steps_past_the_checkpoint_are_dropped_on_resume(tmp_path):
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "gemma-2-2b", "gemma-2-9b", "llama-3-8b"])
 def test_presets_load(preset):
     cfg = load_config(ROOT / "configs" / "train" / f"{preset}.yaml", ["data=d", "output_dir=o"])
-    assert cfg.loss.con_weight == 1.0 and cfg.loss.con_positions == "draft"  # README: why not the paper's w
-    if preset not in ("tiny", "smollm2-135m"):  # the paper's settings
+    if preset in ("tiny", "smollm2-135m"):  # the CPU presets: w = 1 on the draft's positions (README)
+        assert (cfg.loss.con_weight, cfg.loss.con_norm, cfg.loss.con_positions) == (1.0, "token", "draft")
+    else:  # the paper's settings: w = 1e3 read at its scale, w / V per token, on every position (README)
+        assert (cfg.loss.con_weight, cfg.loss.con_norm, cfg.loss.con_positions) == (1000.0, "vocab", "all")
         assert cfg.response_len == 256 and cfg.num_epochs == 1 and cfg.optimizer.warmup_ratio == 0.03
         assert cfg.optimizer.learning_rate == 2e-6
 
