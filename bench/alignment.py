@@ -286,13 +286,14 @@ def evaluate_model(
     return result
 
 
-def time_drafts(work: Path, prompts: list[str], held: list[int], loaded) -> dict[str, float]:
-    """Seconds per sampled answer per setup, BATCH rows with row refill, after a warm-up (cached)."""
+def time_drafts(work: Path, prompts: list[str], held: list[int], loaded) -> dict[str, dict[str, float]]:
+    """Per setup: the drafter's seconds per sampled answer and tokens/s, BATCH rows with row refill, after a
+    warm-up (cached)."""
     import jax
 
     from diffpo_jax.decoding.batching import Decoder
 
-    cache = work / "eval" / "draft_seconds.json"
+    cache = work / "eval" / "drafter.json"
     if cache.exists():
         return json.loads(cache.read_text())
     decoder = Decoder(loaded, batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS)
@@ -302,11 +303,23 @@ def time_drafts(work: Path, prompts: list[str], held: list[int], loaded) -> dict
         keys = jax.random.split(jax.random.key(1), len(ids))
         decoder.sample(ids[:BATCH], keys[:BATCH], temperature=temperature, top_p=1.0)  # warm-up
         start = time.perf_counter()
-        decoder.sample(ids, keys, temperature=temperature, top_p=1.0)
-        out[setup] = (time.perf_counter() - start) / len(ids)
+        outs = decoder.sample(ids, keys, temperature=temperature, top_p=1.0)
+        seconds = time.perf_counter() - start
+        out[setup] = {
+            "seconds_per_answer": seconds / len(ids),
+            "tokens_per_s": sum(len(o.tokens) for o in outs) / seconds,
+        }
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(out))
     return out
+
+
+def vader():
+    """The benchmark's reward (REWARD) as a function of a list of answer texts."""
+    from diffpo_jax.reward.functions import load_reward_function
+
+    fn = load_reward_function(str(ROOT / REWARD))
+    return lambda texts: [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,14 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--steps-paper", type=int, default=16, help="steps of the paper's setting (w = 1e3, all)")
     args = ap.parse_args(argv)
-    from diffpo_jax.reward.functions import load_reward_function
     from diffpo_jax.sources import load_model
 
-    fn = load_reward_function(str(ROOT / REWARD))
-
-    def reward(texts: list[str]) -> list[float]:
-        return [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
-
+    reward = vader()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     # what the kept samples depend on (a run dir's training settings are checked by the trainer on resume)
@@ -390,7 +398,7 @@ def report(
     for setup in SETUPS:
         rw = sample_rewards[setup]
         draft_r = [r[0] for r in rw]
-        t_draft = draft_seconds[setup]
+        t_draft = draft_seconds[setup]["seconds_per_answer"]
         table_rows = []
         lens, dist = answer_stats([samples[setup][i][0] for i in held])
         entries = {"draft": _stats(draft_r, draft_r, t_draft, lens, distinct=dist)}

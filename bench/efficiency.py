@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,15 @@ from bench.alignment import (
     BATCH,
     BLOCK,
     MAX_NEW_TOKENS,
-    REWARD,
     ROOT,
     SETUPS,
-    _messages,
     _stats,
     evaluate_model,
     generate_samples,
     held_out,
     read_prompts,
+    time_drafts,
+    vader,
 )
 from bench.common import command, machine, table
 
@@ -141,33 +140,6 @@ def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
     return out
 
 
-def time_drafter(work: Path, prompts: list[str], held: list[int], loaded) -> dict[str, dict[str, float]]:
-    """Per setup: the drafter's seconds per answer and tokens/s, BATCH rows with row refill, after a warm-up."""
-    import jax
-
-    from diffpo_jax.decoding.batching import Decoder
-
-    cache = work / "eval" / "drafter.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    decoder = Decoder(loaded, batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS)
-    out = {}
-    for setup, (_, system, temperature) in SETUPS.items():
-        ids = [decoder.prompt_tokens(_messages(prompts[i], system).get("messages") or prompts[i]) for i in held]
-        keys = jax.random.split(jax.random.key(1), len(ids))
-        decoder.sample(ids[:BATCH], keys[:BATCH], temperature=temperature, top_p=1.0)  # warm-up
-        start = time.perf_counter()
-        outs = decoder.sample(ids, keys, temperature=temperature, top_p=1.0)
-        seconds = time.perf_counter() - start
-        out[setup] = {
-            "seconds_per_answer": seconds / len(ids),
-            "tokens_per_s": sum(len(o.tokens) for o in outs) / seconds,
-        }
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "efficiency")
@@ -175,21 +147,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
     ap.add_argument("--epochs", type=int, default=1, help="stage B epochs")
     args = ap.parse_args(argv)
-    from diffpo_jax.reward.functions import load_reward_function
     from diffpo_jax.sources import load_model
 
-    fn = load_reward_function(str(ROOT / REWARD))
-
-    def reward(texts: list[str]) -> list[float]:
-        return [float(x) for x in fn(prompts=[""] * len(texts), completions=texts)]
-
+    reward = vader()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts()
     held = held_out(prompts)
     loaded = load_model(None, dtype="float32")
     samples = generate_samples(work, prompts, held, loaded, train_samples=1, held_samples=DRAFTS_HELD)
-    drafter = time_drafter(work, prompts, held, loaded)
+    drafter = time_drafts(work, prompts, held, loaded)
     data = build_stage_b(work, prompts, held, samples, args.states)
     refiners = {
         "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD)

@@ -146,6 +146,17 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
         np.testing.assert_allclose(got[:, 3], expected[:, 3], rtol=1e-5, err_msg=str(mesh.shape))
 
 
+def one_device_step(cfg, model_cfg, graphdef, params, mesh, grad_accum=1):
+    """(the jitted train step of `cfg` on the one-device `mesh`, its first TrainState holding `params`)."""
+    abstract = abstract_model(model_cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
+    shardings = state_shardings(
+        tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), nnx.to_pure_dict(nnx.state(abstract)), mesh
+    )
+    step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
+    return step, init_state(params, tx, shardings)
+
+
 def test_project_conflict_removes_only_the_opposing_component():
     from diffpo_jax.training.step import project_conflict
 
@@ -218,14 +229,8 @@ def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_di
     summed_norm = float(optax.tree.norm(jax.tree.map(lambda a, c: a + 2.0 * c, g_ar, g_con)))
     assert abs(expect_norm / summed_norm - 1) > 1e-3  # the figure below tells an adjusted step from a plain one
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    abstract = abstract_model(loaded.cfg)
-    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
-    shardings = state_shardings(
-        tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), nnx.to_pure_dict(nnx.state(abstract)), mesh
-    )
     for grad_accum in (1, 2):
-        step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh, grad_accum)
-        state = init_state(jax.tree.map(jnp.copy, params), tx, shardings)
+        step, state = one_device_step(cfg, loaded.cfg, graphdef, jax.tree.map(jnp.copy, params), mesh, grad_accum)
         _, metrics = step(state, global_batch(batch, mesh))
         for k in ("con_ar_cos", "ar_grad_norm", "con_grad_norm"):
             assert float(metrics[k]) == pytest.approx(float(stats[k]), abs=1e-5, rel=1e-5), k
@@ -455,13 +460,7 @@ def test_step_warms_the_consistency_weight_up_and_reads_it_per_vocabulary_entry(
         )
     )
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
-    abstract = abstract_model(loaded.cfg)
-    tx, schedule = make_optimizer(cfg.optimizer, STEPS)
-    shardings = state_shardings(
-        tx, nnx.to_pure_dict(param_shardings(nnx.state(abstract), mesh)), nnx.to_pure_dict(nnx.state(abstract)), mesh
-    )
-    step = make_train_step(graphdef, tx, schedule, cfg.loss, shardings, mesh)
-    state = init_state(nnx.to_pure_dict(params), tx, shardings)
+    step, state = one_device_step(cfg, loaded.cfg, graphdef, nnx.to_pure_dict(params), mesh)
     for s, ramp in enumerate((0.0, 0.5, 1.0, 1.0)):
         state, m = step(state, global_batch(batch, mesh))
         w = 1000.0 / loaded.cfg.vocab_size * ramp
