@@ -201,42 +201,40 @@ def build_data(work: Path, prompts: list[str], samples: dict) -> Path:
     return data
 
 
-def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
-    """Train RUNS[name] into WORK/runs/DIR (resumed or reused when done); the run dir."""
+def train_cached(out: Path, name: str, overrides: list[str]) -> Path:
+    """Train the smollm2-135m preset with `overrides` into the run dir `out` (resumed, or reused once done)."""
     from diffpo_jax.training.config import load_config
     from diffpo_jax.training.trainer import train
 
-    sub, overrides = RUNS[name]
-    out = work / "runs" / sub
     done = out / "done"
     if not done.exists():
         print(f"train: {name}", flush=True)
+        common = [f"output_dir={out}", "prompt_len=64", f"response_len={MAX_NEW_TOKENS}", "save_every=16"]
         cfg = load_config(
-            ROOT / "configs" / "train" / "smollm2-135m.yaml",
-            [
-                f"data={data}",
-                f"output_dir={out}",
-                f"num_epochs={EPOCHS}",
-                f"optimizer.learning_rate={LR}",
-                "prompt_len=64",
-                f"response_len={MAX_NEW_TOKENS}",
-                f"eval.holdout_prompts={HOLDOUT}",
-                "eval.every=0",
-                "eval.max_rows=64",
-                f"eval.batch_size={BATCH}",
-                f"eval.block_size={BLOCK}",
-                "save_every=16",
-                "tensorboard=false",
-                "log_every=4",
-                *([f"max_steps={steps}"] if steps else []),
-                *overrides,
-            ],
+            ROOT / "configs" / "train" / "smollm2-135m.yaml", [*common, "tensorboard=false", "log_every=4", *overrides]
         )
         result = train(cfg, log=lambda line: print(f"  {line}", flush=True))
         if result.stopped or result.step < result.total_steps:
             raise SystemExit(f"{name}: stopped at step {result.step}; rerun to resume")
         done.write_text(json.dumps({"step": result.step}) + "\n")
     return out
+
+
+def train_run(work: Path, data: Path, name: str, steps: int | None) -> Path:
+    """Train RUNS[name] into WORK/runs/DIR (resumed or reused when done); the run dir."""
+    sub, overrides = RUNS[name]
+    setup = [
+        f"data={data}",
+        f"num_epochs={EPOCHS}",
+        f"optimizer.learning_rate={LR}",
+        f"eval.holdout_prompts={HOLDOUT}",
+        "eval.every=0",
+        "eval.max_rows=64",
+        f"eval.batch_size={BATCH}",
+        f"eval.block_size={BLOCK}",
+        *([f"max_steps={steps}"] if steps else []),
+    ]
+    return train_cached(work / "runs" / sub, name, [*setup, *overrides])
 
 
 def evaluate_model(

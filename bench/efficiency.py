@@ -42,6 +42,7 @@ from bench.alignment import (
     held_out,
     read_prompts,
     time_drafts,
+    train_cached,
     vader,
 )
 from bench.common import command, machine, table
@@ -105,39 +106,18 @@ def build_stage_b(work: Path, prompts: list[str], held: list[int], samples: dict
 
 def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
     """Train RUNS[name] into WORK/runs/DIR on top of stage A (resumed, or reused when done); the run dir."""
-    from diffpo_jax.training.config import load_config
-    from diffpo_jax.training.trainer import train
-
     sub, overrides = RUNS[name]
-    out = work / "runs" / sub
-    done = out / "done"
-    if not done.exists():
-        print(f"train: {name}", flush=True)
-        cfg = load_config(
-            ROOT / "configs" / "train" / "smollm2-135m.yaml",
-            [
-                f"model={STAGE_A}",
-                f"data={data}",
-                f"output_dir={out}",
-                f"num_epochs={epochs}",
-                "prompt_len=64",
-                f"response_len={MAX_NEW_TOKENS}",
-                "eval.holdout_prompts=0",
-                "save_every=16",
-                "tensorboard=false",
-                "log_every=4",
-                "loss.con_positions=frontier",
-                f"loss.con_window={BLOCK}",
-                f"loss.con_warmup_steps={WARMUP}",
-                *LORA,
-                *overrides,
-            ],
-        )
-        result = train(cfg, log=lambda line: print(f"  {line}", flush=True))
-        if result.stopped or result.step < result.total_steps:
-            raise SystemExit(f"{name}: stopped at step {result.step}; rerun to resume")
-        done.write_text(json.dumps({"step": result.step}) + "\n")
-    return out
+    setup = [
+        f"model={STAGE_A}",
+        f"data={data}",
+        f"num_epochs={epochs}",
+        "eval.holdout_prompts=0",
+        "loss.con_positions=frontier",
+        f"loss.con_window={BLOCK}",
+        f"loss.con_warmup_steps={WARMUP}",
+        *LORA,
+    ]
+    return train_cached(work / "runs" / sub, name, [*setup, *overrides])
 
 
 def main(argv: list[str] | None = None) -> None:
