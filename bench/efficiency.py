@@ -1,7 +1,7 @@
 """DiffPO's efficiency half: does a consistency stage (stage B) make the embedded refiner (stage A, AR only) refine
 real drafts in fewer passes while keeping its answers?
 
-    python -m bench.efficiency [--work out/efficiency] [--runs NAME ...] [--states 4] [--epochs 1]
+    python -m bench.efficiency [--work out/efficiency] [--runs NAME ...] [--states 4] [--epochs 3]
 
 One command, every stage cached in WORK (a killed run resumes: the decoding stages resume their .partial files,
 training its checkpoints):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "efficiency")
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
-    ap.add_argument("--epochs", type=int, default=1, help="stage B epochs")
+    ap.add_argument("--epochs", type=int, default=3, help="stage B epochs")
     args = ap.parse_args(argv)
     from diffpo_jax.sources import load_model
 

@@ -146,6 +146,18 @@ def test_sharded_steps_match_one_device(tiny_init_dir, trajectories_dir, config_
         np.testing.assert_allclose(got[:, 3], expected[:, 3], rtol=1e-5, err_msg=str(mesh.shape))
 
 
+def one_epoch(cfg, data_dir, tokenizer):
+    """The batches of one epoch of `data_dir` at `cfg`'s batch size and lengths."""
+    return make_loader(
+        data_dir,
+        tokenizer,
+        global_batch_size=cfg.global_batch_size,
+        prompt_len=cfg.prompt_len,
+        response_len=cfg.response_len,
+        num_epochs=1,
+    )
+
+
 def one_device_step(cfg, model_cfg, graphdef, params, mesh, grad_accum=1):
     """(the jitted train step of `cfg` on the one-device `mesh`, its first TrainState holding `params`)."""
     abstract = abstract_model(model_cfg)
@@ -211,14 +223,7 @@ def test_two_term_step_uses_the_adjusted_gradient(tiny_init_dir, trajectories_di
         return jax.grad(f)(params)
 
     # The first batch whose two terms conflict (at this init: the second), so the projection is exercised.
-    for batch in make_loader(
-        trajectories_dir,
-        loaded.tokenizer,
-        global_batch_size=cfg.global_batch_size,
-        prompt_len=cfg.prompt_len,
-        response_len=cfg.response_len,
-        num_epochs=1,
-    ):
+    for batch in one_epoch(cfg, trajectories_dir, loaded.tokenizer):
         jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
         g_ar, g_con = term("ar", jbatch), term("con", jbatch)
         g_adjusted, stats = ADJUST_CON_GRADIENT[mode](g_con, g_ar)
@@ -447,18 +452,7 @@ def test_step_warms_the_consistency_weight_up_and_reads_it_per_vocabulary_entry(
     )
     loaded = load_model(str(tiny_init_dir))
     graphdef, params = nnx.split(loaded.model)
-    batch = next(
-        iter(
-            make_loader(
-                trajectories_dir,
-                loaded.tokenizer,
-                global_batch_size=cfg.global_batch_size,
-                prompt_len=cfg.prompt_len,
-                response_len=cfg.response_len,
-                num_epochs=1,
-            )
-        )
-    )
+    batch = next(iter(one_epoch(cfg, trajectories_dir, loaded.tokenizer)))
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     step, state = one_device_step(cfg, loaded.cfg, graphdef, nnx.to_pure_dict(params), mesh)
     for s, ramp in enumerate((0.0, 0.5, 1.0, 1.0)):
