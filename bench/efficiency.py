@@ -1,7 +1,7 @@
 """DiffPO's efficiency half: does a consistency stage (stage B) make the embedded refiner (stage A, AR only) refine
 real drafts in fewer passes while keeping its answers?
 
-    python -m bench.efficiency [--work out/efficiency] [--runs NAME ...] [--states 4] [--epochs 3]
+    python -m bench.efficiency [--work out/efficiency] [--runs NAME ...] [--states 4] [--epochs 3] [--name efficiency]
 
 One command, every stage cached in WORK (a killed run resumes: the decoding stages resume their .partial files,
 training its checkpoints):
@@ -19,7 +19,7 @@ training its checkpoints):
 4. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
    draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
    share of answers identical to stage A's, distinct tokens per answer, seconds per answer.
-Writes bench/results/efficiency.md and bench/figures/efficiency.png (reward against seconds per answer).
+Writes bench/results/NAME.md and bench/figures/NAME.png (reward against seconds per answer).
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ from bench.alignment import (
 )
 from bench.common import command, machine, table
 
-RESULTS_FILE = ROOT / "bench" / "results" / "efficiency.md"
-FIGURE = ROOT / "bench" / "figures" / "efficiency.png"
 STAGE_A = "embedded-refiner"
 STYLE2 = ROOT / "bench" / "data" / "heldout_style2_prompts.jsonl"  # 64 held-out prompts written in another style
 DRAFTS_HELD = 1  # the draft only: Best-of-k of these drafts' seeds is bench.alignment's (module doc)
@@ -126,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
     ap.add_argument("--epochs", type=int, default=3, help="stage B epochs")
+    ap.add_argument(
+        "--name", default="efficiency", help="the report's name: bench/results/NAME.md, bench/figures/NAME.png"
+    )
     args = ap.parse_args(argv)
     from diffpo_jax.sources import load_model
 
@@ -141,15 +142,15 @@ def main(argv: list[str] | None = None) -> None:
     refiners = {
         "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD)
     }
-    report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+    report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
     sources = {"stage A (embedded refiner)": STAGE_A}
     for name in args.runs:
         run = train_stage_b(work, data, name, args.epochs)
         sources[name] = str(run)
         refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD)
-        report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+        report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
     style2 = second_held_out(work / "style2", loaded, sources, reward)
-    report(argv, prompts, held, samples, reward, drafter, refiners, data, args.states, style2)
+    report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states, style2)
 
 
 def second_held_out(work: Path, loaded, sources: dict[str, str], reward) -> dict:
@@ -165,8 +166,8 @@ def second_held_out(work: Path, loaded, sources: dict[str, str], reward) -> dict
     return out
 
 
-def report(argv, prompts, held, samples, reward, drafter, refiners, data, states, style2=None) -> None:
-    """bench/results/efficiency.md and the figure, from what has run so far."""
+def report(report_name, argv, prompts, held, samples, reward, drafter, refiners, data, states, style2=None) -> None:
+    """bench/results/NAME.md and its figure, from what has run so far."""
     key = " | R=0"
     stage_a = refiners["stage A (embedded refiner)"]
     manifest = json.loads((data / "manifest.json").read_text())
@@ -260,12 +261,13 @@ def report(argv, prompts, held, samples, reward, drafter, refiners, data, states
             table(["setup", "method", "reward", "win over draft (95% CI)"], rows),
             "",
         ]
-    RESULTS_FILE.write_text("\n".join(lines) + "\n")
-    _plot(points)
-    print(f"wrote {RESULTS_FILE}", flush=True)
+    results = ROOT / "bench" / "results" / f"{report_name}.md"
+    results.write_text("\n".join(lines) + "\n")
+    _plot(points, ROOT / "bench" / "figures" / f"{report_name}.png")
+    print(f"wrote {results}", flush=True)
 
 
-def _plot(points: dict[str, dict[str, tuple[float, float]]]) -> None:
+def _plot(points: dict[str, dict[str, tuple[float, float]]], figure: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,8 +280,8 @@ def _plot(points: dict[str, dict[str, tuple[float, float]]]) -> None:
             ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(title=setup, xlabel="seconds per answer (2-core CPU)", ylabel="mean VADER reward")
     fig.tight_layout()
-    FIGURE.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(FIGURE, dpi=110)
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
 
 
 if __name__ == "__main__":
