@@ -2,20 +2,24 @@
 
   python -m bench.serve_load [--model embedded-refiner] [--draft-model DRAFTER] [--batch-size 16]
       [--clients 1,4,16,32] [--rates 0.5,1,2] [--requests 32] [--max-new-tokens 64] [--block-size 16]
-      [--max-prompt-tokens 128] [--max-queue 64] [--timeout 300] [--max-seconds 600] [--results bench/results]
+      [--max-prompt-tokens 128] [--max-queue 64] [--timeout 300] [--max-seconds 600] [--one-slot | --no-one-slot]
+      [--name serve_load] [--results bench/results]
 
 Two services are started in turn, each in its own process with the same models and options: the
-continuous-batching one (`--batch-size` slots) and the one-slot one (`--batch-size 1`). Each gets the
+continuous-batching one (`--batch-size` slots) and the one-slot one (`--batch-size 1`; `--no-one-slot`:
+only the first, e.g. for an overload run). Each service compiles its programs before it says it is
+ready (/health), so no run pays a compile. Each gets the
 same load: a closed loop of C clients (each sends its next request when its last one is answered) for
 every C of --clients, then Poisson arrivals at every rate of --rates (requests per second). Every run
 is bounded: --requests requests, none started after --max-seconds, each with a client --timeout.
 Requests stream (the openai client): time to first token (TTFT, the first content chunk), time per
 output token (TPOT: the rest of the stream over the remaining tokens), end-to-end latency, p50 / p99;
-requests/s and tokens/s over the run. Every response is checked: a role chunk, a finish reason, usage,
+requests/s and tokens/s over the run, refined tokens per Jacobi pass (the `diffpo` stats). Every
+response is checked: a role chunk, a finish reason, usage,
 text, or a 503 with the OpenAI error object (none lost, none malformed, none past the timeout); request
 i of a run asks prompt i with seed i, so its answer must be the same in every run of both services
-(answers do not depend on load). Results: bench/results/serve_load.md, figure
-bench/figures/serve_load.png (end-to-end p50 latency against requests/s).
+(answers do not depend on load). Results: bench/results/NAME.md, figure bench/figures/NAME.png
+(end-to-end p50 latency against requests/s).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=300.0, help="a request's client timeout (s)")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="no request starts later in a run (s)")
     ap.add_argument("--seed", type=int, default=0, help="the Poisson arrivals' seed")
+    ap.add_argument("--one-slot", action=argparse.BooleanOptionalAction, default=True, help="also the one-slot service")
+    ap.add_argument("--name", default="serve_load", help="the run's name: bench/results/NAME.md, figures/NAME.png")
     common.add_results_option(ap)
     return ap.parse_args(argv)
 
@@ -93,7 +99,7 @@ async def one(client, prompt: str, seed: int, timeout: float) -> dict:
     import openai
 
     start = time.perf_counter()
-    first, text, finish, usage, role = None, "", None, None, None
+    first, text, finish, usage, role, stats = None, "", None, None, None, None
     try:
         stream = await client.chat.completions.create(
             model="diffpo",
@@ -112,6 +118,7 @@ async def one(client, prompt: str, seed: int, timeout: float) -> dict:
                     first = first or time.perf_counter()
                     text += choice.delta.content
                 finish = choice.finish_reason or finish
+            stats = (getattr(chunk, "diffpo", None) or {}).get("stats") or stats
     except openai.APIStatusError as e:
         error = (e.body or {}) if isinstance(e.body, dict) else {}
         well_formed = e.status_code == 503 and {"message", "type", "param", "code"} <= set(error)
@@ -120,7 +127,8 @@ async def one(client, prompt: str, seed: int, timeout: float) -> dict:
         return {"status": None, "problem": f"{type(e).__name__}: {e}"}
     end = time.perf_counter()
     problems = [p for p, bad in [("no role", role != "assistant"), ("no finish", finish is None),
-                                 ("no usage", usage is None), ("no text", not text)] if bad]  # fmt: skip
+                                 ("no usage", usage is None), ("no text", not text), ("no stats", stats is None)]
+                if bad]  # fmt: skip
     tokens = usage.completion_tokens if usage else 0
     return {
         "status": 200,
@@ -129,6 +137,8 @@ async def one(client, prompt: str, seed: int, timeout: float) -> dict:
         "tpot": (end - (first or end)) / max(tokens - 1, 1),
         "e2e": end - start,
         "tokens": tokens,
+        "passes": stats["passes"] if stats else 0,
+        "committed": stats["tokens_per_pass"] * stats["passes"] if stats else 0,
         "text": text,
     }
 
@@ -179,11 +189,12 @@ def summarize(name: str, load: str, run: dict) -> list:
     bad = sum(bool(r["problem"]) for r in run["results"].values())
     s = run["seconds"]
     cols = [pct([r[k] for r in ok], q) for k in ("ttft", "tpot", "e2e") for q in (0.5, 0.99)]
-    return [name, load, len(ok), rejected, bad, len(ok) / s, sum(r["tokens"] for r in ok) / s, *cols]
+    per_pass = sum(r["committed"] for r in ok) / max(sum(r["passes"] for r in ok), 1)
+    return [name, load, len(ok), rejected, bad, len(ok) / s, sum(r["tokens"] for r in ok) / s, per_pass, *cols]
 
 
-HEADERS = ["service", "load", "ok", "503", "bad", "req/s", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50",
-           "TPOT p99", "e2e p50", "e2e p99"]  # fmt: skip
+HEADERS = ["service", "load", "ok", "503", "bad", "req/s", "tok/s", "tok/pass", "TTFT p50", "TTFT p99",
+           "TPOT p50", "TPOT p99", "e2e p50", "e2e p99"]  # fmt: skip
 
 
 def plot(rows: list[list], path: Path) -> None:
@@ -194,7 +205,7 @@ def plot(rows: list[list], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in dict.fromkeys(r[0] for r in rows):
-        mine = sorted((r[5], r[11], r[1]) for r in rows if r[0] == name)
+        mine = sorted((r[5], r[12], r[1]) for r in rows if r[0] == name)
         ax.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", label=name)
         for x, y, label in mine:
             ax.annotate(label, (x, y), fontsize=6)
@@ -211,9 +222,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loads = [(f"closed {c}", int(c), None) for c in args.clients.split(",") if c]
     loads += [(f"poisson {r}/s", None, float(r)) for r in args.rates.split(",") if r]
     rows, answers, mismatches = [], {}, 0
-    for name, slots in ((f"{args.batch_size} slots", args.batch_size), ("1 slot", 1)):
+    services = [(f"{args.batch_size} slots", args.batch_size)] + [("1 slot", 1)] * args.one_slot
+    for name, slots in services:
         with service(args, slots) as url:
-            asyncio.run(run_load(url, prompts, argparse.Namespace(**vars(args) | {"requests": 1}), 1, None))  # warm
             for load, clients, rate in loads:
                 run = asyncio.run(run_load(url, prompts, args, clients, rate))
                 for i, r in run["results"].items():
@@ -222,16 +233,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 rows.append(summarize(name, load, run))
                 print(common.table(HEADERS, rows[-1:]), flush=True)
     bad = sum(r[4] for r in rows)
-    body = [common.header("Serving under load", "serve_load", "bench.serve_load", argv, machine)]
+    body = [common.header("Serving under load", args.name, "bench.serve_load", argv, machine)]
     body += ["", common.table(HEADERS, rows), ""]
     body += [f"Responses checked: {bad} malformed, lost or timed out; {mismatches} answers that differ from the "
              "same request's answer in another run (request i: prompt i, seed i). Times in seconds.", ""]  # fmt: skip
     if str(args.results) != "-":
         folder = Path(args.results).resolve().parent / "figures"
         folder.mkdir(parents=True, exist_ok=True)
-        plot(rows, folder / "serve_load.png")
-        body += ["![end-to-end p50 latency against requests/s](../figures/serve_load.png)", ""]
-    common.report(args.results, "serve_load", "\n".join(body))
+        plot(rows, folder / f"{args.name}.png")
+        body += [f"![end-to-end p50 latency against requests/s](../figures/{args.name}.png)", ""]
+    common.report(args.results, args.name, "\n".join(body))
     return {"rows": rows, "bad": bad, "mismatches": mismatches}
 
 

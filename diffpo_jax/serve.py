@@ -2,9 +2,9 @@
 
   python -m diffpo_jax.serve [--host 127.0.0.1] [--port 8000] [--model DIFFPO [--base B]] [--name diffpo]
       [--block-size 32] [--max-new-tokens 256] [--batch-size 8] [--max-prompt-tokens 1024]
-      [--hold-draft-prefix R] [--dtype float32|bfloat16] [--mesh D,F,T]
+      [--hold-draft-prefix R | random:R] [--dtype float32|bfloat16] [--mesh D,F,T]
       [--draft-model BASE | none | --upstream URL --upstream-model NAME [--upstream-timeout 60]]
-      [--max-queue 64] [--api-key-env VAR] [--grace-period 30]
+      [--max-queue 64] [--api-key-env VAR] [--grace-period 30] [--no-warm-up]
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health. A request's answer is the DiffPO
 model's refinement of a draft: the body's `draft` (a string: `extra_body={"draft": ...}` with the openai
@@ -45,6 +45,7 @@ from diffpo_jax.decoding import devices
 from diffpo_jax.decoding.batching import ContextError
 from diffpo_jax.decoding.engine import EngineError, Job, Progress
 from diffpo_jax.records.loop import sample_keys
+from diffpo_jax.refine import hold_max, hold_spec
 from diffpo_jax.sources import ModelSourceError
 
 MAX_BODY = 1 << 20  # bytes of a request body (413 past it)
@@ -208,7 +209,15 @@ class Service:
 
     async def health(self, _request):
         engine = self.engine
-        status = "failed" if engine.failure else "draining" if self.draining else "ok"
+        status = (
+            "failed"
+            if engine.failure
+            else "draining"
+            if self.draining
+            else "warming up"
+            if not engine.warm.is_set()
+            else "ok"
+        )
         body = {
             "status": status,
             "slots": engine.slots,
@@ -413,7 +422,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=256, help="the most tokens an answer has (caps max_tokens)")
     ap.add_argument("--batch-size", type=int, default=8, help="decoder slots: requests refined at once")
     ap.add_argument("--max-prompt-tokens", type=int, default=1024, help="the largest prompt bucket (longer: 400)")
-    ap.add_argument("--hold-draft-prefix", type=int, default=0, metavar="R", help="keep the first R draft tokens")
+    ap.add_argument(
+        "--hold-draft-prefix",
+        type=hold_spec,
+        default=0,
+        metavar="R | random:R",
+        help="keep the first R draft tokens; random:R: a uniform 0..R per request, drawn from its prompt and draft",
+    )
     devices.add_arguments(ap)
     ap.add_argument("--draft-model", help="the local drafter (any --model source; default: the embedded SmolLM2; none)")
     ap.add_argument(
@@ -424,11 +439,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
     ap.add_argument("--api-key-env", metavar="VAR", help="require the key in this environment variable")
     ap.add_argument("--grace-period", type=float, default=30.0, metavar="S", help="SIGTERM: time to finish requests")
+    ap.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="skip compiling every program at start (/health says 'warming up' until it is done)",
+    )
     args = ap.parse_args(argv)
     for name in ("block_size", "max_new_tokens", "batch_size", "max_prompt_tokens"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.hold_draft_prefix <= args.max_new_tokens:
+    if not 0 <= hold_max(args.hold_draft_prefix) <= args.max_new_tokens:
         ap.error("--hold-draft-prefix must be in [0, --max-new-tokens]")
     if args.max_queue < 0:
         ap.error("--max-queue must be >= 0")
@@ -462,7 +483,7 @@ def build(args: argparse.Namespace, refiner=None, drafter=None):
         hold_draft_prefix=args.hold_draft_prefix,
         drafter=None if drafter is None else Decoder(drafter, **decoders),
     )
-    engine.start()
+    engine.start(warm_up=args.warm_up)
     settings = Settings(
         name=args.name,
         max_queue=args.max_queue,

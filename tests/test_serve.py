@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -23,6 +24,7 @@ from diffpo_jax import generate as generate_cli
 from diffpo_jax import refine as refine_cli
 from diffpo_jax import serve
 from diffpo_jax.decoding import engine as engine_module
+from diffpo_jax.decoding import jacobi, sampler
 from tests.files import read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +134,64 @@ def test_answers_equal_refine_alone_concurrent_and_streamed(server, refined):
     raw = httpx.post(f"{url}/chat/completions", json={"model": "diffpo", "messages": messages(RECORDS[1]), "draft": "",
                                                       "stream": True}).text  # fmt: skip
     assert raw.startswith("data: {") and raw.endswith("data: [DONE]\n\n")
+
+
+def test_warm_up_compiles_every_program_before_the_first_request(server):
+    """After the engine's warm-up (/health says "ok"), serving compiles nothing: a drafted short prompt,
+    then every record at once through both slots (prefills of two prompt buckets, passes over 1 and 2
+    slots, live rows moved into freed slots) leave every program's compile cache as it was."""
+    engine, _, url = server
+    assert engine.warm.wait(120) and httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"
+    programs = [jacobi.run_passes, jacobi.start_row, jacobi.move_row, engine_module._release, sampler._start,
+                sampler._advance]  # fmt: skip
+    before = [p._cache_size() for p in programs]
+    assert ask(url, {"prompt": "Hello!"}).choices[0].finish_reason
+    with ThreadPoolExecutor(len(RECORDS)) as pool:
+        assert all(a.choices[0].finish_reason for a in pool.map(lambda r: ask(url, r), RECORDS))
+    assert [p._cache_size() for p in programs] == before
+
+
+def test_a_pass_costs_its_live_rows(tiny):
+    """The engine's pass over the first `rows` of 4 slots compiles to about rows/4 of the flops of a pass
+    over all 4 (so one request in flight does not pay for the empty slots)."""
+    from diffpo_jax.decoding.batching import Decoder
+    from diffpo_jax.decoding.engine import Engine
+
+    decoder = Decoder(tiny, batch_size=4, max_new_tokens=N)
+    engine = Engine(decoder, block_size=W, max_prompt_tokens=64)
+    assert [engine._pass_rows(n) for n in range(1, 5)] == [1, 2, 4, 4]
+    s = jacobi.empty_slots(tiny.cfg, 4, 64, N + W, engine.opts)
+    flops = {
+        rows: jacobi.run_passes.lower(
+            decoder.graphdef, decoder.state, s, np.int32(N), np.int32(1), opts=engine.opts, rows=rows
+        )
+        .compile()
+        .cost_analysis()["flops"]
+        for rows in (1, 4)
+    }
+    assert 3.5 < flops[4] / flops[1] < 4.5, flops
+
+
+def test_random_hold_is_drawn_per_request(tiny, tiny_init_dir):
+    """--hold-draft-prefix random:R: each request holds a uniform 0..R of its draft tokens, drawn from its
+    prompt and draft (the same at any load); its answer is refine's for that draft with that hold."""
+    from diffpo_jax.decoding.batching import Decoder
+
+    hold = ["--hold-draft-prefix", "random:6", "--draft-model", "none", "--no-warm-up", "--max-prompt-tokens", "64"]
+    engine, service = serve.build(serve.parse_args(["--model", str(tiny_init_dir), *hold, *DECODE]), refiner=tiny)
+    prompts = [engine.prompt_tokens(messages(r)) for r in RECORDS]
+    drafts = [engine.refiner.draft_tokens(r["draft"])[: N + W] for r in RECORDS]
+    held = [engine.held_tokens(p, d) for p, d in zip(prompts, drafts)]
+    assert all(0 <= h <= 6 for h in held) and len(set(held)) > 1
+    assert held == [engine.held_tokens(p, d) for p, d in zip(prompts, drafts)]
+    with running(service) as url, ThreadPoolExecutor(len(RECORDS)) as pool:
+        answers = list(pool.map(lambda r: ask(url, r), RECORDS))
+    engine.stop(10)
+    expected = Decoder(tiny, batch_size=SLOTS, max_new_tokens=N).refine(
+        prompts, drafts, block_size=W, hold_draft_prefix=6, hold_lens=held
+    )
+    assert [a.choices[0].message.content for a in answers] == [e.text for e in expected]
+    assert [a.diffpo["stats"] for a in answers] == [e.stats for e in expected]
 
 
 def test_max_tokens_and_stop_cut_the_answer(server, refined):

@@ -6,14 +6,21 @@ arrived (`submit`, from any thread), drop the cancelled ones (their slot is free
 for the waiting requests that have none (the drafter `Decoder`: one batched AR call of the smallest
 power-of-two batch that holds them, on this thread),
 start waiting requests in the free slots (`jacobi.start_row`: one prefill each, compiled once per
-prompt bucket), run one Jacobi pass over the live slots (`jacobi.run_passes`, compiled once), then
-hand every live request its committed tokens (`Progress`, through the request's `emit`, called on this
-thread) and free the slots whose rows are done or reached the request's `max_tokens`.
+prompt bucket), run one Jacobi pass over the live slots, then hand every live request its committed
+tokens (`Progress`, through the request's `emit`, called on this thread) and free the slots whose rows
+are done or reached the request's `max_tokens`.
 
-Shapes are fixed at start (slots, prompt buckets 32, 64, .. up to `max_prompt_tokens`, drafts cut to
-max_new_tokens + block_size as `Decoder.refine` cuts them), so nothing compiles after each bucket's
-first request. Rows are independent of each other in every decoder step, so a request's answer and
-stats are the ones `Decoder.refine` gives its (prompt, draft), whatever else is in the slots.
+The live rows are kept in slots 0..busy-1 (a freed slot takes the last live row, `jacobi.move_row`), so
+a pass runs over the smallest power-of-two prefix of slots that holds them (`jacobi.run_passes`, one
+program per size): with a few requests in flight a pass costs a few rows, not every slot's. (With the
+slots split over several data devices the pass always runs over all of them: a prefix would leave
+devices idle.)
+
+Shapes are fixed at start (slots, pass sizes, prompt buckets 32, 64, .. up to `max_prompt_tokens`,
+drafts cut to max_new_tokens + block_size as `Decoder.refine` cuts them), and `warm_up` compiles every
+program before the first request. Rows are independent of each other in every decoder step, so a
+request's answer and stats are the ones `Decoder.refine` gives its (prompt, draft), whatever else is in
+the slots.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import queue
 import threading
 import traceback
@@ -35,7 +43,7 @@ import numpy as np
 from diffpo_jax.chat import Messages
 from diffpo_jax.decoding import slots as slots_lib
 from diffpo_jax.decoding.batching import ContextError, Decoder, bucket
-from diffpo_jax.decoding.jacobi import JacobiOptions, empty_slots, run_passes, slot_results, start_row
+from diffpo_jax.decoding.jacobi import JacobiOptions, empty_slots, move_row, run_passes, slot_results, start_row
 
 
 class EngineError(RuntimeError):
@@ -78,18 +86,22 @@ class Engine:
         *,
         block_size: int,
         max_prompt_tokens: int,
-        hold_draft_prefix: int = 0,
+        hold_draft_prefix: int | str = 0,
         realign: bool = True,
         drafter: Decoder | None = None,
     ):
+        """hold_draft_prefix: R, or "random:R": per request a uniform 0..R drawn from its prompt and draft
+        tokens (`held_tokens`), so a request holds the same prefix whatever the load."""
         if drafter is not None and drafter.batch_size != refiner.batch_size:
             raise ValueError("the drafter's batch size must be the refiner's (one draft per free slot)")
         self.refiner, self.drafter = refiner, drafter
         self._drafters: dict[int, Decoder] = {}  # the drafter at smaller batch sizes (`_drafter_for`)
         self.slots, self.max_new_tokens = refiner.batch_size, refiner.max_new_tokens
         self.prompt_width = bucket(max_prompt_tokens)  # the largest bucket: the longest prompt served
+        self.hold = hold_draft_prefix
+        hold_max = int(str(hold_draft_prefix).removeprefix("random:"))
         self.opts = JacobiOptions(
-            block_size, refiner.max_new_tokens, refiner.stop_tokens, refiner.pad_id, hold_draft_prefix, realign
+            block_size, refiner.max_new_tokens, refiner.stop_tokens, refiner.pad_id, hold_max, realign
         )
         self.tokenizer_lock = threading.Lock()  # the refiner's tokenizer is used by this thread and the server's
         self._inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
@@ -99,7 +111,10 @@ class Engine:
         self.busy = 0  # live slots (read from any thread)
         self.cancelled = 0  # requests whose slot was freed because they were cancelled
         self.failure: str | None = None  # set when the engine thread died
-        self._live: list[Job | None] = [None] * self.slots  # the request in each slot
+        self._live: list[Job] = []  # the request in each live slot: slots 0..busy-1
+        mesh = refiner.mesh
+        self._split = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]  # devices the slots span
+        self.warm = threading.Event()  # set once `warm_up` has compiled every program (or was skipped)
 
     # ------------------------------------------------------------------ any thread
 
@@ -113,7 +128,12 @@ class Engine:
             raise ContextError(f"prompt is {len(ids)} tokens; this server takes at most {self.prompt_width}")
         return ids
 
-    def start(self) -> None:
+    def start(self, warm_up: bool = True) -> None:
+        """Start the engine thread; with `warm_up` it first compiles every program (`self.warm` is set
+        when it is done: requests submitted meanwhile wait)."""
+        self._warm_up_first = warm_up
+        if not warm_up:
+            self.warm.set()
         self._thread.start()
 
     def submit(self, job: Job) -> None:
@@ -146,8 +166,7 @@ class Engine:
             self.failure = f"engine stopped: {type(e).__name__}: {e}"
             traceback.print_exc()
             for job in [*self._live, *self._waiting, *iter(lambda: self._take_nowait(), None)]:
-                if job is not None:
-                    job.emit(EngineError(self.failure))
+                job.emit(EngineError(self.failure))
 
     def _take_nowait(self) -> Job | None:
         try:
@@ -156,46 +175,123 @@ class Engine:
             return None
 
     def _serve(self) -> None:
-        refiner, opts = self.refiner, self.opts
-        graphdef, state = refiner.graphdef, refiner.state
+        opts = self.opts
         width = opts.max_new_tokens + opts.block_size
-        s = slots_lib.place(empty_slots(refiner.loaded.cfg, self.slots, self.prompt_width, width, opts), refiner.mesh)
-        limit = np.int32(opts.max_new_tokens)
+        cfg = self.refiner.loaded.cfg
+        s = slots_lib.place(empty_slots(cfg, self.slots, self.prompt_width, width, opts), self.refiner.mesh)
+        if self._warm_up_first:
+            s = self._warm_up(s)
+            self.warm.set()
         while True:
             self._collect(block=self.busy == 0)
             if self._stopping.is_set() and self.busy == 0 and not self._waiting:
                 return
-            for slot, job in enumerate(self._live):
-                if job is not None and job.cancelled:
+            for slot in reversed(range(self.busy)):  # from the last: a freed slot takes the last live row
+                if self._live[slot].cancelled:
                     s = self._free(s, slot)
                     self.cancelled += 1
-            free = [slot for slot, job in enumerate(self._live) if job is None]
-            self._draft(len(free))
-            for slot in free:
-                job = self._next_ready()
-                if job is None:
-                    break
-                prompt = np.full(bucket(len(job.prompt)), refiner.pad_id, np.int32)
-                prompt[: len(job.prompt)] = job.prompt
-                draft = np.full(width, refiner.pad_id, np.int32)
-                ids = job.draft_ids[:width]
-                draft[: len(ids)] = ids
-                s = start_row(
-                    graphdef,
-                    state,
-                    s,
-                    np.int32(slot),
-                    prompt,
-                    np.int32(len(job.prompt)),
-                    draft,
-                    np.int32(len(ids)),
-                    np.int32(opts.hold_draft_prefix),
-                    opts=opts,
-                )
-                self._live[slot] = job
-                self.busy += 1
+            self._draft(self.slots - self.busy)
+            while self.busy < self.slots and (job := self._next_ready()) is not None:
+                s = self._start(s, job)
             if self.busy:
-                s = self._report(run_passes(graphdef, state, s, limit, np.int32(1), opts=opts))
+                s = self._report(self._pass(s))
+
+    def _pass_rows(self, live: int) -> int:
+        """The slots a pass runs over with `live` rows in flight: the smallest power of two that holds
+        them (all slots when they are split over several devices)."""
+        return self.slots if self._split > 1 else min(self.slots, bucket(live, minimum=1))
+
+    def _pass(self, s):
+        """One Jacobi pass over the live slots."""
+        opts, rows = self.opts, self._pass_rows(self.busy)
+        return run_passes(
+            self.refiner.graphdef,
+            self.refiner.state,
+            s,
+            np.int32(opts.max_new_tokens),
+            np.int32(1),
+            opts=opts,
+            rows=rows,
+        )
+
+    def held_tokens(self, prompt: list[int], draft_ids: list[int]) -> int:
+        """The draft tokens a request holds: R, or under "random:R" a uniform 0..R drawn from a digest of
+        its prompt and draft tokens (the same request holds the same prefix in any run, at any load)."""
+        if isinstance(self.hold, int):
+            return self.hold
+        digest = hashlib.sha256(np.asarray([*prompt, -1, *draft_ids], np.int64).tobytes()).digest()
+        return int(np.random.default_rng(int.from_bytes(digest[:8])).integers(0, self.opts.hold_draft_prefix + 1))
+
+    def _start(self, s, job: Job):
+        """`job` starts in the first free slot (its prefill)."""
+        opts, pad = self.opts, self.refiner.pad_id
+        width = opts.max_new_tokens + opts.block_size
+        prompt = np.full(bucket(len(job.prompt)), pad, np.int32)
+        prompt[: len(job.prompt)] = job.prompt
+        draft = np.full(width, pad, np.int32)
+        ids = job.draft_ids[:width]
+        draft[: len(ids)] = ids
+        hold = self.held_tokens(job.prompt, ids)
+        s = start_row(
+            self.refiner.graphdef,
+            self.refiner.state,
+            s,
+            np.int32(self.busy),
+            prompt,
+            np.int32(len(job.prompt)),
+            draft,
+            np.int32(len(ids)),
+            np.int32(hold),
+            opts=opts,
+        )
+        self._live.append(job)
+        self.busy += 1
+        return s
+
+    def _warm_up(self, s):
+        """Compile every program serving runs, so that no request pays a compile: a prefill per prompt
+        bucket (slot 0, freed again), a pass per pass size (over empty slots: no pass runs), and the
+        drafter at each batch size it is called with, on a short chat prompt (its smallest bucket; a
+        longer prompt's bucket compiles at its first request)."""
+        opts, pad = self.opts, self.refiner.pad_id
+        width = bucket(self.prompt_width)
+        b = 32
+        while True:
+            b = min(b, width)
+            empty = np.full(opts.max_new_tokens + opts.block_size, pad, np.int32)
+            s = start_row(
+                self.refiner.graphdef,
+                self.refiner.state,
+                s,
+                np.int32(0),
+                np.full(b, pad, np.int32),
+                np.int32(1),
+                empty,
+                np.int32(0),
+                np.int32(0),
+                opts=opts,
+            )
+            s = _release(s, np.int32(0))
+            if b >= width:
+                break
+            b *= 2
+        for rows in sorted({self._pass_rows(n) for n in range(1, self.slots + 1)}):
+            s = run_passes(
+                self.refiner.graphdef,
+                self.refiner.state,
+                s,
+                np.int32(opts.max_new_tokens),
+                np.int32(1),
+                opts=opts,
+                rows=rows,
+            )
+        s = move_row(s, np.int32(min(1, self.slots - 1)), np.int32(0))
+        if self.drafter is not None:
+            prompt = self.drafter.prompt_tokens([{"role": "user", "content": "Hello!"}])
+            for size in sorted({self._drafter_for(n).batch_size for n in range(1, self.slots + 1)}):
+                keys = jax.random.split(jax.random.key(0), size)
+                self._drafter_for(size).sample([prompt] * size, keys, temperature=1.0, top_p=1.0)
+        return s
 
     def _collect(self, block: bool) -> None:
         """Move the submitted requests to the waiting queue; with `block` (nothing to decode), wait for one."""
@@ -255,15 +351,19 @@ class Engine:
         return self._drafters[size]
 
     def _free(self, s, slot: int):
-        self._live[slot] = None
+        """The request in `slot` leaves; the last live row moves into its slot (live rows stay first)."""
+        last = self.busy - 1
+        self._live[slot] = self._live[last]
+        self._live.pop()
         self.busy -= 1
-        return _release(s, np.int32(slot))
+        return _release(s, np.int32(slot)) if slot == last else move_row(s, np.int32(last), np.int32(slot))
 
     def _report(self, s):
         """Every live request's progress after a pass; the slots of finished ones freed."""
         done, r = jax.device_get((s.done, slot_results(s)))
+        finished_slots = []
         for slot, job in enumerate(self._live):
-            if job is None or job.cancelled:  # freed before the next pass
+            if job.cancelled:  # freed before the next pass
                 continue
             n = int(r.lengths[slot])
             finished = bool(done[slot]) or n >= job.max_tokens
@@ -284,7 +384,9 @@ class Engine:
             finish = ("stop" if stopped else "length") if finished else None
             job.emit(Progress(ids, text, stats, finish, job.draft))
             if finished:
-                s = self._free(s, slot)
+                finished_slots.append(slot)
+        for slot in reversed(finished_slots):  # from the last: a freed slot takes the last live row
+            s = self._free(s, slot)
         return s
 
 

@@ -419,7 +419,19 @@ start_row = _refill
 slot_results = _result
 
 
-@partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("s",))
-def run_passes(graphdef, state, s, limit, max_passes, *, opts: JacobiOptions):
-    """At most `max_passes` passes over the live slots (fewer when every slot is done)."""
-    return _loop(nnx.merge(graphdef, state), s, limit, jnp.zeros(s.done.shape, bool), opts, max_passes)
+@partial(jax.jit, static_argnames=("graphdef", "opts", "rows"), donate_argnames=("s",))
+def run_passes(graphdef, state, s, limit, max_passes, *, opts: JacobiOptions, rows: int):
+    """At most `max_passes` passes over slots 0..rows-1 (fewer when each of them is done); the other slots
+    are left as they are, so a pass costs `rows` rows, not every slot's (the engine keeps its live rows
+    first). Compiled once per `rows`."""
+    model = nnx.merge(graphdef, state)
+    sub = slots_lib.prefix(s, rows)
+    sub = _loop(model, sub, limit, jnp.zeros(sub.done.shape, bool), opts, max_passes)
+    return slots_lib.constrain_state(slots_lib.put_prefix(s, sub))
+
+
+@partial(jax.jit, donate_argnames=("s",))
+def move_row(s, src, dst):
+    """Slot `dst` takes over the row of slot `src` (its cache and loop state), and `src` is empty (done)."""
+    s = slots_lib.put_rows(s, dst[None], slots_lib.rows(s, src[None]))
+    return slots_lib.constrain_state(s.replace(done=s.done.at[src].set(True)))

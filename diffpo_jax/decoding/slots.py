@@ -1,7 +1,7 @@
 """Decoding slots with row refill (continuous batching), shared by the Jacobi and AR decoders.
 
 A decoder's loop state is a struct dataclass of B slots: every field has the slot axis first, except the
-KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it, `place` splits
+KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it (`prefix` / `put_prefix`: the first ones), `place` splits
 the slots over a mesh's data x fsdp devices, `start` begins rows in a loop carrying the state (one row's
 prefill at a time: the decoders' `_start`, which a one-batch decode and a stream's first B rows run).
 `stream` runs any number of rows through the slots: each slot decodes one row at a time; when rows
@@ -44,6 +44,30 @@ def put_rows(s: S, slots: jax.Array, sub: S) -> S:
             k: jax.tree.map(lambda x, y: x.at[:, slots].set(y), v, getattr(sub, k))
             if k == "cache"
             else v.at[slots].set(getattr(sub, k))
+            for k, v in fields(s).items()
+        }
+    )
+
+
+def prefix(s: S, count: int) -> S:
+    """Slots 0..count-1 of `s` (a static slice: what `put_prefix` writes back in place)."""
+    return s.replace(
+        **{
+            k: jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, count, axis=1), v)
+            if k == "cache"
+            else jax.lax.slice_in_dim(v, 0, count)
+            for k, v in fields(s).items()
+        }
+    )
+
+
+def put_prefix(s: S, sub: S) -> S:
+    """`s` with its first slots replaced by the rows of `sub` (a `prefix` of it)."""
+    return s.replace(
+        **{
+            k: jax.tree.map(lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=1), v, getattr(sub, k))
+            if k == "cache"
+            else jax.lax.dynamic_update_slice_in_dim(v, getattr(sub, k), 0, axis=0)
             for k, v in fields(s).items()
         }
     )
