@@ -194,16 +194,16 @@ class Engine:
             while self.busy < self.slots and (job := self._next_ready()) is not None:
                 s = self._start(s, job)
             if self.busy:
-                s = self._report(self._pass(s))
+                s = self._report(self._pass(s, self._pass_rows(self.busy)))
 
     def _pass_rows(self, live: int) -> int:
         """The slots a pass runs over with `live` rows in flight: the smallest power of two that holds
         them (all slots when they are split over several devices)."""
         return self.slots if self._split > 1 else min(self.slots, bucket(live, minimum=1))
 
-    def _pass(self, s):
-        """One Jacobi pass over the live slots."""
-        opts, rows = self.opts, self._pass_rows(self.busy)
+    def _pass(self, s, rows: int):
+        """One Jacobi pass over slots 0..rows-1."""
+        opts = self.opts
         return run_passes(
             self.refiner.graphdef,
             self.refiner.state,
@@ -253,41 +253,19 @@ class Engine:
         bucket (slot 0, freed again), a pass per pass size (over empty slots: no pass runs), and the
         drafter at each batch size it is called with, on a short chat prompt (its smallest bucket; a
         longer prompt's bucket compiles at its first request)."""
-        opts, pad = self.opts, self.refiner.pad_id
-        width = bucket(self.prompt_width)
-        b = 32
-        while True:
-            b = min(b, width)
-            empty = np.full(opts.max_new_tokens + opts.block_size, pad, np.int32)
-            s = start_row(
-                self.refiner.graphdef,
-                self.refiner.state,
-                s,
-                np.int32(0),
-                np.full(b, pad, np.int32),
-                np.int32(1),
-                empty,
-                np.int32(0),
-                np.int32(0),
-                opts=opts,
-            )
-            s = _release(s, np.int32(0))
-            if b >= width:
+        size = bucket(1)
+        while True:  # a request of each prompt bucket starts in slot 0 and leaves
+            job = Job([self.refiner.pad_id] * size, 1, emit=lambda _: None, draft="")
+            job.draft_ids = []
+            s = self._free(self._start(s, job), 0)
+            if size >= self.prompt_width:
                 break
-            b *= 2
+            size *= 2
         for rows in sorted({self._pass_rows(n) for n in range(1, self.slots + 1)}):
-            s = run_passes(
-                self.refiner.graphdef,
-                self.refiner.state,
-                s,
-                np.int32(opts.max_new_tokens),
-                np.int32(1),
-                opts=opts,
-                rows=rows,
-            )
+            s = self._pass(s, rows)
         s = move_row(s, np.int32(min(1, self.slots - 1)), np.int32(0))
         if self.drafter is not None:
-            prompt = self.drafter.prompt_tokens([{"role": "user", "content": "Hello!"}])
+            prompt = self.prompt_tokens([{"role": "user", "content": "Hello!"}], self.drafter)
             for size in sorted({self._drafter_for(n).batch_size for n in range(1, self.slots + 1)}):
                 keys = jax.random.split(jax.random.key(0), size)
                 self._drafter_for(size).sample([prompt] * size, keys, temperature=1.0, top_p=1.0)
