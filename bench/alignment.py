@@ -246,9 +246,10 @@ def evaluate_model(
     samples: dict,
     reward,
     holds: dict = HOLDS,
+    block: int = BLOCK,
 ) -> dict:
-    """Per setup and hold: refine the held-out drafts with the model `source`: texts, rewards, stats, seconds
-    (cached in WORK/eval)."""
+    """Per setup and hold: refine the held-out drafts with the model `source` (Jacobi window `block`): texts,
+    rewards, stats, seconds (cached in WORK/eval)."""
     from diffpo_jax.decoding.batching import Decoder
     from diffpo_jax.refine import hold_lens, hold_max
     from diffpo_jax.sources import load_model
@@ -264,7 +265,7 @@ def evaluate_model(
         drafts = [decoder.draft_tokens(samples[setup][i][0]) for i in held]
         for hold_name, spec in holds.items():
             lens = hold_lens(spec, list(range(len(held))))  # per answer under random:R, else None
-            kw = dict(block_size=BLOCK, hold_draft_prefix=hold_max(spec))
+            kw = dict(block_size=block, hold_draft_prefix=hold_max(spec))
             decoder.refine(prompt_ids[:BATCH], drafts[:BATCH], hold_lens=lens and lens[:BATCH], **kw)  # warm-up
             start = time.perf_counter()
             outs = decoder.refine(prompt_ids, drafts, hold_lens=lens, **kw)

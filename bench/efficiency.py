@@ -18,7 +18,8 @@ training its checkpoints):
    the KL's teacher the live model (stop-gradient) or the frozen stage A (`loss.teacher=frozen`).
 4. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
    draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
-   share of answers identical to stage A's, distinct tokens per answer, seconds per answer.
+   share of answers identical to stage A's, distinct tokens per answer, seconds per answer; stage A also with a
+   SMALL_BLOCK-token window (the same answers: Jacobi decoding is exact; a CPU pass costs its positions).
 Writes bench/results/NAME.md and bench/figures/NAME.png (reward against seconds per answer).
 """
 
@@ -56,6 +57,7 @@ ALIGNMENT_REWARDS = {
     "grumpy, t=0.7": {"draft": 0.350, 2: 0.621, 4: 0.788, 8: 0.860},
 }
 WARMUP = 8
+SMALL_BLOCK = 4  # stage A again with a 4-token Jacobi window: the same answers, a pass of 4 positions, not 16
 HOLD = {"R=0": 0}
 LORA = ["lora.rank=8", "lora.alpha=16"]
 RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset)
@@ -140,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     drafter = time_drafts(work, prompts, held, loaded)
     data = build_stage_b(work, prompts, held, samples, args.states)
     refiners = {
-        "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD)
+        "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD),
+        f"stage A, window {SMALL_BLOCK}": evaluate_model(
+            work, f"stage A, window {SMALL_BLOCK}", STAGE_A, prompts, held, samples, reward, HOLD, SMALL_BLOCK
+        ),
     }
     report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
     sources = {"stage A (embedded refiner)": STAGE_A}
