@@ -69,6 +69,10 @@ RUNS = {  # name: (run dir under WORK/runs, overrides of the smollm2-135m preset
         "b-w1-frozen",
         ["loss.con_weight=1", "loss.teacher=frozen", "optimizer.learning_rate=5e-4"],
     ),
+    "stage B, w=0.1 frontier, frozen teacher": (  # CLLM's AR x 10 : consistency x 1
+        "b-w0.1-frozen",
+        ["loss.con_weight=0.1", "loss.teacher=frozen", "optimizer.learning_rate=5e-4"],
+    ),
 }
 
 
