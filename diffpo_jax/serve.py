@@ -480,7 +480,8 @@ def build(args: argparse.Namespace, refiner=None, drafter=None):
         Decoder(refiner, **decoders),
         block_size=args.block_size,
         max_prompt_tokens=args.max_prompt_tokens,
-        hold_draft_prefix=args.hold_draft_prefix,
+        hold_draft_prefix=hold_max(args.hold_draft_prefix),
+        random_hold=isinstance(args.hold_draft_prefix, str),
         drafter=None if drafter is None else Decoder(drafter, **decoders),
     )
     engine.start(warm_up=args.warm_up)

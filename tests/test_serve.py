@@ -76,9 +76,11 @@ def server(tiny, tiny_init_dir):
     """(engine, service, url): the tiny model refines and drafts, 2 slots, prompts up to 64 tokens."""
     args = serve.parse_args(["--model", str(tiny_init_dir), "--max-prompt-tokens", "64", *DECODE])
     engine, service = serve.build(args, refiner=tiny, drafter=tiny)
-    with running(service) as url:
-        yield engine, service, url
-    engine.stop(10)
+    try:
+        with running(service) as url:
+            yield engine, service, url
+    finally:
+        engine.stop(10)
 
 
 def client(url: str, **kwargs) -> openai.OpenAI:
@@ -184,9 +186,11 @@ def test_random_hold_is_drawn_per_request(tiny, tiny_init_dir):
     held = [engine.held_tokens(p, d) for p, d in zip(prompts, drafts)]
     assert all(0 <= h <= 6 for h in held) and len(set(held)) > 1
     assert held == [engine.held_tokens(p, d) for p, d in zip(prompts, drafts)]
-    with running(service) as url, ThreadPoolExecutor(len(RECORDS)) as pool:
-        answers = list(pool.map(lambda r: ask(url, r), RECORDS))
-    engine.stop(10)
+    try:
+        with running(service) as url, ThreadPoolExecutor(len(RECORDS)) as pool:
+            answers = list(pool.map(lambda r: ask(url, r), RECORDS))
+    finally:
+        engine.stop(10)
     expected = Decoder(tiny, batch_size=SLOTS, max_new_tokens=N).refine(
         prompts, drafts, block_size=W, hold_draft_prefix=6, hold_lens=held
     )
@@ -239,10 +243,11 @@ def test_answers_on_a_mesh_equal_refine(tiny_init_dir, refined):
     answers are still refine's (one device)."""
     mesh = ["--mesh", "2,1,2", "--draft-model", "none", "--max-prompt-tokens", "64"]
     engine, service = serve.build(serve.parse_args(["--model", str(tiny_init_dir), *mesh, *DECODE]))
-    with running(service) as url:
-        with ThreadPoolExecutor(len(RECORDS)) as pool:
+    try:
+        with running(service) as url, ThreadPoolExecutor(len(RECORDS)) as pool:
             answers = list(pool.map(lambda r: ask(url, r), RECORDS))
-    engine.stop(10)
+    finally:
+        engine.stop(10)
     assert [a.choices[0].message.content for a in answers] == [r["refined"] for r in refined]
     assert [a.diffpo["stats"] for a in answers] == [r["stats"] for r in refined]
 

@@ -86,22 +86,23 @@ class Engine:
         *,
         block_size: int,
         max_prompt_tokens: int,
-        hold_draft_prefix: int | str = 0,
+        hold_draft_prefix: int = 0,
+        random_hold: bool = False,
         realign: bool = True,
         drafter: Decoder | None = None,
     ):
-        """hold_draft_prefix: R, or "random:R": per request a uniform 0..R drawn from its prompt and draft
-        tokens (`held_tokens`), so a request holds the same prefix whatever the load."""
+        """hold_draft_prefix R: each request holds its first R draft tokens; with `random_hold` (refine's
+        "random:R") a uniform 0..R drawn from its prompt and draft tokens (`held_tokens`), so a request
+        holds the same prefix whatever the load."""
         if drafter is not None and drafter.batch_size != refiner.batch_size:
             raise ValueError("the drafter's batch size must be the refiner's (one draft per free slot)")
         self.refiner, self.drafter = refiner, drafter
         self._drafters: dict[int, Decoder] = {}  # the drafter at smaller batch sizes (`_drafter_for`)
         self.slots, self.max_new_tokens = refiner.batch_size, refiner.max_new_tokens
         self.prompt_width = bucket(max_prompt_tokens)  # the largest bucket: the longest prompt served
-        self.hold = hold_draft_prefix
-        hold_max = int(str(hold_draft_prefix).removeprefix("random:"))
+        self.random_hold = random_hold
         self.opts = JacobiOptions(
-            block_size, refiner.max_new_tokens, refiner.stop_tokens, refiner.pad_id, hold_max, realign
+            block_size, refiner.max_new_tokens, refiner.stop_tokens, refiner.pad_id, hold_draft_prefix, realign
         )
         self.tokenizer_lock = threading.Lock()  # the refiner's tokenizer is used by this thread and the server's
         self._inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
@@ -217,8 +218,8 @@ class Engine:
     def held_tokens(self, prompt: list[int], draft_ids: list[int]) -> int:
         """The draft tokens a request holds: R, or under "random:R" a uniform 0..R drawn from a digest of
         its prompt and draft tokens (the same request holds the same prefix in any run, at any load)."""
-        if isinstance(self.hold, int):
-            return self.hold
+        if not self.random_hold:
+            return self.opts.hold_draft_prefix
         digest = hashlib.sha256(np.asarray([*prompt, -1, *draft_ids], np.int64).tobytes()).digest()
         return int(np.random.default_rng(int.from_bytes(digest[:8])).integers(0, self.opts.hold_draft_prefix + 1))
 

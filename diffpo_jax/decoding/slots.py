@@ -1,9 +1,10 @@
 """Decoding slots with row refill (continuous batching), shared by the Jacobi and AR decoders.
 
 A decoder's loop state is a struct dataclass of B slots: every field has the slot axis first, except the
-KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it (`prefix` / `put_prefix`: the first ones), `place` splits
-the slots over a mesh's data x fsdp devices, `start` begins rows in a loop carrying the state (one row's
-prefill at a time: the decoders' `_start`, which a one-batch decode and a stream's first B rows run).
+KV cache ([L, B, S, Kv, D]: second). `rows` / `put_rows` read and write some slots of it (`prefix` /
+`put_prefix`: the first ones), `place` splits the slots over a mesh's data x fsdp devices, `start` begins
+rows in a loop carrying the state (one row's prefill at a time: the decoders' `_start`, which a one-batch
+decode and a stream's first B rows run).
 `stream` runs any number of rows through the slots: each slot decodes one row at a time; when rows
 finish, the jitted loop returns to the host, which moves their results out and starts the next rows in
 their slots, so no slot idles while the slowest row of a batch finishes. Rows are independent of each
