@@ -106,6 +106,7 @@ def generate_samples(
     loaded,
     train_samples: int = TRAIN_SAMPLES,
     held_samples: int = HELD_SAMPLES,
+    setups: dict = SETUPS,
 ) -> dict[str, dict[int, list[str]]]:
     """{setup: {prompt index: samples}}: train_samples per training prompt, held_samples per held-out one (sample
     k of a prompt does not depend on how many are drawn: records/loop.py sample_keys)."""
@@ -113,7 +114,7 @@ def generate_samples(
 
     held_set = set(held)
     out = {}
-    for setup, (stem, system, temperature) in SETUPS.items():
+    for setup, (stem, system, temperature) in setups.items():
         out[setup] = {}
         for part, idx, k in (
             ("train", [i for i in range(len(prompts)) if i not in held_set], train_samples),
@@ -159,8 +160,8 @@ def _messages(prompt: str, system: str | None) -> dict:
     return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}]}
 
 
-def build_data(work: Path, prompts: list[str], samples: dict) -> Path:
-    """The ranked dataset: every prompt's pooled TRAIN_SAMPLES answers per setup, scored by `score --reward`."""
+def build_data(work: Path, prompts: list[str], responses: list[list[str]]) -> Path:
+    """WORK/data: the ranked dataset of each prompt's `responses`, scored by `score --reward` (y(T) = the best)."""
     from diffpo_jax import score
     from diffpo_jax.data.trajectories import build
 
@@ -169,16 +170,7 @@ def build_data(work: Path, prompts: list[str], samples: dict) -> Path:
         return data
     source, scored = work / "trajectories.jsonl", work / "trajectories.scored.jsonl"
     source.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "prompt": p,
-                    "all_generated_responses": [a for setup in SETUPS for a in samples[setup][i][:TRAIN_SAMPLES]],
-                }
-            )
-            + "\n"
-            for i, p in enumerate(prompts)
-        )
+        "".join(json.dumps({"prompt": p, "all_generated_responses": r}) + "\n" for p, r in zip(prompts, responses))
     )
     if not scored.exists():
         score.run(
@@ -348,7 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(None, dtype="float32")
     args.tokenizer = loaded.tokenizer
     samples = generate_samples(work, prompts, held, loaded)
-    data = build_data(work, prompts, samples)
+    pooled = [[a for setup in SETUPS for a in samples[setup][i][:TRAIN_SAMPLES]] for i in range(len(prompts))]
+    data = build_data(work, prompts, pooled)  # every prompt's pooled TRAIN_SAMPLES answers per setup
     draft_seconds = time_drafts(work, prompts, held, loaded)
     start = time.perf_counter()
     reward(["warm-up"])

@@ -16,7 +16,11 @@ training its checkpoints):
 3. Stage B training (RUNS): a new rank-8 LoRA adapter on the merged stage A model, AR on the fixed point +
    w x KL over the frontier after the first mismatch (con_window BLOCK), w warmed up from 0 over WARMUP steps;
    the KL's teacher the live model (stop-gradient) or the frozen stage A (`loss.teacher=frozen`).
-4. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
+4. Stage A retrained by rejection sampling (`--stage-a-prompts N`, off by default): the first N prompts of
+   bench/data/stage_a_prompts.jsonl (written for this, none of the held-out ones), BEST_OF_TRAIN answers each from
+   the neutral setup, y(T) = the best by VADER; the embedded refiner's recipe (STAGE_A_TRAIN) on that data;
+   evaluated like stage A, with the SMALL_BLOCK window, and on the second held-out set.
+5. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
    draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
    share of answers identical to stage A's, distinct tokens per answer, seconds per answer; stage A also with a
    SMALL_BLOCK-token window (the same answers: Jacobi decoding is exact; a CPU pass costs its positions).
@@ -38,6 +42,7 @@ from bench.alignment import (
     ROOT,
     SETUPS,
     _stats,
+    build_data,
     evaluate_model,
     generate_samples,
     held_out,
@@ -57,6 +62,10 @@ ALIGNMENT_REWARDS = {
     "grumpy, t=0.7": {"draft": 0.350, 2: 0.621, 4: 0.788, 8: 0.860},
 }
 WARMUP = 8
+STAGE_A_PROMPTS = ROOT / "bench" / "data" / "stage_a_prompts.jsonl"  # 1,133 training prompts, none held out
+BEST_OF_TRAIN = 8  # answers sampled per stage A prompt (neutral setup); y(T) = the best-toned one
+# the embedded refiner's recipe (diffpo_jax/refiner/README.md): LoRA r8, AR only, 3 epochs, lr 2e-3
+STAGE_A_TRAIN = ["loss.con_weight=0", "num_epochs=3", "optimizer.learning_rate=2e-3"]
 SMALL_BLOCK = 4  # stage A again with a 4-token Jacobi window: the same answers, a pass of 4 positions, not 16
 HOLD = {"R=0": 0}
 LORA = ["lora.rank=8", "lora.alpha=16"]
@@ -124,12 +133,29 @@ def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
     return train_cached(work / "runs" / sub, name, [*setup, *overrides])
 
 
+def train_stage_a(work: Path, loaded, count: int) -> tuple[str, Path]:
+    """Stage A by rejection sampling (module doc, step 4) in WORK/stage-a-COUNT: (the run's name, its run dir)."""
+    prompts = [json.loads(line)["prompt"] for line in STAGE_A_PROMPTS.read_text().splitlines() if line.strip()]
+    if not 0 < count <= len(prompts):
+        raise SystemExit(f"--stage-a-prompts {count}: {STAGE_A_PROMPTS} holds {len(prompts)} prompts")
+    prompts, sub = prompts[:count], work / f"stage-a-{count}"
+    neutral = dict(list(SETUPS.items())[:1])
+    samples = generate_samples(sub, prompts, [], loaded, train_samples=BEST_OF_TRAIN, held_samples=0, setups=neutral)
+    data = build_data(sub, prompts, [samples[setup][i] for setup in neutral for i in range(count)])
+    name = f"stage A, best of {BEST_OF_TRAIN} on {count} new prompts"
+    common = [f"data={data}", "eval.holdout_prompts=0", "eval.every=0", *LORA, *STAGE_A_TRAIN]
+    return name, train_cached(sub / "run", name, common)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "efficiency")
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
     ap.add_argument("--epochs", type=int, default=3, help="stage B epochs")
+    ap.add_argument(
+        "--stage-a-prompts", type=int, default=0, help="retrain stage A on this many new prompts (best of 8); 0: not"
+    )
     ap.add_argument(
         "--name", default="efficiency", help="the report's name: bench/results/NAME.md, bench/figures/NAME.png"
     )
@@ -157,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         run = train_stage_b(work, data, name, args.epochs)
         sources[name] = str(run)
         refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD)
+        report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
+    if args.stage_a_prompts:
+        name, run = train_stage_a(work, loaded, args.stage_a_prompts)
+        sources[name] = str(run)
+        name = f"{name}, window {SMALL_BLOCK}"
+        refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD, SMALL_BLOCK)
         report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
     style2 = second_held_out(work / "style2", loaded, sources, reward)
     report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states, style2)
