@@ -43,5 +43,5 @@ test: $(STAMP)
 	# Two pytest processes, each holding about half of the suite's compiled programs: one process for all of
 	# them died once in XLA's compiler ~300 tests in, on a loaded 2-core machine (the tests from there on passed
 	# in a fresh process).
-	$(PY) -m pytest -q tests/test_[a-k]*.py
-	$(PY) -m pytest -q tests/test_[l-z]*.py
+	$(PY) -m pytest -q --durations=15 tests/test_[a-k]*.py
+	$(PY) -m pytest -q --durations=15 tests/test_[l-z]*.py

@@ -18,7 +18,8 @@ training its checkpoints):
    the KL's teacher the live model (stop-gradient) or the frozen stage A (`loss.teacher=frozen`).
 4. Stage A retrained by rejection sampling (`--stage-a-prompts N`, off by default): the first N prompts of
    bench/data/stage_a_prompts.jsonl (written for this, none of the held-out ones), BEST_OF_TRAIN answers each from
-   the neutral setup, y(T) = the best by VADER; the embedded refiner's recipe (STAGE_A_TRAIN) on that data;
+   the neutral setup, y(T) = the best by VADER; LoRA r8, AR only, on that data with each of `--stage-a-recipes`
+   (STAGE_A_RECIPES; the first is the embedded refiner's);
    evaluated like stage A, with the SMALL_BLOCK window, and on the second held-out set.
 5. Held-out evaluation, R = 0, both setups, BATCH rows with row refill: mean reward (VADER), win rate over the
    draft, passes per token, refine tokens/s against the drafter's tokens/s at the same batch (this run),
@@ -64,8 +65,10 @@ ALIGNMENT_REWARDS = {
 WARMUP = 8
 STAGE_A_PROMPTS = ROOT / "bench" / "data" / "stage_a_prompts.jsonl"  # 1,133 training prompts, none held out
 BEST_OF_TRAIN = 8  # answers sampled per stage A prompt (neutral setup); y(T) = the best-toned one
-# the embedded refiner's recipe (diffpo_jax/refiner/README.md): LoRA r8, AR only, 3 epochs, lr 2e-3
-STAGE_A_TRAIN = ["loss.con_weight=0", "num_epochs=3", "optimizer.learning_rate=2e-3"]
+STAGE_A_RECIPES = {  # name: (run dir suffix, overrides of the preset besides LoRA r8 and AR only)
+    "3 epochs, lr 2e-3": ("", ["num_epochs=3", "optimizer.learning_rate=2e-3"]),  # the embedded refiner's recipe
+    "4 epochs, lr 4e-3": ("-4ep-lr4e-3", ["num_epochs=4", "optimizer.learning_rate=4e-3"]),
+}
 SMALL_BLOCK = 4  # stage A again with a 4-token Jacobi window: the same answers, a pass of 4 positions, not 16
 HOLD = {"R=0": 0}
 LORA = ["lora.rank=8", "lora.alpha=16"]
@@ -133,8 +136,9 @@ def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
     return train_cached(work / "runs" / sub, name, [*setup, *overrides])
 
 
-def train_stage_a(work: Path, loaded, count: int) -> tuple[str, Path]:
-    """Stage A by rejection sampling (module doc, step 4) in WORK/stage-a-COUNT: (the run's name, its run dir)."""
+def train_stage_a(work: Path, loaded, count: int, recipe: str) -> tuple[str, Path]:
+    """Stage A by rejection sampling (module doc, step 4) in WORK/stage-a-COUNT with STAGE_A_RECIPES[recipe]: (the
+    run's name, its run dir)."""
     prompts = [json.loads(line)["prompt"] for line in STAGE_A_PROMPTS.read_text().splitlines() if line.strip()]
     if not 0 < count <= len(prompts):
         raise SystemExit(f"--stage-a-prompts {count}: {STAGE_A_PROMPTS} holds {len(prompts)} prompts")
@@ -142,9 +146,10 @@ def train_stage_a(work: Path, loaded, count: int) -> tuple[str, Path]:
     neutral = dict(list(SETUPS.items())[:1])
     samples = generate_samples(sub, prompts, [], loaded, train_samples=BEST_OF_TRAIN, held_samples=0, setups=neutral)
     data = build_data(sub, prompts, [samples[setup][i] for setup in neutral for i in range(count)])
-    name = f"stage A, best of {BEST_OF_TRAIN} on {count} new prompts"
-    common = [f"data={data}", "eval.holdout_prompts=0", "eval.every=0", *LORA, *STAGE_A_TRAIN]
-    return name, train_cached(sub / "run", name, common)
+    name = f"stage A, best of {BEST_OF_TRAIN} on {count} new prompts, {recipe}"
+    suffix, overrides = STAGE_A_RECIPES[recipe]
+    common = [f"data={data}", "eval.holdout_prompts=0", "eval.every=0", "loss.con_weight=0", *LORA]
+    return name, train_cached(sub / f"run{suffix}", name, [*common, *overrides])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--stage-a-prompts", type=int, default=0, help="retrain stage A on this many new prompts (best of 8); 0: not"
     )
+    ap.add_argument("--stage-a-recipes", nargs="+", choices=list(STAGE_A_RECIPES), default=list(STAGE_A_RECIPES)[:1])
     ap.add_argument(
         "--name", default="efficiency", help="the report's name: bench/results/NAME.md, bench/figures/NAME.png"
     )
@@ -184,8 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         sources[name] = str(run)
         refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD)
         report(args.name, argv, prompts, held, samples, reward, drafter, refiners, data, args.states)
-    if args.stage_a_prompts:
-        name, run = train_stage_a(work, loaded, args.stage_a_prompts)
+    for recipe in args.stage_a_recipes if args.stage_a_prompts else ():
+        name, run = train_stage_a(work, loaded, args.stage_a_prompts, recipe)
         sources[name] = str(run)
         name = f"{name}, window {SMALL_BLOCK}"
         refiners[name] = evaluate_model(work, name, str(run), prompts, held, samples, reward, HOLD, SMALL_BLOCK)
