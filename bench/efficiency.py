@@ -155,7 +155,7 @@ def train_stage_a(work: Path, loaded, count: int, recipe: str) -> tuple[str, Pat
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.efficiency", description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "efficiency")
-    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--runs", nargs="*", choices=list(RUNS), default=list(RUNS), help="stage B runs (none: --runs)")
     ap.add_argument("--states", type=int, default=4, help="Jacobi states per draft in the stage B data")
     ap.add_argument("--epochs", type=int, default=3, help="stage B epochs")
     ap.add_argument(
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(None, dtype="float32")
     samples = generate_samples(work, prompts, held, loaded, train_samples=1, held_samples=DRAFTS_HELD)
     drafter = time_drafts(work, prompts, held, loaded)
-    data = build_stage_b(work, prompts, held, samples, args.states)
+    data = build_stage_b(work, prompts, held, samples, args.states) if args.runs else None
     refiners = {
         "stage A (embedded refiner)": evaluate_model(work, "stage A", STAGE_A, prompts, held, samples, reward, HOLD),
         f"stage A, window {SMALL_BLOCK}": evaluate_model(
@@ -217,7 +217,6 @@ def report(report_name, argv, prompts, held, samples, reward, drafter, refiners,
     """bench/results/NAME.md and its figure, from what has run so far."""
     key = " | R=0"
     stage_a = refiners["stage A (embedded refiner)"]
-    manifest = json.loads((data / "manifest.json").read_text())
     lines = [
         "# efficiency: stage B (consistency on the refiner's own Jacobi states) on top of the embedded refiner",
         "",
@@ -225,11 +224,15 @@ def report(report_name, argv, prompts, held, samples, reward, drafter, refiners,
         "",
         f"Command: `{command('bench.efficiency', argv)}`",
         "",
-        f"Stage B data: {manifest['kept']} prompts, {manifest['responses_per_prompt']['total']} responses "
-        f"(y(T) = stage A's greedy answer; drafts of {len(SETUPS)} setups and up to {states} Jacobi states each); "
-        f"repetitive fixed points dropped: {manifest['self_distill']['dropped_repetitive_fixed_points']['count']}.",
-        "",
     ]
+    if data is not None:
+        manifest = json.loads((data / "manifest.json").read_text())
+        lines += [
+            f"Stage B data: {manifest['kept']} prompts, {manifest['responses_per_prompt']['total']} responses "
+            f"(y(T) = stage A's greedy answer; drafts of {len(SETUPS)} setups and up to {states} Jacobi states each); "
+            f"repetitive fixed points dropped: {manifest['self_distill']['dropped_repetitive_fixed_points']['count']}.",
+            "",
+        ]
     points = {}
     for setup in SETUPS:
         drafts = [reward([samples[setup][i][0]])[0] for i in held]
