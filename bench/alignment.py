@@ -87,8 +87,9 @@ TIMED = ("AR only (w=0), 3 epochs", "LoRA r8, AR only (w=0), 3 epochs, lr 2e-3")
 EXAMPLES = 5
 
 
-def read_prompts() -> list[str]:
-    return [json.loads(line)["prompt"] for line in PROMPTS.read_text().splitlines() if line.strip()]
+def read_prompts(path: Path = PROMPTS) -> list[str]:
+    """The `prompt` of each record of a JSONL prompt set (bench/data/)."""
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
 
 
 def held_out(prompts: list[str]) -> list[int]:

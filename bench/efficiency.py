@@ -139,13 +139,15 @@ def train_stage_b(work: Path, data: Path, name: str, epochs: int) -> Path:
 def train_stage_a(work: Path, loaded, count: int, recipe: str) -> tuple[str, Path]:
     """Stage A by rejection sampling (module doc, step 4) in WORK/stage-a-COUNT with STAGE_A_RECIPES[recipe]: (the
     run's name, its run dir)."""
-    prompts = [json.loads(line)["prompt"] for line in STAGE_A_PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = read_prompts(STAGE_A_PROMPTS)
     if not 0 < count <= len(prompts):
         raise SystemExit(f"--stage-a-prompts {count}: {STAGE_A_PROMPTS} holds {len(prompts)} prompts")
     prompts, sub = prompts[:count], work / f"stage-a-{count}"
-    neutral = dict(list(SETUPS.items())[:1])
-    samples = generate_samples(sub, prompts, [], loaded, train_samples=BEST_OF_TRAIN, held_samples=0, setups=neutral)
-    data = build_data(sub, prompts, [samples[setup][i] for setup in neutral for i in range(count)])
+    setup = next(iter(SETUPS))  # neutral
+    samples = generate_samples(
+        sub, prompts, [], loaded, train_samples=BEST_OF_TRAIN, held_samples=0, setups={setup: SETUPS[setup]}
+    )[setup]
+    data = build_data(sub, prompts, [samples[i] for i in range(count)])
     name = f"stage A, best of {BEST_OF_TRAIN} on {count} new prompts, {recipe}"
     suffix, overrides = STAGE_A_RECIPES[recipe]
     common = [f"data={data}", "eval.holdout_prompts=0", "eval.every=0", "loss.con_weight=0", *LORA]
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def second_held_out(work: Path, loaded, sources: dict[str, str], reward) -> dict:
     """The second held-out set (STYLE2): per setup, the drafts' rewards and each refiner's rewards (R = 0)."""
-    prompts = [json.loads(line)["prompt"] for line in STYLE2.read_text().splitlines() if line.strip()]
+    prompts = read_prompts(STYLE2)
     idx = list(range(len(prompts)))
     samples = generate_samples(work, prompts, idx, loaded, train_samples=0, held_samples=1)
     out = {setup: {"draft": reward([samples[setup][i][0] for i in idx])} for setup in SETUPS}
